@@ -227,6 +227,7 @@ class CropConfig:
     max_aspect: float = 100.0     # reject boxes whose long/short side ratio exceeds this
     min_pixels: int = 56 * 56     # crop pixel budget: the cut region is resized with smart_resize to this budget
     max_pixels: int = 1280 * 28 * 28
+    resample: str = "bicubic"     # how a cut region is resized to the budget: "bicubic" (Qwen's) or "box"
     snap: int = 0                 # > 0: grow the cut region outward to multiples of `snap` original pixels, so a
                                   # region within the budget is shown at native resolution (no resampling) and
                                   # every crop sees the pixel grid in the same phase (the toy's 1-px patterns need it)
@@ -287,7 +288,7 @@ def crop(original: Image.Image, box, shown_size: tuple[int, int], cfg: CropConfi
         s = cfg.snap
         cut = (X1 // s * s, Y1 // s * s, min(wo, -(-X2 // s) * s), min(ho, -(-Y2 // s) * s))
     try:
-        image = resize_to_budget(original.crop(cut), cfg.min_pixels, cfg.max_pixels)
+        image = resize_to_budget(original.crop(cut), cfg.min_pixels, cfg.max_pixels, cfg.resample)
     except ValueError as e:  # only if cfg allows an aspect ratio smart_resize refuses (> 200)
         return CropError(f"bbox_2d {written} cannot be resized for viewing ({e}); {frame}.")
     return Crop(image, shown, (X1, Y1, X2, Y2), cut)

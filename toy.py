@@ -6,8 +6,12 @@ Contract
 `make_item(seed)` draws a deterministic item on a CANVAS x CANVAS canvas (224 px, 64 visual tokens at
 full resolution) cut into a 4x4 grid of 56-px cells: `n_boxes` squares (40-52 px, corners on even
 pixels), one per cell, each with a coloured
-border and an interior filled with one of four 1-px patterns drawn on the absolute pixel grid:
-    horizontal stripes, vertical stripes, checks, and "solid" = the stripes' mean grey (128 vs 127.5: equal after rounding).
+border and an interior filled with one of four 1-px patterns in the square's own colour, drawn on the
+absolute pixel grid: horizontal stripes, vertical stripes, checks (colour on black), and "solid" = the
+stripes' exact mean (half the colour; colour components are even so the mean is an integer).
+Every 14-px patch of a square thus carries both its colour and its detail: which square the question
+names is a local match, not a long-range binding a 2-layer model struggles with (a grey detail inside
+a coloured frame stalled a tiny model at ~70 % on full-resolution images).
 The question names one square by its colour: "What pattern is in the red box?"; the answer is one
 pattern word. Downsampled by 2 or more, every pattern averages to the same grey (so the answer is
 at chance) while the coloured borders still show where each square is: the information gap LFPC
@@ -38,13 +42,13 @@ CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
 BORDER = 4   # coloured frame, px
 PATTERNS = ("horizontal", "vertical", "checks", "solid")
-COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40)}
+COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 234), "yellow": (234, 214, 40)}  # even
 BACKGROUND = (90, 60, 110)
 QUESTION = "What pattern is in the {colour} box?"
 
 
 def pattern_array(name: str, h: int, w: int, x0: int, y0: int) -> np.ndarray:
-    """[h, w] uint8 pattern whose phase follows the ABSOLUTE pixel grid (x0, y0 = its top-left)."""
+    """[h, w] weights in {0, 1} (solid: 1/2) whose phase follows the ABSOLUTE pixel grid (x0, y0 = top-left)."""
     yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w]
     if name == "horizontal":
         v = yy % 2
@@ -53,10 +57,10 @@ def pattern_array(name: str, h: int, w: int, x0: int, y0: int) -> np.ndarray:
     elif name == "checks":
         v = (xx + yy) % 2
     elif name == "solid":
-        return np.full((h, w), 128, np.uint8)
+        return np.full((h, w), 0.5)
     else:
         raise ValueError(f"unknown pattern {name!r}")
-    return (v * 255).astype(np.uint8)
+    return v.astype(float)
 
 
 def make_item(seed: int, n_boxes: int = 2, canvas: int = CANVAS) -> dict:
@@ -75,7 +79,8 @@ def make_item(seed: int, n_boxes: int = 2, canvas: int = CANVAS) -> dict:
     for x, y, s, colour, pat in squares:
         img[y:y + s, x:x + s] = COLOURS[colour]
         i0, i1, inner = x + BORDER, y + BORDER, s - 2 * BORDER
-        img[i1:i1 + inner, i0:i0 + inner] = pattern_array(pat, inner, inner, i0, i1)[..., None]
+        w = pattern_array(pat, inner, inner, i0, i1)[..., None]                 # [inner, inner, 1]
+        img[i1:i1 + inner, i0:i0 + inner] = (w * np.array(COLOURS[colour])).astype(np.uint8)  # exact: even colours
     x, y, s, colour, pat = squares[rng.randrange(n_boxes)]
     b1 = [x + BORDER, y + BORDER, x + s - BORDER, y + s - BORDER]
     b2 = cell_of(x, y)

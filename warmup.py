@@ -18,10 +18,11 @@ has never seen a small global image produces no valid tool call there at all):
   trajectories often show the target);
 - to answer directly when no tool is offered (`--direct` of the examples): the info-gap prober and
   `eval.py --no-tool` ask that way.
-Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as two means added:
-one over the answer word, one over every other assistant token. The tool call is ~40 tokens whose
-coordinates are noise by construction; a plain token mean would give the one answer token 1/45 of
-the signal, and reading is the hard part.
+Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
+over the answer word, over the four box coordinates, over every other assistant token. A tool call
+is ~40 tokens, mostly fixed syntax; a plain token mean would give the one answer token 1/45 of the
+signal and the coordinates (the only image-dependent part of the call) 4/45, and a base trained
+so writes the same box for every image.
 """
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ TOY_SYSTEM_PROMPT = ("You can zoom: image_zoom_in_tool(bbox_2d=[x1, y1, x2, y2],
                      "of the image at full resolution and shows it to you.")
 TOY_INSTRUCTION = "Zoom in if needed, then answer."
 TOY_FULL_TOKENS = (toy.CANVAS // 28) ** 2                                     # 64: the canvas at native size
-TOY_CROP = crop_tool.CropConfig(min_side=28, min_pixels=28 * 28, max_pixels=TOY_FULL_TOKENS * 784, snap=28)
+# Crops cut natively on the 28-px grid, at most 112x112 px shown as is: a bigger region is
+# downsampled (box filter) and loses the detail, as a sloppy crop of an 8K image loses it to the crop
+# budget. Without this cap, "crop everything" would return the full-resolution canvas.
+TOY_CROP = crop_tool.CropConfig(min_side=28, min_pixels=28 * 28, max_pixels=16 * 784, resample="box", snap=28)
 
 
 def toy_rollout_config(**kw) -> lfpc.RolloutConfig:
@@ -108,6 +112,16 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     return ep
 
 
+def coordinate_positions(agent: lfpc.Agent, ep: lfpc.Episode) -> list[int]:
+    """Positions of the 4 bbox numbers of each tool call the model writes: after ' [', every other token."""
+    bracket = agent.encode(" [")
+    out = []
+    for i, t in enumerate(ep.token_ids):
+        if ep.loss_mask[i] and [t] == bracket:
+            out += [i + 1, i + 3, i + 5, i + 7]
+    return out
+
+
 @torch.no_grad()
 def quick_eval(agent: lfpc.Agent, n: int, seed: int = 10_000) -> dict[str, float]:
     """Greedy accuracy on held-out items: direct at full and low resolution, and with the tool."""
@@ -161,10 +175,14 @@ def main() -> None:
         batch = lfpc.collate(agent, eps)
         lp = lfpc.token_logprobs(model, batch)                      # [B, T]
         word = torch.zeros_like(batch.loss_mask)                    # [B, T]: the answer word of each row
+        coord = torch.zeros_like(batch.loss_mask)                   # [B, T]: the box coordinates
         for b, e in enumerate(eps):
             word[b, len(e.token_ids) - 3] = 1                       # ... <answer> WORD </answer> <|im_end|>
-        rest = batch.loss_mask - word
+            coord[b, coordinate_positions(agent, e)] = 1
+        rest = batch.loss_mask - word - coord
         loss = -(lp * word).sum() / word.sum() - (lp * rest).sum() / rest.sum()
+        if coord.sum() > 0:
+            loss = loss - (lp * coord).sum() / coord.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,8 +25,10 @@ def test_boxes_are_nested_and_hold_the_named_squares_detail(seed):
     img = np.asarray(it["image"]).astype(int)
     frame = img[y, x + s // 2]                          # top edge of the square: its colour
     assert tuple(frame) == toy.COLOURS[colour]
-    core = img[b1[1]:b1[3], b1[0]:b1[2], 0]
+    core = img[b1[1]:b1[3], b1[0]:b1[2]].sum(-1)        # [h, w] brightness
     assert _classify_core(core) == it["answer"]
+    seen = {tuple(p) for p in img[b1[1]:b1[3], b1[0]:b1[2]].reshape(-1, 3).tolist()}
+    assert seen <= {toy.COLOURS[colour], (0, 0, 0), tuple(c // 2 for c in toy.COLOURS[colour])}
 
 
 def _classify_core(core: np.ndarray) -> str:
@@ -41,7 +43,7 @@ def _classify_core(core: np.ndarray) -> str:
 
 def _features(image, box, scale):
     """Mean |horizontal| and |vertical| neighbour differences, mean and std inside B1 at `scale`."""
-    a = np.asarray(image).astype(float)[..., 0]
+    a = np.asarray(image).astype(float).sum(-1)
     x1, y1, x2, y2 = (int(v // scale) for v in box)
     r = a[y1:y2, x1:x2]
     return [np.abs(np.diff(r, axis=1)).mean(), np.abs(np.diff(r, axis=0)).mean(), r.mean(), r.std()]
@@ -87,3 +89,13 @@ def test_written_items_load_through_the_projects_jsonl_loader(tmp_path):
     assert [t.answer for t in tasks] == [t.answer for t in ref]
     assert [t.boxes for t in tasks] == [t.boxes for t in ref]
     assert np.array_equal(np.asarray(tasks[2].load_image()), np.asarray(ref[2].image))
+
+
+@pytest.mark.parametrize("pattern", toy.PATTERNS)
+def test_halving_turns_every_pattern_into_the_same_colour(pattern):
+    """Box-downsampled by 2, each pattern is exactly the solid fill: no pixel statistic can tell them apart."""
+    it = next(toy.make_item(s) for s in range(100) if toy.make_item(s)["answer"] == pattern)
+    half = np.asarray(crop_tool.resize_to_budget(it["image"], 28 * 28, 16 * 784, "box")).astype(int)
+    colour = it["question"].split()[-2]
+    x1, y1, x2, y2 = (v // 2 for v in it["bboxes"][0])
+    assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.COLOURS[colour]]).all()
