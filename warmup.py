@@ -61,8 +61,11 @@ def toy_tokenizer():
     words = [toy.QUESTION.format(colour=c) for c in toy.COLOURS] + [f"<answer>{p}</answer>" for p in toy.PATTERNS]
     boxes = [crop_tool.format_tool_call([a, b, a + 56, b + 56], f"{c} box")
              for a in range(0, 169, 28) for b in range(0, 169, 28) for c in toy.COLOURS]
-    nums = [" ".join(str(i) for i in range(0, 225)) + " " + ", ".join(str(i) for i in range(225))]
-    return lfpc.build_tiny_tokenizer(([TOY_SYSTEM_PROMPT, TOY_INSTRUCTION] + words) * 20 + boxes + nums * 20)
+    # every coordinate 0..224 one token, with and without the leading space (" 14" and "[14"); a real
+    # Qwen tokenizer writes digits one by one, which a 1M-parameter model learns far more slowly
+    nums = [" ".join(str(i) for i in range(225)) + " " + " ".join(f"[{i}," for i in range(225))]
+    return lfpc.build_tiny_tokenizer(([TOY_SYSTEM_PROMPT, TOY_INSTRUCTION] + words) * 20 + boxes + nums * 20,
+                                     vocab_size=1536)
 
 
 def toy_agent(seed: int = 0, **model_kw) -> lfpc.Agent:
@@ -104,6 +107,9 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
         else:
             box = jittered_box(rng.choice([q for q in it["squares"] if q is not target]) if u < big_crop + wrong_crop
                                else target, rng)
+        # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
+        # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
+        box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
         call = agent.encode(crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
     ep.token_ids += answer
@@ -113,12 +119,16 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
 
 
 def coordinate_positions(agent: lfpc.Agent, ep: lfpc.Episode) -> list[int]:
-    """Positions of the 4 bbox numbers of each tool call the model writes: after ' [', every other token."""
-    bracket = agent.encode(" [")
-    out = []
+    """Positions of the bbox number tokens the model writes: between ' [' and '],', commas excluded."""
+    (bracket,), (close,), (comma,) = agent.encode(" ["), agent.encode("],"), agent.encode(",")
+    out, inside = [], False
     for i, t in enumerate(ep.token_ids):
-        if ep.loss_mask[i] and [t] == bracket:
-            out += [i + 1, i + 3, i + 5, i + 7]
+        if not ep.loss_mask[i]:
+            continue
+        if t == bracket or t == close:
+            inside = t == bracket
+        elif inside and t != comma:
+            out.append(i)
     return out
 
 
