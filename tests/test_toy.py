@@ -25,16 +25,15 @@ def test_boxes_are_nested_and_hold_the_named_squares_detail(seed):
     img = np.asarray(it["image"]).astype(int)
     frame = img[y, x + s // 2]                          # top edge of the square: its colour
     assert tuple(frame) == toy.COLOURS[colour]
-    assert _classify_core(img[b1[1]:b1[3], b1[0]:b1[2]]) == it["answer"]
+    core = img[b1[1]:b1[3], b1[0]:b1[2]].sum(-1)        # [h, w] brightness
+    assert _classify_core(core) == it["answer"]
     seen = {tuple(p) for p in img[b1[1]:b1[3], b1[0]:b1[2]].reshape(-1, 3).tolist()}
-    dark = (toy.BACKGROUND[0] + b2[0] // toy.CELL * toy.MAP_STEP, 0, toy.BACKGROUND[2] + b2[1] // toy.CELL * toy.MAP_STEP)
-    mean = tuple((c + d) // 2 for c, d in zip(toy.COLOURS[colour], dark))
-    assert seen <= {toy.COLOURS[colour], dark, mean} and len(seen) == (1 if pattern == "solid" else 2)
+    assert seen <= {toy.COLOURS[colour], (0, 0, 0), tuple(c // 2 for c in toy.COLOURS[colour])}
 
 
 def _classify_core(core: np.ndarray) -> str:
-    """Read a pattern [h, w, 3] by hand: which neighbours differ (L1 over RGB)."""
-    dx, dy = np.abs(np.diff(core, axis=1)).sum(-1).mean(), np.abs(np.diff(core, axis=0)).sum(-1).mean()
+    """Read a full-contrast pattern by hand: which neighbours differ."""
+    dx, dy = np.abs(np.diff(core, axis=1)).mean(), np.abs(np.diff(core, axis=0)).mean()
     if dx < 10 and dy < 10:
         return "solid"
     if dx > 100 and dy > 100:
@@ -43,11 +42,11 @@ def _classify_core(core: np.ndarray) -> str:
 
 
 def _features(image, box, scale):
-    """Mean |horizontal| and |vertical| neighbour differences (L1 over RGB) and std inside B1 at `scale`."""
-    a = np.asarray(image).astype(float)
+    """Mean |horizontal| and |vertical| neighbour differences, mean and std inside B1 at `scale`."""
+    a = np.asarray(image).astype(float).sum(-1)
     x1, y1, x2, y2 = (int(v // scale) for v in box)
-    r = a[y1:y2, x1:x2]                                            # [h, w, 3]
-    return [np.abs(np.diff(r, axis=1)).sum(-1).mean(), np.abs(np.diff(r, axis=0)).sum(-1).mean(), r.std()]
+    r = a[y1:y2, x1:x2]
+    return [np.abs(np.diff(r, axis=1)).mean(), np.abs(np.diff(r, axis=0)).mean(), r.mean(), r.std()]
 
 
 def _nearest_centroid_accuracy(scale_tokens):
@@ -99,16 +98,4 @@ def test_halving_turns_every_pattern_into_the_same_colour(pattern):
     half = np.asarray(crop_tool.resize_to_budget(it["image"], 28 * 28, 16 * 784, "box")).astype(int)
     colour = it["question"].split()[-2]
     x1, y1, x2, y2 = (v // 2 for v in it["bboxes"][0])
-    full = np.asarray(it["image"]).astype(int)
-    solid = (full[it["bboxes"][0][1]:it["bboxes"][0][1] + 2, it["bboxes"][0][0]:it["bboxes"][0][0] + 2]
-             .reshape(-1, 3).mean(0))                                  # the mean of one 2x2 block
-    assert (half[y1:y2, x1:x2] == solid).all()
-
-
-def test_background_is_a_map_grid_that_survives_downsampling():
-    """Red grows with x and blue with y, at full and at 1/4 resolution: position is readable from pixels."""
-    for budget in (64, 4):
-        a = np.asarray(crop_tool.resize_to_budget(toy.make_item(0)["image"], 28 * 28, budget * 784, "box")).astype(int)
-        row, col = a[0], a[:, 0]                              # top row and left column: mostly background
-        assert np.corrcoef(np.arange(len(row))[row[:, 1] == 0], row[row[:, 1] == 0, 0])[0, 1] > 0.9
-        assert np.corrcoef(np.arange(len(col))[col[:, 1] == 0], col[col[:, 1] == 0, 2])[0, 1] > 0.9
+    assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.COLOURS[colour]]).all()
