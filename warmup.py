@@ -153,7 +153,7 @@ def quick_eval(agent: lfpc.Agent, n: int, seed: int = 10_000) -> dict[str, float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="checkpoints/toy_base", help="output folder (HF format + prompts)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")
@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--vision-hidden", type=int, default=64, help="vision tower hidden size")
     p.add_argument("--vision-depth", type=int, default=2, help="vision tower depth")
     p.add_argument("--eval-every", type=int, default=250, help="steps between quick evaluations")
-    p.add_argument("--eval-items", type=int, default=200, help="held-out items per quick evaluation")
+    p.add_argument("--eval-items", type=int, default=100, help="held-out items per quick evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the item stream")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args()
