@@ -21,8 +21,8 @@ has never seen a small global image produces no valid tool call there at all):
 Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
 over the answer word, over the four box coordinates, over every other assistant token. A tool call
 is ~40 tokens, mostly fixed syntax; a plain token mean would give the one answer token 1/45 of the
-signal and the coordinates (the only image-dependent part of the call) 4/45, and a base trained
-so writes the same box for every image.
+signal and the coordinates (the only image-dependent part of the call) 4/45. Even with their own
+term, the shipped base still writes one box for every image (README "Known gap", toy.py).
 """
 from __future__ import annotations
 
