@@ -319,19 +319,19 @@ def build_tiny_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int 
 
 def tiny_agent(seed: int = 0, hidden: int = 128, layers: int = 2, vision_hidden: int = 64,
                vision_depth: int = 2, tokenizer=None, system_prompt: str = SYSTEM_PROMPT,
-               instruction: str = INSTRUCTION) -> Agent:
+               instruction: str = INSTRUCTION, rope_theta: float = 10000.0, mrope_section=None) -> Agent:
     """A randomly initialised Qwen2.5-VL small enough for CPU tests (≈0.8M parameters by default)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
     tok = tokenizer or build_tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     heads = max(2, hidden // 32)
     half = hidden // heads // 2                    # rotary frequencies per head, split over (t, h, w)
-    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]   # e.g. 16 -> [4, 6, 6] as 64 -> [16, 24, 24]
+    section = mrope_section or [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]   # 16 -> [4, 6, 6] as 64 -> [16, 24, 24]
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                          intermediate_size=2 * hidden, max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0},
+                         rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": rope_theta},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, num_heads=max(1, vision_hidden // 16),

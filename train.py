@@ -61,6 +61,7 @@ class Args:
     full_tokens: int = arg(0, 'full global budget, visual tokens (0: preset; toy 64, real 16384)')
     floor_tokens: int = arg(0, 'lowest rung of the info-gap ladder (0: preset; toy 16, real 256)')
     probe_k: int = arg(4, 'info-gap: sampled answers per probe')
+    gap_cache: str = arg("", 'info-gap cache JSONL, keyed by model and item (default <out>/info_gap_cache.jsonl)')
     steps: int = arg(0, 'optimizer steps (0: preset)')
     prompts: int = arg(0, 'tasks per step (0: preset)')
     group: int = arg(0, 'rollouts per task, the GRPO group (0: preset)')
@@ -141,7 +142,7 @@ def load_data(a: Args, agent: lfpc.Agent, cfg: lfpc.RolloutConfig) -> list[lfpc.
     import info_gap
     answer_fn = info_gap.model_answer_fn(agent, a.temperature, 16, cfg.batch_size, cfg.global_resample)
     records = info_gap.select_budgets(tasks, answer_fn, model_key=os.path.abspath(a.model),
-                                      cache_path=os.path.join(a.out, "info_gap_cache.jsonl"),
+                                      cache_path=a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"),
                                       full_tokens=a.full_tokens, floor_tokens=a.floor_tokens, ratio=0.5,
                                       k=a.probe_k, batch_size=4 * a.micro_batch)
     print("info gap:", json.dumps(info_gap.summarize(records)))

@@ -11,9 +11,10 @@ sometimes at 1/2 or 1/√2 (`--low-res`: an instruct model copes with any resolu
 has never seen a small global image produces no valid tool call there at all):
 - the tool format: `<tool_call>{... "bbox_2d": [...], "label": "red box"}</tool_call>` then, after
   the crop comes back, `<answer>pattern</answer>`;
-- to crop somewhere plausible but NOT precisely: boxes are the named square's grid cell grown by
-  0-2 half-cells a side (`jittered_box`), with probability `--wrong-crop` around another square and
-  with probability `--big-crop` any box (`random_box`);
+- to crop somewhere plausible but NOT precisely: boxes are centred on the named square's grid cell,
+  grown by 0-2 half-cells, most often too big to read (`jittered_box`), with probability
+  `--wrong-crop` around another square (or another cell) and with probability `--big-crop` any box
+  (`random_box`);
 - to read the pattern: from the full-resolution global image, and from crops (the crops in these
   trajectories often show the target);
 - to answer directly when no tool is offered (`--direct` of the examples): the info-gap prober and
@@ -68,18 +69,29 @@ def toy_tokenizer():
                                      vocab_size=1536)
 
 
+# The toy model's rotary layout. Qwen2.5-VL splits each head's rotary frequencies, highest first, into
+# (temporal, height, width) sections: with the tiny head (16 frequencies, theta 1e4, [4, 6, 6]) the
+# width axis gets only rotations of <= 0.006 rad per visual token, and a 1M-parameter model never
+# learns to say WHERE a square is (x1 stayed at its marginal loss for 2000 steps). theta 1e3 and
+# [1, 4, 11] give height 1..0.27 and width 0.18..0.002 rad per token (low frequencies remain for
+# long-range text attention); then a locate-only probe learns exact cell boxes in ~400 steps.
+TOY_ROPE = dict(rope_theta=1000.0, mrope_section=[1, 4, 11])
+
+
 def toy_agent(seed: int = 0, **model_kw) -> lfpc.Agent:
     return lfpc.tiny_agent(seed=seed, tokenizer=toy_tokenizer(), system_prompt=TOY_SYSTEM_PROMPT,
-                           instruction=TOY_INSTRUCTION, **model_kw)
+                           instruction=TOY_INSTRUCTION, **{**TOY_ROPE, **model_kw})
 
 
 def jittered_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> list[int]:
-    """A plausible but imprecise box around a square (x, y, side, ...): its grid cell with each side
-    moved out by 0, 28 or 56 px (probabilities .3, .4, .3), clamped to the canvas."""
+    """A plausible but imprecise box around a square (x, y, ...): its grid cell grown by the same
+    0, 28 or 56 px on every side (probabilities .2, .3, .5), clamped to the canvas. It is centred on
+    the square (the base learns WHERE to look), but its most likely size (168 px) is over the toy's
+    crop cap, so that crop comes back downsampled and unreadable: the base's habitual crop is
+    perfunctory, and about half of its sampled boxes are tight enough to read."""
     cell = toy.cell_of(*square[:2])
-    out = [rng.choices([0, 28, 56], [.3, .4, .3])[0] for _ in range(4)]
-    return [max(0, cell[0] - out[0]), max(0, cell[1] - out[1]), min(canvas, cell[2] + out[2]),
-            min(canvas, cell[3] + out[3])]
+    out = rng.choices([0, 28, 56], [.2, .3, .5])[0]
+    return [max(0, cell[0] - out), max(0, cell[1] - out), min(canvas, cell[2] + out), min(canvas, cell[3] + out)]
 
 
 def random_box(rng: random.Random, canvas: int = toy.CANVAS) -> list[int]:
@@ -101,12 +113,14 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     answer = agent.encode(f"<answer>{it['answer']}</answer>") + [agent.im_end]
     if not direct:
         target = next(q for q in it["squares"] if q[3] == colour)
+        others = [q for q in it["squares"] if q is not target] or [(x, y) for x in range(0, toy.CANVAS, toy.CELL)
+                                                                   for y in range(0, toy.CANVAS, toy.CELL)
+                                                                   if toy.cell_of(x, y) != toy.cell_of(*target[:2])]
         u = rng.random()
         if u < big_crop:
             box = random_box(rng)
-        else:
-            box = jittered_box(rng.choice([q for q in it["squares"] if q is not target]) if u < big_crop + wrong_crop
-                               else target, rng)
+        else:     # a wrong crop: around another square, or another cell when the image has one square
+            box = jittered_box(rng.choice(others) if u < big_crop + wrong_crop else target, rng)
         # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
@@ -153,7 +167,7 @@ def quick_eval(agent: lfpc.Agent, n: int, seed: int = 10_000) -> dict[str, float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="checkpoints/toy_base", help="output folder (HF format + prompts)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")

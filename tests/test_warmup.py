@@ -35,9 +35,11 @@ def test_sft_box_is_written_in_the_shown_frame_and_crops_around_the_target(agent
     (crop,) = ep.crops
     b2 = it["bboxes"][1]                                                     # the named square's cell
     x1, y1, x2, y2 = crop.box_original
-    # the cell grown by 0..56 px a side, up to the rounding of the shown frame (<= 2 original px)
-    assert b2[0] - 58 <= x1 <= b2[0] + 2 and b2[1] - 58 <= y1 <= b2[1] + 2
-    assert b2[2] - 2 <= x2 <= b2[2] + 58 and b2[3] - 2 <= y2 <= b2[3] + 58
+    # the cell grown by the same 0, 28 or 56 px on every side, clamped to the canvas, up to the
+    # rounding of the shown frame (<= 2 original px)
+    grown = lambda out: [max(0, b2[0] - out), max(0, b2[1] - out), min(224, b2[2] + out), min(224, b2[3] + out)]
+    assert any(all(abs(u - v) <= 2 for u, v in zip(crop.box_original, grown(out))) for out in (0, 28, 56)), \
+        (crop.box_original, b2)
     pos = warmup.coordinate_positions(agent, ep)
     written = [int(agent.tokenizer.decode([ep.token_ids[p]])) for p in pos]
     assert written == pytest.approx(list(crop.box_shown))                  # the tool read what was written
@@ -73,3 +75,20 @@ def test_shipped_base_loads_offline_and_reads_held_out_items():
     assert low <= 0.5, low
     assert gt >= 0.75, gt
     assert sum(e.malformed_turns == 0 and e.answer is not None for e in eps) >= 30
+
+
+@pytest.mark.skipif(not os.path.isdir(BASE), reason="run `python warmup.py` to build checkpoints/toy_base")
+def test_shipped_base_locates_the_square_from_the_low_resolution_image():
+    """Its first box (greedy, global at 1/2) is centred in the named square's cell far more often than
+    chance (1/16): it roughly knows WHERE to look (the information gap's premise), even though its
+    habitual box is too big to read. Measured 15/32 for the shipped base; stage 1 improves on it."""
+    base = lfpc.load_agent(BASE, dtype=torch.float32)
+    tasks = toy.make_tasks(32, seed=3)
+    _, eps = _accuracy(base, tasks, global_max_pixels=16 * 784)
+    centred = 0
+    for e in eps:
+        b2 = tasks[e.task_index].boxes[1]
+        if e.crops:
+            x1, y1, x2, y2 = e.crops[0].box_original
+            centred += b2[0] <= (x1 + x2) / 2 <= b2[2] and b2[1] <= (y1 + y2) / 2 <= b2[3]
+    assert centred >= 8, centred

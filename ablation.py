@@ -1,0 +1,257 @@
+"""The paper's ablation, rerun on the toy world: does the information gap make the crop matter, and
+does the grounding reward make it precise?
+
+    python ablation.py             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
+    python ablation.py --quick     # 1 seed, shorter runs, fewer eval items: the direction only
+    python ablation.py --resume    # keep finished runs and evaluations, redo the rest
+
+Arms, each from the shipped toy base (`checkpoints/toy_base`) with `train.py`'s toy preset:
+    baseline  RL with the global image at full resolution, the crop's source resolution too
+              (DeepEyes-style: `train.py --stage 1 --global-image full`)
+    stage1    RL with the information-gap global image (`train.py --stage 1`)
+    stage2    stage1's checkpoint, then the grounding reward (`train.py --stage 2`)
+Each arm's runs use training seeds 0, 1, 2 (`--seeds`): the rollouts' sampling and the data order.
+The info-gap budgets are probed once for the base and shared by the stage-1 runs (`--gap-cache`).
+
+Every checkpoint, and the base, is evaluated greedily (`eval.evaluate`) on the same held-out toy
+items (item seed 3, as `eval.py`) at two global budgets: 16 visual tokens (half the canvas side: the
+low-resolution budget, where the pattern cannot be read) and 64 (full resolution), each with the
+noise-crop and ground-truth-crop probes. OUT/summary.json holds every number; OUT/table.md the table
+(mean ± sample std over seeds); OUT/curves.png the training curves (mean over seeds; needs
+matplotlib); OUT/gallery/ the same items before (base) and after (stage2, seed 0).
+
+The issue's targets are checked and printed, never assumed: noise-crop drop after stage 1 >= 3x the
+baseline's; stage-1 accuracy at the low budget >= the baseline's; stage 2's mean IoU with B1 >=
+stage 1's + 0.10 with accuracy not lower (both at the low budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+ARMS = ("baseline", "stage1", "stage2")
+BUDGETS = {"low": 16, "full": 64}          # visual tokens of the global image at evaluation
+ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", "GT-crop change"),
+        ("box/iou_b1", "IoU with B1"), ("box/area_frac", "box area / image"), ("tool/call_rate", "tool-call rate")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="runs/ablation", help="output folder")
+    p.add_argument("--base", default="checkpoints/toy_base", help="the starting checkpoint of every arm")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
+    p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
+    p.add_argument("--eval-items", type=int, default=300, help="held-out items per evaluation")
+    p.add_argument("--quick", action="store_true", help="1 seed, 30 + 30 steps, 100 eval items")
+    p.add_argument("--resume", action="store_true", help="keep what an earlier call finished in --out")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. \"--lr 3e-5\"")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.steps, a.eval_items = "0", a.steps or 30, min(a.eval_items, 100)
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.stage2_steps = a.stage2_steps or a.steps
+    if not os.path.isdir(a.base):
+        p.error(f"base checkpoint {a.base!r} not found (python warmup.py writes it)")
+    if os.path.isdir(a.out) and os.listdir(a.out) and not a.resume:
+        p.error(f"{a.out} is not empty: pass --resume to keep its finished parts, or another --out")
+    return a
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_dir(a, arm: str, seed: int) -> str:
+    return os.path.join(a.out, f"{arm}-s{seed}")
+
+
+def finished(path: str, steps: int) -> bool:
+    """True when `path`/ckpt holds the final step of a run of `steps` steps."""
+    f = os.path.join(path, "ckpt", "trainer.pt")
+    return os.path.exists(f) and torch.load(f, weights_only=False)["step"] >= steps
+
+
+def train_arm(a, arm: str, seed: int) -> str:
+    """Train one arm for one seed (or resume / skip it); returns the run folder."""
+    import train
+    out = run_dir(a, arm, seed)
+    argv = ["--out", out, "--seed", str(seed), "--gap-cache", os.path.join(a.out, "info_gap_cache.jsonl")]
+    if arm == "baseline":
+        argv += ["--stage", "1", "--model", a.base, "--global-image", "full"]
+    elif arm == "stage1":
+        argv += ["--stage", "1", "--model", a.base]
+    else:
+        argv += ["--stage", "2", "--model", os.path.join(run_dir(a, "stage1", seed), "ckpt")]
+    argv += a.train_args.split()
+    steps = a.stage2_steps if arm == "stage2" else a.steps
+    if steps:
+        argv += ["--steps", str(steps)]
+    steps = steps or train.parse_args(argv).steps
+    if finished(out, steps):
+        return out
+    if os.path.isdir(os.path.join(out, "ckpt")):
+        argv = ["--out", out, "--resume"]                    # the run's own arguments come from its checkpoint
+    elif os.path.exists(os.path.join(out, "metrics.jsonl")):
+        os.remove(os.path.join(out, "metrics.jsonl"))      # died before its first checkpoint: start over
+    print(f"== train {arm} seed {seed}: python train.py {' '.join(argv)}", flush=True)
+    train.main(argv)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_model(a, model: str, name: str) -> dict:
+    """Both budgets with both probes; cached as OUT/eval/<name>.json (written atomically)."""
+    import eval as ev
+    import lfpc
+    import toy
+    import warmup
+    path = os.path.join(a.out, "eval", f"{name}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    tasks = toy.make_tasks(a.eval_items, seed=ev.TOY_EVAL_SEED)
+    res, galleries = {}, {}
+    for label, tokens in BUDGETS.items():
+        t0 = time.perf_counter()
+        r = ev.evaluate(agent, tasks, warmup.toy_rollout_config(global_max_pixels=tokens * 784), ("noise", "gt"),
+                        batch_size=64, progress=False)
+        galleries[label] = r.pop("episodes")["normal"]
+        m = dict(r["metrics"])
+        for probe, pm in r["probes"].items():
+            m[f"probe/{probe}"] = pm.get("delta/acc")
+        m["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        res[label] = m
+        print(f"   eval {name} @{tokens} tokens: acc {m['acc']:.3f} noise {m['probe/noise']:+.3f} "
+              f"gt {m['probe/gt']:+.3f} iou {m['box/iou_b1'] or 0:.3f} ({m['eval_seconds']} s)", flush=True)
+    if name in ("base", "stage2-s0"):
+        ev.write_gallery(galleries["low"], tasks, os.path.join(a.out, "gallery", name), 8, seed=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def mean_std(xs: list) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(a, evals: dict[str, dict], wall: dict[str, list[float]]) -> dict:
+    """{row: {budget: {key: (mean, std)}}} for base and each arm, over seeds."""
+    table = {}
+    for row in ("base",) + ARMS:
+        names = ["base"] if row == "base" else [f"{row}-s{s}" for s in a.seeds]
+        table[row] = {b: {k: mean_std([evals[n][b].get(k) for n in names]) for k, _ in ROWS} for b in BUDGETS}
+        table[row]["train_minutes"] = mean_std([w / 60 for w in wall.get(row, [])])
+    return table
+
+
+def check_targets(t: dict) -> list[tuple[str, bool, str]]:
+    """The issue's three targets, from the means at the low budget."""
+    low = lambda row, k: t[row]["low"][k][0]
+    out = []
+    nb, n1 = -low("baseline", "probe/noise"), -low("stage1", "probe/noise")
+    out.append(("noise-crop drop after stage 1 >= 3x the baseline's", n1 >= 3 * max(nb, 0) and n1 > 0,
+                f"stage 1 {n1:.3f} vs baseline {nb:.3f}"))
+    out.append(("stage-1 accuracy >= baseline's (low budget)", low("stage1", "acc") >= low("baseline", "acc"),
+                f"{low('stage1', 'acc'):.3f} vs {low('baseline', 'acc'):.3f}"))
+    i1, i2 = low("stage1", "box/iou_b1") or 0.0, low("stage2", "box/iou_b1") or 0.0
+    ok = i2 >= i1 + 0.10 and low("stage2", "acc") >= low("stage1", "acc")
+    out.append(("stage 2: IoU with B1 +0.10 over stage 1, accuracy not lower", ok,
+                f"IoU {i2:.3f} vs {i1:.3f}; acc {low('stage2', 'acc'):.3f} vs {low('stage1', 'acc'):.3f}"))
+    return out
+
+
+def _cell(ms, signed=False) -> str:
+    m, s = ms
+    if m is None:
+        return "-"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f.format(m) + (f" ± {s:.3f}" if s else "")
+
+
+def format_table(t: dict, a) -> str:
+    lines = []
+    for b, tokens in BUDGETS.items():
+        lines += [f"\nGlobal image at {tokens} visual tokens ({'low resolution' if b == 'low' else 'full resolution'}),"
+                  f" {a.eval_items} held-out items, mean ± std over seeds {a.seeds}:\n",
+                  "| run | " + " | ".join(name for _, name in ROWS) + " | train min |",
+                  "|---" * (len(ROWS) + 2) + "|"]
+        for row in ("base",) + ARMS:
+            cells = [_cell(t[row][b][k], k.startswith("probe/")) for k, _ in ROWS]
+            wall = "-" if row == "base" else _cell(t[row]["train_minutes"])
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {wall} |")
+    return "\n".join(lines)
+
+
+def plot_curves(a, path: str) -> None:
+    """reward/acc, tool/iou_b1, tool/box_area per step, mean over seeds, one line per arm."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no curves.png")
+        return
+    keys = ["reward/acc", "tool/call_rate", "tool/iou_b1", "tool/box_area"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.9))
+    for arm in ARMS:
+        runs = [[json.loads(l) for l in open(os.path.join(run_dir(a, arm, s), "metrics.jsonl"))] for s in a.seeds]
+        n = min(len(r) for r in runs)
+        for ax, k in zip(axes, keys):
+            ys = [statistics.fmean(r[i].get(k, float("nan")) for r in runs) for i in range(n)]
+            ax.plot(range(1, n + 1), ys, label=arm)    # stage 2's steps count from its own start
+            ax.set_title(k, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.time()
+    evals, wall = {"base": evaluate_model(a, a.base, "base")}, {}
+    for seed in a.seeds:
+        for arm in ARMS:
+            out = train_arm(a, arm, seed)
+            rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+            wall.setdefault(arm, []).append(sum(r["seconds"] for r in rows))
+            evals[f"{arm}-s{seed}"] = evaluate_model(a, os.path.join(out, "ckpt"), f"{arm}-s{seed}")
+    table = summarize(a, evals, wall)
+    targets = check_targets(table)
+    report = {"args": vars(a), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "total_minutes": round((time.time() - t_start) / 60, 1),
+              "table": table, "targets": [{"target": n, "met": ok, "measured": m} for n, ok, m in targets],
+              "evals": evals}
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = format_table(table, a) + "\n\nTargets:\n" + "\n".join(
+        f"- [{'met' if ok else 'MISSED'}] {n}: {m}" for n, ok, m in targets)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    plot_curves(a, os.path.join(a.out, "curves.png"))
+    print(f"total {report['total_minutes']} min; {os.path.join(a.out, 'summary.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Tests for ablation.py: the whole pipeline on a random tiny base (seconds), resume, the target checks."""
+import json
+import os
+
+import pytest
+
+import ablation
+import lfpc
+import train
+import warmup
+
+FAST = ("--n-train 8 --prompts 2 --group 2 --micro-batch 2 --max-new-tokens 8 --max-response-tokens 16 "
+        "--max-turns 2 --probe-k 2")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("base"))
+    lfpc.save_agent(warmup.toy_agent(seed=0), path)
+    return path
+
+
+def test_runs_every_arm_evaluates_and_resumes_without_retraining(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "BUDGETS", {"low": 16, "full": 32})      # smaller global images: faster
+    out = str(tmp_path / "abl")
+    argv = ["--base", base, "--out", out, "--seeds", "0", "--steps", "1", "--eval-items", "2", "--train-args", FAST]
+    ablation.main(argv)
+    for arm in ablation.ARMS:
+        rows = [json.loads(l) for l in open(os.path.join(out, f"{arm}-s0", "metrics.jsonl"))]
+        assert [r["step"] for r in rows] == [1]
+        assert os.path.isfile(os.path.join(out, "eval", f"{arm}-s0.json"))
+    # the baseline sees the full image, stage 1 the info-gap budgets (probed once, in the shared cache)
+    assert train.Args(**_saved_args(out, "baseline")).global_image == "full"
+    assert train.Args(**_saved_args(out, "stage1")).global_image == "info-gap"
+    assert _saved_args(out, "stage2")["model"].endswith(os.path.join("stage1-s0", "ckpt"))
+    assert os.path.isfile(os.path.join(out, "info_gap_cache.jsonl"))
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert set(s["table"]) == {"base", *ablation.ARMS}
+    for row in s["table"].values():
+        for b in ablation.BUDGETS:
+            m, _ = row[b]["acc"]
+            assert 0.0 <= m <= 1.0
+    assert len(s["targets"]) == 3 and all(isinstance(t["met"], bool) for t in s["targets"])
+    assert "| stage2 |" in open(os.path.join(out, "table.md")).read()
+
+    # a second call with --resume finds every run finished and every evaluation cached
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(ablation, "evaluate_model", _cached_only(ablation.evaluate_model))
+    ablation.main(argv + ["--resume"])
+
+
+def _saved_args(out, arm):
+    import torch
+    return torch.load(os.path.join(out, f"{arm}-s0", "ckpt", "trainer.pt"), weights_only=False)["args"]
+
+
+def _cached_only(real):
+    def wrapper(a, model, name):
+        assert os.path.exists(os.path.join(a.out, "eval", f"{name}.json")), f"re-evaluated {name}"
+        return real(a, model, name)
+    return wrapper
+
+
+def test_refuses_a_non_empty_out_without_resume(base, tmp_path):
+    (tmp_path / "x").write_text("")
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--base", base, "--out", str(tmp_path)])
+
+
+def test_target_checks_use_the_low_budget_means():
+    def row(acc, noise, iou):
+        return {"low": {"acc": (acc, 0.0), "probe/noise": (noise, 0.0), "box/iou_b1": (iou, 0.0)}}
+    t = {"baseline": row(0.40, -0.05, 0.10), "stage1": row(0.60, -0.30, 0.15), "stage2": row(0.60, -0.30, 0.26)}
+    assert [ok for _, ok, _ in ablation.check_targets(t)] == [True, True, True]
+    t["stage1"] = row(0.35, -0.14, 0.15)            # drop 0.14 < 3 x 0.05; accuracy below the baseline's
+    t["stage2"] = row(0.34, -0.30, 0.40)            # IoU up by 0.25 but accuracy lower
+    assert [ok for _, ok, _ in ablation.check_targets(t)] == [False, False, False]
+
+
+def test_mean_std_skips_missing_values():
+    assert ablation.mean_std([None, None]) == (None, None)
+    assert ablation.mean_std([0.5]) == (0.5, 0.0)
+    m, s = ablation.mean_std([0.2, 0.4, None])
+    assert m == pytest.approx(0.3) and s == pytest.approx(0.1414213, abs=1e-6)
