@@ -23,7 +23,8 @@ Departures from the paper, on purpose:
 - Episodes whose advantage is 0 (all-equal groups) are not forwarded: their gradient is exactly 0,
   but their tokens still count in the step's token total, so the gradient is unchanged.
 - Binary search over a resolution ladder instead of the paper's level-by-level scan.
-- Toy preset (no --model): lr 2e-5, 8 prompts x 8 rollouts, 60 steps, fp32 on CPU. Real preset:
+- Toy preset (no --data): lr 1e-4 (2e-5 left the toy flat over 60 steps), 8 prompts x 8 rollouts,
+  60 steps, fp32 on CPU. Real preset:
   lr 1e-6, 256 x 16 (paper), gradient checkpointing, bf16 autocast over fp32 master weights.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Args:
     steps: int = arg(0, 'optimizer steps (0: preset)')
     prompts: int = arg(0, 'tasks per step (0: preset)')
     group: int = arg(0, 'rollouts per task, the GRPO group (0: preset)')
-    lr: float = arg(0.0, 'AdamW learning rate (0: preset; toy 2e-5, real 1e-6)')
+    lr: float = arg(0.0, 'AdamW learning rate (0: preset; toy 1e-4, real 1e-6)')
     micro_batch: int = arg(0, 'episodes per forward/backward (0: preset)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
     max_turns: int = arg(0, 'turns per episode (0: preset; 5 as DeepEyes)')
@@ -89,7 +90,7 @@ class Args:
     seed: int = arg(0, 'data order, sampling, init')
 
 
-TOY = dict(steps=60, prompts=8, group=8, lr=2e-5, micro_batch=16, max_turns=3, max_new_tokens=64,
+TOY = dict(steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, max_turns=3, max_new_tokens=64,
            max_response_tokens=160, full_tokens=64, floor_tokens=16, n_train=1024)
 REAL = dict(steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, max_turns=5, max_new_tokens=1024,
             max_response_tokens=2048, full_tokens=16384, floor_tokens=256, grad_ckpt=True)
