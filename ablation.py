@@ -18,7 +18,7 @@ items (item seed 3, as `eval.py`) at two global budgets: 16 visual tokens (half 
 low-resolution budget, where the pattern cannot be read) and 64 (full resolution), each with the
 noise-crop and ground-truth-crop probes. OUT/summary.json holds every number; OUT/table.md the table
 (mean ± sample std over seeds); OUT/curves.png the training curves (mean over seeds; needs
-matplotlib); OUT/gallery/ the same items before (base) and after (stage2, seed 0).
+matplotlib); OUT/gallery/ the same items before (base) and after (stage2, the first seed).
 
 The issue's targets are checked and printed, never assumed: noise-crop drop after stage 1 >= 3x the
 baseline's; stage-1 accuracy at the low budget >= the baseline's; stage 2's mean IoU with B1 >=
@@ -131,7 +131,7 @@ def evaluate_model(a, model: str, name: str) -> dict:
         res[label] = m
         print(f"   eval {name} @{tokens} tokens: acc {m['acc']:.3f} noise {m['probe/noise']:+.3f} "
               f"gt {m['probe/gt']:+.3f} iou {m['box/iou_b1'] or 0:.3f} ({m['eval_seconds']} s)", flush=True)
-    if name in ("base", "stage2-s0"):
+    if name in ("base", f"stage2-s{a.seeds[0]}"):
         ev.write_gallery(galleries["low"], tasks, os.path.join(a.out, "gallery", name), 8, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:

@@ -22,8 +22,7 @@ has never seen a small global image produces no valid tool call there at all):
 Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
 over the answer word, over the four box coordinates, over every other assistant token. A tool call
 is ~40 tokens, mostly fixed syntax; a plain token mean would give the one answer token 1/45 of the
-signal and the coordinates (the only image-dependent part of the call) 4/45. Even with their own
-term, the shipped base still writes one box for every image (README "Known gap", toy.py).
+signal and the coordinates (the only image-dependent part of the call) 4/45.
 """
 from __future__ import annotations
 
@@ -71,10 +70,11 @@ def toy_tokenizer():
 
 # The toy model's rotary layout. Qwen2.5-VL splits each head's rotary frequencies, highest first, into
 # (temporal, height, width) sections: with the tiny head (16 frequencies, theta 1e4, [4, 6, 6]) the
-# width axis gets only rotations of <= 0.006 rad per visual token, and a 1M-parameter model never
-# learns to say WHERE a square is (x1 stayed at its marginal loss for 2000 steps). theta 1e3 and
-# [1, 4, 11] give height 1..0.27 and width 0.18..0.002 rad per token (low frequencies remain for
-# long-range text attention); then a locate-only probe learns exact cell boxes in ~400 steps.
+# width axis gets only rotations of <= 0.003 rad per visual token (height 0.1..0.006), and a
+# 1M-parameter model never learns to say WHERE a square is (x1 stayed at its marginal loss for 2000
+# steps). theta 1e3 and [1, 4, 11] give height 0.65..0.18 and width 0.12..0.0015 rad per token (the
+# low frequencies remain for long-range text attention); then a locate-only probe learns exact cell
+# boxes in ~400 steps.
 TOY_ROPE = dict(rope_theta=1000.0, mrope_section=[1, 4, 11])
 
 
