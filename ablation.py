@@ -14,9 +14,10 @@ Each arm's runs use training seeds 0, 1, 2 (`--seeds`): the rollouts' sampling a
 The info-gap budgets are probed once for the base and shared by the stage-1 runs (`--gap-cache`).
 
 Every checkpoint, and the base, is evaluated greedily (`eval.evaluate`) on the same held-out toy
-items (item seed 3, as `eval.py`) at two global budgets: 16 visual tokens (half the canvas side: the
-low-resolution budget, where the pattern cannot be read) and 64 (full resolution), each with the
-noise-crop and ground-truth-crop probes. OUT/summary.json holds every number; OUT/table.md the table
+items (item seed 3, as `eval.py`) at three global budgets, each with the noise-crop and ground-truth-crop
+probes: 16 visual tokens (half the canvas side, "low": the pattern cannot be read from the global
+image; the targets are checked here), 32 (1/√2 side, "mid": the global image is partly readable,
+the base answers 0.37 of the items right without the tool, chance 0.25) and 64 (full resolution). OUT/summary.json holds every number; OUT/table.md the table
 (mean ± sample std over seeds); OUT/curves.png the training curves (mean over seeds; needs
 matplotlib); OUT/gallery/ the same items before (base) and after (stage2, the first seed).
 
@@ -36,7 +37,10 @@ import time
 import torch
 
 ARMS = ("baseline", "stage1", "stage2")
-BUDGETS = {"low": 16, "full": 64}          # visual tokens of the global image at evaluation
+# visual tokens of the global image at evaluation: the info-gap ladder's two rungs and full resolution
+BUDGETS = {"low": 16, "mid": 32, "full": 64}
+BUDGET_NAMES = {"low": "1/2 side, the pattern unreadable", "mid": "1/√2 side, partly readable",
+                "full": "full resolution"}
 ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", "GT-crop change"),
         ("box/iou_b1", "IoU with B1"), ("box/area_frac", "box area / image"), ("tool/call_rate", "tool-call rate")]
 
@@ -186,7 +190,7 @@ def _cell(ms, signed=False) -> str:
 def format_table(t: dict, a) -> str:
     lines = []
     for b, tokens in BUDGETS.items():
-        lines += [f"\nGlobal image at {tokens} visual tokens ({'low resolution' if b == 'low' else 'full resolution'}),"
+        lines += [f"\nGlobal image at {tokens} visual tokens ({BUDGET_NAMES.get(b, b)}),"
                   f" {a.eval_items} held-out items, mean ± std over seeds {a.seeds}:\n",
                   "| run | " + " | ".join(name for _, name in ROWS) + " | train min |",
                   "|---" * (len(ROWS) + 2) + "|"]

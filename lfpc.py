@@ -214,6 +214,9 @@ class RolloutConfig:
     use_tool: bool = True                     # False: no tool in the prompt, one turn, answer directly
     probe: str = "none"                       # crop-dependency diagnostic: "noise" shows noise of the crop's size
                                               # instead of the crop; "gt" crops the task's B1 instead of the box
+    decode: str = "dynamic"                   # KV cache while sampling: "dynamic" (grows by one token a step) or
+                                              # "static" (preallocated, fixed shapes: what CUDA graphs need);
+                                              # same tokens either way (tested)
 
 
 # ----------------------------------------------------------------------------- agent and loading
@@ -477,36 +480,52 @@ def sample_turn(agent: Agent, episodes: list[Episode], max_new_tokens: list[int]
     """Continue every episode by one assistant turn, batched with left padding and a KV cache.
 
     Returns per episode (tokens, log-probs, finish) with finish "stop" (</tool_call>), "eos"
-    (<|im_end|>, included in the tokens) or "length".
+    (<|im_end|>, included in the tokens) or "length". `cfg.decode` picks the KV cache: "dynamic"
+    appends to the cache and the attention mask every step; "static" preallocates both for the
+    prompt plus the longest turn, so every decode step has the same shapes and addresses.
     """
+    if cfg.decode not in ("dynamic", "static"):
+        raise ValueError(f"cfg.decode must be 'dynamic' or 'static', got {cfg.decode!r}")
     model, B = agent.model, len(episodes)
     batch = collate(agent, episodes, left_pad=True)
+    T, N, dev = batch.input_ids.shape[1], max(max_new_tokens), batch.input_ids.device
+    cache, attn = None, batch.attention_mask                                # [B, T]
+    if cfg.decode == "static":
+        from transformers import StaticCache
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=T + N)
+        attn = torch.zeros(B, T + N, dtype=torch.long, device=dev)          # [B, T+N]: slot t+T is step t
+        attn[:, :T] = batch.attention_mask
     dtype = next(model.parameters()).dtype
     pix = None if batch.pixel_values is None else batch.pixel_values.to(dtype)
-    h, cache = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids, pix,
-                             batch.image_grid_thw, use_cache=True)
+    h, cache = hidden_states(model, batch.input_ids, attn, batch.position_ids, pix,
+                             batch.image_grid_thw, cache=cache, use_cache=True)
     logits = model.lm_head(h[:, -1])                                        # [B, V]
     next_pos = batch.position_ids.amax(dim=(0, 2)) + 1                      # [B]
-    attn = batch.attention_mask
     out = [([], [], "length") for _ in range(B)]
-    live = torch.ones(B, dtype=torch.bool)
-    limit = torch.tensor(max_new_tokens)
-    for step in range(max(max_new_tokens)):
-        tok, lp = _sample(logits, cfg.temperature, cfg.top_p, gen)
-        for b in live.nonzero()[:, 0].tolist():
+    live = [True] * B
+    for step in range(N):
+        tok, lp = _sample(logits, cfg.temperature, cfg.top_p, gen)         # [B], [B]
+        tok_l, lp_l = tok.tolist(), lp.tolist()                             # one device sync per step
+        for b in range(B):
+            if not live[b]:
+                continue
             toks, lps, _ = out[b]
-            toks.append(int(tok[b]))
-            lps.append(float(lp[b]))
-            hit = int(tok[b]) in agent.stop_ids or (
+            toks.append(tok_l[b])
+            lps.append(lp_l[b])
+            hit = tok_l[b] in agent.stop_ids or (
                 agent.stop_strings and agent.tokenizer.decode(toks[-8:]).endswith(agent.stop_strings))
             if hit:
-                out[b] = (toks, lps, "eos" if int(tok[b]) == agent.im_end else "stop")
-            if hit or len(toks) >= limit[b]:
+                out[b] = (toks, lps, "eos" if tok_l[b] == agent.im_end else "stop")
+            if hit or len(toks) >= max_new_tokens[b]:
                 live[b] = False
-        if not live.any():
+        if not any(live):
             break
-        tok = tok.masked_fill(~live.to(tok.device), agent.pad_id)
-        attn = torch.cat([attn, live.long().to(attn.device)[:, None]], 1)   # [B, T+step+1]
+        alive = torch.tensor(live, device=dev)                              # [B]
+        tok = tok.masked_fill(~alive, agent.pad_id)
+        if cfg.decode == "static":
+            attn[:, T + step] = alive.long()
+        else:
+            attn = torch.cat([attn, alive.long()[:, None]], 1)              # [B, T+step+1]
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)                # [3, B, 1]
         h, cache = hidden_states(model, tok[:, None], attn, pos, cache=cache, use_cache=True)
         logits = model.lm_head(h[:, -1])

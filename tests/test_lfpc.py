@@ -238,6 +238,31 @@ def test_greedy_sampling_matches_plain_forward_argmax(agent):
         ids = ids + [t]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_kv_cache_decode_gives_the_dynamic_paths_tokens(agent, temperature):
+    """decode="static" (preallocated cache and mask) against the reference decode="dynamic": the same
+    tokens, log-probs within float noise, for left-padded prompts of different lengths, one with two
+    images, rows stopping at different limits (padding written into the static slots of dead rows)."""
+    base = lfpc.RolloutConfig(**{**SMALL.__dict__, "temperature": temperature})
+    eps = [lfpc.start_episode(agent, task(seed=i, w=300 - 60 * i), i, base) for i in range(3)]
+    extra = agent.encode(" a longer user text") + agent.image_block(eps[2].grids[0])
+    eps[2].token_ids += extra                                     # a second image: a longer prompt
+    eps[2].loss_mask += [0] * len(extra)
+    eps[2].logprobs += [0.0] * len(extra)
+    eps[2].pixel_values, eps[2].grids = eps[2].pixel_values * 2, eps[2].grids * 2
+    limits = [5, 16, 11]
+    runs = {}
+    for mode in ("dynamic", "static"):
+        cfg = lfpc.RolloutConfig(**{**base.__dict__, "decode": mode})
+        runs[mode] = lfpc.sample_turn(agent, eps, limits, cfg, torch.Generator().manual_seed(7))
+    for (t_dyn, lp_dyn, fin_dyn), (t_st, lp_st, fin_st), n in zip(runs["dynamic"], runs["static"], limits):
+        assert t_dyn == t_st and fin_dyn == fin_st and len(t_dyn) <= n
+        assert lp_st == pytest.approx(lp_dyn, abs=1e-4)
+    assert [len(t) for t, _, _ in runs["static"]] != [limits[0]] * 3      # the rows really differ in length
+    with pytest.raises(ValueError, match="decode"):
+        lfpc.sample_turn(agent, eps, limits, lfpc.RolloutConfig(**{**base.__dict__, "decode": "graph"}))
+
+
 def test_token_logprobs_gradient_flows_only_through_sampled_positions(agent):
     cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "max_new_tokens": 5})
     eps = lfpc.rollout(agent, [task()], 2, cfg, seed=0)
