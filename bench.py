@@ -1,44 +1,271 @@
 """Time one stage-1 GRPO step, phase by phase, and print JSON.
 
-    python bench.py                      # toy: the shipped base, 8 prompts x 8 rollouts, low-res global, CPU
+    python bench.py                               # toy: the shipped base, 8 prompts x 8 rollouts, CPU
     python bench.py --model PATH --prompts 8 --group 8 --repeat 3
+    python bench.py --config 7b --batch 64 --lora 64           # one GPU: random-weight Qwen2.5-VL-7B
+    python bench.py --config 3b --batch 64                     # 3B, full fine-tuning, fp32 master weights
+    python bench.py --config tiny --batch 4 --visual-tokens 16 --prompt-tokens 40 --response-tokens 8
 
-A step is what train.py does: rollouts (multi-turn sampling with crops), rewards and advantages,
-the log-prob recompute with backward in micro-batches, and the optimizer step. Reported per phase
-(seconds, share of the step), with rollout tokens/s. Numbers measured with it live in README.md,
-with the machine, command and date. (Real-scale configs for one GPU are future work: issue 7.)
+Toy mode (no --config) times what train.py does: rollouts (multi-turn sampling with crops), rewards
+and advantages, the log-prob recompute with backward in micro-batches, the optimizer step.
+
+Config mode (--config tiny|3b|7b) builds the model from the published config numbers with random
+weights (`CONFIGS`; nothing is downloaded) and times a SYNTHETIC stage-1 step: `--batch` episodes,
+each a prompt of `--prompt-tokens` tokens of which `--visual-tokens` are one random image, sampled
+for exactly `--response-tokens` tokens (a random model never stops or calls the tool, so the turn
+length is fixed: the crop turns' images are not in it), then the log-prob recompute, backward and
+AdamW step of train.py (`train.load_model` settings: fp32 master weights with bf16 autocast on GPU;
+`--lora R` for adapters via peft; gradient checkpointing on). Reported:
+- decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed sampling runs;
+- rollout_tokens_per_s = batch x N / (time of N tokens), prefill included;
+- train_tflops and mfu: model FLOPs of the log-prob forward + backward (`model_flops`: 3 x the
+  forward's matmul and attention FLOPs, the recompute of checkpointing not counted) over the
+  measured time, against --peak-tflops;
+- peak_memory_gb (GPU: torch.cuda.max_memory_allocated), the phase shares, the versions.
+Numbers measured with it live in README.md with the machine, command and date.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 
 import torch
 
+import grpo
 import lfpc
-import train
-import warmup
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="checkpoints/toy_base", help="checkpoint folder (toy base by default)")
-    p.add_argument("--prompts", type=int, default=8, help="tasks per step")
-    p.add_argument("--group", type=int, default=8, help="rollouts per task")
-    p.add_argument("--budget", type=int, default=16, help="global-image budget, visual tokens (toy low-res: 16)")
-    p.add_argument("--micro-batch", type=int, default=16, help="episodes per forward/backward")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", default="", choices=["", "tiny", "3b", "7b"],
+                   help="random-weight model of this size (synthetic step); empty: the toy step on --model")
+    p.add_argument("--model", default="checkpoints/toy_base", help="toy mode: checkpoint folder")
+    p.add_argument("--prompts", type=int, default=8, help="toy mode: tasks per step")
+    p.add_argument("--group", type=int, default=8, help="toy mode: rollouts per task")
+    p.add_argument("--budget", type=int, default=16, help="toy mode: global-image budget, visual tokens")
+    p.add_argument("--micro-batch", type=int, default=0, help="episodes per forward/backward (0: toy 16, config 4)")
     p.add_argument("--repeat", type=int, default=3, help="timed steps (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    p.add_argument("--batch", type=int, default=64, help="config mode: episodes per step")
+    p.add_argument("--prompt-tokens", type=int, default=1127, help="config mode: prompt length, visual tokens included")
+    p.add_argument("--visual-tokens", type=int, default=1024, help="config mode: visual tokens of the image (a square)")
+    p.add_argument("--response-tokens", type=int, default=512, help="config mode: sampled tokens per episode")
+    p.add_argument("--decode", default="dynamic", choices=["dynamic", "static"], help="KV cache while sampling")
+    p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
+    p.add_argument("--device", default="", help='"" = cuda if available else cpu')
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    a.micro_batch = a.micro_batch or (4 if a.config else 16)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    side = math.isqrt(a.visual_tokens)
+    if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 8 or a.response_tokens < 2):
+        p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 8, --response-tokens >= 2")
+    return a
+
+
+# ----------------------------------------------------------------------------- the real configs
+
+# Qwen2.5-VL-{7B,3B}-Instruct's config.json (text model, then the shared vision tower): 8,292,166,656 and
+# 3,754,622,976 parameters, as the released checkpoints (tested on the meta device).
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
+              hidden_act="silu")
+CONFIGS = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def real_config(name: str, tokenizer):
+    """The published architecture of `name`, with the special-token ids of `tokenizer` (the tiny one:
+    no download) so the agent's prompts work; the vocabulary keeps its real size (the lm_head's cost)."""
+    from transformers import Qwen2_5_VLConfig
+    c = dict(CONFIGS[name])
+    tie = c.pop("tie_word_embeddings")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in lfpc.SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(**c, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(**VISION, out_hidden_size=c["hidden_size"]), tie_word_embeddings=tie,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def random_agent(name: str, device: str, dtype: torch.dtype = torch.float32) -> lfpc.Agent:
+    """An agent around a randomly initialised model of config `name` ("tiny": `lfpc.tiny_agent`)."""
+    if name == "tiny":
+        agent = lfpc.tiny_agent(seed=0)
+        agent.model.to(device=device, dtype=dtype)
+        return agent
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    tok = lfpc.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):                         # built in place: no CPU copy of 8B weights
+        model = Qwen2_5_VLForConditionalGeneration(real_config(name, tok)).to(dtype).eval()
+    return lfpc.Agent(model, tok, Qwen2VLImageProcessorPil(min_pixels=4 * 784, max_pixels=16384 * 784))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _linear_flops_per_token(c) -> int:
+    """Forward FLOPs of one decoder layer's matmuls for one token (2 x multiply-adds)."""
+    hd = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    return 2 * (c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+
+
+def vision_flops(vc, grid: tuple[int, int, int]) -> int:
+    """Forward FLOPs of the vision tower on one image of `grid` (t, h, w) patches: patch embedding,
+    blocks (windowed attention except `fullatt_block_indexes`), merger."""
+    t, h, w = grid
+    n, d, m = t * h * w, vc.hidden_size, vc.spatial_merge_size
+    patch_in = getattr(vc, "in_channels", 3) * vc.temporal_patch_size * vc.patch_size ** 2
+    flops = 2 * n * patch_in * d
+    block = 2 * n * (d * 3 * d + d * d + 3 * d * vc.intermediate_size)
+    win = vc.window_size // vc.patch_size                    # window side in patches (8 for 112 px)
+    win_sizes = [min(win, h - i) * min(win, w - j) * t for i in range(0, h, win) for j in range(0, w, win)]
+    for b in range(vc.depth):
+        sizes = [n] if b in vc.fullatt_block_indexes else win_sizes
+        flops += block + sum(4 * s * s * d for s in sizes)  # QK^T and AV, full squares
+    merged = n // m ** 2
+    flops += 2 * merged * ((d * m * m) ** 2 + d * m * m * vc.out_hidden_size)
+    return flops
+
+
+def model_flops(config, seq_lens: list[int], response_tokens: int, grids: list[tuple[int, int, int]],
+                backward: bool = True) -> int:
+    """Model FLOPs of `token_logprobs` on sequences of `seq_lens` tokens (no padding counted) with
+    `response_tokens` lm_head positions in all, and images of `grids`: the decoder's matmuls, its
+    attention as full T x T squares (what SDPA computes under a mask), the lm_head only where the loss
+    needs it, the vision tower. backward=True: x 3 (backward = 2 x forward), recompute not counted."""
+    c = config.get_text_config()
+    hd = c.hidden_size // c.num_attention_heads
+    f = sum(T * c.num_hidden_layers * _linear_flops_per_token(c) for T in seq_lens)
+    f += sum(4 * T * T * c.num_attention_heads * hd * c.num_hidden_layers for T in seq_lens)
+    f += 2 * response_tokens * c.hidden_size * c.vocab_size
+    f += sum(vision_flops(config.vision_config, g) for g in grids)
+    return 3 * f if backward else f
+
+
+# ----------------------------------------------------------------------------- config mode
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
+    """`a.batch` copies of one prompt: a random image of `a.visual_tokens` tokens, text up to `a.prompt_tokens`."""
+    from PIL import Image
+    import numpy as np
+    side = math.isqrt(a.visual_tokens) * 28
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    pix, grid = agent.encode_image(img)
+    head = [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
+    filler = agent.encode(" zoom in on the small text")
+    body = (filler * (a.prompt_tokens // max(1, len(filler)) + 1))[:a.prompt_tokens - len(head) - 4]
+    ids = head + body + [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
+    return [lfpc.Episode(0, list(ids), [0] * len(ids), [0.0] * len(ids), [img], [pix], [grid]) for _ in range(a.batch)]
+
+
+def config_step(a) -> dict:
+    import train
+    dev = a.device
+    agent = random_agent(a.config, dev, torch.float32)          # fp32 master weights, as train.load_model
+    if a.lora:
+        agent = train.apply_lora(agent, a.lora)
+    if a.config != "tiny":
+        train.enable_grad_ckpt(agent)
+    agent.stop_ids, agent.stop_strings = set(), ()               # fixed-length turns
+    params = [q for q in agent.model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    cfg = lfpc.RolloutConfig(temperature=1.0, decode=a.decode, batch_size=a.batch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
+    N = a.response_tokens
+    steps = []
+    for i in range(a.repeat + 1):
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        eps = synthetic_episodes(agent, a)
+        agent.model.eval()
+        with autocast:
+            _sync(dev); t0 = time.perf_counter()
+            lfpc.sample_turn(agent, eps, [1] * len(eps), cfg)
+            _sync(dev); t1 = time.perf_counter()
+            turns = lfpc.sample_turn(agent, eps, [N] * len(eps), cfg)
+            _sync(dev); t2 = time.perf_counter()
+        for e, (toks, lps, _) in zip(eps, turns):
+            e.token_ids += toks
+            e.loss_mask += [1] * len(toks)
+            e.logprobs += lps
+        agent.model.train()
+        opt.zero_grad(set_to_none=True)
+        n_tok = sum(e.num_generated for e in eps)
+        t_fwd = 0.0
+        _sync(dev); t3 = time.perf_counter()
+        for k in range(0, len(eps), a.micro_batch):
+            batch = lfpc.collate(agent, eps[k:k + a.micro_batch])
+            _sync(dev); tf = time.perf_counter()
+            with autocast:
+                lp = lfpc.token_logprobs(agent.model, batch)                           # [b, T]
+            _sync(dev); t_fwd += time.perf_counter() - tf
+            adv = torch.randn(lp.shape[0], device=lp.device)                           # [b]: any advantages
+            loss, _ = grpo.policy_loss(lp, batch.old_logprobs, adv, batch.loss_mask, num_tokens=n_tok,
+                                       num_seqs=len(eps))
+            loss.backward()
+        opt.step()
+        _sync(dev); t4 = time.perf_counter()
+        if i == 0:
+            continue                                             # warm-up: allocator, kernels, caches
+        flops = model_flops(agent.model.config, [len(e.token_ids) for e in eps], n_tok, [g for e in eps for g in e.grids])
+        total = (t2 - t1) + (t4 - t3)                       # the 1-token run only times the prefill
+        steps.append({"total_s": total, "rollout_s": t2 - t1, "logprob_forward_s": t_fwd,
+                      "backward_and_optimizer_s": (t4 - t3) - t_fwd,
+                      "decode_ms_per_step": 1000 * ((t2 - t1) - (t1 - t0)) / (N - 1),
+                      "rollout_tokens_per_s": len(eps) * N / (t2 - t1), "train_tflops": flops / (t4 - t3) / 1e12,
+                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None})
+    mean = {k: (sum(s[k] for s in steps) / len(steps) if steps[0][k] is not None else None) for k in steps[0]}
+    n_params = sum(q.numel() for q in agent.model.parameters())
+    return {"mode": "config", "args": vars(a), "parameters": n_params,
+            "trainable": sum(q.numel() for q in params),
+            "decode_ms_per_step": round(mean["decode_ms_per_step"], 3),
+            "rollout_tokens_per_s": round(mean["rollout_tokens_per_s"], 1),
+            "train_tflops": round(mean["train_tflops"], 4),
+            "mfu": round(mean["train_tflops"] / a.peak_tflops, 4),
+            "peak_memory_gb": None if mean["peak_memory_gb"] is None else round(mean["peak_memory_gb"], 2),
+            "step_s": round(mean["total_s"], 3),
+            "share": {k: round(mean[k + "_s"] / mean["total_s"], 3)
+                      for k in ("rollout", "logprob_forward", "backward_and_optimizer")},
+            "steps": steps, **_versions(dev)}
+
+
+def _versions(dev: str) -> dict:
+    import transformers
+    return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+# ----------------------------------------------------------------------------- toy mode
+
+def toy_step(a) -> dict:
+    import train
+    import warmup
     args = train.parse_args(["--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
     agent = train.load_model(args)
-    cfg = warmup.toy_rollout_config(global_max_pixels=a.budget * 784)
+    cfg = warmup.toy_rollout_config(global_max_pixels=a.budget * 784, decode=a.decode)
     tasks = train.load_data(args, agent, cfg)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
 
@@ -54,26 +281,33 @@ def main() -> None:
         return wrapper
     lfpc.rollout = timed("rollout", real_rollout)
     lfpc.token_logprobs = timed("logprob_forward", real_logprobs)
-    steps, tokens = [], 0
-    for i in range(a.repeat + 1):
-        phases.clear()
-        batch = tasks[i * a.prompts:(i + 1) * a.prompts]
-        t0 = time.perf_counter()
-        m = train.train_step(args, agent, opt, batch, cfg, step=i)
-        total = time.perf_counter() - t0
-        if i:                                            # the first step warms caches up
-            steps.append({"total_s": total, **phases, "sampled_tokens": m["len/response"] * len(batch) * a.group})
+    steps = []
+    try:
+        for i in range(a.repeat + 1):
+            phases.clear()
+            batch = tasks[i * a.prompts:(i + 1) * a.prompts]
+            t0 = time.perf_counter()
+            m = train.train_step(args, agent, opt, batch, cfg, step=i)
+            total = time.perf_counter() - t0
+            if i:                                            # the first step warms caches up
+                steps.append({"total_s": total, **phases, "sampled_tokens": m["len/response"] * len(batch) * a.group})
+    finally:
+        lfpc.rollout, lfpc.token_logprobs = real_rollout, real_logprobs
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
     mean["backward_and_optimizer_s"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
-    report = {
-        "config": vars(a), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "step_s": round(mean["total_s"], 3),
-        "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer_s")},
-        "rollout_tokens_per_s": round(mean["sampled_tokens"] / mean["rollout"], 1),
-        "steps": steps,
-    }
+    return {"mode": "toy", "args": vars(a), "step_s": round(mean["total_s"], 3),
+            "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer_s")},
+            "rollout_tokens_per_s": round(mean["sampled_tokens"] / mean["rollout"], 1),
+            "steps": steps, **_versions("cpu")}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    report = config_step(a) if a.config else toy_step(a)
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -158,21 +158,32 @@ def load_model(a: Args) -> lfpc.Agent:
     """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters."""
     agent = lfpc.load_agent(a.model, device=a.device, dtype=torch.float32)
     if a.lora:
-        try:
-            import peft
-        except ImportError:
-            raise SystemExit("--lora needs peft: pip install peft") from None
-        cfg = peft.LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0,
-                              target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        agent.model = peft.get_peft_model(agent.model, cfg)
-        agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
-        agent.model.lm_head = agent.model.base_model.model.lm_head
-    if a.grad_ckpt:                    # renamed activation_checkpointing_enable after transformers 5.17
-        if hasattr(agent.model, "activation_checkpointing_enable"):
-            agent.model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        agent = apply_lora(agent, a.lora)
+    if a.grad_ckpt:
+        enable_grad_ckpt(agent)
     return agent
+
+
+def apply_lora(agent: lfpc.Agent, rank: int) -> lfpc.Agent:
+    """LoRA adapters (rank r, alpha 2r) on the language model's projections; everything else frozen."""
+    try:
+        import peft
+    except ImportError:
+        raise SystemExit("--lora needs peft: pip install peft") from None
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    agent.model = peft.get_peft_model(agent.model, cfg)
+    agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
+    agent.model.lm_head = agent.model.base_model.model.lm_head
+    return agent
+
+
+def enable_grad_ckpt(agent: lfpc.Agent) -> None:
+    """Gradient checkpointing, non-reentrant (renamed activation_checkpointing_enable after transformers 5.17)."""
+    if hasattr(agent.model, "activation_checkpointing_enable"):
+        agent.model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_checkpoint(path: str, agent: lfpc.Agent, opt, step: int, a: Args) -> None:

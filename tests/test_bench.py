@@ -1,0 +1,59 @@
+"""Tests for bench.py: the real configs' sizes, the FLOP count against torch's counter, a config-mode run."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import lfpc
+
+
+@pytest.mark.parametrize("name, total", [("7b", 8_292_166_656), ("3b", 3_754_622_976)])
+def test_real_configs_have_the_released_checkpoints_parameter_counts(name, total):
+    """Built on the meta device (no memory): the counts of Qwen2.5-VL-7B/3B-Instruct's safetensors."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(bench.real_config(name, lfpc.build_tiny_tokenizer()))
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert model.config.vision_config.out_hidden_size == model.config.get_text_config().hidden_size
+
+
+@pytest.mark.parametrize("visual_tokens", [16, 64])       # 64: 16x16 patches, four 8x8 attention windows
+def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
+    """Eager attention computes QK^T and AV as matmuls, so torch's counter sees every FLOP; the formula
+    (decoder, attention squares, lm_head on the response only, vision tower with its windows) must
+    give the same number exactly."""
+    agent = lfpc.tiny_agent(seed=0)
+    agent.model.set_attn_implementation("eager")
+
+    class A:
+        batch, prompt_tokens = 2, visual_tokens + 40
+    A.visual_tokens = visual_tokens
+    eps = bench.synthetic_episodes(agent, A)
+    for e in eps:                                    # 10 response tokens each, equal lengths (no padding)
+        e.token_ids += list(range(100, 110))
+        e.loss_mask += [1] * 10
+        e.logprobs += [0.0] * 10
+    batch = lfpc.collate(agent, eps)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        lfpc.token_logprobs(agent.model, batch)
+    grids = [g for e in eps for g in e.grids]
+    mine = bench.model_flops(agent.model.config, [len(e.token_ids) for e in eps], 20, grids, backward=False)
+    assert mine == counter.get_total_flops()
+    assert bench.model_flops(agent.model.config, [len(e.token_ids) for e in eps], 20, grids) == 3 * mine
+
+
+def test_config_mode_reports_a_consistent_step_on_cpu():
+    r = bench.main(["--config", "tiny", "--batch", "4", "--micro-batch", "2", "--visual-tokens", "16",
+                    "--prompt-tokens", "40", "--response-tokens", "6", "--repeat", "1", "--device", "cpu"])
+    assert r["mode"] == "config" and r["parameters"] == r["trainable"] > 0
+    assert sum(r["share"].values()) == pytest.approx(1.0, abs=0.01)
+    assert math.isfinite(r["decode_ms_per_step"])                   # a difference of two timings: may be noisy
+    assert r["rollout_tokens_per_s"] > 0 and r["train_tflops"] > 0 and r["step_s"] > 0
+    assert r["peak_memory_gb"] is None                               # CPU: no CUDA allocator stats
+
+
+def test_config_mode_rejects_a_non_square_image():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config", "tiny", "--visual-tokens", "20"])
