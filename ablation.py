@@ -22,8 +22,8 @@ the base answers 0.37 of the items right without the tool, chance 0.25) and 64 (
 matplotlib); OUT/gallery/ the same items before (base) and after (stage2, the first seed).
 
 The issue's targets are checked and printed, never assumed: noise-crop drop after stage 1 >= 3x the
-baseline's; stage-1 accuracy at the low budget >= the baseline's; stage 2's mean IoU with B1 >=
-stage 1's + 0.10 with accuracy not lower (both at the low budget).
+baseline's (at the low budget, and at the mid one); stage-1 accuracy at the low budget >= the
+baseline's; stage 2's mean IoU with B1 >= stage 1's + 0.10 with accuracy not lower (low budget).
 """
 from __future__ import annotations
 
@@ -164,17 +164,20 @@ def summarize(a, evals: dict[str, dict], wall: dict[str, list[float]]) -> dict:
 
 
 def check_targets(t: dict) -> list[tuple[str, bool, str]]:
-    """The issue's three targets, from the means at the low budget."""
-    low = lambda row, k: t[row]["low"][k][0]
+    """The issue's three targets, from the means at the low budget; the noise-drop ratio also at the
+    mid budget when it was evaluated (the paper's 1K global is partly readable, as the toy's mid one)."""
+    at = lambda row, b, k: t[row][b][k][0]
     out = []
-    nb, n1 = -low("baseline", "probe/noise"), -low("stage1", "probe/noise")
-    out.append(("noise-crop drop after stage 1 >= 3x the baseline's", n1 >= 3 * max(nb, 0) and n1 > 0,
-                f"stage 1 {n1:.3f} vs baseline {nb:.3f}"))
+    for b in [b for b in ("low", "mid") if b in t["baseline"]]:
+        nb, n1 = -at("baseline", b, "probe/noise"), -at("stage1", b, "probe/noise")
+        out.append((f"noise-crop drop after stage 1 >= 3x the baseline's ({b} budget)", n1 >= 3 * max(nb, 0) and n1 > 0,
+                    f"stage 1 {n1:.3f} vs baseline {nb:.3f} ({n1 / nb if nb > 0 else float('inf'):.1f}x)"))
+    low = lambda row, k: at(row, "low", k)
     out.append(("stage-1 accuracy >= baseline's (low budget)", low("stage1", "acc") >= low("baseline", "acc"),
                 f"{low('stage1', 'acc'):.3f} vs {low('baseline', 'acc'):.3f}"))
     i1, i2 = low("stage1", "box/iou_b1") or 0.0, low("stage2", "box/iou_b1") or 0.0
     ok = i2 >= i1 + 0.10 and low("stage2", "acc") >= low("stage1", "acc")
-    out.append(("stage 2: IoU with B1 +0.10 over stage 1, accuracy not lower", ok,
+    out.append(("stage 2: IoU with B1 +0.10 over stage 1, accuracy not lower (low budget)", ok,
                 f"IoU {i2:.3f} vs {i1:.3f}; acc {low('stage2', 'acc'):.3f} vs {low('stage1', 'acc'):.3f}"))
     return out
 

