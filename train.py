@@ -154,25 +154,31 @@ def load_data(a: Args, agent: lfpc.Agent, cfg: lfpc.RolloutConfig) -> list[lfpc.
 
 # ----------------------------------------------------------------------------- model
 
-def load_model(a: Args) -> lfpc.Agent:
-    """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters."""
-    agent = lfpc.load_agent(a.model, device=a.device, dtype=torch.float32)
+def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
+    """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters.
+    `ckpt`: resume from this checkpoint folder: full weights, or LoRA adapters over the base `a.model`."""
+    lora_ckpt = bool(ckpt) and os.path.isfile(os.path.join(ckpt, "adapter_config.json"))
+    agent = lfpc.load_agent(ckpt if ckpt and not lora_ckpt else a.model, device=a.device, dtype=torch.float32)
     if a.lora:
-        agent = apply_lora(agent, a.lora)
+        agent = apply_lora(agent, a.lora, adapters=ckpt if lora_ckpt else "")
     if a.grad_ckpt:
         enable_grad_ckpt(agent)
     return agent
 
 
-def apply_lora(agent: lfpc.Agent, rank: int) -> lfpc.Agent:
-    """LoRA adapters (rank r, alpha 2r) on the language model's projections; everything else frozen."""
+def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
+    """LoRA adapters (rank r, alpha 2r) on the language model's projections, everything else frozen;
+    `adapters`: a folder of saved adapters to continue from instead of fresh ones."""
     try:
         import peft
     except ImportError:
         raise SystemExit("--lora needs peft: pip install peft") from None
-    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-    agent.model = peft.get_peft_model(agent.model, cfg)
+    if adapters:
+        agent.model = peft.PeftModel.from_pretrained(agent.model, adapters, is_trainable=True)
+    else:
+        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                              target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        agent.model = peft.get_peft_model(agent.model, cfg)
     agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
     agent.model.lm_head = agent.model.base_model.model.lm_head
     return agent
@@ -291,13 +297,13 @@ def main(argv=None) -> None:
         if not os.path.isdir(ckpt):
             raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         saved = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        a = Args(**{**saved["args"], "resume": True, "model": ckpt})
+        a = Args(**{**saved["args"], "resume": True})     # a.model stays the run's starting point
     elif os.path.isdir(ckpt):
         raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or --out for a new run")
     os.makedirs(a.out, exist_ok=True)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
-    agent = load_model(a)
+    agent = load_model(a, ckpt if a.resume else "")
     cfg = lfpc.RolloutConfig(global_max_pixels=a.full_tokens * 784, max_turns=a.max_turns,
                              max_new_tokens=a.max_new_tokens, max_response_tokens=a.max_response_tokens,
                              temperature=a.temperature, batch_size=4 * a.micro_batch)

@@ -48,11 +48,16 @@ def test_help_lists_every_argument():
 
 
 def _weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
+    """The checkpoint's weights: the full model, or the LoRA adapters of a --lora run."""
+    name = "adapter_model.safetensors" if os.path.isfile(os.path.join(path, "adapter_model.safetensors")) else "model.safetensors"
+    return load_file(os.path.join(path, name))
 
 
-def test_resume_after_a_crash_continues_exactly(base, tmp_path, monkeypatch):
-    common = ["--stage", "1", "--model", base, "--steps", "3", "--save-every", "1", *FAST]
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"]], ids=["full", "lora"])
+def test_resume_after_a_crash_continues_exactly(base, tmp_path, monkeypatch, extra):
+    if extra:
+        pytest.importorskip("peft")
+    common = ["--stage", "1", "--model", base, "--steps", "3", "--save-every", "1", *FAST, *extra]
     train.main(common + ["--out", str(tmp_path / "straight")])
 
     real_step, calls = train.train_step, []
@@ -70,7 +75,7 @@ def test_resume_after_a_crash_continues_exactly(base, tmp_path, monkeypatch):
     train.main(["--resume", "--out", str(tmp_path / "crashed")])
 
     a, b = _weights(str(tmp_path / "straight/ckpt")), _weights(str(tmp_path / "crashed/ckpt"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and all(("lora_" in k) == bool(extra) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     rows = [json.loads(line) for line in open(tmp_path / "crashed/metrics.jsonl")]
@@ -109,6 +114,21 @@ def test_one_step_at_lr_1e6_changes_the_fp32_master_weights(base, monkeypatch):
     assert changed and sum(changed) / len(changed) > 0.5
     w = torch.ones(1000, dtype=torch.bfloat16)
     assert (w + 1e-6 == w).all()          # the trap this guards against: in bf16 the update vanishes
+
+
+def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, monkeypatch):
+    """--lora: only the adapters train (B starts at 0, so any update shows), the base stays frozen."""
+    pytest.importorskip("peft")
+    real = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda a, ckpt="": real(train.Args(**{**a.__dict__, "lora": 4})))
+    m, before, after = _one_step(base, monkeypatch, 1e-6)
+    assert m["loss/trained_episodes"] > 0
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and all(after[k].requires_grad for k in lora_b)
+    assert all((after[k] != before[k]).any() for k in lora_b)
+    for k in before:
+        if "lora_" not in k:
+            assert not after[k].requires_grad and torch.equal(before[k], after[k].detach()), k
 
 
 def test_a_nonfinite_loss_skips_the_step_and_leaves_weights_untouched(base, monkeypatch):
