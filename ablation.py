@@ -42,7 +42,8 @@ BUDGETS = {"low": 16, "mid": 32, "full": 64}
 BUDGET_NAMES = {"low": "1/2 side, the pattern unreadable", "mid": "1/√2 side, partly readable",
                 "full": "full resolution"}
 ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", "GT-crop change"),
-        ("box/iou_b1", "IoU with B1"), ("box/area_frac", "box area / image"), ("tool/call_rate", "tool-call rate")]
+        ("box/iou_b1", "IoU with B1"), ("box/dx_b1", "box x-centre error"), ("box/dy_b1", "box y-centre error"),
+        ("box/area_frac", "box area / image"), ("tool/call_rate", "tool-call rate")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

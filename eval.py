@@ -31,6 +31,8 @@ empty set is None, shown as "-"):
     box/iou_b1, iou_bn       FIRST crop's box_original (the box asked for, mapped out of the shown
     box/coverage_b1          frame into the original, integer): mean IoU(b, B1), IoU(b, Bn) (Bn = the
                              last, largest box) and mean area(b ∩ B1) / area(B1)
+    box/dx_b1, box/dy_b1     mean |centre of b - centre of B1| along x / y, over the image's width /
+                             height: where the model looks, apart from how big a box it draws
     box/area_frac          mean area(b) / area(original image), over ALL episodes that cropped
     stop/<reason>          number of episodes per stop reason
     tokens/mean_sampled    mean sampled tokens per episode, all turns
@@ -295,6 +297,10 @@ def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: flo
     m["box/iou_b1"] = _mean(rewards.box_iou(b, gt[0]) for b, gt in boxed)
     m["box/iou_bn"] = _mean(rewards.box_iou(b, gt[-1]) for b, gt in boxed)
     m["box/coverage_b1"] = _mean(rewards.coverage(b, gt[0]) for b, gt in boxed)
+    sized = [(b, gt[0], _original_size(task(e))) for e in cropped if task(e).boxes
+             for b, gt in [(e.crops[0].box_original, task(e).boxes)]]
+    for k, axis in (("box/dx_b1", 0), ("box/dy_b1", 1)):
+        m[k] = _mean(abs(b[axis] + b[axis + 2] - g[axis] - g[axis + 2]) / 2 / size[axis] for b, g, size in sized)
     areas = [(e.crops[0].box_original, _original_size(task(e))) for e in cropped]
     m["box/area_frac"] = _mean(rewards.box_area(b) / (w * h) for b, (w, h) in areas)
     for reason in sorted({e.stop_reason for e in episodes}):

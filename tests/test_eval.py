@@ -221,6 +221,8 @@ def test_summarize_by_hand():
     assert m["box/iou_b1"] == pytest.approx((400 / 1600 + 100 / 1200) / 2)              # FIRST crop of episode 3
     assert m["box/iou_bn"] == pytest.approx((1600 / 3600 + 100 / 1200) / 2)
     assert m["box/coverage_b1"] == pytest.approx((1.0 + 100 / 400) / 2)
+    # centres: (30, 30) vs B1's (30, 30); (85, 85) vs (70, 70): |dx| = 0 and 15 of a 100-px image
+    assert m["box/dx_b1"] == pytest.approx(15 / 100 / 2) and m["box/dy_b1"] == pytest.approx(15 / 100 / 2)
     assert m["box/area_frac"] == pytest.approx((1600 + 5000 + 900) / 10000 / 3)
     assert (m["stop/answer"], m["stop/max_turns"]) == (4, 1)
     assert m["tokens/mean_sampled"] == pytest.approx(60 / 5)
@@ -271,7 +273,7 @@ def test_evaluate_end_to_end_on_the_tiny_model_runs_both_probes(agent):
     assert set(r) == {"config", "metrics", "probes", "episodes"}
     assert r["config"]["temperature"] == 0.0 and r["config"]["batch_size"] == 2
     m = r["metrics"]
-    for key in ("n", "acc", "tool/call_rate", "tool/crop_success_rate", "format/valid_rate", "box/iou_b1",
+    for key in ("n", "acc", "tool/call_rate", "tool/crop_success_rate", "format/valid_rate", "box/iou_b1", "box/dx_b1",
                 "box/iou_bn", "box/coverage_b1", "box/area_frac", "tokens/mean_sampled", "time/sec_per_question"):
         assert key in m, key
     assert m["n"] == 2 and 0.0 <= m["acc"] <= 1.0 and sum(v for k, v in m.items() if k.startswith("stop/")) == 2
@@ -361,3 +363,10 @@ def test_cli_without_model_finds_no_toy_checkpoint_and_says_so(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--data", "x.jsonl"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2 and "no toy checkpoint found" in proc.stderr
+
+
+def test_box_centre_errors_are_per_axis_and_in_the_original_frame():
+    """A box shifted 30 px right of B1 (and not down) in a 200 x 100 image: dx = 30/200, dy = 0."""
+    tasks = [lfpc.Task(Image.new("RGB", (200, 100)), "q", "a", None, [[20, 20, 60, 60]], None, "t")]
+    m = ev.summarize([_episode(0, "a", crops=[(50, 20, 90, 60)])], tasks)
+    assert m["box/dx_b1"] == pytest.approx(30 / 200) and m["box/dy_b1"] == 0.0
