@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     side = math.isqrt(a.visual_tokens)
-    if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 8 or a.response_tokens < 2):
-        p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 8, --response-tokens >= 2")
+    if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 16 or a.response_tokens < 2):
+        p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 16, --response-tokens >= 2")
     return a
 
 
@@ -171,9 +171,10 @@ def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
     pix, grid = agent.encode_image(img)
     head = [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
+    tail = [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
     filler = agent.encode(" zoom in on the small text")
-    body = (filler * (a.prompt_tokens // max(1, len(filler)) + 1))[:a.prompt_tokens - len(head) - 4]
-    ids = head + body + [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
+    body = (filler * (a.prompt_tokens // max(1, len(filler)) + 1))[:max(0, a.prompt_tokens - len(head) - len(tail))]
+    ids = head + body + tail
     return [lfpc.Episode(0, list(ids), [0] * len(ids), [0.0] * len(ids), [img], [pix], [grid]) for _ in range(a.batch)]
 
 
@@ -235,7 +236,7 @@ def config_step(a) -> dict:
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None})
     mean = {k: (sum(s[k] for s in steps) / len(steps) if steps[0][k] is not None else None) for k in steps[0]}
     n_params = sum(q.numel() for q in agent.model.parameters())
-    return {"mode": "config", "args": vars(a), "parameters": n_params,
+    return {"mode": "config", "args": vars(a), "parameters": n_params, "prompt_tokens": len(eps[0].token_ids) - N,
             "trainable": sum(q.numel() for q in params),
             "decode_ms_per_step": round(mean["decode_ms_per_step"], 3),
             "rollout_tokens_per_s": round(mean["rollout_tokens_per_s"], 1),

@@ -49,7 +49,7 @@ def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
 def test_config_mode_reports_a_consistent_step_on_cpu():
     r = bench.main(["--config", "tiny", "--batch", "4", "--micro-batch", "2", "--visual-tokens", "16",
                     "--prompt-tokens", "40", "--response-tokens", "6", "--repeat", "1", "--device", "cpu"])
-    assert r["mode"] == "config" and r["parameters"] == r["trainable"] > 0
+    assert r["mode"] == "config" and r["parameters"] == r["trainable"] > 0 and r["prompt_tokens"] == 40
     assert sum(r["share"].values()) == pytest.approx(1.0, abs=0.01)
     assert math.isfinite(r["decode_ms_per_step"])                   # a difference of two timings: may be noisy
     assert r["rollout_tokens_per_s"] > 0 and r["train_tflops"] > 0 and r["step_s"] > 0
