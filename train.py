@@ -156,11 +156,25 @@ def load_data(a: Args, agent: lfpc.Agent, cfg: lfpc.RolloutConfig) -> list[lfpc.
 
 def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
     """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters.
-    `ckpt`: resume from this checkpoint folder: full weights, or LoRA adapters over the base `a.model`."""
-    lora_ckpt = bool(ckpt) and os.path.isfile(os.path.join(ckpt, "adapter_config.json"))
-    agent = lfpc.load_agent(ckpt if ckpt and not lora_ckpt else a.model, device=a.device, dtype=torch.float32)
-    if a.lora:
-        agent = apply_lora(agent, a.lora, adapters=ckpt if lora_ckpt else "")
+    Loads `ckpt` (resuming) or else `a.model`. A folder of LoRA adapters (what a --lora run saves)
+    loads its base model, then the adapters: trained on with --lora, merged into the weights without."""
+    src = ckpt or a.model
+    adapter_cfg = os.path.join(src, "adapter_config.json")
+    if not os.path.isfile(adapter_cfg):
+        agent = lfpc.load_agent(src, device=a.device, dtype=torch.float32)
+        if a.lora:
+            agent = apply_lora(agent, a.lora)
+    else:
+        with open(adapter_cfg) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        agent = lfpc.load_agent(base, device=a.device, dtype=torch.float32)
+        if os.path.isfile(os.path.join(src, lfpc.PROMPT_FILE)):            # the run's prompts, not the base's
+            with open(os.path.join(src, lfpc.PROMPT_FILE), encoding="utf-8") as f:
+                for k, v in json.load(f).items():
+                    setattr(agent, k, v)
+        agent = apply_lora(agent, a.lora, adapters=src)
+        if not a.lora:
+            agent.model = agent.model.merge_and_unload().requires_grad_(True)     # peft froze the base
     if a.grad_ckpt:
         enable_grad_ckpt(agent)
     return agent
@@ -172,8 +186,8 @@ def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
     try:
         import peft
     except ImportError:
-        raise SystemExit("--lora needs peft: pip install peft") from None
-    if adapters:
+        raise SystemExit("LoRA (--lora, or a checkpoint of LoRA adapters) needs peft: pip install peft") from None
+    if adapters:                        # their own rank and targets, from their adapter_config.json
         agent.model = peft.PeftModel.from_pretrained(agent.model, adapters, is_trainable=True)
     else:
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,

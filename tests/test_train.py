@@ -131,6 +131,27 @@ def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, mon
             assert not after[k].requires_grad and torch.equal(before[k], after[k].detach()), k
 
 
+def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp_path):
+    """Stage 2 from a --lora stage-1 checkpoint (a folder of adapters): with --lora it trains the SAME
+    adapters (no second layer of them); without, it merges them and fine-tunes the full model."""
+    pytest.importorskip("peft")
+    s1 = str(tmp_path / "s1")
+    train.main(["--stage", "1", "--model", base, "--out", s1, "--steps", "1", "--lora", "4", *FAST])
+    a = train.parse_args(["--stage", "2", "--model", s1 + "/ckpt", "--lora", "4", *FAST])
+    agent = train.load_model(a)
+    saved = _weights(s1 + "/ckpt")
+    # (apply_lora's aliases model.model / model.lm_head list each tensor twice: keep peft's own names)
+    live = {k: v for k, v in agent.model.state_dict().items() if "lora_" in k and k.startswith("base_model.")}
+    assert len(live) == len(saved) and all(".lora_A.default." in k or ".lora_B.default." in k for k in live)
+    for k, v in saved.items():                          # peft drops the adapter name when saving
+        torch.testing.assert_close(live[k.replace(".weight", ".default.weight")], v, rtol=0, atol=0)
+    assert agent.system_prompt == warmup.TOY_SYSTEM_PROMPT
+    s2 = str(tmp_path / "s2")
+    train.main(["--stage", "2", "--model", s1 + "/ckpt", "--out", s2, "--steps", "1", *FAST])
+    assert os.path.isfile(os.path.join(s2, "ckpt", "model.safetensors"))            # merged: a full model
+    assert not any("lora_" in k for k in _weights(s2 + "/ckpt"))
+
+
 def test_a_nonfinite_loss_skips_the_step_and_leaves_weights_untouched(base, monkeypatch):
     real = lfpc.token_logprobs
     nan_logprobs = lambda model, batch, t=1.0: real(model, batch, t) * float("nan")
