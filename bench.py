@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.config in ("3b", "7b") and not a.device.startswith("cuda"):
+        p.error(f"--config {a.config} needs a CUDA GPU (its fp32 weights alone are "
+                f"{ {'3b': 15, '7b': 33}[a.config] } GB); --config tiny runs the same path on CPU")
     side = math.isqrt(a.visual_tokens)
     if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 16 or a.response_tokens < 2):
         p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 16, --response-tokens >= 2")

@@ -56,6 +56,9 @@ def test_config_mode_reports_a_consistent_step_on_cpu():
     assert r["peak_memory_gb"] is None                               # CPU: no CUDA allocator stats
 
 
-def test_config_mode_rejects_a_non_square_image():
+def test_config_mode_rejects_a_non_square_image_and_real_sizes_on_cpu(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "tiny", "--visual-tokens", "20"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config", "7b", "--device", "cpu"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
