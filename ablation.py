@@ -113,7 +113,7 @@ def train_arm(a, arm: str, seed: int) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_model(a, model: str, name: str) -> dict:
-    """Both budgets with both probes; cached as OUT/eval/<name>.json (written atomically)."""
+    """Every budget in BUDGETS with both probes; cached as OUT/eval/<name>.json (written atomically)."""
     import eval as ev
     import lfpc
     import toy

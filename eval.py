@@ -292,15 +292,16 @@ def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: flo
     m["tool/call_rate"] = len(cropped) / len(episodes) if episodes else None
     m["tool/crop_success_rate"] = sum(len(e.crops) for e in episodes) / attempts if attempts else None
     m["format/valid_rate"] = _mean(float(e.malformed_turns == 0) for e in episodes)
-    boxed = [(e.crops[0].box_original, task(e).boxes) for e in cropped if task(e).boxes]
+    boxed_eps = [e for e in cropped if task(e).boxes]
+    boxed = [(e.crops[0].box_original, task(e).boxes) for e in boxed_eps]
     m["box/n"] = len(boxed)
     m["box/iou_b1"] = _mean(rewards.box_iou(b, gt[0]) for b, gt in boxed)
     m["box/iou_bn"] = _mean(rewards.box_iou(b, gt[-1]) for b, gt in boxed)
     m["box/coverage_b1"] = _mean(rewards.coverage(b, gt[0]) for b, gt in boxed)
-    sized = [(b, gt[0], _original_size(task(e))) for e in cropped if task(e).boxes
-             for b, gt in [(e.crops[0].box_original, task(e).boxes)]]
+    sizes = [_original_size(task(e)) for e in boxed_eps]
     for k, axis in (("box/dx_b1", 0), ("box/dy_b1", 1)):
-        m[k] = _mean(abs(b[axis] + b[axis + 2] - g[axis] - g[axis + 2]) / 2 / size[axis] for b, g, size in sized)
+        m[k] = _mean(abs(b[axis] + b[axis + 2] - gt[0][axis] - gt[0][axis + 2]) / 2 / size[axis]
+                     for (b, gt), size in zip(boxed, sizes))
     areas = [(e.crops[0].box_original, _original_size(task(e))) for e in cropped]
     m["box/area_frac"] = _mean(rewards.box_area(b) / (w * h) for b, (w, h) in areas)
     for reason in sorted({e.stop_reason for e in episodes}):

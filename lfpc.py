@@ -275,11 +275,17 @@ def load_agent(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn_implementation).to(device)
-    prompts = {}
-    if os.path.isfile(os.path.join(name_or_path, PROMPT_FILE)):
-        with open(os.path.join(name_or_path, PROMPT_FILE), encoding="utf-8") as f:
-            prompts = json.load(f)
-    return Agent(model, tokenizer, image_processor, **prompts)
+    return Agent(model, tokenizer, image_processor, **read_prompts(name_or_path))
+
+
+def read_prompts(path: str) -> dict[str, str]:
+    """The prompts `save_agent` wrote beside a checkpoint ({} for a hub name or a plain checkpoint)."""
+    import os
+    file = os.path.join(path, PROMPT_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def save_agent(agent: Agent, path: str) -> None:

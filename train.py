@@ -168,10 +168,8 @@ def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
         with open(adapter_cfg) as f:
             base = json.load(f)["base_model_name_or_path"]
         agent = lfpc.load_agent(base, device=a.device, dtype=torch.float32)
-        if os.path.isfile(os.path.join(src, lfpc.PROMPT_FILE)):            # the run's prompts, not the base's
-            with open(os.path.join(src, lfpc.PROMPT_FILE), encoding="utf-8") as f:
-                for k, v in json.load(f).items():
-                    setattr(agent, k, v)
+        for k, v in lfpc.read_prompts(src).items():                       # the run's prompts, not the base's
+            setattr(agent, k, v)
         agent = apply_lora(agent, a.lora, adapters=src)
         if not a.lora:
             agent.model = agent.model.merge_and_unload().requires_grad_(True)     # peft froze the base

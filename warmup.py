@@ -113,14 +113,16 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     answer = agent.encode(f"<answer>{it['answer']}</answer>") + [agent.im_end]
     if not direct:
         target = next(q for q in it["squares"] if q[3] == colour)
-        others = [q for q in it["squares"] if q is not target] or [(x, y) for x in range(0, toy.CANVAS, toy.CELL)
-                                                                   for y in range(0, toy.CANVAS, toy.CELL)
-                                                                   if toy.cell_of(x, y) != toy.cell_of(*target[:2])]
         u = rng.random()
         if u < big_crop:
             box = random_box(rng)
-        else:     # a wrong crop: around another square, or another cell when the image has one square
-            box = jittered_box(rng.choice(others) if u < big_crop + wrong_crop else target, rng)
+        elif u < big_crop + wrong_crop:     # around another square, or another cell when the image has one square
+            others = [q for q in it["squares"] if q is not target] or [
+                (x, y) for x in range(0, toy.CANVAS, toy.CELL) for y in range(0, toy.CANVAS, toy.CELL)
+                if toy.cell_of(x, y) != toy.cell_of(*target[:2])]
+            box = jittered_box(rng.choice(others), rng)
+        else:
+            box = jittered_box(target, rng)
         # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
@@ -144,6 +146,26 @@ def coordinate_positions(agent: lfpc.Agent, ep: lfpc.Episode) -> list[int]:
         elif inside and t != comma:
             out.append(i)
     return out
+
+
+def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -> torch.Tensor:
+    """The warm-up's loss on the assistant's tokens (the module docstring): the mean over the answer
+    words (each episode ends `<answer> WORD </answer> <|im_end|>`; answers=False: episodes that end
+    with a tool call), plus the mean over the box coordinates (when any), plus the mean over the rest."""
+    batch = lfpc.collate(agent, eps)
+    lp = lfpc.token_logprobs(agent.model, batch)                      # [B, T]
+    word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the answer word of each row
+    coord = torch.zeros_like(batch.loss_mask)                         # [B, T]: the box coordinates
+    for b, e in enumerate(eps):
+        if answers:
+            word[b, len(e.token_ids) - 3] = 1
+        coord[b, coordinate_positions(agent, e)] = 1
+    rest = batch.loss_mask - word - coord
+    loss = -(lp * rest).sum() / rest.sum()
+    for part in (word, coord):
+        if part.sum() > 0:
+            loss = loss - (lp * part).sum() / part.sum()
+    return loss
 
 
 @torch.no_grad()
@@ -188,13 +210,7 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
             ep.token_ids, ep.loss_mask = ep.token_ids + call, ep.loss_mask + [1] * len(call)
             ep.logprobs = ep.logprobs + [0.0] * len(call)
             eps.append(ep)
-        batch_t = lfpc.collate(agent, eps)
-        lp = lfpc.token_logprobs(model, batch_t)                    # [B, T]
-        coord = torch.zeros_like(batch_t.loss_mask)                 # [B, T]
-        for b, e in enumerate(eps):
-            coord[b, coordinate_positions(agent, e)] = 1
-        rest = batch_t.loss_mask - coord
-        loss = -(lp * coord).sum() / coord.sum() - (lp * rest).sum() / rest.sum()
+        loss = sft_loss(agent, eps, answers=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -250,17 +266,7 @@ def main() -> None:
     for step in bar:
         eps = [sft_episode(agent, a.seed * 1_000_003 + (step * a.batch + i) % 900_000, rng,
                            rng.random() < a.direct, a.wrong_crop, a.big_crop, a.low_res) for i in range(a.batch)]
-        batch = lfpc.collate(agent, eps)
-        lp = lfpc.token_logprobs(model, batch)                      # [B, T]
-        word = torch.zeros_like(batch.loss_mask)                    # [B, T]: the answer word of each row
-        coord = torch.zeros_like(batch.loss_mask)                   # [B, T]: the box coordinates
-        for b, e in enumerate(eps):
-            word[b, len(e.token_ids) - 3] = 1                       # ... <answer> WORD </answer> <|im_end|>
-            coord[b, coordinate_positions(agent, e)] = 1
-        rest = batch.loss_mask - word - coord
-        loss = -(lp * word).sum() / word.sum() - (lp * rest).sum() / rest.sum()
-        if coord.sum() > 0:
-            loss = loss - (lp * coord).sum() / coord.sum()
+        loss = sft_loss(agent, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
