@@ -36,6 +36,9 @@ import time
 
 import torch
 
+import crop_tool
+import toy
+
 ARMS = ("baseline", "stage1", "stage2")
 # visual tokens of the global image at evaluation: the info-gap ladder's two rungs and full resolution
 BUDGETS = {"low": 16, "mid": 32, "full": 64}
@@ -43,14 +46,14 @@ BUDGET_NAMES = {"low": "1/2 side, the pattern unreadable", "mid": "1/√2 side, 
                 "full": "full resolution"}
 ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", "GT-crop change"),
         ("box/iou_b1", "IoU with B1"), ("box/dx_b1", "box x-centre error"), ("box/dy_b1", "box y-centre error"),
-        ("box/area_frac", "box area / image"), ("tool/call_rate", "tool-call rate")]
+        ("box/area_frac", "box area / image"), ("tool/crop_rate", "crop rate")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/ablation", help="output folder")
-    p.add_argument("--base", default="checkpoints/toy_base", help="the starting checkpoint of every arm")
+    p.add_argument("--base", default=toy.BASE, help="the starting checkpoint of every arm")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
     p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
@@ -116,17 +119,15 @@ def evaluate_model(a, model: str, name: str) -> dict:
     """Every budget in BUDGETS with both probes; cached as OUT/eval/<name>.json (written atomically)."""
     import eval as ev
     import lfpc
-    import toy
-    import warmup
     path = os.path.join(a.out, "eval", f"{name}.json")
     if os.path.exists(path):
         return json.load(open(path))
     agent = lfpc.load_agent(model, "cpu", torch.float32)
-    tasks = toy.make_tasks(a.eval_items, seed=ev.TOY_EVAL_SEED)
+    tasks = toy.eval_tasks(a.eval_items)
     res, galleries = {}, {}
     for label, tokens in BUDGETS.items():
         t0 = time.perf_counter()
-        r = ev.evaluate(agent, tasks, warmup.toy_rollout_config(global_max_pixels=tokens * 784), ("noise", "gt"),
+        r = ev.evaluate(agent, tasks, toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS), ("noise", "gt"),
                         batch_size=64, progress=False)
         galleries[label] = r.pop("episodes")["normal"]
         m = dict(r["metrics"])
@@ -206,7 +207,7 @@ def format_table(t: dict, a) -> str:
 
 
 def plot_curves(a, path: str) -> None:
-    """reward/acc, tool/iou_b1, tool/box_area per step, mean over seeds, one line per arm."""
+    """acc, tool/crop_rate, box/iou_b1, box/area_frac per step, mean over seeds, one line per arm."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -214,13 +215,13 @@ def plot_curves(a, path: str) -> None:
     except ImportError:
         print("matplotlib not installed: no curves.png")
         return
-    keys = ["reward/acc", "tool/call_rate", "tool/iou_b1", "tool/box_area"]
+    keys = ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.9))
     for arm in ARMS:
         runs = [[json.loads(l) for l in open(os.path.join(run_dir(a, arm, s), "metrics.jsonl"))] for s in a.seeds]
         n = min(len(r) for r in runs)
         for ax, k in zip(axes, keys):
-            ys = [statistics.fmean(r[i].get(k, float("nan")) for r in runs) for i in range(n)]
+            ys = [statistics.fmean(_nan(r[i].get(k)) for r in runs) for i in range(n)]
             ax.plot(range(1, n + 1), ys, label=arm)    # stage 2's steps count from its own start
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
@@ -228,6 +229,10 @@ def plot_curves(a, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def _nan(v) -> float:
+    return float("nan") if v is None else v
 
 
 def main(argv=None) -> None:
@@ -241,7 +246,7 @@ def main(argv=None) -> None:
         for arm in ARMS:
             out = train_arm(a, arm, seed)
             rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-            wall.setdefault(arm, []).append(sum(r["seconds"] for r in rows))
+            wall.setdefault(arm, []).append(sum(r["time/step_s"] for r in rows))
             evals[f"{arm}-s{seed}"] = evaluate_model(a, os.path.join(out, "ckpt"), f"{arm}-s{seed}")
     table = summarize(a, evals, wall)
     targets = check_targets(table)

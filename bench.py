@@ -34,8 +34,11 @@ import time
 
 import torch
 
+import engine
 import grpo
 import lfpc
+import models
+import presets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="", choices=["", "tiny", "3b", "7b"],
                    help="random-weight model of this size (synthetic step); empty: the toy step on --model")
-    p.add_argument("--model", default="checkpoints/toy_base", help="toy mode: checkpoint folder")
+    p.add_argument("--model", default=presets.TOY["model"], help="toy mode: checkpoint folder")
     p.add_argument("--prompts", type=int, default=8, help="toy mode: tasks per step")
     p.add_argument("--group", type=int, default=8, help="toy mode: rollouts per task")
     p.add_argument("--budget", type=int, default=16, help="toy mode: global-image budget, visual tokens")
@@ -69,52 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 16 or a.response_tokens < 2):
         p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 16, --response-tokens >= 2")
     return a
-
-
-# ----------------------------------------------------------------------------- the real configs
-
-# Qwen2.5-VL-{7B,3B}-Instruct's config.json (text model, then the shared vision tower): 8,292,166,656 and
-# 3,754,622,976 parameters, as the released checkpoints (tested on the meta device).
-VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
-              hidden_act="silu")
-CONFIGS = {
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-}
-
-
-def real_config(name: str, tokenizer):
-    """The published architecture of `name`, with the special-token ids of `tokenizer` (the tiny one:
-    no download) so the agent's prompts work; the vocabulary keeps its real size (the lm_head's cost)."""
-    from transformers import Qwen2_5_VLConfig
-    c = dict(CONFIGS[name])
-    tie = c.pop("tie_word_embeddings")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in lfpc.SPECIAL_TOKENS}
-    return Qwen2_5_VLConfig(
-        text_config=dict(**c, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(**VISION, out_hidden_size=c["hidden_size"]), tie_word_embeddings=tie,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-
-
-def random_agent(name: str, device: str, dtype: torch.dtype = torch.float32) -> lfpc.Agent:
-    """An agent around a randomly initialised model of config `name` ("tiny": `lfpc.tiny_agent`)."""
-    if name == "tiny":
-        agent = lfpc.tiny_agent(seed=0)
-        agent.model.to(device=device, dtype=dtype)
-        return agent
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    tok = lfpc.build_tiny_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):                         # built in place: no CPU copy of 8B weights
-        model = Qwen2_5_VLForConditionalGeneration(real_config(name, tok)).to(dtype).eval()
-    return lfpc.Agent(model, tok, Qwen2VLImageProcessorPil(min_pixels=4 * 784, max_pixels=16384 * 784))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -172,19 +129,22 @@ def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
     import numpy as np
     side = math.isqrt(a.visual_tokens) * 28
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
-    pix, grid = agent.encode_image(img)
+    grid = agent.image_grid(img)
     head = [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
     tail = [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
     filler = agent.encode(" zoom in on the small text")
     body = (filler * (a.prompt_tokens // max(1, len(filler)) + 1))[:max(0, a.prompt_tokens - len(head) - len(tail))]
     ids = head + body + tail
-    return [lfpc.Episode(0, list(ids), [0] * len(ids), [0.0] * len(ids), [img], [pix], [grid]) for _ in range(a.batch)]
+    episodes = [lfpc.Episode(0) for _ in range(a.batch)]
+    for e in episodes:
+        e.append(ids, images=[(img, grid)])
+    return episodes
 
 
 def config_step(a) -> dict:
     import train
     dev = a.device
-    agent = random_agent(a.config, dev, torch.float32)          # fp32 master weights, as train.load_model
+    agent = models.random_agent(a.config, dev, torch.float32)   # fp32 master weights, as train.load_model
     if a.lora:
         agent = train.apply_lora(agent, a.lora)
     if a.config != "tiny":
@@ -203,21 +163,19 @@ def config_step(a) -> dict:
         agent.model.eval()
         with autocast:
             _sync(dev); t0 = time.perf_counter()
-            lfpc.sample_turn(agent, eps, [1] * len(eps), cfg)
+            engine.sample_turn(agent, eps, [1] * len(eps), cfg)
             _sync(dev); t1 = time.perf_counter()
-            turns = lfpc.sample_turn(agent, eps, [N] * len(eps), cfg)
+            turns = engine.sample_turn(agent, eps, [N] * len(eps), cfg)
             _sync(dev); t2 = time.perf_counter()
         for e, (toks, lps, _) in zip(eps, turns):
-            e.token_ids += toks
-            e.loss_mask += [1] * len(toks)
-            e.logprobs += lps
+            e.append(toks, lps)
         agent.model.train()
         opt.zero_grad(set_to_none=True)
         n_tok = sum(e.num_generated for e in eps)
         t_fwd = 0.0
         _sync(dev); t3 = time.perf_counter()
         for k in range(0, len(eps), a.micro_batch):
-            batch = lfpc.collate(agent, eps[k:k + a.micro_batch])
+            batch = engine.collate(agent, eps[k:k + a.micro_batch])
             _sync(dev); tf = time.perf_counter()
             with autocast:
                 lp = lfpc.token_logprobs(agent.model, batch)                           # [b, T]
@@ -263,44 +221,31 @@ def _versions(dev: str) -> dict:
 # ----------------------------------------------------------------------------- toy mode
 
 def toy_step(a) -> dict:
+    """train.py's step, timed as its two calls: `collect_episodes` (rollout + rewards) and
+    `update_policy` (log-prob forwards, backward, optimizer; it times its forwards itself)."""
     import train
-    import warmup
-    args = train.parse_args(["--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group),
+    args = train.parse_args(["--preset", "toy", "--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
     agent = train.load_model(args)
-    cfg = warmup.toy_rollout_config(global_max_pixels=a.budget * 784, decode=a.decode)
-    tasks = train.load_data(args, agent, cfg)
+    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=4 * args.micro_batch)
+    tasks = train.load_data(args, agent)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
-
-    phases: dict[str, float] = {}
-    real_rollout, real_logprobs = lfpc.rollout, lfpc.token_logprobs
-
-    def timed(name, fn):
-        def wrapper(*x, **kw):
-            t = time.perf_counter()
-            out = fn(*x, **kw)
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-            return out
-        return wrapper
-    lfpc.rollout = timed("rollout", real_rollout)
-    lfpc.token_logprobs = timed("logprob_forward", real_logprobs)
     steps = []
-    try:
-        for i in range(a.repeat + 1):
-            phases.clear()
-            batch = tasks[i * a.prompts:(i + 1) * a.prompts]
-            t0 = time.perf_counter()
-            m = train.train_step(args, agent, opt, batch, cfg, step=i)
-            total = time.perf_counter() - t0
-            if i:                                            # the first step warms caches up
-                steps.append({"total_s": total, **phases, "sampled_tokens": m["len/response"] * len(batch) * a.group})
-    finally:
-        lfpc.rollout, lfpc.token_logprobs = real_rollout, real_logprobs
+    for i in range(a.repeat + 1):
+        batch = tasks[i * a.prompts:(i + 1) * a.prompts]
+        t0 = time.perf_counter()
+        episodes = train.collect_episodes(args, agent, batch, cfg, step=i)
+        t1 = time.perf_counter()
+        m = train.update_policy(args, agent, opt, episodes, batch)
+        t2 = time.perf_counter()
+        if i:                                            # the first step warms caches up
+            steps.append({"total_s": t2 - t0, "rollout": t1 - t0, "logprob_forward": m["time/forward_s"],
+                          "sampled_tokens": sum(e.num_generated for e in episodes)})
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
-    mean["backward_and_optimizer_s"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
+    mean["backward_and_optimizer"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
     return {"mode": "toy", "args": vars(a), "step_s": round(mean["total_s"], 3),
-            "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer_s")},
+            "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer")},
             "rollout_tokens_per_s": round(mean["sampled_tokens"] / mean["rollout"], 1),
             "steps": steps, **_versions("cpu")}
 

@@ -51,6 +51,7 @@ from PIL import Image
 
 TOOL_NAME = "image_zoom_in_tool"
 FACTOR = 28  # Qwen2.5-VL: 14-px patches merged 2x2, so image sides are multiples of 28
+TOKEN_PIXELS = FACTOR * FACTOR  # pixels per visual token: a budget of n tokens is max_pixels = n * TOKEN_PIXELS
 EXPECTED = '<tool_call>{"name": "%s", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>' % TOOL_NAME
 
 

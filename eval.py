@@ -1,42 +1,28 @@
 """Evaluate an LFPC checkpoint: accuracy, the crop-dependency diagnostic, box precision, the real
 benchmarks (V*, HR-Bench) and a picture gallery.
 
-    python eval.py                                                     # toy: latest checkpoint, held-out items
-    python eval.py --model PATH --data items.jsonl                     # the project's JSONL
-    python eval.py --model PATH --vstar vstar_bench/ --budget 1024
-    python eval.py --model PATH --hrbench hr_bench_8k.tsv --budget 1024 --probes noise,gt
-    python eval.py --model PATH --hrbench hr_bench_4k.tsv --no-tool    # the information gap itself
+    python eval.py                                                     # toy preset: latest toy checkpoint
+    python eval.py --preset paper --model PATH --data items.jsonl      # the project's JSONL
+    python eval.py --preset paper --model PATH --vstar vstar_bench/ --budget 1024
+    python eval.py --preset paper --model PATH --hrbench hr_bench_8k.tsv --budget 1024 --probes noise,gt
+    python eval.py --preset paper --model PATH --hrbench hr_bench_4k.tsv --no-tool   # the information gap itself
 
 Prints a table and writes OUT/results.json (every number, the rollout config, model and data paths,
 date, machine, one record per item and run) and OUT/gallery/index.html (default OUT: runs/eval/<time>).
 
-Defaults, the toy world: --model is the latest toy checkpoint (runs/stage2/ckpt, else runs/stage1/ckpt,
-else checkpoints/toy_base); without a data flag, `--limit` (default 500) held-out toy items (item
-stream seed 3, disjoint from warm-up and training), the toy's rollout settings (native crops, box
-downsampling) and --budget 16 (the low-resolution budget: half the canvas side).
+`--preset` (presets.py; default toy) fills every flag left unset. The toy preset: --model is the
+latest toy checkpoint (runs/stage2/ckpt, else runs/stage1/ckpt, else checkpoints/toy_base); without a
+data flag, `--limit` (500) held-out toy items (item stream seed 3, disjoint from warm-up and
+training), the toy's rollout settings (native crops, box downsampling) and --budget 16 (half the
+canvas side). V* and HR-Bench need a real model and `--preset paper`.
 
 Decoding: greedy (temperature 0), one rollout per task, `--batch-size` tasks at a time through
 `lfpc.rollout`. The global image gets `--budget` visual tokens (max_pixels = budget*28*28; the CLI
 drops any per-task `max_pixels`, so one budget holds for all); crops are always cut from the original.
 
-Metrics of the normal run (`summarize`; "cropped" = at least one successful crop; a mean over an
-empty set is None, shown as "-"):
-    acc                    mean of rewards.accuracy(ep.answer, task.answer, task.choices)
-    acc/<cat>, n/<cat>     accuracy and size of each category (see Categories)
-    hrbench/FSP, FCP, mean acc/single, acc/cross and their mean: HR-Bench's reported score
-    tool/call_rate         fraction of episodes that cropped
-    tool/crop_success_rate successful crops / tool calls attempted (crops + tool errors)
-    format/valid_rate      fraction of episodes with malformed_turns == 0
-    box/n                  episodes that cropped AND whose task has boxes; over them, with b = the
-    box/iou_b1, iou_bn       FIRST crop's box_original (the box asked for, mapped out of the shown
-    box/coverage_b1          frame into the original, integer): mean IoU(b, B1), IoU(b, Bn) (Bn = the
-                             last, largest box) and mean area(b ∩ B1) / area(B1)
-    box/dx_b1, box/dy_b1     mean |centre of b - centre of B1| along x / y, over the image's width /
-                             height: where the model looks, apart from how big a box it draws
-    box/area_frac          mean area(b) / area(original image), over ALL episodes that cropped
-    stop/<reason>          number of episodes per stop reason
-    tokens/mean_sampled    mean sampled tokens per episode, all turns
-    time/sec_per_question  wall-clock seconds of the run / questions (batched: below one-at-a-time latency)
+Metrics of each run: the episode metrics of metrics.py (acc, acc/<cat>, hrbench/*, tool/*, format/*,
+box/*, stop/*, len/*: one vocabulary with training) plus "n" (episodes) and time/sec_per_question
+(wall-clock seconds of the run / questions; batched, so below one-at-a-time latency).
 
 Crop-dependency diagnostic (the paper's answer-before-crop test): the same run again with
 `RolloutConfig(probe=...)`:
@@ -48,8 +34,8 @@ delta/<key> = probe - normal (the paper's "change in accuracy": a big drop under
 answer depends on the crop). --no-tool: `use_tool=False` (no tool offered, one turn): no tool/ or
 box/ metrics, no probes.
 
-Categories: loaders put them in Task.id as "<category>/<name>"; `category(task)` is the part before
-the first "/" (None without one; the project's JSONL ids usually have none).
+Categories: loaders put them in Task.id as "<category>/<name>"; `metrics.category(task)` is the part
+before the first "/" (None without one; the project's JSONL ids usually have none).
 
 Benchmark formats (problems raise ValueError naming the file, and the row):
 - V*, `load_vstar(root)`: root/direct_attributes/ and root/relative_position/, each question an image
@@ -88,59 +74,67 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
+import metrics
+import presets
 import rewards
 
 PROBES = ("noise", "gt")
-TOY_CHECKPOINTS = ("runs/stage2/ckpt", "runs/stage1/ckpt", "checkpoints/toy_base")   # latest first
-TOY_EVAL_SEED = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate an LFPC checkpoint (see the module docstring).")
     d = " (default: %(default)s)"
+    pre = " (default: the preset's)"
+    p.add_argument("--preset", default="toy", choices=sorted(presets.PRESETS), help="named settings" + d)
     p.add_argument("--model", help="Qwen2.5-VL checkpoint: a folder (e.g. written by lfpc.save_agent) or hub name "
-                   "(default: the latest toy checkpoint)")
+                   "(toy preset: the latest toy checkpoint)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="the project's JSONL of tasks (lfpc.load_tasks)")
     src.add_argument("--vstar", help="V* folder holding direct_attributes/ and relative_position/")
     src.add_argument("--hrbench", help="HR-Bench TSV (hr_bench_4k.tsv or hr_bench_8k.tsv)")
     p.add_argument("--image-cache", help="folder for HR-Bench's decoded images (default: <tsv stem>_images/ beside it)")
-    p.add_argument("--budget", type=int, default=None, help="global-image budget, visual tokens of 28x28 px "
-                   "(default: 1024; toy 16)")
-    p.add_argument("--crop-max-tokens", type=int, default=1280, help="crop budget, visual tokens" + d)
+    p.add_argument("--budget", type=int, help="global-image budget, visual tokens of 28x28 px" + pre)
+    p.add_argument("--min-tokens", type=int, help="smallest global image, visual tokens" + pre)
+    p.add_argument("--resample", choices=["bicubic", "box"], help="how the global image is downsampled" + pre)
+    p.add_argument("--crop-max-tokens", type=int, help="crop budget, visual tokens" + pre)
+    p.add_argument("--crop-min-tokens", type=int, help="smallest crop, visual tokens" + pre)
+    p.add_argument("--crop-snap", type=int, help="grow each cut region to multiples of this many px, 0: off" + pre)
+    p.add_argument("--crop-resample", choices=["bicubic", "box"], help="how a crop over budget is downsampled" + pre)
     p.add_argument("--no-tool", action="store_true", help="offer no tool: answer from the global image alone")
     p.add_argument("--probes", default="noise,gt", help="probes, comma-separated (noise, gt) or none" + d)
-    p.add_argument("--batch-size", type=int, default=16, help="tasks rolled out together" + d)
-    p.add_argument("--max-new-tokens", type=int, default=512, help="sampled tokens per turn" + d)
-    p.add_argument("--max-turns", type=int, default=5, help="assistant turns per episode" + d)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N tasks (in load order)")
+    p.add_argument("--batch-size", type=int, help="tasks rolled out together" + pre)
+    p.add_argument("--max-new-tokens", type=int, help="sampled tokens per turn" + pre)
+    p.add_argument("--max-response-tokens", type=int, help="sampled tokens per episode, all turns" + pre)
+    p.add_argument("--max-turns", type=int, help="assistant turns per episode" + pre)
+    p.add_argument("--limit", type=int, help="evaluate only the first N tasks, in load order (toy preset: 500)")
     p.add_argument("--gallery", type=int, default=16, help="items drawn in the gallery, 0: none" + d)
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<date-time>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device" + d)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     a = p.parse_args(argv)
-    a.toy = not (a.data or a.vstar or a.hrbench)
+    world = presets.PRESETS[a.preset]
+    if not (a.data or a.vstar or a.hrbench) and world["eval_tasks"] is None:
+        p.error(f"--preset {a.preset}: pass the tasks (--data, --vstar or --hrbench)")
+    if (a.vstar or a.hrbench) and world["system_prompt"] is not None:
+        p.error(f"V* and HR-Bench need a real model and its settings: pass --preset paper, not --preset {a.preset}")
     if not a.model:
-        found = [m for m in TOY_CHECKPOINTS if os.path.isdir(m)]
+        found = [m for m in world["checkpoints"] if os.path.isdir(m)]
         if not found:
-            p.error("--model: no toy checkpoint found (" + ", ".join(TOY_CHECKPOINTS) + "); train one or pass --model")
+            p.error("--model: no checkpoint of the preset found (" + ", ".join(world["checkpoints"]) + "); train one "
+                    "or pass --model")
         a.model = found[0]
-    a.budget = a.budget or (16 if a.toy else 1024)
-    a.limit = a.limit or (500 if a.toy else None)
+    presets.fill(a, a.preset)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     a.probes = () if a.probes.strip() == "none" else tuple(s.strip() for s in a.probes.split(",") if s.strip())
     if set(a.probes) - set(PROBES):
         p.error(f"--probes: unknown {sorted(set(a.probes) - set(PROBES))}; use {','.join(PROBES)} or none")
+    if (why := presets.check_model(a.preset, a.model)):
+        p.error(why)
     return a
 
 
 # ----------------------------------------------------------------------------- loaders
-
-def category(task: lfpc.Task) -> str | None:
-    """The part of task.id before the first "/", or None."""
-    return task.id.split("/", 1)[0] if "/" in task.id else None
-
 
 def _image_size(path: str, where: str) -> tuple[int, int]:
     try:
@@ -148,10 +142,6 @@ def _image_size(path: str, where: str) -> tuple[int, int]:
             return im.size
     except Exception as e:   # PIL raises several types for unreadable files
         raise ValueError(f"{where}: cannot read image {path}: {e}") from None
-
-
-def _original_size(task: lfpc.Task) -> tuple[int, int]:
-    return task.image.size if isinstance(task.image, Image.Image) else _image_size(task.image, task.id)
 
 
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
@@ -269,44 +259,9 @@ def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[lfpc.Task]
 
 # ----------------------------------------------------------------------------- metrics
 
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
 def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: float | None = None) -> dict:
-    """The metrics of the module docstring; episode e belongs to tasks[e.task_index]."""
-    task = lambda e: tasks[e.task_index]
-    correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices) for e in episodes]
-    m = {"n": len(episodes), "acc": _mean(correct)}
-    by_cat = {}
-    for e, c in zip(episodes, correct):
-        by_cat.setdefault(category(task(e)), []).append(c)
-    for cat in sorted(k for k in by_cat if k is not None):
-        m[f"acc/{cat}"], m[f"n/{cat}"] = _mean(by_cat[cat]), len(by_cat[cat])
-    if "single" in by_cat and "cross" in by_cat:
-        m["hrbench/FSP"], m["hrbench/FCP"] = m["acc/single"], m["acc/cross"]
-        m["hrbench/mean"] = (m["hrbench/FSP"] + m["hrbench/FCP"]) / 2
-    cropped = [e for e in episodes if e.crops]
-    attempts = sum(len(e.crops) + len(e.tool_errors) for e in episodes)
-    m["tool/call_rate"] = len(cropped) / len(episodes) if episodes else None
-    m["tool/crop_success_rate"] = sum(len(e.crops) for e in episodes) / attempts if attempts else None
-    m["format/valid_rate"] = _mean(float(e.malformed_turns == 0) for e in episodes)
-    boxed_eps = [e for e in cropped if task(e).boxes]
-    boxed = [(e.crops[0].box_original, task(e).boxes) for e in boxed_eps]
-    m["box/n"] = len(boxed)
-    m["box/iou_b1"] = _mean(rewards.box_iou(b, gt[0]) for b, gt in boxed)
-    m["box/iou_bn"] = _mean(rewards.box_iou(b, gt[-1]) for b, gt in boxed)
-    m["box/coverage_b1"] = _mean(rewards.coverage(b, gt[0]) for b, gt in boxed)
-    sizes = [_original_size(task(e)) for e in boxed_eps]
-    for k, axis in (("box/dx_b1", 0), ("box/dy_b1", 1)):
-        m[k] = _mean(abs(b[axis] + b[axis + 2] - gt[0][axis] - gt[0][axis + 2]) / 2 / size[axis]
-                     for (b, gt), size in zip(boxed, sizes))
-    areas = [(e.crops[0].box_original, _original_size(task(e))) for e in cropped]
-    m["box/area_frac"] = _mean(rewards.box_area(b) / (w * h) for b, (w, h) in areas)
-    for reason in sorted({e.stop_reason for e in episodes}):
-        m[f"stop/{reason}"] = sum(e.stop_reason == reason for e in episodes)
-    m["tokens/mean_sampled"] = _mean(e.num_generated for e in episodes)
+    """The run's metrics (module docstring); episode e belongs to tasks[e.task_index]."""
+    m = {"n": len(episodes), **metrics.episode_metrics(episodes, tasks)}
     m["time/sec_per_question"] = seconds / len(episodes) if seconds is not None and episodes else None
     return m
 
@@ -414,7 +369,7 @@ PRED_COLOUR, TRUE_COLOUR, GAP = (230, 30, 30), (30, 200, 60), 8
 def _panel(ep: lfpc.Episode, task: lfpc.Task) -> Image.Image:
     """The global image as shown, B1 (green) and each crop's box (red, numbered) drawn on it, crops beside."""
     shown = ep.images[0].convert("RGB")
-    original = _original_size(task)
+    original = task.image_size
     # original frame -> shown frame: the crop tool's one mapping, with the two frames swapped
     to_shown = lambda b: crop_tool.map_box_to_original(b, original, shown.size)
     draw, lw = ImageDraw.Draw(shown), max(2, min(shown.size) // 150)
@@ -466,28 +421,22 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    if a.toy:
-        import toy
-        tasks, data = toy.make_tasks(a.limit, seed=TOY_EVAL_SEED), f"toy.make_tasks({a.limit}, seed={TOY_EVAL_SEED})"
-    elif a.data:
-        tasks, data = lfpc.load_tasks(a.data), a.data
+    if a.data:
+        tasks, data = lfpc.load_tasks(a.data), os.path.abspath(a.data)
     elif a.vstar:
-        tasks, data = load_vstar(a.vstar), a.vstar
+        tasks, data = load_vstar(a.vstar), os.path.abspath(a.vstar)
+    elif a.hrbench:
+        tasks, data = load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
     else:
-        tasks, data = load_hrbench(a.hrbench, a.image_cache), a.hrbench
+        tasks, data = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
-    cfg = lfpc.RolloutConfig(global_max_pixels=a.budget * 28 * 28, max_new_tokens=a.max_new_tokens,
-                             max_turns=a.max_turns, use_tool=not a.no_tool,
-                             crop=crop_tool.CropConfig(max_pixels=a.crop_max_tokens * 28 * 28))
-    if a.toy:
-        import warmup
-        cfg = warmup.toy_rollout_config(global_max_pixels=a.budget * 28 * 28, use_tool=not a.no_tool)
+    cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool)
     results = evaluate(agent, tasks, cfg, a.probes, a.batch_size)
     episodes = results.pop("episodes")
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    record = {"model": a.model, "data": data if a.toy else os.path.abspath(data), "args": vars(a), **run_info(agent), **results,
+    record = {"model": a.model, "data": data, "args": vars(a), **run_info(agent), **results,
               "items": {run: item_records(eps, tasks) for run, eps in episodes.items()}}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)

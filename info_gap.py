@@ -57,7 +57,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import crop_tool
@@ -65,8 +64,8 @@ import lfpc
 import rewards
 from lfpc import Task
 
-TOKEN_PIXELS = 28 * 28          # pixels per visual token (Qwen2.5-VL: 14 px patches merged 2x2)
-MIN_PIXELS = TOKEN_PIXELS       # the prober shows every budget down to one token
+TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
+MIN_PIXELS = TOKEN_PIXELS               # the prober shows every budget down to one token
 STATUSES = ("gap", "no_gap", "unstable")
 AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (task, budget tokens) pairs, k
 
@@ -114,16 +113,9 @@ def ladder(full_tokens: int, floor_tokens: int, ratio: float = 0.5) -> list[int]
     return out + [floor_tokens]
 
 
-def _image_size(task: Task) -> tuple[int, int]:
-    if isinstance(task.image, Image.Image):
-        return task.image.size
-    with Image.open(task.image) as im:      # reads the header only
-        return im.size
-
-
 def item_levels(task: Task, budgets: list[int]) -> list[int]:
     """The item's own ladder: levels that show the same image size as the level kept above are dropped."""
-    W, H = _image_size(task)
+    W, H = task.image_size
     size = lambda b: crop_tool.smart_resize(H, W, crop_tool.FACTOR, MIN_PIXELS, b * TOKEN_PIXELS)
     levels = [budgets[0]]
     for b in budgets[1:]:
@@ -275,6 +267,31 @@ def summarize(records: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- the model and the CLI
 
+@dataclass(frozen=True)
+class ProberConfig:
+    """How the prober asks the model: ONE settings object, built by train.py from its flags and by this
+    file's command line from its own, so the two probe the same way."""
+    full_tokens: int = 1024         # level 0, "full resolution" (paper: 1024 or 16384)
+    floor_tokens: int = 16          # the ladder's last rung
+    ratio: float = 0.5              # each rung is this fraction of the one above
+    k: int = 4                      # sampled direct answers per probe
+    temperature: float = 1.0
+    max_new_tokens: int = 64        # per direct answer: room for a one-line answer of a real model
+    resample: str = "bicubic"       # how the global image is downsampled (match training)
+
+    def model_key(self, model: str) -> str:
+        """The cache's model key: the model plus the settings that change its answers."""
+        return f"{model} T={self.temperature} max_new_tokens={self.max_new_tokens} resample={self.resample}"
+
+
+def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
+          batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """`select_budgets` with the model's own direct answers: one record per task, in order."""
+    answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample)
+    return select_budgets(tasks, answer_fn, cfg.model_key(model), cache_path, cfg.full_tokens, cfg.floor_tokens,
+                          cfg.ratio, cfg.k, batch_size, progress)
+
+
 def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens: int = 64,
                     batch_size: int = 64, resample: str = "bicubic") -> AnswerFn:
     """The real answer function: k direct answers (no tool, one turn) per (task, budget) pair, the global
@@ -305,26 +322,18 @@ def write_tasks(data_path: str, out_path: str, tasks: list[Task], records: list[
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    prober = ProberConfig(a.full_tokens, a.floor_tokens, a.ratio, a.k, a.temperature, a.max_new_tokens, a.resample)
     budgets = ladder(a.full_tokens, a.floor_tokens, a.ratio)    # fail on bad flags before loading a model
     torch.manual_seed(a.seed)
     tasks = lfpc.load_tasks(a.data)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     agent = lfpc.load_agent(a.model, a.device, dtype)
-    model_fn = model_answer_fn(agent, a.temperature, a.max_new_tokens, a.batch_size * a.k, a.resample)
-    calls = Counter()
-
-    def answer_fn(pairs, k):
-        calls["calls"], calls["probes"] = calls["calls"] + 1, calls["probes"] + len(pairs)
-        return model_fn(pairs, k)
-
-    key = f"{a.model} T={a.temperature} max_new_tokens={a.max_new_tokens} resample={a.resample}"
     cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
-    records = select_budgets(tasks, answer_fn, key, cache, a.full_tokens, a.floor_tokens, a.ratio, a.k, a.batch_size)
+    records = probe(tasks, agent, prober, a.model, cache, a.batch_size)
     write_tasks(a.data, a.out, tasks, records)
     s = summarize(records)
     bound = (len(budgets) - 1).bit_length() + 1                  # ceil(log2 L) + 1
-    print(f"{s['items']} items, {s['probes']} probes ({s['mean_probes']:.2f} per item, at most {bound}); "
-          f"this run: {calls['calls']} answer calls, {calls['probes']} probes of {a.k} answers")
+    print(f"{s['items']} items, {s['probes']} probes ({s['mean_probes']:.2f} per item, at most {bound})")
     print("status: " + ", ".join(f"{name} {n}" for name, n in s["status"].items()))
     print("budget (visual tokens): items\n" + "\n".join(f"{b:>8}: {n}" for b, n in s["budgets"].items()))
     print(f"wrote {a.out} (cache {cache})")

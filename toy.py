@@ -21,7 +21,7 @@ its square, which a 2-layer model learns slowly (full-resolution reading stalled
 2000-step warm-up) and which, combined with writing the square's position, never left the loss's
 marginal. With one square, reading (1.00 at full resolution) and locating (exact cell boxes) are
 both learned within ~400 steps, once the model's rotary layout lets it see horizontal position at
-all (`warmup.TOY_ROPE`). `n_boxes=2..4` still works for whoever wants the harder world.
+all (`ROPE`). `n_boxes=2..4` still works for whoever wants the harder world.
 
 Boxes, in original pixels, nested: B1 = the square's interior (the detail itself), B2 = its grid
 cell (the square with some context). The grid keeps the toy's locating problem small (which of 16
@@ -29,7 +29,13 @@ cells; coordinates multiples of 28) so a 1M-parameter model learns to write boxe
 Items use the project's JSONL schema (`lfpc.load_tasks`):
     {"id", "image", "question", "answer", "bboxes": [B1, B2]}
 
+Everything else the toy world needs lives here too, so the engine never special-cases it: the toy
+model's prompts, tokenizer and rotary layout (`agent`), its rollout settings (`rollout_config`: native
+crops on the 28-px grid, capped at 112x112 px), its item streams (training seed 1, stage-2 seed 2,
+held-out evaluation seed 3), and its checkpoints. `presets.py` turns them into `--preset toy`.
+
     python toy.py --out data/toy --n 1000 --seed 0      # writes data/toy/items.jsonl + PNGs
+    python toy.py --demo                                # the shipped base rolls out 2 items, turn by turn
 """
 from __future__ import annotations
 
@@ -41,7 +47,9 @@ import random
 import numpy as np
 from PIL import Image
 
+import crop_tool
 import lfpc
+import models
 
 CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
@@ -51,6 +59,12 @@ COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 234), 
 BACKGROUND = (90, 60, 110)
 QUESTION = "What pattern is in the {colour} box?"
 N_BOXES = 1  # squares per image; more adds a colour-binding problem the tiny model learns slowly (docstring)
+
+# Item streams: disjoint seeds for training (stage 1), the annotated stage-2 set, and held-out evaluation.
+TRAIN_SEED, STAGE2_SEED, EVAL_SEED = 1, 2, 3
+STAGE2_ITEMS = 256                      # the paper's stage 2 uses 256 annotated questions
+BASE = "checkpoints/toy_base"           # the shipped warmed-up base (`python warmup.py` rebuilds it)
+CHECKPOINTS = ("runs/stage2/ckpt", "runs/stage1/ckpt", BASE)   # eval.py's default model: the latest that exists
 
 
 def pattern_array(name: str, h: int, w: int, x0: int, y0: int) -> np.ndarray:
@@ -109,6 +123,16 @@ def make_tasks(n: int, seed: int = 0, n_boxes: int = N_BOXES) -> list[lfpc.Task]
     return tasks
 
 
+def training_tasks(stage: int, n: int) -> list[lfpc.Task]:
+    """Stage 1: `n` items of the training stream; stage 2: the small annotated set (disjoint from it)."""
+    return make_tasks(n, seed=TRAIN_SEED) if stage == 1 else make_tasks(STAGE2_ITEMS, seed=STAGE2_SEED)
+
+
+def eval_tasks(n: int) -> list[lfpc.Task]:
+    """`n` held-out items (never trained on by the warm-up or RL)."""
+    return make_tasks(n, seed=EVAL_SEED)
+
+
 def write_items(out_dir: str, n: int, seed: int = 0, n_boxes: int = N_BOXES) -> str:
     """Write n items as out_dir/items.jsonl + out_dir/images/*.png; returns the JSONL path."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -123,13 +147,83 @@ def write_items(out_dir: str, n: int, seed: int = 0, n_boxes: int = N_BOXES) -> 
     return path
 
 
+# ----------------------------------------------------------------------------- the toy model and its rollouts
+
+SYSTEM_PROMPT = ("You can zoom: image_zoom_in_tool(bbox_2d=[x1, y1, x2, y2], label) cuts that region "
+                 "of the image at full resolution and shows it to you.")
+INSTRUCTION = "Zoom in if needed, then answer."
+FULL_TOKENS = (CANVAS // crop_tool.FACTOR) ** 2                                 # 64: the canvas at native size
+# Crops cut natively on the 28-px grid, at most 112x112 px shown as is: a bigger region is
+# downsampled (box filter) and loses the detail, as a sloppy crop of an 8K image loses it to the crop
+# budget. Without this cap, "crop everything" would return the full-resolution canvas.
+CROP = crop_tool.CropConfig(min_side=28, min_pixels=crop_tool.TOKEN_PIXELS, max_pixels=16 * crop_tool.TOKEN_PIXELS,
+                            resample="box", snap=28)
+ROLLOUT = dict(global_max_pixels=FULL_TOKENS * crop_tool.TOKEN_PIXELS, global_min_pixels=crop_tool.TOKEN_PIXELS,
+               crop=CROP, global_resample="box", max_new_tokens=64, max_response_tokens=160, max_turns=3, batch_size=64)
+
+
+def rollout_config(**kw) -> lfpc.RolloutConfig:
+    """The toy world's rollout settings (`ROLLOUT`: native crops on the 28-px grid, box-downsampled
+    global image), with `kw` overriding any field."""
+    return lfpc.RolloutConfig(**{**ROLLOUT, **kw})
+
+
+def tokenizer():
+    """The tiny tokenizer, trained also on the toy's words so each pattern name is one token."""
+    words = [QUESTION.format(colour=c) for c in COLOURS] + [f"<answer>{p}</answer>" for p in PATTERNS]
+    boxes = [crop_tool.format_tool_call([a, b, a + 56, b + 56], f"{c} box")
+             for a in range(0, 169, 28) for b in range(0, 169, 28) for c in COLOURS]
+    # every coordinate 0..224 one token, with and without the leading space (" 14" and "[14"); a real
+    # Qwen tokenizer writes digits one by one, which a 1M-parameter model learns far more slowly
+    nums = [" ".join(str(i) for i in range(225)) + " " + " ".join(f"[{i}," for i in range(225))]
+    return models.build_tiny_tokenizer(([SYSTEM_PROMPT, INSTRUCTION] + words) * 20 + boxes + nums * 20,
+                                       vocab_size=1536)
+
+
+# The toy model's rotary layout. Qwen2.5-VL splits each head's rotary frequencies, highest first, into
+# (temporal, height, width) sections: with the tiny head (16 frequencies, theta 1e4, [4, 6, 6]) the
+# width axis gets only rotations of <= 0.003 rad per visual token (height 0.1..0.006), and a
+# 1M-parameter model never learns to say WHERE a square is (x1 stayed at its marginal loss for 2000
+# steps). theta 1e3 and [1, 4, 11] give height 0.65..0.18 and width 0.12..0.0015 rad per token (the
+# low frequencies remain for long-range text attention); then a locate-only probe learns exact cell
+# boxes in ~400 steps.
+ROPE = dict(rope_theta=1000.0, mrope_section=[1, 4, 11])
+
+
+def agent(seed: int = 0, **model_kw) -> lfpc.Agent:
+    """A fresh (random) toy model: the tiny Qwen2.5-VL with the toy's tokenizer, prompts and rotary layout."""
+    return models.tiny_agent(seed=seed, tokenizer=tokenizer(), system_prompt=SYSTEM_PROMPT,
+                             instruction=INSTRUCTION, **{**ROPE, **model_kw})
+
+
+def demo(model: str, n: int, tokens: int, seed: int) -> None:
+    """Roll out `model` on `n` held-out items (sampled, temperature 1) and print every turn, its loss
+    mask and the stop reasons: the machinery of one rollout, on a model that has learned the format."""
+    import torch
+    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    eps = lfpc.rollout(agent, eval_tasks(n), 2, rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS),
+                       seed=seed)
+    for e in eps:
+        print(f"task {e.task_index}: stop={e.stop_reason} answer={e.answer!r} crops={[c.box_original for c in e.crops]} "
+              f"sampled {e.num_generated} of {len(e.token_ids)} tokens")
+        for k, t in enumerate(e.turns, 1):
+            print(f"   turn {k}: {t}")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write toy-world items as JSONL + PNGs (the project's data schema).")
+    p = argparse.ArgumentParser(description="Write toy-world items as JSONL + PNGs (the project's data schema), "
+                                "or (--demo) roll out the shipped base on a few of them.")
     p.add_argument("--out", default="data/toy", help="output folder")
+    p.add_argument("--demo", action="store_true", help="roll out --model on --n held-out items and print the turns")
+    p.add_argument("--model", default=BASE, help="--demo: checkpoint folder")
+    p.add_argument("--budget", type=int, default=16, help="--demo: global-image budget, visual tokens")
     p.add_argument("--n", type=int, default=1000, help="number of items")
     p.add_argument("--seed", type=int, default=0, help="item stream seed (held-out sets use another seed)")
     p.add_argument("--boxes", type=int, default=N_BOXES, help="coloured squares per image (1-4)")
     a = p.parse_args()
+    if a.demo:
+        demo(a.model, min(a.n, 4), a.budget, a.seed)
+        return
     print(write_items(a.out, a.n, a.seed, a.boxes))
 
 

@@ -1,19 +1,26 @@
 """LFPC training: stage 1 (information gap) and stage 2 (grounding), hand-written GRPO.
 
-    python train.py --stage 1            # toy: the shipped base on the toy world, CPU, minutes
-    python train.py --stage 2            # toy: continues from runs/stage1 with the grounding reward
-    python train.py --stage 1 --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --lora 64
+    python train.py --stage 1            # toy preset: the shipped base on the toy world, CPU, minutes
+    python train.py --stage 2            # toy: continues from runs/stage1/ckpt with the grounding reward
+    python train.py --stage 1 --preset one-gpu --data train.jsonl        # 7B, LoRA r64, one 80 GB GPU
+    python train.py --stage 1 --preset paper --data train.jsonl          # the paper's set-up (needs 8 x A100)
     python train.py --stage 1 --resume   # continue the run in --out exactly where it stopped
 
 Each step: sample `prompts` tasks, roll out `group` episodes each (multi-turn, crop tool),
 reward them, group-normalise the advantages, and take ONE optimizer step on the clipped token
 loss, in micro-batches whose losses are divided by the token count of the whole step.
+`--preset` (presets.py) fills every flag left unset; flags always win.
 
 Stage 1 shows each task's global image at its information-gap budget (`info_gap.py`: the highest
 budget at which the model's direct answer stops agreeing with its full-resolution answer; probed
-once and cached); crops always come from the original. `--global full` shows the full image
+once and cached); crops always come from the original. `--global-image full` shows the full image
 instead: the DeepEyes-style baseline. Stage 2 adds LFPC's grounding reward on tasks with nested
 boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stage2-mode`).
+
+Metrics (one line a step in <out>/metrics.jsonl; names and populations in metrics.py): the
+episode metrics (acc, tool/*, box/*, format/*, stop/*, len/*), reward/mean and reward/<part>,
+adv/frac_zero_std, and loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
+loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes.
 
 Departures from the paper, on purpose:
 - One GRPO update per batch (ratio 1 at the start of the update, so clipping never fires; the
@@ -23,15 +30,14 @@ Departures from the paper, on purpose:
 - Episodes whose advantage is 0 (all-equal groups) are not forwarded: their gradient is exactly 0,
   but their tokens still count in the step's token total, so the gradient is unchanged.
 - Binary search over a resolution ladder instead of the paper's level-by-level scan.
-- Toy preset (no --data): lr 1e-4 (2e-5 left the toy flat over 60 steps), 8 prompts x 8 rollouts,
-  60 steps, fp32 on CPU. Real preset:
-  lr 1e-6, 256 x 16 (paper), gradient checkpointing, bf16 autocast over fp32 master weights.
+- Toy preset: lr 1e-4 (2e-5 left the toy flat over 60 steps), 8 prompts x 8 rollouts, 60 steps,
+  fp32 on CPU. Paper preset: lr 1e-6, 256 x 16 (paper), gradient checkpointing, bf16 autocast over
+  fp32 master weights.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -41,8 +47,13 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from tqdm import tqdm
 
+import crop_tool
+import engine
 import grpo
+import info_gap
 import lfpc
+import metrics
+import presets
 import rewards
 
 
@@ -54,24 +65,32 @@ def arg(default, help: str):
 @dataclass
 class Args:
     stage: int = arg(1, '1: information gap; 2: + grounding reward')
-    model: str = arg("", 'checkpoint; default: toy base (stage 1) or <out of stage 1>/ckpt (stage 2)')
-    data: str = arg("", 'JSONL tasks (lfpc.load_tasks); default: toy items generated in memory')
-    out: str = arg("", 'run folder; default runs/stage<N>')
+    preset: str = arg("toy", 'named settings for every flag left unset: ' + " | ".join(presets.PRESETS))
+    model: str | None = arg(None, 'checkpoint to start from (preset; stage 2: runs/stage1/ckpt)')
+    data: str | None = arg(None, 'JSONL tasks (lfpc.load_tasks); the toy preset generates its own without it')
+    out: str | None = arg(None, 'run folder (default runs/stage<N>)')
     resume: bool = arg(False, 'continue the run in --out (model, optimizer, step, data position)')
     global_image: str = arg("info-gap", '"info-gap": per-task budget from info_gap.py; "full": --full-tokens for all')
-    full_tokens: int = arg(0, 'full global budget, visual tokens (0: preset; toy 64, real 16384)')
-    floor_tokens: int = arg(0, 'lowest rung of the info-gap ladder (0: preset; toy 16, real 256)')
+    full_tokens: int | None = arg(None, 'full global budget, visual tokens (preset: toy 64, paper 16384)')
+    floor_tokens: int | None = arg(None, 'lowest rung of the info-gap ladder, visual tokens (preset: toy 16, paper 256)')
     probe_k: int = arg(4, 'info-gap: sampled answers per probe')
-    gap_cache: str = arg("", 'info-gap cache JSONL, keyed by model and item (default <out>/info_gap_cache.jsonl)')
-    steps: int = arg(0, 'optimizer steps (0: preset)')
-    prompts: int = arg(0, 'tasks per step (0: preset)')
-    group: int = arg(0, 'rollouts per task, the GRPO group (0: preset)')
-    lr: float = arg(0.0, 'AdamW learning rate (0: preset; toy 1e-4, real 1e-6)')
-    micro_batch: int = arg(0, 'episodes per forward/backward (0: preset)')
+    probe_max_new_tokens: int | None = arg(None, 'info-gap: tokens sampled per direct answer (preset)')
+    gap_cache: str | None = arg(None, 'info-gap cache JSONL (default <out>/info_gap_cache.jsonl)')
+    steps: int | None = arg(None, 'optimizer steps (preset)')
+    prompts: int | None = arg(None, 'tasks per step (preset)')
+    group: int | None = arg(None, 'rollouts per task, the GRPO group (preset)')
+    lr: float | None = arg(None, 'AdamW learning rate (preset: toy 1e-4, paper 1e-6)')
+    micro_batch: int | None = arg(None, 'episodes per forward/backward (preset)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
-    max_turns: int = arg(0, 'turns per episode (0: preset; 5 as DeepEyes)')
-    max_new_tokens: int = arg(0, 'sampled tokens per turn (0: preset)')
-    max_response_tokens: int = arg(0, 'sampled tokens per episode (0: preset; paper 2048)')
+    max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
+    max_new_tokens: int | None = arg(None, 'sampled tokens per turn (preset)')
+    max_response_tokens: int | None = arg(None, 'sampled tokens per episode (preset; paper 2048)')
+    min_tokens: int | None = arg(None, 'smallest global image, visual tokens (preset)')
+    resample: str | None = arg(None, 'how the global image is downsampled: bicubic (Qwen) or box (preset)')
+    crop_max_tokens: int | None = arg(None, 'crop budget, visual tokens: bigger regions are downsampled (preset)')
+    crop_min_tokens: int | None = arg(None, 'smallest crop, visual tokens (preset)')
+    crop_snap: int | None = arg(None, 'grow each cut region to multiples of this many px, 0: off (preset; toy 28)')
+    crop_resample: str | None = arg(None, 'how a crop over budget is downsampled: bicubic or box (preset)')
     clip: float = arg(0.2, 'PPO clip range')
     agg: str = arg("token-mean", '"token-mean" (DeepEyes) or "seq-mean" (original GRPO)')
     beta: float = arg(0.0, 'k3 KL weight; 0 loads no reference model (paper: no KL)')
@@ -82,18 +101,12 @@ class Args:
     stage2_mode: str = arg("add", 'stage 2: "add" (outcome + geo) or "geo_only"')
     tau: float = arg(0.9, 'stage 2 coverage gate on B1')
     omega: float = arg(0.5, 'stage 2: weight of IoU vs L1 (unpublished)')
-    n_train: int = arg(0, 'toy: number of generated training tasks (0: preset)')
-    lora: int = arg(0, 'LoRA rank (0: full fine-tuning); needs `pip install peft`')
-    grad_ckpt: bool = arg(False, 'gradient checkpointing (real preset: on)')
-    device: str = arg("", '"" = cuda if available else cpu')
+    n_train: int | None = arg(None, 'generated training tasks, presets without --data (toy: 1024)')
+    lora: int | None = arg(None, 'LoRA rank, 0: full fine-tuning (preset; one-gpu 64); needs `pip install peft`')
+    grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
+    device: str | None = arg(None, 'torch device (default: cuda if available, else cpu)')
     save_every: int = arg(20, 'steps between checkpoints (and at the end)')
     seed: int = arg(0, 'data order, sampling, init')
-
-
-TOY = dict(steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, max_turns=3, max_new_tokens=64,
-           max_response_tokens=160, full_tokens=64, floor_tokens=16, n_train=1024)
-REAL = dict(steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, max_turns=5, max_new_tokens=1024,
-            max_response_tokens=2048, full_tokens=16384, floor_tokens=256, grad_ckpt=True)
 
 
 def parse_args(argv=None) -> Args:
@@ -103,56 +116,207 @@ def parse_args(argv=None) -> Args:
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type == "bool":
             p.add_argument(flag, action="store_true", help=help_text)
+        elif f.type == "bool | None":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
-                           help=help_text)
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
+            p.add_argument(flag, type=kind, default=f.default, help=help_text)
     a = Args(**vars(p.parse_args(argv)))
-    preset = REAL if a.data else TOY     # no --data: the toy world
-    for k, v in preset.items():
-        if getattr(a, k) in (0, 0.0, False):
-            setattr(a, k, v)
+    if a.preset not in presets.PRESETS:
+        p.error(f"--preset must be one of {', '.join(presets.PRESETS)}, got {a.preset!r}")
+    if a.stage == 2 and a.model is None:
+        a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
+    presets.fill(a, a.preset)
     a.out = a.out or f"runs/stage{a.stage}"
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not a.model:
-        a.model = "checkpoints/toy_base" if a.stage == 1 else "runs/stage1/ckpt"
     if a.stage not in (1, 2) or a.global_image not in ("info-gap", "full") or a.agg not in grpo.AGGREGATIONS:
         p.error("--stage is 1 or 2, --global-image info-gap|full, --agg token-mean|seq-mean")
-    if not a.resume and not os.path.exists(a.model) and (a.model.startswith(("checkpoints/", "runs/")) or not a.data):
+    if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
+        p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, lfpc.load_tasks)")
+    if not a.resume and not os.path.exists(a.model) and a.model.startswith(("checkpoints/", "runs/", "./", "/")):
         p.error(f"model {a.model!r} not found" + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
+    if not a.resume and (why := presets.check_model(a.preset, a.model)):
+        p.error(why)
     return a
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- main
 
-def load_data(a: Args, agent: lfpc.Agent, cfg: lfpc.RolloutConfig) -> list[lfpc.Task]:
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    ckpt = os.path.join(a.out, "ckpt")
+    if a.resume:
+        if not os.path.isdir(ckpt):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        saved = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+        a = Args(**{**saved["args"], "resume": True})     # a.model stays the run's starting point
+    elif os.path.isdir(ckpt):
+        raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or --out for a new run")
+    os.makedirs(a.out, exist_ok=True)
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    agent = load_model(a, ckpt if a.resume else "")
+    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=4 * a.micro_batch)
+    tasks = load_data(a, agent)
+    ref_model = None
+    if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
+        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=torch.float32).model.eval().requires_grad_(False)
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    start = 0
+    if a.resume:
+        opt.load_state_dict(saved["optimizer"])
+        start = saved["step"]
+        random.setstate(saved["rng"]["python"])
+        torch.set_rng_state(saved["rng"]["torch"])
+    order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
+    metrics_path = os.path.join(a.out, "metrics.jsonl")
+    bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps)
+    for step in bar:
+        t0 = time.time()
+        pos = step * a.prompts
+        batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
+        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model)
+        m.update({"step": step + 1, "time/step_s": round(time.time() - t0, 2)})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
+        tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+            save_checkpoint(ckpt, agent, opt, step + 1, a)
+    plot_metrics(metrics_path, os.path.join(a.out, "curves.png"))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
+               step: int, ref_model=None) -> dict[str, float]:
+    """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics."""
+    episodes = collect_episodes(a, agent, tasks, cfg, step)
+    return update_policy(a, agent, opt, episodes, tasks, ref_model)
+
+
+def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
+                     step: int) -> list[lfpc.Episode]:
+    """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts)."""
+    agent.model.eval()
+    episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step)
+    score(a, episodes, tasks)
+    return episodes
+
+
+def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode], tasks: list[lfpc.Task],
+                  ref_model=None) -> dict[str, float]:
+    """Group-normalised advantages, the clipped loss over micro-batches (divided by the token count of the
+    whole step), one optimizer step. Returns the step's metrics, with time/forward_s (the log-prob
+    forwards) and time/update_s (all of it)."""
+    t_start, t_forward = time.perf_counter(), 0.0
+    model = agent.model
+    adv, adv_m = grpo.group_advantages(torch.tensor([e.reward for e in episodes]), a.group)
+    num_tokens = sum(e.num_generated for e in episodes)          # the WHOLE step's token count
+    live = [i for i in range(len(episodes)) if adv[i] != 0]
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    sums, counted = {}, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
+    for k in range(0, len(live), a.micro_batch):
+        idx = live[k:k + a.micro_batch]
+        batch = engine.collate(agent, [episodes[i] for i in idx])
+        t0 = time.perf_counter()
+        with autocast:
+            lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
+            ref = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = lfpc.token_logprobs(ref_model, batch, a.temperature)          # [b, T]
+        t_forward += _elapsed(t0, agent.device)
+        loss, m = grpo.policy_loss(lp, batch.old_logprobs, adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
+                                   clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=len(episodes),
+                                   ref_logprobs=ref, beta=a.beta)
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
+        loss.backward()
+        for key, v in m.items():
+            sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
+        sums["policy"] = sums.get("policy", 0.0) + loss.item()
+        counted += m["num_tokens"]
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    if not torch.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
+    opt.step()
+    lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
+    lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
+    lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live))
+    m = step_metrics(episodes, tasks, adv_m, lm)
+    m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device)})
+    return m
+
+
+def _elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since t0, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task]) -> None:
+    """Fill episode.reward and episode.reward_parts."""
+    w = rewards.RewardWeights(a.w_acc, a.w_format, a.w_tool, a.w_geo)
+    for e in episodes:
+        t = tasks[e.task_index]
+        if a.stage == 1:
+            e.reward, e.reward_parts = rewards.outcome_reward(e.answer, t.answer, t.choices, e.malformed_turns,
+                                                              len(e.crops), w)
+        else:
+            box = e.crops[0].box_original if e.crops else None
+            e.reward, e.reward_parts = rewards.stage2_reward(
+                e.answer, t.answer, t.choices, e.malformed_turns, len(e.crops), box, t.boxes,
+                t.image_size, w, a.tau, a.omega, a.stage2_mode)
+
+
+def step_metrics(episodes, tasks, adv_metrics, loss_metrics) -> dict[str, float]:
+    """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss."""
+    n = len(episodes)
+    m = metrics.episode_metrics(episodes, tasks)
+    m["reward/mean"] = sum(e.reward for e in episodes) / n
+    for part in sorted({p for e in episodes for p in e.reward_parts} - {"total"}):
+        m[f"reward/{part}"] = sum(e.reward_parts.get(part, 0.0) for e in episodes) / n
+    m["adv/frac_zero_std"] = adv_metrics["frac_zero_std"]
+    m.update({f"loss/{k}": v for k, v in loss_metrics.items()})
+    return m
+
+
+# ----------------------------------------------------------------------------- data and model
+
+def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
     """The training tasks, with each one's global budget set (stage 1 and 2 alike)."""
     if a.data:
         tasks = lfpc.load_tasks(a.data)
-    else:
-        import toy
-        # stage 2's annotated subset is a small, disjoint set (the paper: 256 items with boxes)
-        tasks = toy.make_tasks(a.n_train if a.stage == 1 else 256, seed=1 if a.stage == 1 else 2)
+    else:       # a preset that generates its world's tasks (toy: stage 2 gets a small, disjoint annotated set)
+        tasks = presets.PRESETS[a.preset]["tasks"](a.stage, a.n_train)
     if a.stage == 2 and any(not t.boxes for t in tasks):
         raise SystemExit(f"stage 2 needs 'bboxes' on every task; {sum(not t.boxes for t in tasks)} lack them")
     if a.global_image == "full":
         for t in tasks:
-            t.max_pixels = a.full_tokens * 784
+            t.max_pixels = a.full_tokens * crop_tool.TOKEN_PIXELS
         return tasks
     if all(t.max_pixels for t in tasks):
         return tasks                                   # budgets already in the data (info_gap.py --out)
-    import info_gap
-    answer_fn = info_gap.model_answer_fn(agent, a.temperature, 16, cfg.batch_size, cfg.global_resample)
-    records = info_gap.select_budgets(tasks, answer_fn, model_key=os.path.abspath(a.model),
-                                      cache_path=a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"),
-                                      full_tokens=a.full_tokens, floor_tokens=a.floor_tokens, ratio=0.5,
-                                      k=a.probe_k, batch_size=4 * a.micro_batch)
+    records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
+                             a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=4 * a.micro_batch)
     print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]
     return tasks
 
 
-# ----------------------------------------------------------------------------- model
+def prober_config(a: Args) -> info_gap.ProberConfig:
+    """The information-gap prober's settings from the run's flags (the same object info_gap.py's CLI builds)."""
+    return info_gap.ProberConfig(full_tokens=a.full_tokens, floor_tokens=a.floor_tokens, k=a.probe_k,
+                                 temperature=a.temperature, max_new_tokens=a.probe_max_new_tokens, resample=a.resample)
+
 
 def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
     """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters.
@@ -219,140 +383,6 @@ def save_checkpoint(path: str, agent: lfpc.Agent, opt, step: int, a: Args) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- one step
-
-def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task]) -> None:
-    """Fill episode.reward and episode.reward_parts."""
-    w = rewards.RewardWeights(a.w_acc, a.w_format, a.w_tool, a.w_geo)
-    for e in episodes:
-        t = tasks[e.task_index]
-        if a.stage == 1:
-            e.reward, e.reward_parts = rewards.outcome_reward(e.answer, t.answer, t.choices, e.malformed_turns,
-                                                              len(e.crops), w)
-        else:
-            box = e.crops[0].box_original if e.crops else None
-            e.reward, e.reward_parts = rewards.stage2_reward(
-                e.answer, t.answer, t.choices, e.malformed_turns, len(e.crops), box, t.boxes,
-                t.image_size, w, a.tau, a.omega, a.stage2_mode)
-
-
-def step_metrics(episodes, tasks, adv_metrics, loss_metrics) -> dict[str, float]:
-    n = len(episodes)
-    m = {"reward/mean": sum(e.reward for e in episodes) / n,
-         "reward/acc": sum(e.reward_parts.get("acc", 0.0) for e in episodes) / n,
-         "reward/frac_zero_std": adv_metrics["frac_zero_std"],
-         "tool/call_rate": sum(bool(e.crops) for e in episodes) / n,
-         "tool/crop_success": sum(len(e.crops) for e in episodes) / max(1, sum(len(e.crops) + len(e.tool_errors)
-                                                                                for e in episodes)),
-         "format/malformed": sum(e.malformed_turns > 0 for e in episodes) / n,
-         "len/response": sum(e.num_generated for e in episodes) / n,
-         "len/turns": sum(len(e.turns) for e in episodes) / n}
-    boxed = [(e.crops[0].box_original, tasks[e.task_index]) for e in episodes if e.crops and tasks[e.task_index].boxes]
-    if boxed:
-        m["tool/iou_b1"] = sum(rewards.box_iou(b, t.boxes[0]) for b, t in boxed) / len(boxed)
-        m["tool/box_area"] = sum(rewards.box_area(b) / math.prod(t.image_size) for b, t in boxed) / len(boxed)
-    m.update({f"loss/{k}": v for k, v in loss_metrics.items()})
-    return m
-
-
-def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-               step: int, ref_model=None) -> dict[str, float]:
-    """Roll out, reward, and take one optimizer step. Returns the step's metrics."""
-    model = agent.model
-    model.eval()
-    episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step)
-    score(a, episodes, tasks)
-    adv, adv_m = grpo.group_advantages(torch.tensor([e.reward for e in episodes]), a.group)
-    num_tokens = sum(e.num_generated for e in episodes)          # the WHOLE step's token count
-    live = [i for i in range(len(episodes)) if adv[i] != 0]
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    sums, counted = {}, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
-    for k in range(0, len(live), a.micro_batch):
-        idx = live[k:k + a.micro_batch]
-        batch = lfpc.collate(agent, [episodes[i] for i in idx])
-        with autocast:
-            lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
-            ref = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref = lfpc.token_logprobs(ref_model, batch, a.temperature)          # [b, T]
-        loss, m = grpo.policy_loss(lp, batch.old_logprobs, adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
-                                   clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=len(episodes),
-                                   ref_logprobs=ref, beta=a.beta)
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
-        loss.backward()
-        for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
-        sums["value"] = sums.get("value", 0.0) + loss.item()
-        counted += m["num_tokens"]
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    if not torch.isfinite(grad_norm):
-        opt.zero_grad(set_to_none=True)
-        return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
-    opt.step()
-    lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
-    lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("value", "num_tokens")})
-    lm.update(value=sums.get("value", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live))
-    return step_metrics(episodes, tasks, adv_m, lm)
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None) -> None:
-    a = parse_args(argv)
-    ckpt = os.path.join(a.out, "ckpt")
-    if a.resume:
-        if not os.path.isdir(ckpt):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
-        saved = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        a = Args(**{**saved["args"], "resume": True})     # a.model stays the run's starting point
-    elif os.path.isdir(ckpt):
-        raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or --out for a new run")
-    os.makedirs(a.out, exist_ok=True)
-    random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    agent = load_model(a, ckpt if a.resume else "")
-    cfg = lfpc.RolloutConfig(global_max_pixels=a.full_tokens * 784, max_turns=a.max_turns,
-                             max_new_tokens=a.max_new_tokens, max_response_tokens=a.max_response_tokens,
-                             temperature=a.temperature, batch_size=4 * a.micro_batch)
-    if not a.data:                     # the toy world's rollout settings (native crops, box-downsampled global)
-        import warmup
-        cfg = warmup.toy_rollout_config(max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,
-                                        max_response_tokens=a.max_response_tokens, temperature=a.temperature)
-    tasks = load_data(a, agent, cfg)
-    ref_model = None
-    if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
-        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=torch.float32).model.eval().requires_grad_(False)
-    params = [p for p in agent.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    start = 0
-    if a.resume:
-        opt.load_state_dict(saved["optimizer"])
-        start = saved["step"]
-        random.setstate(saved["rng"]["python"])
-        torch.set_rng_state(saved["rng"]["torch"])
-    order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
-    metrics_path = os.path.join(a.out, "metrics.jsonl")
-    bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps)
-    for step in bar:
-        t0 = time.time()
-        pos = step * a.prompts
-        batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
-        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model)
-        m.update(step=step + 1, seconds=round(time.time() - t0, 2))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/acc']:.2f}")
-        tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(ckpt, agent, opt, step + 1, a)
-    plot_metrics(metrics_path, os.path.join(a.out, "curves.png"))
-
-
 def plot_metrics(metrics_path: str, png: str) -> None:
     """Training curves as a PNG, when matplotlib is installed (optional dependency)."""
     try:
@@ -360,14 +390,14 @@ def plot_metrics(metrics_path: str, png: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no curves.png")
+        print("matplotlib not installed (optional: pip install matplotlib): no curves.png")
         return
     rows = [json.loads(l) for l in open(metrics_path)]
-    keys = ["reward/mean", "reward/acc", "tool/call_rate", "tool/iou_b1", "tool/box_area", "len/response"]
-    keys = [k for k in keys if any(k in r for r in rows)]
+    keys = ["reward/mean", "acc", "tool/crop_rate", "box/iou_b1", "box/area_frac", "len/response"]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, k in zip(axes, keys):
-        ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])
+        ax.plot([r["step"] for r in rows if r.get(k) is not None], [r[k] for r in rows if r.get(k) is not None])
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()

@@ -36,52 +36,9 @@ import torch
 from tqdm import tqdm
 
 import crop_tool
+import engine
 import lfpc
 import toy
-
-TOY_SYSTEM_PROMPT = ("You can zoom: image_zoom_in_tool(bbox_2d=[x1, y1, x2, y2], label) cuts that region "
-                     "of the image at full resolution and shows it to you.")
-TOY_INSTRUCTION = "Zoom in if needed, then answer."
-TOY_FULL_TOKENS = (toy.CANVAS // 28) ** 2                                     # 64: the canvas at native size
-# Crops cut natively on the 28-px grid, at most 112x112 px shown as is: a bigger region is
-# downsampled (box filter) and loses the detail, as a sloppy crop of an 8K image loses it to the crop
-# budget. Without this cap, "crop everything" would return the full-resolution canvas.
-TOY_CROP = crop_tool.CropConfig(min_side=28, min_pixels=28 * 28, max_pixels=16 * 784, resample="box", snap=28)
-
-
-def toy_rollout_config(**kw) -> lfpc.RolloutConfig:
-    """Rollout settings of the toy world (crops cut natively on the 28-px grid)."""
-    base = dict(global_max_pixels=TOY_FULL_TOKENS * 784, global_min_pixels=28 * 28, crop=TOY_CROP, global_resample="box",
-                max_new_tokens=64, max_response_tokens=160, max_turns=3, batch_size=64)
-    return lfpc.RolloutConfig(**{**base, **kw})
-
-
-def toy_tokenizer():
-    """The tiny tokenizer, trained also on the toy's words so each pattern name is one token."""
-    words = [toy.QUESTION.format(colour=c) for c in toy.COLOURS] + [f"<answer>{p}</answer>" for p in toy.PATTERNS]
-    boxes = [crop_tool.format_tool_call([a, b, a + 56, b + 56], f"{c} box")
-             for a in range(0, 169, 28) for b in range(0, 169, 28) for c in toy.COLOURS]
-    # every coordinate 0..224 one token, with and without the leading space (" 14" and "[14"); a real
-    # Qwen tokenizer writes digits one by one, which a 1M-parameter model learns far more slowly
-    nums = [" ".join(str(i) for i in range(225)) + " " + " ".join(f"[{i}," for i in range(225))]
-    return lfpc.build_tiny_tokenizer(([TOY_SYSTEM_PROMPT, TOY_INSTRUCTION] + words) * 20 + boxes + nums * 20,
-                                     vocab_size=1536)
-
-
-# The toy model's rotary layout. Qwen2.5-VL splits each head's rotary frequencies, highest first, into
-# (temporal, height, width) sections: with the tiny head (16 frequencies, theta 1e4, [4, 6, 6]) the
-# width axis gets only rotations of <= 0.003 rad per visual token (height 0.1..0.006), and a
-# 1M-parameter model never learns to say WHERE a square is (x1 stayed at its marginal loss for 2000
-# steps). theta 1e3 and [1, 4, 11] give height 0.65..0.18 and width 0.12..0.0015 rad per token (the
-# low frequencies remain for long-range text attention); then a locate-only probe learns exact cell
-# boxes in ~400 steps.
-TOY_ROPE = dict(rope_theta=1000.0, mrope_section=[1, 4, 11])
-
-
-def toy_agent(seed: int = 0, **model_kw) -> lfpc.Agent:
-    return lfpc.tiny_agent(seed=seed, tokenizer=toy_tokenizer(), system_prompt=TOY_SYSTEM_PROMPT,
-                           instruction=TOY_INSTRUCTION, **{**TOY_ROPE, **model_kw})
-
 
 def jittered_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> list[int]:
     """A plausible but imprecise box around a square (x, y, ...): its grid cell grown by the same
@@ -107,8 +64,8 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     it = toy.make_item(seed)
     task = lfpc.Task(it["image"], it["question"], it["answer"], None, it["bboxes"])
     colour = it["question"].split()[-2]
-    tokens = rng.choice([TOY_FULL_TOKENS // 4, TOY_FULL_TOKENS // 2]) if rng.random() < low_res else TOY_FULL_TOKENS
-    cfg = toy_rollout_config(use_tool=not direct, global_max_pixels=tokens * 784)
+    tokens = rng.choice([toy.FULL_TOKENS // 4, toy.FULL_TOKENS // 2]) if rng.random() < low_res else toy.FULL_TOKENS
+    cfg = toy.rollout_config(use_tool=not direct, global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     ep = lfpc.start_episode(agent, task, 0, cfg)
     answer = agent.encode(f"<answer>{it['answer']}</answer>") + [agent.im_end]
     if not direct:
@@ -128,9 +85,7 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
         call = agent.encode(crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
-    ep.token_ids += answer
-    ep.loss_mask += [1] * len(answer)
-    ep.logprobs += [0.0] * len(answer)
+    ep.append(answer, [0.0] * len(answer))             # supervised: trained on, no sampling log-probs
     return ep
 
 
@@ -152,7 +107,7 @@ def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -
     """The warm-up's loss on the assistant's tokens (the module docstring): the mean over the answer
     words (each episode ends `<answer> WORD </answer> <|im_end|>`; answers=False: episodes that end
     with a tool call), plus the mean over the box coordinates (when any), plus the mean over the rest."""
-    batch = lfpc.collate(agent, eps)
+    batch = engine.collate(agent, eps)
     lp = lfpc.token_logprobs(agent.model, batch)                      # [B, T]
     word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the answer word of each row
     coord = torch.zeros_like(batch.loss_mask)                         # [B, T]: the box coordinates
@@ -175,10 +130,10 @@ def quick_eval(agent: lfpc.Agent, n: int, seed: int = 10_000) -> dict[str, float
     tasks = toy.make_tasks(n, seed=seed)
     out = {}
     for name, kw in [("direct_full", dict(use_tool=False)),
-                     ("direct_low", dict(use_tool=False, global_max_pixels=16 * 784)),
-                     ("tool_full", dict()), ("tool_low", dict(global_max_pixels=16 * 784)),
-                     ("tool_low_gt", dict(global_max_pixels=16 * 784, probe="gt"))]:
-        eps = lfpc.rollout(agent, tasks, 1, toy_rollout_config(temperature=0.0, **kw))
+                     ("direct_low", dict(use_tool=False, global_max_pixels=16 * crop_tool.TOKEN_PIXELS)),
+                     ("tool_full", dict()), ("tool_low", dict(global_max_pixels=16 * crop_tool.TOKEN_PIXELS)),
+                     ("tool_low_gt", dict(global_max_pixels=16 * crop_tool.TOKEN_PIXELS, probe="gt"))]:
+        eps = lfpc.rollout(agent, tasks, 1, toy.rollout_config(temperature=0.0, **kw))
         out[name] = sum(rewards.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / n
         out[name + "_example"] = " | ".join(eps[0].turns)[:160]
         if kw.get("use_tool", True):
@@ -195,10 +150,10 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
     cell box scores IoU ~0.47 with B1, a random cell gives centre errors ~0.31). `model_kw` goes to
     `toy_agent` (e.g. rope_theta, mrope_section)."""
     import eval as ev
-    agent = toy_agent(seed, **model_kw)
+    agent = toy.agent(seed, **model_kw)
     model = agent.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    cfg = toy_rollout_config(global_max_pixels=tokens * 784)
+    cfg = toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     for step in tqdm(range(steps), desc="locate probe"):
         eps = []
         for i in range(batch):
@@ -207,16 +162,15 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
             ep = lfpc.start_episode(agent, task, 0, cfg)
             box = [round(v) for v in crop_tool.map_box_to_original(it["bboxes"][1], task.image_size, ep.shown_size)]
             call = agent.encode(crop_tool.format_tool_call(box, it["question"].split()[-2] + " box"))
-            ep.token_ids, ep.loss_mask = ep.token_ids + call, ep.loss_mask + [1] * len(call)
-            ep.logprobs = ep.logprobs + [0.0] * len(call)
+            ep.append(call, [0.0] * len(call))
             eps.append(ep)
         loss = sft_loss(agent, eps, answers=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
-    m = ev.evaluate(agent, toy.make_tasks(eval_items, seed=ev.TOY_EVAL_SEED),
-                    toy_rollout_config(global_max_pixels=tokens * 784, max_turns=2, max_new_tokens=48), (),
+    m = ev.evaluate(agent, toy.make_tasks(eval_items, seed=toy.EVAL_SEED),
+                    toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, max_turns=2, max_new_tokens=48), (),
                     batch_size=64, progress=False)["metrics"]
     return {"steps": steps, "tokens": tokens, "loss": round(loss.item(), 4), "boxes": m["box/n"],
             **{k: m[k] for k in ("box/dx_b1", "box/dy_b1", "box/iou_b1")},
@@ -241,8 +195,8 @@ def main() -> None:
     p.add_argument("--eval-items", type=int, default=100, help="held-out items per quick evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the item stream")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--rope-theta", type=float, default=TOY_ROPE["rope_theta"], help="rotary base of the text model")
-    p.add_argument("--mrope-section", default=",".join(map(str, TOY_ROPE["mrope_section"])),
+    p.add_argument("--rope-theta", type=float, default=toy.ROPE["rope_theta"], help="rotary base of the text model")
+    p.add_argument("--mrope-section", default=",".join(map(str, toy.ROPE["mrope_section"])),
                    help="rotary frequencies per (temporal, height, width), highest first; sum 16")
     p.add_argument("--locate-probe", type=int, default=0,
                    help="instead of the warm-up: train a fresh model for N steps to write the cell box at 16 "
@@ -255,7 +209,7 @@ def main() -> None:
         print(json.dumps(locate_probe(a.locate_probe, seed=a.seed, lr=a.lr, hidden=a.hidden, layers=a.layers,
                                       vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, **rope)))
         return
-    agent = toy_agent(a.seed, hidden=a.hidden, layers=a.layers, vision_hidden=a.vision_hidden,
+    agent = toy.agent(a.seed, hidden=a.hidden, layers=a.layers, vision_hidden=a.vision_hidden,
                       vision_depth=a.vision_depth, **rope)
     model = agent.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)

@@ -5,19 +5,15 @@ import os
 import pytest
 
 import ablation
-import lfpc
 import train
-import warmup
 
 FAST = ("--n-train 8 --prompts 2 --group 2 --micro-batch 2 --max-new-tokens 8 --max-response-tokens 16 "
         "--max-turns 2 --probe-k 2")
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base"))
-    lfpc.save_agent(warmup.toy_agent(seed=0), path)
-    return path
+def base(toy_base):
+    return toy_base
 
 
 def test_runs_every_arm_evaluates_and_resumes_without_retraining(base, tmp_path, monkeypatch):

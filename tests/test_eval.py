@@ -15,38 +15,20 @@ from PIL import Image
 import crop_tool
 import eval as ev
 import lfpc
+import metrics
 import rewards
+from conftest import noise_image, scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def agent():
-    return lfpc.tiny_agent(seed=0)
-
-
-def noise_image(w, h, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+def agent(tiny):
+    return tiny
 
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=8, max_turns=3,
                            crop=crop_tool.CropConfig(min_pixels=4 * 28 * 28, max_pixels=4 * 4 * 28 * 28))
-
-
-def scripted(agent, turns_by_task):
-    """A sampler that emits canned turns: turns_by_task[task_index][turn] (text, finish)."""
-    count = {}
-
-    def sample_fn(a, episodes, budget, cfg):
-        out = []
-        for ep in episodes:
-            k = count.get(id(ep), 0)
-            count[id(ep)] = k + 1
-            text, finish = turns_by_task[ep.task_index][k]
-            toks = agent.encode(text) + ([agent.im_end] if finish == "eos" else [])
-            out.append((toks, [0.0] * len(toks), finish))
-        return out
-    return sample_fn
 
 
 # ----------------------------------------------------------------------------- V*
@@ -84,7 +66,7 @@ def test_vstar_loads_both_categories_and_shuffles_options_deterministically(vsta
     for t in a:
         cat, stem = t.id.split("/")
         ext, q, opts, _ = VSTAR_ITEMS[cat][stem]
-        assert ev.category(t) == cat and t.question == q
+        assert metrics.category(t) == cat and t.question == q
         assert t.choices[ord(t.answer) - 65] == opts[0], "the letter must point at the originally-first option"
         assert sorted(t.choices) == sorted(opts)
         assert (t.choices, t.answer) == ev.shuffle_options(opts, f"{cat}/{stem}")
@@ -154,7 +136,7 @@ def test_hrbench_letters_choices_categories_and_decoded_images(tmp_path):
     assert [t.id for t in tasks] == ["single/0", "cross/1", "single/2", "cross/3"]
     assert [t.answer for t in tasks] == ["C", "A", "D", "B"]
     assert tasks[0].choices == ["stop", "go", "open", "shut"] and tasks[0].question == HR_ROWS[0][1]
-    assert [ev.category(t) for t in tasks] == ["single", "cross", "single", "cross"]
+    assert [metrics.category(t) for t in tasks] == ["single", "cross", "single", "cross"]
     for k, t in enumerate(tasks):
         assert isinstance(t.image, str) and os.path.dirname(t.image) == str(tmp_path / "hr_bench_4k_images")
         original = noise_image(*HR_ROWS[k][-1], seed=k)
@@ -190,12 +172,13 @@ def test_hrbench_errors_name_the_file_and_row(tmp_path, kw, message):
 
 # ----------------------------------------------------------------------------- metrics by hand
 
-def _episode(task_index, answer, crops=(), errors=(), malformed=0, stop="answer", sampled=10):
-    ids = list(range(sampled + 5))
-    e = lfpc.Episode(task_index, ids, [0] * 5 + [1] * sampled, [0.0] * len(ids), [noise_image(56, 56)], [], [],
-                     (56, 56))
+def _episode(task_index, answer, crops=(), errors=(), malformed=0, stop="answer", sampled=10, turns=1):
+    e = lfpc.Episode(task_index, shown_size=(56, 56))
+    e.append(list(range(5)))
+    e.append(list(range(5, 5 + sampled)), [0.0] * sampled)
     e.crops = [crop_tool.Crop(noise_image(28, 28), b, b, b) for b in crops]
     e.tool_errors, e.malformed_turns, e.answer, e.stop_reason = list(errors), malformed, answer, stop
+    e.tool_calls, e.turns = len(crops) + len(errors), ["..."] * turns
     return e
 
 
@@ -214,7 +197,8 @@ def test_summarize_by_hand():
     assert (m["acc/single"], m["n/single"], m["acc/cross"], m["n/cross"]) == (0.5, 2, pytest.approx(2 / 3), 3)
     assert m["hrbench/FSP"] == 0.5 and m["hrbench/FCP"] == pytest.approx(2 / 3)
     assert m["hrbench/mean"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert m["tool/call_rate"] == pytest.approx(3 / 5)
+    assert m["tool/call_rate"] == pytest.approx(4 / 5)                                  # episodes 0-3 called
+    assert m["tool/crop_rate"] == pytest.approx(3 / 5)                                  # episodes 0, 2, 3 cropped
     assert m["tool/crop_success_rate"] == pytest.approx(4 / 5)                          # 4 crops of 5 attempts
     assert m["format/valid_rate"] == pytest.approx(4 / 5)
     assert m["box/n"] == 2                                                              # episodes 0 and 3
@@ -224,8 +208,8 @@ def test_summarize_by_hand():
     # centres: (30, 30) vs B1's (30, 30); (85, 85) vs (70, 70): |dx| = 0 and 15 of a 100-px image
     assert m["box/dx_b1"] == pytest.approx(15 / 100 / 2) and m["box/dy_b1"] == pytest.approx(15 / 100 / 2)
     assert m["box/area_frac"] == pytest.approx((1600 + 5000 + 900) / 10000 / 3)
-    assert (m["stop/answer"], m["stop/max_turns"]) == (4, 1)
-    assert m["tokens/mean_sampled"] == pytest.approx(60 / 5)
+    assert (m["stop/answer"], m["stop/max_turns"]) == (4 / 5, 1 / 5)
+    assert m["len/response"] == pytest.approx(60 / 5) and m["len/turns"] == 1
     assert m["time/sec_per_question"] == pytest.approx(0.4)
 
 
@@ -274,9 +258,10 @@ def test_evaluate_end_to_end_on_the_tiny_model_runs_both_probes(agent):
     assert r["config"]["temperature"] == 0.0 and r["config"]["batch_size"] == 2
     m = r["metrics"]
     for key in ("n", "acc", "tool/call_rate", "tool/crop_success_rate", "format/valid_rate", "box/iou_b1", "box/dx_b1",
-                "box/iou_bn", "box/coverage_b1", "box/area_frac", "tokens/mean_sampled", "time/sec_per_question"):
+                "box/iou_bn", "box/coverage_b1", "box/area_frac", "len/response", "time/sec_per_question"):
         assert key in m, key
-    assert m["n"] == 2 and 0.0 <= m["acc"] <= 1.0 and sum(v for k, v in m.items() if k.startswith("stop/")) == 2
+    assert m["n"] == 2 and 0.0 <= m["acc"] <= 1.0
+    assert sum(v for k, v in m.items() if k.startswith("stop/")) == pytest.approx(1.0)
     for probe in ("noise", "gt"):
         p = r["probes"][probe]
         assert len(r["episodes"][probe]) == 2
@@ -343,7 +328,7 @@ def test_cli_runs_on_a_saved_tiny_agent_and_writes_the_json(agent, tmp_path):
                      "bboxes": [[10, 10, 60, 60]]})
     (data / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "model"),
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--preset", "paper", "--model", str(tmp_path / "model"),
            "--data", str(data / "items.jsonl"), "--budget", "16", "--crop-max-tokens", "16", "--max-new-tokens", "6",
            "--max-turns", "2", "--batch-size", "2", "--gallery", "1", "--probes", "noise,gt", "--out", str(out),
            "--device", "cpu", "--dtype", "float32"]
@@ -362,7 +347,25 @@ def test_cli_without_model_finds_no_toy_checkpoint_and_says_so(tmp_path):
     """Run from an empty folder: no runs/ or checkpoints/ there, so the default model cannot be found."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--data", "x.jsonl"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 2 and "no toy checkpoint found" in proc.stderr
+    assert proc.returncode == 2 and "no checkpoint of the preset found" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "toy", "--hrbench", "x.tsv", "--model", "m"], "need a real model"),
+    (["--preset", "paper"], "pass the tasks"),
+])
+def test_cli_refuses_contradictory_presets(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ev.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_toy_preset_refuses_a_model_not_built_for_the_toy(agent, tmp_path, capsys):
+    """A real checkpoint under --preset toy would run with toy crop settings: refused, with the way out."""
+    lfpc.save_agent(agent, str(tmp_path / "m"))
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", str(tmp_path / "m")])
+    assert "--preset paper" in capsys.readouterr().err
 
 
 def test_box_centre_errors_are_per_axis_and_in_the_original_frame():

@@ -224,8 +224,8 @@ def test_repeated_task_ids_are_refused():
 # ----------------------------------------------------------------------------- the model and the CLI
 
 @pytest.fixture(scope="module")
-def agent():
-    return lfpc.tiny_agent(seed=0)
+def agent(tiny):
+    return tiny
 
 
 def test_model_answer_fn_returns_k_answers_per_pair_at_its_budget(agent, monkeypatch):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import lfpc
+import toy
 import train
-import warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--n-train", "8", "--prompts", "2", "--group", "2", "--micro-batch", "2", "--max-new-tokens", "8",
@@ -18,11 +18,9 @@ FAST = ["--n-train", "8", "--prompts", "2", "--group", "2", "--micro-batch", "2"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A randomly initialised toy-tokenizer model saved as a checkpoint folder."""
-    path = str(tmp_path_factory.mktemp("base"))
-    lfpc.save_agent(warmup.toy_agent(seed=0), path)
-    return path
+def base(toy_base):
+    """A randomly initialised toy model saved as a checkpoint folder."""
+    return toy_base
 
 
 def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
@@ -33,11 +31,11 @@ def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(s2, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward/mean", "reward/acc", "tool/call_rate", "tool/crop_success", "len/response",
-                "loss/clip_frac", "reward/frac_zero_std"):
+    for key in ("reward/mean", "reward/acc", "acc", "tool/call_rate", "tool/crop_success_rate", "len/response",
+                "loss/clip_frac", "loss/policy", "adv/frac_zero_std"):
         assert key in rows[0], key
     assert os.path.isfile(os.path.join(s2, "ckpt", "trainer.pt"))
-    assert lfpc.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == warmup.TOY_SYSTEM_PROMPT
+    assert lfpc.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == toy.SYSTEM_PROMPT
 
 
 def test_help_lists_every_argument():
@@ -94,8 +92,8 @@ def test_an_existing_run_is_not_overwritten_without_resume(base, tmp_path):
 def _one_step(base, monkeypatch, lr, **patch):
     a = train.parse_args(["--stage", "1", "--model", base, "--lr", str(lr), "--global-image", "full", *FAST])
     agent = train.load_model(a)
-    cfg = warmup.toy_rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
-    tasks = train.load_data(a, agent, cfg)[:2]
+    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    tasks = train.load_data(a, agent)[:2]
     for name, fn in patch.items():
         monkeypatch.setattr(train, name, fn)
     # rewards that differ inside each group, so every episode carries an advantage
@@ -145,7 +143,7 @@ def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp
     assert len(live) == len(saved) and all(".lora_A.default." in k or ".lora_B.default." in k for k in live)
     for k, v in saved.items():                          # peft drops the adapter name when saving
         torch.testing.assert_close(live[k.replace(".weight", ".default.weight")], v, rtol=0, atol=0)
-    assert agent.system_prompt == warmup.TOY_SYSTEM_PROMPT
+    assert agent.system_prompt == toy.SYSTEM_PROMPT
     s2 = str(tmp_path / "s2")
     train.main(["--stage", "2", "--model", s1 + "/ckpt", "--out", s2, "--steps", "1", *FAST])
     assert os.path.isfile(os.path.join(s2, "ckpt", "model.safetensors"))            # merged: a full model

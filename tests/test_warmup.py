@@ -1,12 +1,11 @@
 """Tests for warmup.py: supervised trajectories are built right, and the SHIPPED base model
-(checkpoints/toy_base) loads offline and does what issue 3 asks of it on held-out items."""
+(checkpoints/toy_base) loads offline, reads held-out items and keeps the tool format."""
 import os
 import random
 
 import pytest
 import torch
 
-import crop_tool
 import lfpc
 import rewards
 import toy
@@ -16,8 +15,8 @@ BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 @pytest.fixture(scope="module")
-def agent():
-    return warmup.toy_agent(seed=0)
+def agent(toy_model):
+    return toy_model
 
 
 def test_toy_tokenizer_writes_every_coordinate_as_one_token(agent):
@@ -55,7 +54,7 @@ def test_direct_episode_trains_only_the_answer(agent):
 
 
 def _accuracy(base, tasks, **kw):
-    eps = lfpc.rollout(base, tasks, 1, warmup.toy_rollout_config(temperature=0.0, **kw))
+    eps = lfpc.rollout(base, tasks, 1, toy.rollout_config(temperature=0.0, **kw))
     acc = sum(rewards.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / len(tasks)
     return acc, eps
 
@@ -66,7 +65,7 @@ def test_shipped_base_loads_offline_and_reads_held_out_items():
     guesses at the low-resolution budget, and keeps the tool format. Bounds sit well below the
     numbers in README.md (1.00, 0.28, 1.000, 1.00) so that 32 items cannot flake."""
     base = lfpc.load_agent(BASE, dtype=torch.float32)
-    assert base.system_prompt == warmup.TOY_SYSTEM_PROMPT
+    assert base.system_prompt == toy.SYSTEM_PROMPT
     tasks = toy.make_tasks(32, seed=3)
     full, _ = _accuracy(base, tasks, use_tool=False)
     low, _ = _accuracy(base, tasks, use_tool=False, global_max_pixels=16 * 784)

@@ -1,0 +1,80 @@
+"""Named settings for train.py, eval.py and bench.py, chosen with `--preset NAME`.
+
+    toy      the toy world on a CPU (the default: `python train.py --stage 1` just works)
+    paper    the paper's published set-up: Qwen2.5-VL-7B-Instruct, 256 prompts x 16 rollouts, lr 1e-6,
+             2,048 response tokens, 80 steps (8 x A100, full fine-tuning)
+    one-gpu  7B stage 1 on one 80 GB GPU: LoRA r64 on a bf16 base, fewer prompts per step
+
+A preset fills every setting the command line leaves unset (None); a flag given on the command line
+always wins, including one that sets a value back to a preset's "off" (e.g. --no-grad-ckpt). Keys that
+are not flags describe the world a preset belongs to:
+    tasks         (stage, n) -> generated training tasks, for presets that need no --data
+    eval_tasks    n -> generated held-out tasks, for eval.py without a data flag
+    checkpoints   eval.py's default --model: the first of these folders that exists
+    system_prompt a model must carry this prompt (saved beside it, `lfpc.read_prompts`) to run under the
+                  preset: the toy preset refuses a real checkpoint instead of training it with toy settings
+`rollout_config(a, tokens)` turns a script's settings into the rollout's `lfpc.RolloutConfig`.
+"""
+from __future__ import annotations
+
+import crop_tool
+import lfpc
+import toy
+
+TOY = dict(
+    # world
+    tasks=toy.training_tasks, eval_tasks=toy.eval_tasks, checkpoints=toy.CHECKPOINTS, system_prompt=toy.SYSTEM_PROMPT,
+    # model and run
+    model=toy.BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False,
+    # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
+    max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
+    crop_max_tokens=16, crop_min_tokens=1, crop_snap=28, crop_resample="box",
+    # information gap: the canvas is 64 tokens at full resolution
+    full_tokens=toy.FULL_TOKENS, floor_tokens=16, probe_max_new_tokens=16,
+    # eval.py
+    budget=16, limit=500, batch_size=64,
+)
+
+PAPER = dict(
+    tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
+    model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
+    lora=0, grad_ckpt=True,
+    max_turns=5, max_new_tokens=1024, max_response_tokens=2048, min_tokens=4, resample="bicubic",
+    crop_max_tokens=1280, crop_min_tokens=4, crop_snap=0, crop_resample="bicubic",
+    full_tokens=16384, floor_tokens=256, probe_max_new_tokens=64,
+    budget=1024, limit=None, batch_size=16,
+)
+
+ONE_GPU = {**PAPER, "lora": 64, "prompts": 32}
+
+PRESETS = {"toy": TOY, "paper": PAPER, "one-gpu": ONE_GPU}
+WORLD_KEYS = ("tasks", "eval_tasks", "checkpoints", "system_prompt")
+
+
+def fill(a, preset: str) -> None:
+    """Set every attribute of `a` that is None and named in the preset to the preset's value."""
+    for k, v in PRESETS[preset].items():
+        if k not in WORLD_KEYS and hasattr(a, k) and getattr(a, k) is None:
+            setattr(a, k, v)
+
+
+def check_model(preset: str, model: str) -> str | None:
+    """Why `model` cannot run under `preset`, or None. Reads only the prompts saved beside a folder."""
+    want = PRESETS[preset]["system_prompt"]
+    if want is None:
+        return None
+    if lfpc.read_prompts(model).get("system_prompt") != want:
+        return (f"--preset {preset} runs models built for its world (their saved system prompt is the toy's); "
+                f"{model!r} is not one. For a real checkpoint pick --preset paper or one-gpu.")
+    return None
+
+
+def rollout_config(a, global_tokens: int, **kw) -> lfpc.RolloutConfig:
+    """The RolloutConfig of a script's settings (token budgets are converted to pixels); `kw` overrides."""
+    px = crop_tool.TOKEN_PIXELS
+    crop = crop_tool.CropConfig(min_pixels=a.crop_min_tokens * px, max_pixels=a.crop_max_tokens * px,
+                                resample=a.crop_resample, snap=a.crop_snap)
+    return lfpc.RolloutConfig(**{**dict(
+        global_max_pixels=global_tokens * px, global_min_pixels=a.min_tokens * px, global_resample=a.resample,
+        crop=crop, max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,
+        max_response_tokens=a.max_response_tokens), **kw})
