@@ -392,8 +392,8 @@ def _fuzz_texts(n: int, seed: int = 0):
                                         "[" * depth, '{"name": "image_zoom_in_tool", "arguments": ' * depth]))
         else:
             inner = rng.choice(valid)
-            yield rng.choice([f"<tool_call>{inner}</tool_call>", f"<answer>{inner}</answer>", f"<answer><tool_call>x"
-                              f"</answer></tool_call>", call_text(args(bbox_2d=["1e3", "2", "3", "4"])),
+            yield rng.choice([f"<tool_call>{inner}</tool_call>", f"<answer>{inner}</answer>", "<answer><tool_call>x"
+                              "</answer></tool_call>", call_text(args(bbox_2d=["1e3", "2", "3", "4"])),
                               call_text('{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [%s, 0, 1, 1]}}'
                                         % ("9" * rng.choice([20, 400, 5000]))), inner * rng.randint(2, 4)])
 
