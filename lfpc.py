@@ -79,6 +79,7 @@ class Episode:
     images: list[Image.Image] = field(default_factory=list)   # images as SHOWN, one per image block
     grids: list[tuple[int, int, int]] = field(default_factory=list)   # per image (t, h, w) in patches
     shown_size: tuple[int, int] = (0, 0)  # (width, height) of the global image as shown
+    seed: int = 0                         # its sampling stream: token j is drawn with the j-th uniform of it
     turns: list[str] = field(default_factory=list)        # decoded text of each sampled turn
     crops: list[crop_tool.Crop] = field(default_factory=list)
     tool_calls: int = 0                   # turns that called the tool (valid call or not); executed ones
@@ -127,16 +128,21 @@ class RolloutConfig:
     batch_size: int = 64                      # episodes per forward while sampling
     use_tool: bool = True                     # False: no tool in the prompt, one turn, answer directly
     probe: str = "none"                       # crop-dependency diagnostic (module docstring): "none", "noise", "gt"
-    decode: str = "dynamic"                   # KV cache while sampling: "dynamic" (grows by one token a step) or
-                                              # "static" (preallocated, fixed shapes: what CUDA graphs need);
-                                              # same tokens either way (tested)
+    decode: str = "dynamic"                   # KV cache while decoding: "dynamic" (grows by one token a step) or
+                                              # "static" (preallocated, fixed shapes: what CUDA graphs need)
+    engine: str = "cached"                    # "cached": prompts prefilled once, KV cache kept across turns;
+                                              # "reference": every turn re-prefilled from scratch (engine.py).
+                                              # Same tokens in every combination (tested)
 
     def __post_init__(self):
-        if self.probe not in PROBES:
-            raise ValueError(f"unknown probe {self.probe!r}; use one of {PROBES}")
+        for name, value, allowed in (("probe", self.probe, PROBES), ("decode", self.decode, ("dynamic", "static")),
+                                     ("engine", self.engine, ENGINES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; use one of {allowed}")
 
 
 PROBES = ("none", "noise", "gt")
+ENGINES = ("cached", "reference")
 
 # ----------------------------------------------------------------------------- prompt and tool
 
@@ -203,6 +209,11 @@ class Agent:
         self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
         self.vision_start, self.vision_end = ids["<|vision_start|>"], ids["<|vision_end|>"]
         self.image_pad = ids["<|image_pad|>"]
+        # Tokens only the environment writes: a sampled <|image_pad|> would be read as an image slot. The
+        # policy never emits them (their logits are -inf when sampling AND in the training forward).
+        vision = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+        self.env_only_ids = sorted({i for i in tok.convert_tokens_to_ids(list(vision))
+                                    if i is not None and i != tok.unk_token_id})
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else ids["<|endoftext|>"]
         self.merge = self.model.config.vision_config.spatial_merge_size
         if self.image_pad != self.model.config.image_token_id:
@@ -275,32 +286,42 @@ def save_agent(agent: Agent, path: str) -> None:
 # ----------------------------------------------------------------------------- the rollout
 
 def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig, seed: int | None = None,
-            sample_fn: engine.SampleFn | None = None) -> list[Episode]:
+            sample_fn: engine.SampleFn | None = None, work: engine.Work | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
-    `sample_fn` replaces the model's sampler (tests script turns with it); default `engine.sample_turn`.
+    Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
+    generator), so its tokens do not depend on batching. The model runs in chunks of whole groups of
+    at most `cfg.batch_size` episodes, through `cfg.engine`; `work` (optional) accumulates what the
+    engine did (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with
+    it); the engine still prefills everything else.
     """
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=agent.device).manual_seed(seed)
-    sample_fn = sample_fn or (lambda a, eps, n, c: engine.sample_turn(a, eps, n, c, gen))
+    work = work if work is not None else engine.Work()
+    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
     tasks = [replace(t, image=t.load_image()) for t in tasks]   # open each image once per rollout
-    episodes = []
+    episodes, prompt_len = [], []
     for i, task in enumerate(tasks):
         first = start_episode(agent, task, i, cfg)
+        prompt_len.append(len(first.token_ids))
         for _ in range(group_size):              # the G rollouts share the prompt's image objects
-            ep = Episode(i, shown_size=first.shown_size)
+            ep = Episode(i, shown_size=first.shown_size, seed=seed + len(episodes))
             ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
             episodes.append(ep)
-    for turn in range(cfg.max_turns):
-        live = [e for e in episodes if not e.done]
-        for k in range(0, len(live), cfg.batch_size):
-            chunk = live[k:k + cfg.batch_size]
-            budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in chunk]
-            for ep, (toks, lps, finish) in zip(chunk, sample_fn(agent, chunk, budget, cfg)):
-                step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
+    step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
+    if cfg.engine == "cached":
+        per_chunk = max(1, cfg.batch_size // group_size) * group_size
+        for k in range(0, len(episodes), per_chunk):
+            engine.run_cached(agent, episodes[k:k + per_chunk], group_size, cfg, step, work, sample_fn)
+    else:
+        for turn in range(cfg.max_turns):
+            live = [e for e in episodes if not e.done]
+            for k in range(0, len(live), cfg.batch_size):
+                chunk = live[k:k + cfg.batch_size]
+                budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in chunk]
+                for ep, (toks, lps, finish) in zip(chunk, engine.sample_turn(agent, chunk, budget, cfg, work, sample_fn)):
+                    step(ep, toks, lps, finish, turn)
     for e in episodes:
         e.stop_reason = e.stop_reason or "max_turns"
+    work.context_tokens += sum(prompt_len) + sum(len(e.token_ids) - prompt_len[e.task_index] for e in episodes)
     return episodes
 
 
@@ -389,7 +410,7 @@ def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0) -> torc
     """
     h = engine.forward(model, batch)                                             # [B, T, H]
     want = batch.loss_mask[:, 1:].bool()                                         # [B, T-1]: token t+1 is sampled
-    logits = model.lm_head(h[:, :-1][want]).float()                              # [N, V]
+    logits = engine.env_only_masked(model.lm_head(h[:, :-1][want]).float(), batch.env_only_ids)   # [N, V]
     if temperature > 0:
         logits = logits / temperature
     lp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:][want][:, None])[:, 0]   # [N]

@@ -99,8 +99,9 @@ def test_sampling_logprobs_equal_training_forward_two_turns_two_images_padded(ti
         assert len(ep.images) == 2
     start = [len(e.token_ids) for e in eps]
     assert len(set(start)) > 1, "episodes should differ in length so the batch is padded"
-    gen = torch.Generator().manual_seed(0)
-    turn2 = engine.sample_turn(tiny, eps, [10] * 3, cfg, gen)
+    for i, ep in enumerate(eps):
+        ep.seed = i
+    turn2 = engine.sample_turn(tiny, eps, [10] * 3, cfg)
     for ep, (toks, lps, finish) in zip(eps, turn2):
         ep.append(toks, lps)
     batch = engine.collate(tiny, eps)
@@ -151,19 +152,21 @@ def test_static_kv_cache_decode_gives_the_dynamic_paths_tokens(tiny, temperature
     images, rows stopping at different limits (padding written into the static slots of dead rows)."""
     base = lfpc.RolloutConfig(**{**SMALL.__dict__, "temperature": temperature})
     eps = [lfpc.start_episode(tiny, task(seed=i, w=300 - 60 * i), i, base) for i in range(3)]
+    for i, ep in enumerate(eps):
+        ep.seed = 7 + i
     eps[2].append(tiny.encode(" a longer user text") + tiny.image_block(eps[2].grids[0]),
                   images=[(eps[2].images[0], eps[2].grids[0])])          # a second image: a longer prompt
     limits = [5, 16, 11]
     runs = {}
     for mode in ("dynamic", "static"):
         cfg = lfpc.RolloutConfig(**{**base.__dict__, "decode": mode})
-        runs[mode] = engine.sample_turn(tiny, eps, limits, cfg, torch.Generator().manual_seed(7))
+        runs[mode] = engine.sample_turn(tiny, eps, limits, cfg)
     for (t_dyn, lp_dyn, fin_dyn), (t_st, lp_st, fin_st), n in zip(runs["dynamic"], runs["static"], limits):
         assert t_dyn == t_st and fin_dyn == fin_st and len(t_dyn) <= n
         assert lp_st == pytest.approx(lp_dyn, abs=1e-4)
     assert [len(t) for t, _, _ in runs["static"]] != [limits[0]] * 3      # the rows really differ in length
     with pytest.raises(ValueError, match="decode"):
-        engine.sample_turn(tiny, eps, limits, lfpc.RolloutConfig(**{**base.__dict__, "decode": "graph"}))
+        lfpc.RolloutConfig(**{**base.__dict__, "decode": "graph"})
 
 
 def test_token_logprobs_gradient_flows_only_through_sampled_positions(tiny):
