@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--visual-tokens", type=int, default=1024, help="config mode: visual tokens of the image (a square)")
     p.add_argument("--response-tokens", type=int, default=512, help="config mode: sampled tokens per episode")
     p.add_argument("--decode", default="dynamic", choices=["dynamic", "static"], help="KV cache while sampling")
+    p.add_argument("--engine", default="cached", choices=list(lfpc.ENGINES),
+                   help="toy mode: rollout engine (cached: KV cache across turns; reference: re-prefill each turn)")
     p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
@@ -106,7 +108,8 @@ def model_flops(config, seq_lens: list[int], response_tokens: int, grids: list[t
     """Model FLOPs of `token_logprobs` on sequences of `seq_lens` tokens (no padding counted) with
     `response_tokens` lm_head positions in all, and images of `grids`: the decoder's matmuls, its
     attention as full T x T squares (what SDPA computes under a mask), the lm_head only where the loss
-    needs it, the vision tower. backward=True: x 3 (backward = 2 x forward), recompute not counted."""
+    needs it, the vision tower on `grids` (the DISTINCT images: shared ones run once). backward=True:
+    x 3 (backward = 2 x forward), recompute not counted."""
     c = config.get_text_config()
     hd = c.hidden_size // c.num_attention_heads
     f = sum(T * c.num_hidden_layers * _linear_flops_per_token(c) for T in seq_lens)
@@ -188,7 +191,8 @@ def config_step(a) -> dict:
         _sync(dev); t4 = time.perf_counter()
         if i == 0:
             continue                                             # warm-up: allocator, kernels, caches
-        flops = model_flops(agent.model.config, [len(e.token_ids) for e in eps], n_tok, [g for e in eps for g in e.grids])
+        grids = list({id(im): g for e in eps for im, g in zip(e.images, e.grids)}.values())   # distinct images
+        flops = model_flops(agent.model.config, [len(e.token_ids) for e in eps], n_tok, grids)
         total = (t2 - t1) + (t4 - t3)                       # the 1-token run only times the prefill
         steps.append({"total_s": total, "rollout_s": t2 - t1, "logprob_forward_s": t_fwd,
                       "backward_and_optimizer_s": (t4 - t3) - t_fwd,
@@ -228,25 +232,28 @@ def toy_step(a) -> dict:
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
     agent = train.load_model(args)
-    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=4 * args.micro_batch)
+    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=4 * args.micro_batch, engine=a.engine)
     tasks = train.load_data(args, agent)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
     steps = []
     for i in range(a.repeat + 1):
         batch = tasks[i * a.prompts:(i + 1) * a.prompts]
         t0 = time.perf_counter()
-        episodes = train.collect_episodes(args, agent, batch, cfg, step=i)
+        episodes, work = train.collect_episodes(args, agent, batch, cfg, step=i)
         t1 = time.perf_counter()
         m = train.update_policy(args, agent, opt, episodes, batch)
         t2 = time.perf_counter()
         if i:                                            # the first step warms caches up
+            distinct = len({engine._content_key(im) for e in episodes for im in e.images})
             steps.append({"total_s": t2 - t0, "rollout": t1 - t0, "logprob_forward": m["time/forward_s"],
-                          "sampled_tokens": sum(e.num_generated for e in episodes)})
+                          "sampled_tokens": sum(e.num_generated for e in episodes), "distinct_images": distinct,
+                          **work.metrics()})
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
     mean["backward_and_optimizer"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
     return {"mode": "toy", "args": vars(a), "step_s": round(mean["total_s"], 3),
             "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer")},
             "rollout_tokens_per_s": round(mean["sampled_tokens"] / mean["rollout"], 1),
+            "work_per_step": {k: round(v, 3) for k, v in mean.items() if k.startswith("work/") or k == "distinct_images"},
             "steps": steps, **_versions("cpu")}
 
 

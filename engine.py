@@ -4,7 +4,8 @@ and the two rollout engines that sample assistant turns with a KV cache.
 Contract
 --------
 - `collate(agent, episodes)` pads episodes into a `Batch` (right padding for training, left for
-  sampling) with their images' pixel values (each distinct image object processed once per batch).
+  sampling) with the pixel values of its distinct images (the G episodes of a task share one global
+  image object: processed and run through the vision tower once per batch, its features reused).
 - `mrope_positions` computes Qwen2.5-VL's 3-D rotary positions; they are always passed explicitly,
   so the model's stateful `rope_deltas` cache is never used. Tests check them against the model's
   own `get_rope_index` (with `mm_token_type_ids`, which transformers 5.x requires).
@@ -52,15 +53,18 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor          # [3, B, T]
-    pixel_values: torch.Tensor | None   # [sum of patches, C*tp*p*p]
-    image_grid_thw: torch.Tensor | None # [n_images, 3]
+    pixel_values: torch.Tensor | None   # [sum of patches, C*tp*p*p] of the DISTINCT images of the batch
+    image_grid_thw: torch.Tensor | None # [n_distinct, 3]
+    image_index: torch.Tensor | None    # [n_blocks]: which distinct image fills each image block, in order
     loss_mask: torch.Tensor             # [B, T] 1 where the token was sampled
     old_logprobs: torch.Tensor          # [B, T] sampling-time log-probs (0 where loss_mask is 0)
     env_only_ids: list[int]             # tokens the policy never emits (Agent.env_only_ids)
 
 
-def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False) -> Batch:
-    """Pad episodes to one length (right by default; left for sampling) and gather all their images."""
+def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, share_images: bool = True) -> Batch:
+    """Pad episodes to one length (right by default; left for sampling) and gather their images. Each
+    distinct image object is processed, and goes through the vision tower, once per batch (the G
+    episodes of a task share their global image); share_images=False gives every block its own copy."""
     T = max(len(e.token_ids) for e in episodes)
     B = len(episodes)
     ids = torch.full((B, T), agent.pad_id, dtype=torch.long)
@@ -74,22 +78,19 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False) -
         lmask[b, sl] = torch.tensor(e.loss_mask)
         old[b, sl] = torch.tensor(e.logprobs)
     grids = [g for e in episodes for g in e.grids]
-    pix = pixel_values(agent, [im for e in episodes for im in e.images]) if grids else None
-    thw = torch.tensor(grids, dtype=torch.long) if grids else None
+    images = [im for e in episodes for im in e.images]
+    pix = thw = index = None
+    if images:
+        key = id if share_images else (lambda im, c=iter(range(len(images))): next(c))
+        keys = [key(im) for im in images]
+        distinct = {k: (im, g) for k, im, g in zip(keys, images, grids)}      # first occurrence, in order
+        pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
+        thw = torch.tensor([g for _, g in distinct.values()], dtype=torch.long)
+        index = torch.tensor([list(distinct).index(k) for k in keys], dtype=torch.long)
     pos = mrope_positions(ids, attn, grids, agent.image_pad, agent.merge)
     dev = agent.device
     to = lambda x: None if x is None else x.to(dev)
-    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(lmask), to(old), agent.env_only_ids)
-
-
-def pixel_values(agent: "Agent", images: list) -> torch.Tensor:
-    """The patches of `images` concatenated in order [sum of patches, C*tp*p*p]; each distinct image
-    object goes through the image processor once (the G episodes of a task share their global image)."""
-    done: dict[int, torch.Tensor] = {}
-    for im in images:
-        if id(im) not in done:
-            done[id(im)] = agent.encode_image(im)[0]
-    return torch.cat([done[id(im)] for im in images])
+    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids)
 
 
 def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, grids: list[tuple[int, int, int]],
@@ -133,8 +134,16 @@ def segment_positions(ids: list[int], grids, start: int, image_token_id: int, me
 
 def forward(model, batch: Batch) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] of a whole batch (no cache): the training forward."""
-    feats = image_features(model, batch.pixel_values, batch.image_grid_thw) if batch.pixel_values is not None else None
-    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids, feats)[0]
+    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch_image_features(model, batch))[0]
+
+
+def batch_image_features(model, batch: Batch) -> torch.Tensor | None:
+    """[n image tokens, H]: the vision tower once on each distinct image, its features for every block."""
+    if batch.pixel_values is None:
+        return None
+    feats = image_features(model, batch.pixel_values, batch.image_grid_thw)            # [distinct tokens, H]
+    per_image = feats.split((batch.image_grid_thw.prod(-1) // model.model.visual.spatial_merge_size**2).tolist())
+    return torch.cat([per_image[i] for i in batch.image_index.tolist()])
 
 
 def hidden_states(model, input_ids, attention_mask, position_ids, image_embeds=None, cache=None, use_cache=False):
@@ -419,10 +428,9 @@ def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[
     (left-padded, every image through the vision tower) into a fresh KV cache, then `decode` (or, in
     tests, take the turns of `script`)."""
     work = work if work is not None else Work()
-    batch = collate(agent, episodes, left_pad=True)
-    feats = None
-    if batch.pixel_values is not None:
-        feats = image_features(agent.model, batch.pixel_values, batch.image_grid_thw)
+    batch = collate(agent, episodes, left_pad=True, share_images=False)
+    feats = batch_image_features(agent.model, batch)
+    if feats is not None:
         work.image_encodes += batch.image_grid_thw.shape[0]
         work.vision_patches += batch.pixel_values.shape[0]
     h, cache = hidden_states(agent.model, batch.input_ids, batch.attention_mask, batch.position_ids, feats,

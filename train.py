@@ -19,8 +19,10 @@ boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stag
 
 Metrics (one line a step in <out>/metrics.jsonl; names and populations in metrics.py): the
 episode metrics (acc, tool/*, box/*, format/*, stop/*, len/*), reward/mean and reward/<part>,
-adv/frac_zero_std, and loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
-loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes.
+adv/frac_zero_std, loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
+loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes; work/* (the
+rollout engine's image encodes, vision patches, prefill and decode tokens, distinct context tokens,
+prefill ratio) and time/* (rollout, log-prob forwards, update, step, in seconds).
 
 Departures from the paper, on purpose:
 - One GRPO update per batch (ratio 1 at the start of the update, so clipping never fires; the
@@ -82,6 +84,7 @@ class Args:
     lr: float | None = arg(None, 'AdamW learning rate (preset: toy 1e-4, paper 1e-6)')
     micro_batch: int | None = arg(None, 'episodes per forward/backward (preset)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
+    engine: str = arg("cached", 'rollout engine: "cached" (KV cache across turns) or "reference" (re-prefill each turn)')
     max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
     max_new_tokens: int | None = arg(None, 'sampled tokens per turn (preset)')
     max_response_tokens: int | None = arg(None, 'sampled tokens per episode (preset; paper 2048)')
@@ -129,8 +132,9 @@ def parse_args(argv=None) -> Args:
     presets.fill(a, a.preset)
     a.out = a.out or f"runs/stage{a.stage}"
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if a.stage not in (1, 2) or a.global_image not in ("info-gap", "full") or a.agg not in grpo.AGGREGATIONS:
-        p.error("--stage is 1 or 2, --global-image info-gap|full, --agg token-mean|seq-mean")
+    if a.stage not in (1, 2) or a.global_image not in ("info-gap", "full") or a.agg not in grpo.AGGREGATIONS \
+            or a.engine not in lfpc.ENGINES:
+        p.error("--stage is 1 or 2, --global-image info-gap|full, --agg token-mean|seq-mean, --engine cached|reference")
     if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
         p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, lfpc.load_tasks)")
     if not a.resume and not os.path.exists(a.model) and a.model.startswith(("checkpoints/", "runs/", "./", "/")):
@@ -156,7 +160,8 @@ def main(argv=None) -> None:
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     agent = load_model(a, ckpt if a.resume else "")
-    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=4 * a.micro_batch)
+    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=4 * a.micro_batch,
+                                 engine=a.engine)
     tasks = load_data(a, agent)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
@@ -192,17 +197,22 @@ def main(argv=None) -> None:
 def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
                step: int, ref_model=None) -> dict[str, float]:
     """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics."""
-    episodes = collect_episodes(a, agent, tasks, cfg, step)
-    return update_policy(a, agent, opt, episodes, tasks, ref_model)
+    t0 = time.perf_counter()
+    episodes, work = collect_episodes(a, agent, tasks, cfg, step)
+    t_rollout = time.perf_counter() - t0
+    m = update_policy(a, agent, opt, episodes, tasks, ref_model)
+    return {**m, **work.metrics(), "time/rollout_s": t_rollout}
 
 
 def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-                     step: int) -> list[lfpc.Episode]:
-    """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts)."""
+                     step: int) -> tuple[list[lfpc.Episode], engine.Work]:
+    """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts), and what the
+    rollout engine did."""
     agent.model.eval()
-    episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step)
+    work = engine.Work()
+    episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step, work=work)
     score(a, episodes, tasks)
-    return episodes
+    return episodes, work
 
 
 def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode], tasks: list[lfpc.Task],

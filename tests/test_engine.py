@@ -1,4 +1,6 @@
 """Tests for engine.py: M-RoPE positions, the forward pass, sampling with a KV cache, log-prob parity."""
+import os
+
 import pytest
 import torch
 
@@ -81,7 +83,12 @@ def test_collate_processes_each_distinct_image_once(tiny, monkeypatch):
     real = tiny.encode_image
     monkeypatch.setattr(tiny, "encode_image", lambda im: calls.append(im) or real(im))
     b = engine.collate(tiny, copies)
-    assert len(calls) == 1 and b.pixel_values.shape[0] == 3 * real(ep.images[0])[0].shape[0]
+    assert len(calls) == 1 and b.pixel_values.shape[0] == real(ep.images[0])[0].shape[0]
+    assert b.image_index.tolist() == [0, 0, 0] and b.image_grid_thw.tolist() == [list(ep.grids[0])]
+    with torch.no_grad():                              # the shared features equal per-copy features
+        shared = engine.forward(tiny.model, b)
+        alone = engine.forward(tiny.model, engine.collate(tiny, copies, share_images=False))
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- sampling and log-prob parity
@@ -179,3 +186,163 @@ def test_token_logprobs_gradient_flows_only_through_sampled_positions(tiny):
     grads = [p.grad for p in tiny.model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     tiny.model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- the cached engine
+
+def _full_logits(agent, episodes):
+    """Next-token logits after each episode's last token, from one plain forward over whole episodes."""
+    batch = engine.collate(agent, episodes)
+    with torch.no_grad():
+        h = engine.forward(agent.model, batch)
+    last = torch.tensor([len(e.token_ids) - 1 for e in episodes])
+    return agent.model.lm_head(h[torch.arange(len(episodes)), last])
+
+
+def _agent(name, tiny):
+    import models
+    from conftest import QWEN_TOKENIZER
+    return tiny if name == "tiny" else models.real_shape_agent(QWEN_TOKENIZER)
+
+
+@pytest.mark.parametrize("name", ["tiny", "real-shape"])
+def test_extend_gives_the_logits_of_a_full_forward_through_ragged_turns(tiny, name):
+    """The cached engine's mechanics, step by step: prompts of two different images prefilled once and
+    copied to 3 rollouts each; then ragged turns (0, 1 and 2 crops of different sizes, an error turn,
+    turns closed by <|im_end|> or stopped at </tool_call>), rows dropped in between. After every extend
+    the cache's next-token logits equal a plain forward over the whole episodes. The real-shape model:
+    152,064-row vocabulary, head dim 128, M-RoPE [16, 24, 24], windowed vision, a 4000x3000 original."""
+    agent = _agent(name, tiny)
+    big = name == "real-shape"
+    tasks = [task(w=4000 if big else 400, h=3000 if big else 300, seed=1), task(w=300, h=500, seed=2)]
+    cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "global_max_pixels": (64 if big else 36) * 784})
+    prompts = [lfpc.start_episode(agent, t, i, cfg) for i, t in enumerate(tasks)]
+    work, vision = engine.Work(), None
+    vision = engine.Vision(agent, work)
+    kv = engine.empty_kv(agent, 2)
+    engine.extend(agent, kv, prompts, vision, work)
+    torch.testing.assert_close(kv.logits, _full_logits(agent, prompts), rtol=1e-4, atol=1e-4)
+    kv.repeat(3)
+    rows = []
+    for i in range(6):
+        e = lfpc.Episode(i // 3, shown_size=prompts[i // 3].shown_size)
+        e.append(prompts[i // 3].token_ids, images=list(zip(prompts[i // 3].images, prompts[i // 3].grids)))
+        rows.append(e)
+    W, H = rows[0].shown_size
+    call = lambda x, y, w, h: agent.encode(crop_tool.format_tool_call([x, y, x + w, y + h]))
+    turns = [  # per row, per round: (tokens, finish) -- what a policy might have sampled
+        [(call(0, 0, 56, 56), "stop"), (call(28, 28, 84, 56), "stop")],                        # 2 crops
+        [(agent.encode("<answer>red</answer>") + [agent.im_end], "eos")],                      # answers at once
+        [(call(10, 10, 120, 60), "stop"), (agent.encode("<answer>b</answer>") + [agent.im_end], "eos")],
+        [(agent.encode("<tool_call>{bad</tool_call>"), "stop"), (call(0, 0, 60, 90), "stop")],  # error, then a crop
+        [(call(5, 5, 200, 200), "stop"), (agent.encode("thinking") + [agent.im_end], "eos")],  # crop, then no call
+        [(agent.encode("<think>x</think>") + call(0, 28, 112, 112) + [agent.im_end], "eos"), (call(0, 0, 28, 28), "stop")],
+    ]
+    live = list(range(6))
+    for rnd in range(2):
+        for r in live:
+            toks, finish = turns[r][rnd]
+            lfpc.step_episode(agent, rows[r], tasks[rows[r].task_index], toks, [-1.0] * len(toks), finish, rnd, cfg)
+        keep = [k for k, r in enumerate(live) if not rows[r].done]
+        kv.select(keep)
+        live = [live[k] for k in keep]
+        engine.extend(agent, kv, [rows[r] for r in live], vision, work)
+        torch.testing.assert_close(kv.logits, _full_logits(agent, [rows[r] for r in live]), rtol=1e-4, atol=1e-4)
+    assert [len(rows[r].crops) for r in range(6)] == [2, 0, 1, 1, 1, 2] and rows[3].tool_errors
+    distinct = {engine._content_key(im) for e in rows for im in e.images}
+    assert work.image_encodes == len(distinct)                      # every image through the vision tower once
+
+
+def _rollout(agent, tasks, group, cfg, engine_name, seed=5, **kw):
+    cfg = lfpc.RolloutConfig(**{**cfg.__dict__, "engine": engine_name})
+    work = engine.Work()
+    return lfpc.rollout(agent, tasks, group, cfg, seed=seed, work=work, **kw), work
+
+
+def _same_episodes(a, b, atol):
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids and x.loss_mask == y.loss_mask and x.stop_reason == y.stop_reason
+        assert [c.box_original for c in x.crops] == [c.box_original for c in y.crops] and x.turns == y.turns
+        assert x.logprobs == pytest.approx(y.logprobs, abs=atol)
+
+
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy_base")
+
+
+@pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped checkpoints/toy_base")
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_cached_engine_gives_the_reference_engines_episodes_on_the_toy_base(decode):
+    """The shipped base, greedy and sampled (temperature 1 and 1.5), 12 tasks x 4 rollouts: the cached
+    engine and the re-prefilling reference give identical tokens, masks, stop reasons and crops, and
+    log-probs within 1e-5. The episodes are ragged: crops, error turns, malformed turns, answers that
+    close with <|im_end|>, turns cut by the length limit."""
+    import toy
+    agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+    tasks = toy.eval_tasks(12)
+    seen = set()
+    for temperature in (0.0, 1.0, 1.5):
+        cfg = toy.rollout_config(global_max_pixels=16 * 784, temperature=temperature, decode=decode, batch_size=16)
+        cached, _ = _rollout(agent, tasks, 4, cfg, "cached")
+        ref, _ = _rollout(agent, tasks, 4, cfg, "reference")
+        _same_episodes(cached, ref, atol=1e-5)
+        seen |= {(len(e.crops) > 0, bool(e.tool_errors), e.malformed_turns > 0, e.stop_reason) for e in cached}
+    assert {s[3] for s in seen} >= {"answer", "no_tool_call", "length"}
+    assert any(s[0] for s in seen) and any(s[1] for s in seen) and any(s[2] for s in seen)
+
+
+def test_sampled_tokens_do_not_depend_on_batching(tiny):
+    """An episode's randomness is its own (Episode.seed): batch size 2 or 8 and either engine give the
+    same episodes."""
+    cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "max_new_tokens": 8})
+    tasks = [task(seed=s) for s in range(3)]
+    runs = [_rollout(tiny, tasks, 2, lfpc.RolloutConfig(**{**cfg.__dict__, "batch_size": bs}), name)[0]
+            for bs in (2, 8) for name in ("cached", "reference")]
+    for other in runs[1:]:
+        _same_episodes(runs[0], other, atol=1e-5)
+
+
+def _count_model_work(agent):
+    """Hooks on the vision tower and the language model: what really ran (encodes, patches, tokens)."""
+    seen = {"encodes": 0, "patches": 0, "tokens": 0}
+
+    def vision(_, args, kwargs):
+        grid = kwargs["grid_thw"]
+        seen["encodes"] += grid.shape[0]
+        seen["patches"] += int(grid.prod(-1).sum())
+
+    def language(_, args, kwargs):
+        L = kwargs["inputs_embeds"].shape[1]
+        seen["tokens"] += int(kwargs["attention_mask"][:, -L:].sum())
+    hooks = [agent.model.model.visual.register_forward_pre_hook(vision, with_kwargs=True),
+             agent.model.model.language_model.register_forward_pre_hook(language, with_kwargs=True)]
+    return seen, hooks
+
+
+def test_real_shape_model_one_task_16_rollouts_4_turns_encodes_each_image_once(tiny):
+    """The issue's measurement: 1 task x 16 rollouts x 4 turns (three crops of the same three boxes,
+    then an answer) on the real-shape model and a 4000x3000 original. The reference re-encodes every
+    image at every turn: 16 x (1 + 2 + 3 + 4) = 160 encodes for 4 distinct images; the cached engine
+    encodes 4. Its counters agree with hooks on the model, and it prefills each context token at most
+    once (the prompt once for the 16 rollouts)."""
+    from conftest import scripted
+    agent = _agent("real-shape", tiny)
+    t = task(w=4000, h=3000, seed=3)
+    cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "global_max_pixels": 256 * 784, "max_turns": 4, "batch_size": 16})
+    shown = lfpc.start_episode(agent, t, 0, cfg).shown_size
+    calls = [crop_tool.format_tool_call(b) for b in ([0, 0, 112, 84], [56, 56, 168, 140], [100, 60, 300, 200])]
+    turns = {0: [(c, "stop") for c in calls] + [("<answer>red</answer>", "eos")]}
+    assert shown == (504, 364)                       # smart_resize of 4000x3000 to <= 256 tokens
+    out = {}
+    for name in ("cached", "reference"):
+        seen, hooks = _count_model_work(agent)
+        eps, work = _rollout(agent, [t], 16, cfg, name, sample_fn=scripted(agent, turns))
+        for h in hooks:
+            h.remove()
+        assert all(len(e.crops) == 3 and e.answer == "red" for e in eps)
+        assert (work.image_encodes, work.vision_patches) == (seen["encodes"], seen["patches"])
+        assert work.prefill_tokens + work.decode_tokens == seen["tokens"]
+        out[name] = (eps, work)
+    _same_episodes(out["cached"][0], out["reference"][0], atol=0)
+    cached, ref = out["cached"][1], out["reference"][1]
+    assert (cached.image_encodes, ref.image_encodes) == (4, 160)
+    assert cached.prefill_tokens <= cached.context_tokens and ref.prefill_tokens > 10 * ref.context_tokens
