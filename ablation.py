@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 seed, 30 + 30 steps, 100 eval items")
     p.add_argument("--resume", action="store_true", help="keep what an earlier call finished in --out")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. \"--lr 3e-5\"")
+    p.add_argument("--engine", default="cached", choices=["cached", "reference"],
+                   help="rollout engine of every training run and evaluation (the same tokens either way)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.quick:
@@ -97,7 +99,7 @@ def train_arm(a, arm: str, seed: int) -> str:
         argv += ["--stage", "1", "--model", a.base]
     else:
         argv += ["--stage", "2", "--model", os.path.join(run_dir(a, "stage1", seed), "ckpt")]
-    argv += a.train_args.split()
+    argv += ["--engine", a.engine] + a.train_args.split()
     steps = a.stage2_steps if arm == "stage2" else a.steps
     if steps:
         argv += ["--steps", str(steps)]
@@ -127,7 +129,7 @@ def evaluate_model(a, model: str, name: str) -> dict:
     res, galleries = {}, {}
     for label, tokens in BUDGETS.items():
         t0 = time.perf_counter()
-        r = ev.evaluate(agent, tasks, toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS), ("noise", "gt"),
+        r = ev.evaluate(agent, tasks, toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, engine=a.engine), ("noise", "gt"),
                         batch_size=64, progress=False)
         galleries[label] = r.pop("episodes")["normal"]
         m = dict(r["metrics"])

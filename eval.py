@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-snap", type=int, help="grow each cut region to multiples of this many px, 0: off" + pre)
     p.add_argument("--crop-resample", choices=["bicubic", "box"], help="how a crop over budget is downsampled" + pre)
     p.add_argument("--no-tool", action="store_true", help="offer no tool: answer from the global image alone")
+    p.add_argument("--engine", default="cached", choices=["cached", "reference"],
+                   help="rollout engine: KV cache across turns, or re-prefill every turn (same tokens)" + d)
     p.add_argument("--probes", default="noise,gt", help="probes, comma-separated (noise, gt) or none" + d)
     p.add_argument("--batch-size", type=int, help="tasks rolled out together" + pre)
     p.add_argument("--max-new-tokens", type=int, help="sampled tokens per turn" + pre)
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks, data = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
-    cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool)
+    cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
     results = evaluate(agent, tasks, cfg, a.probes, a.batch_size)
     episodes = results.pop("episodes")
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))

@@ -20,13 +20,16 @@ boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stag
 Metrics (one line a step in <out>/metrics.jsonl; names and populations in metrics.py): the
 episode metrics (acc, tool/*, box/*, format/*, stop/*, len/*), reward/mean and reward/<part>,
 adv/frac_zero_std, loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
-loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes; work/* (the
+loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes, loss/sampler_gap; work/* (the
 rollout engine's image encodes, vision patches, prefill and decode tokens, distinct context tokens,
 prefill ratio) and time/* (rollout, log-prob forwards, update, step, in seconds).
 
 Departures from the paper, on purpose:
-- One GRPO update per batch (ratio 1 at the start of the update, so clipping never fires; the
-  paper's mini-batch count is unpublished). `old_logprobs` are the sampling-time log-probs.
+- One GRPO update per batch (the paper's mini-batch count is unpublished), so the "old" policy is the
+  current one: old log-probs are the training forward's own, detached (the ratio is exactly 1 and
+  clipping never fires). The rollout's log-probs (KV cache, another batch shape, bf16 sampling) never
+  enter the update; their distance to the training forward's is logged as loss/sampler_gap (mean
+  |log p_train - log p_sample| over sampled tokens), a check that sampler and trainer see one policy.
 - Token-mean aggregation over the whole step (DeepEyes); no KL (beta 0, no reference model
   loaded) and no entropy term, as the paper. Advantages (r - mean) / (sample std + 1e-6) (verl).
 - Episodes whose advantage is 0 (all-equal groups) are not forwarded: their gradient is exactly 0,
@@ -227,7 +230,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     live = [i for i in range(len(episodes)) if adv[i] != 0]
     model.train()
     opt.zero_grad(set_to_none=True)
-    sums, counted = {}, 0
+    sums, counted, gap = {}, 0, 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
     for k in range(0, len(live), a.micro_batch):
         idx = live[k:k + a.micro_batch]
@@ -240,7 +243,11 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
                 with torch.no_grad():
                     ref = lfpc.token_logprobs(ref_model, batch, a.temperature)          # [b, T]
         t_forward += _elapsed(t0, agent.device)
-        loss, m = grpo.policy_loss(lp, batch.old_logprobs, adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
+        # One update per batch: the old policy IS the current one, so its log-probs are this forward's own,
+        # detached (ratio exactly 1, in the precision of the update). The sampler's are only compared.
+        sampled = batch.loss_mask.bool()
+        gap += float((lp.detach() - batch.old_logprobs).abs()[sampled].sum())
+        loss, m = grpo.policy_loss(lp, lp.detach(), adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
                                    clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=len(episodes),
                                    ref_logprobs=ref, beta=a.beta)
         if not torch.isfinite(loss):
@@ -258,7 +265,8 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     opt.step()
     lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
     lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
-    lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live))
+    lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live),
+              sampler_gap=gap / counted if counted else 0.0)
     m = step_metrics(episodes, tasks, adv_m, lm)
     m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device)})
     return m
