@@ -9,7 +9,7 @@ rewarding, and annotations are in that frame. image_size = (W, H) of the origina
 Stage 1 (DeepEyes-style outcome reward; weights 0.8 / 0.2 / 1.2 are DeepEyes', which LFPC
 appears to inherit):
     r = w.acc * acc + w.format * format + w.tool * tool
-    acc    = accuracy(pred, answer, choices)                      in {0, 1}
+    acc    = accuracy(pred, answer, choices)                      in {0, 1}   (rules: "Answer judging")
     format = -1 if malformed_turns > 0 else 0
     tool   = 1 if acc > 0 and successful_crops > 0 else 0         (paid only for a right answer)
 
@@ -25,9 +25,45 @@ How stage 2 combines r_geo with the stage-1 terms is unpublished, hence `mode`:
     "add"      (default): r = stage-1 r + w.geo * r_geo   (keep answering right, learn to box tightly)
     "geo_only":           r = w.geo * r_geo
 Every reward returns (total, parts): a dict of unweighted parts plus "total", for logging.
+
+Answer judging (accuracy; pure rules, judge.py adds an optional model judge beside them)
+    Tokens are those of normalize_answer(text): numbers, words, and the marks . , ; : ! ? / &. A
+    prediction is ONE SENTENCE when it has no line break and no '.', '!', '?' or ';' between words, and
+    SHORT at 1..15 words; a reference is SHORT at 1..4 words. NEGATION words: not, no, never, none,
+    nothing, nobody, nowhere, neither, nor, cannot, without, any "...n't". LISTING words: or, and, nor,
+    either, neither, both, versus, vs, '/', '&'.
+    Free form (no choices): pred is right if, in order,
+      1. normalize_answer(pred) == normalize_answer(answer);
+      2. answer is one number (digits, "1,000", "3.50"; a '%' sign is dropped, so "50%" = 50 but 0.5 !=
+         50%; number words zero..twenty, "one" only alone): pred is one short sentence whose ANSWER
+         PHRASE (the words after its last is/are/was/were, else all of it) holds exactly one number,
+         equal by value, and no negation, listing or hedge word (than, least, most): "There are 3
+         dogs." = "3"; "3 or 4", "not 3", "more than 3", "The two dogs are brown" (phrase "brown"):
+         not 3 / 2. Rule 2 alone judges a number answer;
+      3. answer is "yes" / "no": pred (<= 15 words) opens with that word followed by ',', '.', '!' or
+         its end, and never says the other one ("Yes, the umbrella is yellow."); an answer that opens
+         with "Yes," / "No." etc. is also stated by a pred stating that word ("no" = "No, the spots are
+         on a banana.");
+      4. a short answer ENDS a short one-sentence pred longer than it, not right after a comma, with no
+         negation or listing word before it and no number before it in pred's answer phrase: "The
+         umbrella is yellow.", "It's yellow" = "yellow"; "not yellow", "isn't yellow", "blue or
+         yellow", "red, yellow", "the yellow one", "it 3 yellow": wrong. The end anchor is the
+         anti-hacking rule: a sentence ends with at most one of several one-word answers;
+      5. answer is a one-sentence "... is/are/was/were P" and pred states P by 1-4 ("tan" = "The
+         countertop is tan.").
+    Multiple choice: right if choice_index(pred) is the correct option (answer_index: the answer is a
+    letter or an option's text). Letters count wherever they are explicit: "B", "B.", "(B) blue",
+    "Answer: (B)", "The answer is B", "I choose B". Two different letters, a letter out of range, or a
+    letter followed by text that names another option or none ("(B) red", "B. purple") -> wrong. With no
+    letter, the text names the option it equals; else the options it states by 2-5 (the longest if
+    several); else the option that alone contains its short answer phrase ('yellow' -> "The color of the
+    umbrella is yellow.").
+    Votes: vote_key(pred, choices) -> "option:B" | "number:3" | "text:yes" | "text:<answer phrase>", and
+    same_answer(a, b) = equal keys (see vote_key).
 """
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 # ----------------------------------------------------------------------------- answers
 
@@ -59,10 +95,165 @@ def normalize_answer(text: str) -> str:
     return s
 
 
+SHORT_WORDS = 4       # a "short" answer: 1..4 words
+SENTENCE_WORDS = 15   # a "short" prediction: at most 15 words
+
+# Tokens of a normalised answer: numbers ("3", "-2", "3.5", "1,000", "50%"; not "3rd"), words (letters and
+# digits, inner ' or - allowed: "isn't", "light-blue"), and the marks . , ; : ! ? / & (one token each).
+_TOKEN = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?(?![^\W_])"
+                    r"|[^\W_]+(?:['-][^\W_]+)*|[.,;:!?/&]")
+_MARKS = frozenset(".,;:!?/&")
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?")
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_CONTRACTIONS = {"it's": ("it", "is"), "that's": ("that", "is"), "there's": ("there", "is"),
+                 "here's": ("here", "is"), "what's": ("what", "is"), "they're": ("they", "are")}
+_NEGATIONS = frozenset("not no never none nothing nobody nowhere neither nor cannot without".split())
+_LISTING = frozenset("or and nor either neither both versus vs / &".split())
+_HEDGES = frozenset("than least most".split())      # "more than 3", "at least 3", "at most 3"
+_COPULAS = frozenset("is are was were".split())
+_YES_NO = ("yes", "no")
+_OPENER_MARKS = frozenset(",.!")    # "Yes, ...", "No. ...", "Yes!"
+_SENTENCE_ENDS = frozenset(".!?;")
+
+
+def _tokens(text: str) -> list[str]:
+    """normalize_answer(text) (curly apostrophes straightened) cut into _TOKEN tokens, with the pronoun
+    contractions of _CONTRACTIONS expanded ("it's" -> "it", "is")."""
+    out = []
+    for t in _TOKEN.findall(normalize_answer(text.replace("\u2019", "'"))):
+        out.extend(_CONTRACTIONS.get(t, (t,)))
+    return out
+
+
+def _words(tokens: list[str]) -> list[str]:
+    return [t for t in tokens if t not in _MARKS]
+
+
+def _blocked(tokens: list[str]) -> bool:
+    """True if any token negates ("not", "no", "isn't", ...) or lists ("or", "and", "/", ...)."""
+    return any(t in _NEGATIONS or t in _LISTING or t.endswith("n't") for t in tokens)
+
+
+def _one_sentence(text: str, tokens: list[str]) -> bool:
+    """One sentence: no line break inside, no '.', '!', '?' or ';' between words (a final one is dropped by
+    normalize_answer; a decimal point belongs to its number), and 1..SENTENCE_WORDS words."""
+    return ("\n" not in text.strip() and not any(t in _SENTENCE_ENDS for t in tokens)
+            and 1 <= len(_words(tokens)) <= SENTENCE_WORDS)
+
+
+def _number(token: str, alone: bool = False) -> Decimal | None:
+    """The value of a number token: digits (',' thousands separators and a '%' sign dropped: "50%" -> 50)
+    or a number word zero..twenty; "one" only when it is the whole answer (`alone`): "the red one"."""
+    if _NUMBER.fullmatch(token):
+        return Decimal(token.replace(",", "").rstrip("%"))
+    if token in _NUMBER_WORDS and (token != "one" or alone):
+        return Decimal(_NUMBER_WORDS[token])
+    return None
+
+
+def _sole_number(tokens: list[str]) -> Decimal | None:
+    """The number that `tokens` state: exactly one number token, and no negation, listing or hedge word
+    ("3 or 4", "not 3", "more than 3" state none)."""
+    nums = [v for v in (_number(t, alone=len(tokens) == 1) for t in tokens) if v is not None]
+    if len(nums) != 1 or _blocked(tokens) or any(t in _HEDGES for t in tokens):
+        return None
+    return nums[0]
+
+
+def _answer_phrase(text: str) -> list[str]:
+    """The tokens of the answer a prediction gives: in a one-sentence prediction with a copula (is, are,
+    was, were), the tokens after the LAST copula, one leading article dropped ("The umbrella is yellow."
+    -> ["yellow"]); otherwise all its tokens."""
+    toks = _tokens(text)
+    cops = [i for i, t in enumerate(toks) if t in _COPULAS]
+    if _one_sentence(text, toks) and cops and cops[-1] < len(toks) - 1:
+        phrase = toks[cops[-1] + 1:]
+        return phrase[1:] if phrase[0] in ("the", "a", "an") and len(phrase) > 1 else phrase
+    return toks
+
+
+def _ends_with(pred: str, ptoks: list[str], rtoks: list[str]) -> bool:
+    """The containment rule: a short reference (1..SHORT_WORDS words) ends a short one-sentence prediction
+    that is longer than it, is not preceded by a comma ("red, yellow"), no token before it negates or
+    lists, and no number precedes it in the prediction's answer phrase ("it 3 green" states 3, not green).
+    Anchoring at the end means a prediction states at most one of several one-word answers, so packing
+    candidates into a sentence earns nothing."""
+    n = len(rtoks)
+    if not (1 <= len(_words(rtoks)) <= SHORT_WORDS) or len(ptoks) <= n or ptoks[-n:] != rtoks:
+        return False
+    rest, phrase = ptoks[:-n], _answer_phrase(pred)
+    numbers = any(_number(t) is not None for t in phrase[:-n])
+    return _one_sentence(pred, ptoks) and rest[-1] != "," and not _blocked(rest) and not numbers
+
+
+def _states(pred: str, ref: str) -> bool:
+    """Does the prediction state the reference answer? The free-form rules of `accuracy`, in order."""
+    p, r = normalize_answer(pred), normalize_answer(ref)
+    if not p or not r:
+        return False
+    if p == r:
+        return True
+    ptoks, rtoks = _tokens(pred), _tokens(ref)
+    if not ptoks or not rtoks:                        # only symbols outside _TOKEN ("—", "%")
+        return False
+    value = _number(rtoks[0], alone=True) if len(rtoks) == 1 else None
+    if value is not None:
+        return _one_sentence(pred, ptoks) and _sole_number(_answer_phrase(pred)) == value
+    if r in _YES_NO and len(_words(ptoks)) <= SENTENCE_WORDS and ptoks[0] == r:
+        opposite = _YES_NO[1 - _YES_NO.index(r)]
+        if (len(ptoks) == 1 or ptoks[1] in _OPENER_MARKS) and opposite not in ptoks:
+            return True
+    if rtoks[0] in _YES_NO and len(rtoks) > 1 and rtoks[1] in _OPENER_MARKS and _states(pred, rtoks[0]):
+        return True                                   # "No, the spots are on a banana." -> "no"
+    if _ends_with(pred, ptoks, rtoks):
+        return True
+    phrase = _answer_phrase(ref)
+    return phrase != rtoks and not _blocked(phrase) and _states(pred, " ".join(phrase))
+
+
+def _contains(hay: list[str], needle: list[str]) -> bool:
+    n = len(needle)
+    return any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
+
+
+def _option_by_text(text: str, choices: list[str]) -> int | None:
+    """The option a prediction names by its text (no letter), or None:
+    1. its normalised text equals an option's: the first such option;
+    2. else the options it states (`_states`: number, yes/no, sentence ending, reference sentence): the
+       one with the most tokens if exactly one has that many ("It is dark red" names "dark red", not "red");
+    3. else its answer phrase (`_answer_phrase`, 1..SHORT_WORDS words, no negation or listing word) is a
+       whole-word phrase of exactly one option ('yellow' names "The color of the umbrella is yellow.")."""
+    p = normalize_answer(text)
+    if not p:
+        return None
+    for k, option in enumerate(choices):
+        if p == normalize_answer(option):
+            return k
+    stated = [k for k, option in enumerate(choices) if _states(text, option)]
+    if stated:
+        size = {k: len(_tokens(choices[k])) for k in stated}
+        top = [k for k in stated if size[k] == max(size.values())]
+        return top[0] if len(top) == 1 else None
+    phrase = _answer_phrase(text)
+    if 1 <= len(_words(phrase)) <= SHORT_WORDS and not _blocked(phrase):
+        inside = [k for k, option in enumerate(choices) if _contains(_tokens(option), phrase)]
+        if len(inside) == 1:
+            return inside[0]
+    return None
+
+
 # "B", "b", "(B)", "[B]", "B.", "B)", "B:", "Option B", each optionally followed by the option text.
 # The bare letter must be followed by space, '.', ':', ')' or the end, so "bed" is not letter b.
 _LETTER = re.compile(r"(?:option\s+)?(?:\(([a-z])\)|\[([a-z])\]|([a-z])(?=[\s.:)]|$))[.:)]?\s*(.*)",
                      re.IGNORECASE | re.DOTALL)
+# Anywhere in a prediction: a bracketed letter "(B)" / "[b]"; or a letter after a keyword ("The answer is
+# B", "Answer: B", "I choose B", "option b."), upper case, or lower case when a mark or the end follows
+# ("the answer is a dog" names no letter).
+_BRACKETED = re.compile(r"[(\[]([A-Za-z])[)\]]")
+_KEYWORD = re.compile(r"(?i:\b(?:answer|option|choice|choose|select|pick)\b(?:\s+(?:is|would\s+be|should\s+be|"
+                      r"will\s+be))?)\s*:?\s*(?:([A-Z])\b|([a-z])(?=[.,;:!?)]|\s*$))")
 
 
 def _parse_letter(pred: str) -> tuple[int, str] | None:
@@ -74,26 +265,50 @@ def _parse_letter(pred: str) -> tuple[int, str] | None:
     return ord(letter.lower()) - ord("a"), m.group(4)
 
 
+def _letter_mentions(pred: str) -> list[tuple[int, str, bool]]:
+    """Every option letter `pred` names: (0-based index, the text after it, weak). Weak: a bare letter that
+    opens the prediction and is followed by a space and more words ("A red car", "I think ...", "B the
+    blue"): it may be an article or a pronoun. Everything else (a whole-prediction letter, "B.", "(B)",
+    keyword forms) is strong."""
+    s = pred.strip()
+    out = []
+    m = _LETTER.fullmatch(s)
+    if m is not None:
+        letter = m.group(1) or m.group(2) or m.group(3)
+        weak = bool(m.group(3) and m.group(4) and not s[:6].lower().startswith("option")
+                    and s[m.end(3)].isspace())
+        out.append((ord(letter.lower()) - ord("a"), m.group(4), weak))
+    for m in _BRACKETED.finditer(s):
+        out.append((ord(m.group(1).lower()) - ord("a"), s[m.end():], False))
+    for m in _KEYWORD.finditer(s):
+        out.append((ord((m.group(1) or m.group(2)).lower()) - ord("a"), s[m.end():], False))
+    return out
+
+
 def choice_index(pred: str, choices: list[str]) -> int | None:
     """Which option `pred` names (0-based), or None.
-    1. A letter form (see _LETTER) names option k if k < len(choices) and the text after the letter
-       is absent or equals option k after normalize_answer ("B. blue" when B is "red": no).
-    2. Otherwise the whole prediction, normalised, equal to an option's normalised text names the
-       first such option (so "A red car" still names the option "red car" when A is something else).
-    """
-    parsed = _parse_letter(pred)
-    if parsed is not None:
-        k, rest = parsed
-        if k < len(choices) and (not rest or normalize_answer(rest) == normalize_answer(choices[k])):
-            return k
-    text = normalize_answer(pred)
-    for k, option in enumerate(choices):
-        if text and text == normalize_answer(option):
-            return k
-    return None
+    1. Letters (`_letter_mentions`; the strong ones if any, else the weak one): the prediction names
+       option k if every letter it names is k, k < len(choices), and the text after each letter (leading
+       marks stripped) is empty or names option k by `_option_by_text` ("B. blue" yes, "(B) red" when B is
+       blue: no, "B. purple": no). Two different letters ("A or (B)") name nothing.
+    2. A prediction with no letter, or whose only letter is weak and fails rule 1 ("A red car": article),
+       is read by its text: `_option_by_text`."""
+    mentions = _letter_mentions(pred)
+    strong = [mt for mt in mentions if not mt[2]]
+    used = strong or mentions
+    if used:
+        letters = {k for k, _, _ in used}
+        if len(letters) == 1:
+            k = letters.pop()
+            if k < len(choices) and all(_option_by_text(rest.lstrip(" .,:;)-"), choices) == k
+                                        for _, rest, _ in used if normalize_answer(rest.lstrip(" .,:;)-"))):
+                return k
+        if strong:
+            return None
+    return _option_by_text(pred, choices)
 
 
-def _answer_index(answer: str, choices: list[str]) -> int:
+def answer_index(answer: str, choices: list[str]) -> int:
     """The correct option: `answer` is a letter ("B", "(B)", "B.": read as a letter whenever it is one
     within range) or an option's text. Neither -> ValueError (a data bug, not a wrong prediction)."""
     parsed = _parse_letter(answer)
@@ -108,17 +323,54 @@ def _answer_index(answer: str, choices: list[str]) -> int:
 
 def accuracy(pred: str | None, answer: str, choices: list[str] | None = None) -> float:
     """1.0 if `pred` is right, else 0.0. None (no answer) -> 0.0; an empty prediction is never right.
-    Without choices: normalize_answer(pred) == normalize_answer(answer).
-    With choices: right if choice_index(pred) is the correct option; a prediction that names no
-    letter is also right if it equals the correct option's text after normalisation."""
+    Without choices: `pred` states `answer` (the free-form rules in the module docstring).
+    With choices: choice_index(pred) is the correct option; a prediction that names no letter is also
+    right if it equals the correct option's text after normalisation (duplicate option texts)."""
     if pred is None or not normalize_answer(pred):
         return 0.0
     if not choices:
-        return float(normalize_answer(pred) == normalize_answer(answer))
-    correct = _answer_index(answer, choices)
+        return float(_states(pred, answer))
+    correct = answer_index(answer, choices)
     if choice_index(pred, choices) == correct:
         return 1.0
-    return float(_parse_letter(pred) is None and normalize_answer(pred) == normalize_answer(choices[correct]))
+    return float(not _letter_mentions(pred) and normalize_answer(pred) == normalize_answer(choices[correct]))
+
+
+def vote_key(pred, choices: list[str] | None = None) -> str | None:
+    """The canonical answer of a prediction, for majority votes (first rule that applies):
+    None           when there is no answer (None, not a string, or empty after normalisation);
+    "option:B"     when choices are given and choice_index names an option;
+    "number:3"     when the answer phrase (`_answer_phrase`) of a one-sentence prediction states one
+                   number (`_sole_number`), written without trailing zeros ("3.0", "three", "There are
+                   3 dogs." -> "number:3"; "1,000" -> "number:1000");
+    "text:yes"/"text:no"  when the prediction opens with yes/no followed by a mark or nothing, and the
+                   other word is absent ("Yes, it is." -> "text:yes");
+    "text:<tokens of the answer phrase, space-joined>"  otherwise ("yellow", "Yellow.", "The umbrella is
+                   yellow.", "It is yellow", "It's yellow" -> "text:yellow"; "It is not yellow" ->
+                   "text:not yellow")."""
+    if not isinstance(pred, str) or not normalize_answer(pred):
+        return None
+    if choices:
+        k = choice_index(pred, choices)
+        if k is not None:
+            return f"option:{chr(65 + k)}"
+    toks, phrase = _tokens(pred), _answer_phrase(pred)
+    if not toks:
+        return "text:" + normalize_answer(pred)       # only symbols outside _TOKEN ("—", "%")
+    value = _sole_number(phrase) if _one_sentence(pred, toks) else None
+    if value is not None:
+        return f"number:{value.normalize():f}"
+    for word, other in zip(_YES_NO, reversed(_YES_NO)):
+        if toks[0] == word and (len(toks) == 1 or toks[1] in _OPENER_MARKS) and other not in toks:
+            return f"text:{word}"
+    return "text:" + " ".join(phrase)
+
+
+def same_answer(a, b, choices: list[str] | None = None) -> bool:
+    """True if two predictions give the same answer: equal vote keys, neither None. An equivalence
+    (reflexive, symmetric, transitive), so votes group without depending on order."""
+    key = vote_key(a, choices)
+    return key is not None and key == vote_key(b, choices)
 
 
 # ----------------------------------------------------------------------------- stage 1

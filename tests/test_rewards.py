@@ -6,8 +6,9 @@ import random
 import pytest
 
 import rewards
-from rewards import (RewardWeights, accuracy, box_area, box_intersection, box_iou, choice_index, coverage,
-                     grounding_reward, l1_distance, normalize_answer, outcome_reward, stage2_reward)
+from rewards import (RewardWeights, accuracy, answer_index, box_area, box_intersection, box_iou, choice_index,
+                     coverage, grounding_reward, l1_distance, normalize_answer, outcome_reward, same_answer,
+                     stage2_reward, vote_key)
 
 CHOICES = ["red", "blue", "green", "yellow"]  # A, B, C, D; the correct one in these tests is B = blue
 
@@ -107,6 +108,233 @@ def test_accuracy(pred, answer, choices, expected):
 def test_accuracy_answer_not_an_option(answer):
     with pytest.raises(ValueError):
         accuracy("B", answer, CHOICES)
+
+
+# V* style options: whole sentences that differ in one word or phrase
+VSTAR = ["The color of the umbrella is yellow.", "The color of the umbrella is blue.",
+         "The color of the umbrella is red.", "The color of the umbrella is white."]
+REL = ["The dog is on the left side of the cat.", "The dog is on the right side of the cat."]
+
+
+@pytest.mark.parametrize("pred, answer, expected", [
+    # numbers compared by value
+    ("3.0", "3", 1.0),
+    ("3", "3.0", 1.0),
+    ("3.00", "3", 1.0),
+    ("1,000", "1000", 1.0),
+    ("1000", "1,000", 1.0),
+    ("50%", "50", 1.0),              # the '%' sign is dropped on both sides
+    ("50", "50%", 1.0),
+    ("0.5", "50%", 0.0),             # no conversion between fractions and percents
+    ("3.5", "3", 0.0),
+    ("-3", "3", 0.0),
+    ("1,000", "100", 0.0),
+    ("three", "3", 1.0),             # number words zero..twenty
+    ("one", "1", 1.0),               # "one" counts only alone ...
+    ("the red one", "1", 0.0),       # ... not as a pronoun
+    # a number inside one short sentence
+    ("There are 3 dogs.", "3", 1.0),
+    ("There are three dogs.", "3", 1.0),
+    ("I count 3 dogs in the picture", "3", 1.0),
+    ("There are 4 dogs.", "3", 0.0),
+    ("There are 3 or 4 dogs.", "3", 0.0),       # two numbers, and a listing word
+    ("3 dogs and 2 cats", "3", 0.0),
+    ("not 3", "3", 0.0),
+    ("more than 3", "3", 0.0),                  # hedge
+    ("at least 3", "3", 0.0),
+    ("The 3rd dog", "3", 0.0),                  # an ordinal is not a number token
+    ("There are 3. Or maybe 4", "3", 0.0),      # two sentences
+    ("There are 3 dogs\nand 4 cats", "3", 0.0),
+    ("I looked at every part of the picture very carefully and I can count 3 dogs", "3", 0.0),  # 16 words
+    # a short reference ending a short one-sentence prediction
+    ("The umbrella is yellow.", "yellow", 1.0),
+    ("It is yellow", "yellow", 1.0),
+    ("It's yellow.", "yellow", 1.0),
+    ("It\u2019s yellow.", "yellow", 1.0),      # curly apostrophe
+    ("The answer is yellow", "yellow", 1.0),
+    ("Answer: yellow", "yellow", 1.0),
+    ("The color of the umbrella in the picture is yellow.", "yellow", 1.0),
+    ("It is on the left side", "the left side", 1.0),   # the reference's article is dropped
+    ("The umbrella is not yellow.", "yellow", 0.0),     # negated
+    ("It isn't yellow", "yellow", 0.0),
+    ("not yellow", "yellow", 0.0),
+    ("yellow or blue", "yellow", 0.0),                  # several candidates
+    ("blue or yellow", "yellow", 0.0),
+    ("It is blue and yellow", "yellow", 0.0),
+    ("red, yellow", "yellow", 0.0),                     # a comma list
+    ("The yellow umbrella", "yellow", 0.0),             # not at the end
+    ("yellowish", "yellow", 0.0),                       # whole words only
+    ("It is blue. No, yellow", "yellow", 0.0),          # two sentences
+    ("I looked at every part of the picture very carefully and the umbrella is yellow", "yellow", 0.0),  # 16 words
+    # yes / no opening a prediction
+    ("Yes, the umbrella is yellow.", "yes", 1.0),
+    ("Yes. It is.", "yes", 1.0),
+    ("No, there is no dog.", "no", 1.0),
+    ("The answer is no", "no", 1.0),
+    ("Yes or no", "yes", 0.0),
+    ("Yes, no", "yes", 0.0),
+    ("No, it is yellow", "yes", 0.0),
+    ("no", "No, the spots are on a banana.", 1.0),      # a reference opening with its verdict
+    ("Yes", "No, the spots are on a banana.", 0.0),
+    # a reference that is a sentence "... is P": the prediction states P
+    ("tan", "The countertop is tan.", 1.0),
+    ("It is tan", "The countertop is tan.", 1.0),
+    ("blue", "The countertop is tan.", 0.0),
+    ("tan", "The countertop is not tan.", 0.0),         # P = "not tan"
+])
+def test_accuracy_free_form_rules(pred, answer, expected):
+    assert accuracy(pred, answer) == expected
+
+
+@pytest.mark.parametrize("pred, answer, choices, expected", [
+    # a letter anywhere it is explicit
+    ("The answer is B", "B", CHOICES, 1.0),
+    ("The answer is B.", "B", CHOICES, 1.0),
+    ("the answer is b.", "B", CHOICES, 1.0),           # lower case when a mark or the end follows
+    ("Answer: (B)", "B", CHOICES, 1.0),
+    ("Answer: B", "B", CHOICES, 1.0),
+    ("The correct option is (B) blue.", "B", CHOICES, 1.0),
+    ("I choose B because it is blue", "B", CHOICES, 1.0),
+    ("The answer is B, blue", "B", CHOICES, 1.0),
+    ("I think the answer is B", "B", CHOICES, 1.0),    # the opening "I" is a pronoun, not a letter
+    ("The answer is A", "B", CHOICES, 0.0),
+    # two letters, or a letter and text that disagree
+    ("A or B", "B", CHOICES, 0.0),
+    ("(A) or (B)", "B", CHOICES, 0.0),
+    ("B and C", "B", CHOICES, 0.0),
+    ("A. The answer is B", "B", CHOICES, 0.0),
+    ("(B) red", "B", CHOICES, 0.0),
+    ("The answer is B, red", "B", CHOICES, 0.0),
+    ("I choose B because it is red", "B", CHOICES, 0.0),
+    ("The answer is E", "B", CHOICES, 0.0),            # out of range
+    # the option's text inside a sentence
+    ("The umbrella is blue.", "B", CHOICES, 1.0),
+    ("It is blue", "blue", CHOICES, 1.0),
+    ("not blue", "B", CHOICES, 0.0),
+    ("blue or red", "B", CHOICES, 0.0),
+    ("There are 3 dogs.", "B", ["2", "3", "4"], 1.0),
+    ("It is dark red", "B", ["red", "dark red"], 1.0),  # states both: the longer option wins
+    ("It is red", "A", ["red", "dark red"], 1.0),
+    # V* options: the short answer inside exactly one option
+    ("yellow", "A", VSTAR, 1.0),
+    ("Yellow.", "A", VSTAR, 1.0),
+    ("The umbrella is yellow.", "A", VSTAR, 1.0),      # its answer phrase "yellow"
+    ("A", "A", VSTAR, 1.0),
+    ("blue", "A", VSTAR, 0.0),
+    ("umbrella", "A", VSTAR, 0.0),                     # in every option
+    ("purple", "A", VSTAR, 0.0),
+    ("not yellow", "A", VSTAR, 0.0),
+    ("B. The color of the umbrella is yellow.", "A", VSTAR, 0.0),   # letter B, text of A
+    ("left", "A", REL, 1.0),
+    ("On the left.", "A", REL, 1.0),
+    ("right", "A", REL, 0.0),
+    ("the dog", "A", REL, 0.0),
+])
+def test_accuracy_multiple_choice_rules(pred, answer, choices, expected):
+    assert accuracy(pred, answer, choices) == expected
+
+
+@pytest.mark.parametrize("answer, choices, expected", [
+    ("B", CHOICES, 1),
+    ("(c)", CHOICES, 2),
+    ("Yellow.", CHOICES, 3),
+    ("The color of the umbrella is blue", VSTAR, 1),
+])
+def test_answer_index(answer, choices, expected):
+    assert answer_index(answer, choices) == expected
+
+
+@pytest.mark.parametrize("pred, answer, expected", [
+    ("\u2014", "yes", 0.0),            # symbols the tokenizer drops: never a crash
+    ("\u2014", "\u2014", 1.0),          # ... still equal after normalisation
+    ("yes", "%", 0.0),
+    ("%", "3", 0.0),
+])
+def test_accuracy_symbols_only(pred, answer, expected):
+    assert accuracy(pred, answer) == expected
+    assert accuracy(pred, "A", [answer, "other"]) == expected
+
+
+def test_answer_judging_never_raises_random():
+    # random mixes of words, letters, numbers and marks: accuracy is 0 or 1, vote_key a string or None
+    pieces = list("abAB .,;:!?/&%()[]'\"-\n\u2019\u2014") + ["the", "is", "answer", "(B)", "1,000", "not", "or",
+                                                          "It's", "yellow", "three", "yes", "no"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        pred = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        ref = rng.choice(["yes", "No, it is.", "3", "yellow", "The countertop is tan.", "%"])
+        assert accuracy(pred, ref) in (0.0, 1.0)
+        assert accuracy(pred, rng.choice("ABCD"), VSTAR) in (0.0, 1.0)
+        assert vote_key(pred) is None or vote_key(pred).startswith(("text:", "number:"))
+        assert vote_key(pred, CHOICES) is None or isinstance(vote_key(pred, CHOICES), str)
+
+
+def test_one_sentence_names_at_most_one_candidate():
+    # the end anchor and the single-number rule: however the words are arranged, a prediction is right
+    # for at most one of several one-word answers, so listing candidates earns nothing
+    candidates = ["red", "blue", "green", "3", "4", "left"]
+    filler = ["the", "umbrella", "is", "it", "and", "or", "not", ",", "there", "are", "dogs", "."]
+    rng = random.Random(0)
+    for _ in range(2000):
+        pred = " ".join(rng.choice(candidates + filler) for _ in range(rng.randint(1, 8)))
+        assert sum(accuracy(pred, c) for c in candidates) <= 1.0, pred
+
+
+# ----------------------------------------------------------------------------- votes
+
+@pytest.mark.parametrize("pred, choices, expected", [
+    ("yellow", None, "text:yellow"),
+    ("Yellow.", None, "text:yellow"),
+    ("The umbrella is yellow.", None, "text:yellow"),
+    ("It is yellow", None, "text:yellow"),
+    ("It's yellow", None, "text:yellow"),
+    ("blue", None, "text:blue"),
+    ("It is not yellow", None, "text:not yellow"),
+    ("yellow or blue", None, "text:yellow or blue"),
+    ("3", None, "number:3"),
+    ("3.0", None, "number:3"),
+    ("three", None, "number:3"),
+    ("There are 3 dogs.", None, "number:3"),
+    ("1,000", None, "number:1000"),
+    ("2.50", None, "number:2.5"),
+    ("The two dogs are brown", None, "text:brown"),   # the answer phrase after "are" holds no number
+    ("Yes, it is.", None, "text:yes"),
+    ("No.", None, "text:no"),
+    ("B", CHOICES, "option:B"),
+    ("The answer is (B)", CHOICES, "option:B"),
+    ("blue", CHOICES, "option:B"),
+    ("purple", CHOICES, "text:purple"),                # names no option
+    (None, None, None),
+    ("", None, None),
+    (" . ", None, None),
+    (3, None, None),                                   # not a string
+    ("\u2014", None, "text:\u2014"),                      # no token at all: the normalised text
+])
+def test_vote_key(pred, choices, expected):
+    assert vote_key(pred, choices) == expected
+
+
+@pytest.mark.parametrize("a, b, choices, expected", [
+    ("yellow", "The umbrella is yellow.", None, True),
+    ("It is yellow", "Yellow.", None, True),
+    ("yellow", "blue", None, False),
+    ("yellow", "It is not yellow", None, False),
+    ("3", "There are three dogs.", None, True),
+    ("3", "4", None, False),
+    ("B", "The answer is (B)", CHOICES, True),
+    ("B", "blue", CHOICES, True),
+    ("B", "C", CHOICES, False),
+    (None, None, None, False),                         # no answer is never the same answer
+    ("", "", None, False),
+])
+def test_same_answer(a, b, choices, expected):
+    assert same_answer(a, b, choices) == expected
+    assert same_answer(b, a, choices) == expected
+
+
+def test_vote_paraphrases_fall_into_one_vote():
+    preds = ["yellow", "Yellow.", "The umbrella is yellow.", "It is yellow", "blue"]
+    assert [vote_key(p) for p in preds] == ["text:yellow"] * 4 + ["text:blue"]
 
 
 # ----------------------------------------------------------------------------- stage 1
