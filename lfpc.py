@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 
 import crop_tool
@@ -403,20 +404,35 @@ def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int
 
 # ----------------------------------------------------------------------------- log-probs
 
-def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
     """log pi(token_t | tokens_<t) at every loss-mask position, 0 elsewhere: [B, T].
 
-    One forward over whole episodes; the lm_head runs only where the loss needs it.
+    One forward over whole episodes; the lm_head runs only where the loss needs it, `chunk` sampled
+    tokens at a time under activation checkpointing, so [tokens, vocabulary] logits exist for one chunk
+    only, in the forward and again in the backward (0: all at once, the plain computation).
     """
     h = engine.forward(model, batch)                                             # [B, T, H]
     want = batch.loss_mask[:, 1:].bool()                                         # [B, T-1]: token t+1 is sampled
-    logits = engine.env_only_masked(model.lm_head(h[:, :-1][want]).float(), batch.env_only_ids)   # [N, V]
-    if temperature > 0:
-        logits = logits / temperature
-    lp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, 1:][want][:, None])[:, 0]   # [N]
+    hs, targets = h[:, :-1][want], batch.input_ids[:, 1:][want]                  # [N, H], [N]
+    step = chunk if chunk > 0 else max(1, len(targets))
+    parts = []
+    for i in range(0, len(targets), step):
+        args = (model.lm_head, hs[i:i + step], targets[i:i + step], temperature, batch.env_only_ids)
+        parts.append(torch.utils.checkpoint.checkpoint(_target_logprobs, *args, use_reentrant=False)
+                     if chunk > 0 and torch.is_grad_enabled() else _target_logprobs(*args))
+    lp = torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.float32)    # [N]
     out = torch.zeros(batch.input_ids.shape, dtype=lp.dtype, device=lp.device)  # [B, T]
     out[:, 1:][want] = lp
     return out
+
+
+def _target_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     env_only_ids: list[int]) -> torch.Tensor:
+    """log_softmax(lm_head(h) / T)[target] for n positions: [n] (fp32), h [n, H], targets [n]."""
+    logits = engine.env_only_masked(lm_head(h).float(), env_only_ids)            # [n, V]
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]      # [n]
 
 
 # ----------------------------------------------------------------------------- loading tasks

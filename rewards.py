@@ -292,7 +292,12 @@ def choice_index(pred: str, choices: list[str]) -> int | None:
        marks stripped) is empty or names option k by `_option_by_text` ("B. blue" yes, "(B) red" when B is
        blue: no, "B. purple": no). Two different letters ("A or (B)") name nothing.
     2. A prediction with no letter, or whose only letter is weak and fails rule 1 ("A red car": article),
-       is read by its text: `_option_by_text`."""
+       is read by its text: `_option_by_text`.
+    Before both: a prediction equal to an option's text (normalised) names that option, even when it
+    could be read as a letter ("x" among the options "x", "y")."""
+    exact = [k for k, o in enumerate(choices) if normalize_answer(pred) and normalize_answer(pred) == normalize_answer(o)]
+    if exact:
+        return exact[0]
     mentions = _letter_mentions(pred)
     strong = [mt for mt in mentions if not mt[2]]
     used = strong or mentions

@@ -544,3 +544,8 @@ def test_stage2_reward_unknown_mode():
     with pytest.raises(ValueError):
         stage2_reward("B", "B", CHOICES, 0, 1, B1, GT, IMG, mode="multiply")
     assert rewards.MODES == ("add", "geo_only")
+
+
+def test_an_options_exact_text_wins_over_an_out_of_range_letter():
+    assert rewards.choice_index("x", ["x", "y"]) == 0 and rewards.accuracy("x", "A", ["x", "y"]) == 1.0
+    assert rewards.choice_index("y.", ["x", "y"]) == 1 and rewards.accuracy("B", "B", ["x", "y"]) == 1.0
