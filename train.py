@@ -37,7 +37,10 @@ Departures from the paper, on purpose:
 - Binary search over a resolution ladder instead of the paper's level-by-level scan.
 - Toy preset: lr 1e-4 (2e-5 left the toy flat over 60 steps), 8 prompts x 8 rollouts, 60 steps,
   fp32 on CPU. Paper preset: lr 1e-6, 256 x 16 (paper), gradient checkpointing, bf16 autocast over
-  fp32 master weights.
+  fp32 master weights. One-gpu preset: LoRA r64 (alpha 128) on the language model's projections, the
+  frozen base in bf16, the adapters and their AdamW state in fp32.
+- Precision: rollouts, the info-gap prober and the training forward all run under the same
+  `precision` (bf16 autocast on a GPU), so the policy that samples is the policy that is trained.
 """
 from __future__ import annotations
 
@@ -168,7 +171,7 @@ def main(argv=None) -> None:
     tasks = load_data(a, agent)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
-        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=torch.float32).model.eval().requires_grad_(False)
+        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=base_dtype(a)).model.eval().requires_grad_(False)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
     start = 0
@@ -213,7 +216,8 @@ def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lf
     rollout engine did."""
     agent.model.eval()
     work = engine.Work()
-    episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step, work=work)
+    with precision(agent):                          # sample in the precision of the update
+        episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step, work=work)
     score(a, episodes, tasks)
     return episodes, work
 
@@ -231,12 +235,11 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     model.train()
     opt.zero_grad(set_to_none=True)
     sums, counted, gap = {}, 0, 0.0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
     for k in range(0, len(live), a.micro_batch):
         idx = live[k:k + a.micro_batch]
         batch = engine.collate(agent, [episodes[i] for i in idx])
         t0 = time.perf_counter()
-        with autocast:
+        with precision(agent):
             lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
             ref = None
             if ref_model is not None:
@@ -322,8 +325,9 @@ def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
         return tasks
     if all(t.max_pixels for t in tasks):
         return tasks                                   # budgets already in the data (info_gap.py --out)
-    records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
-                             a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=4 * a.micro_batch)
+    with precision(agent):
+        records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
+                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=4 * a.micro_batch)
     print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]
@@ -336,25 +340,37 @@ def prober_config(a: Args) -> info_gap.ProberConfig:
                                  temperature=a.temperature, max_new_tokens=a.probe_max_new_tokens, resample=a.resample)
 
 
+def base_dtype(a: Args) -> torch.dtype:
+    """The weights' dtype: with --lora the frozen base in bf16 (its adapters are fp32), else fp32 masters."""
+    return torch.bfloat16 if a.lora else torch.float32
+
+
+def precision(agent: lfpc.Agent):
+    """The precision of every forward, rollouts and the info-gap prober included: bf16 autocast on a GPU
+    (fp32 master weights, or a bf16 base with fp32 adapters), the weights' own dtypes on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
+
+
 def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
-    """The policy in fp32 (master weights; autocast does bf16 on GPU), optionally with LoRA adapters.
+    """The policy: fp32 master weights (full fine-tuning; autocast does bf16 on GPU), or with --lora a
+    frozen bf16 base and fp32 LoRA adapters (pure-bf16 AdamW at lr 1e-6 would drop most updates).
     Loads `ckpt` (resuming) or else `a.model`. A folder of LoRA adapters (what a --lora run saves)
     loads its base model, then the adapters: trained on with --lora, merged into the weights without."""
     src = ckpt or a.model
     adapter_cfg = os.path.join(src, "adapter_config.json")
     if not os.path.isfile(adapter_cfg):
-        agent = lfpc.load_agent(src, device=a.device, dtype=torch.float32)
+        agent = lfpc.load_agent(src, device=a.device, dtype=base_dtype(a))
         if a.lora:
             agent = apply_lora(agent, a.lora)
     else:
         with open(adapter_cfg) as f:
             base = json.load(f)["base_model_name_or_path"]
-        agent = lfpc.load_agent(base, device=a.device, dtype=torch.float32)
+        agent = lfpc.load_agent(base, device=a.device, dtype=base_dtype(a))
         for k, v in lfpc.read_prompts(src).items():                       # the run's prompts, not the base's
             setattr(agent, k, v)
         agent = apply_lora(agent, a.lora, adapters=src)
-        if not a.lora:
-            agent.model = agent.model.merge_and_unload().requires_grad_(True)     # peft froze the base
+        if not a.lora:                                                       # fp32 masters for full fine-tuning
+            agent.model = agent.model.merge_and_unload().float().requires_grad_(True)     # peft froze the base
     if a.grad_ckpt:
         enable_grad_ckpt(agent)
     return agent
@@ -372,7 +388,7 @@ def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
     else:
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                               target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        agent.model = peft.get_peft_model(agent.model, cfg)
+        agent.model = peft.get_peft_model(agent.model, cfg, autocast_adapter_dtype=True)   # adapters in fp32
     agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
     agent.model.lm_head = agent.model.base_model.model.lm_head
     return agent

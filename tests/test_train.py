@@ -108,6 +108,7 @@ def test_one_step_at_lr_1e6_changes_the_fp32_master_weights(base, monkeypatch):
     """Pure-bf16 AdamW at lr 1e-6 drops most updates (w + 1e-6 rounds back to w); fp32 masters keep them."""
     m, before, after = _one_step(base, monkeypatch, 1e-6)
     assert m["loss/trained_episodes"] > 0
+    assert m["loss/sampler_gap"] < 1e-5                                   # fp32: sampler and trainer agree
     changed = [(after[k] != before[k]).float().mean().item() for k in before if after[k].grad is not None]
     assert changed and sum(changed) / len(changed) > 0.5
     w = torch.ones(1000, dtype=torch.bfloat16)
@@ -127,6 +128,12 @@ def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, mon
     for k in before:
         if "lora_" not in k:
             assert not after[k].requires_grad and torch.equal(before[k], after[k].detach()), k
+            assert after[k].dtype == torch.bfloat16, k                     # the frozen base in bf16
+        else:
+            assert after[k].dtype == torch.float32, k                      # the adapters in fp32
+    # sampled with the bf16 base and trained with it: the update's old log-probs are its own (ratio 1)
+    assert m["loss/ratio_mean"] == 1.0 and m["loss/clip_frac"] == 0.0
+    assert 0.0 <= m["loss/sampler_gap"] < 0.05
 
 
 def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp_path):
