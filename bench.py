@@ -5,6 +5,10 @@
     python bench.py --config 7b --batch 64 --lora 64           # one GPU: random-weight Qwen2.5-VL-7B
     python bench.py --config 3b --batch 64                     # 3B, full fine-tuning, fp32 master weights
     python bench.py --config tiny --batch 4 --visual-tokens 16 --prompt-tokens 40 --response-tokens 8
+    python bench.py --config 7b --estimate-memory --lora 64 --response-tokens 2048 --group 16   # CPU, no GPU
+
+Memory mode (--estimate-memory) prints the peak memory of one stage-1 step of the real config by kind,
+estimated on a CPU without allocating the weights (memory.py: fake tensors and torch's MemTracker).
 
 Toy mode (no --config) times what train.py does: rollouts (multi-turn sampling with crops), rewards
 and advantages, the log-prob recompute with backward in micro-batches, the optimizer step.
@@ -60,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", default="cached", choices=list(lfpc.ENGINES),
                    help="toy mode: rollout engine (cached: KV cache across turns; reference: re-prefill each turn)")
     p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="config mode, CPU, no weights allocated: peak memory of one stage-1 step by kind (memory.py)")
+    p.add_argument("--rollout-rows", type=int, default=16, help="estimate: episodes sharing one rollout chunk's KV cache")
+    p.add_argument("--train-tokens", type=int, default=16384, help="estimate: padded tokens per training micro-batch")
+    p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
+    p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
+    p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
     p.add_argument("--device", default="", help='"" = cuda if available else cpu')
@@ -67,7 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if a.config in ("3b", "7b") and not a.device.startswith("cuda"):
+    if a.estimate_memory and not a.config:
+        p.error("--estimate-memory needs --config 7b, 3b or tiny")
+    if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not a.estimate_memory:
         p.error(f"--config {a.config} needs a CUDA GPU (its fp32 weights alone are "
                 f"{ {'3b': 15, '7b': 33}[a.config] } GB); --config tiny runs the same path on CPU")
     side = math.isqrt(a.visual_tokens)
@@ -261,6 +274,18 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.estimate_memory:
+        import memory
+        shape = memory.StepShape(config=a.config, lora=a.lora, visual_tokens=a.visual_tokens,
+                                 response_tokens=a.response_tokens, crops=a.crops, crop_tokens=a.crop_tokens,
+                                 rollout_rows=a.rollout_rows, group=a.group, train_tokens=a.train_tokens,
+                                 logprob_chunk=a.logprob_chunk)
+        t0 = time.perf_counter()
+        report = {"mode": "estimate-memory", **memory.estimate(shape), "seconds": round(time.perf_counter() - t0, 1),
+                  **_versions("cpu")}
+        print(json.dumps(report, indent=1))
+        print(memory.format_report(report))
+        return report
     report = config_step(a) if a.config else toy_step(a)
     print(json.dumps(report, indent=1))
     return report

@@ -266,6 +266,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
         opt.zero_grad(set_to_none=True)
         return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
     opt.step()
+    opt.zero_grad(set_to_none=True)                                       # the rollout of the next step holds no gradients
     lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
     lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
     lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live),

@@ -1,0 +1,314 @@
+"""Peak GPU memory of one stage-1 step of a real Qwen2.5-VL config, estimated on a CPU in minutes without
+allocating the weights.
+
+    python bench.py --config 7b --estimate-memory --lora 64                   # 7B LoRA r64, 1K global images
+    python bench.py --config 7b --estimate-memory --lora 64 --visual-tokens 16384 --rollout-rows 8
+    python bench.py --config 3b --estimate-memory                             # 3B full fine-tuning
+
+Method: the language model runs under torch's FakeTensorMode (shapes and dtypes, no storage) inside
+`torch.distributed._tools.mem_tracker.MemTracker`, which records the bytes alive at the peak by kind
+(parameters, gradients, optimizer state, activations and temporaries). A step has two phases, and its
+peak is the larger of the two:
+- held throughout: the weights and AdamW's two fp32 moments of what trains (from the first step on);
+  gradients exist from the first backward of a step until `train.update_policy` frees them after its
+  optimizer step (so the rollout never holds them);
+- rollout: the KV cache of one rollout chunk at its longest (`--rollout-rows` rows of the
+  bound length: prompt + all response tokens + every crop; exact formula `kv_bytes`), and the largest
+  prefill of the cached engine (one chunk's prompts, or an observation of one crop for every row),
+  tracked as a no-grad forward;
+- training: the gradients, and the activations of one micro-batch of `--train-tokens` padded tokens
+  (episodes of the bound length) through the forward with gradient checkpointing, the chunked log-prob
+  head (`lfpc.token_logprobs`'s building block, `--logprob-chunk` tokens at a time), backward and
+  AdamW, tracked (the peak of activations and temporaries over the whole micro-batch).
+The vision tower cannot run under fake tensors (its windowing computes shapes from values), so it is
+measured on REAL CPU tensors with the published vision config on a small image and scaled linearly
+in patches (windowed attention and memory-efficient full attention are linear in memory): frozen under
+LoRA (a transient of the forward), trained under full fine-tuning (its checkpointed activations held
+through the backward). What the estimate leaves out: the CUDA context and cuBLAS workspaces (~1 GB),
+allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
+A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+import models
+
+GiB = 2**30
+
+
+@dataclass
+class StepShape:
+    """The step whose memory is estimated (defaults: the one-gpu preset at the 1K global budget)."""
+    config: str = "7b"
+    lora: int = 64                   # 0: full fine-tuning (fp32 master weights, bf16 autocast)
+    visual_tokens: int = 1024        # global image
+    text_tokens: int = 200           # system prompt, question, chat tags
+    response_tokens: int = 2048      # sampled tokens of an episode, all turns
+    crops: int = 4                   # crops an episode may hold (max_turns - 1)
+    crop_tokens: int = 1280          # visual tokens of a crop (the crop budget)
+    rollout_rows: int = 16           # episodes sharing one rollout chunk's KV cache
+    group: int = 16                  # rollouts per prompt: a chunk prefills rollout_rows / group prompts
+    train_tokens: int = 16384        # padded tokens per training micro-batch
+    logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head
+    grad_ckpt: bool = True
+
+    @property
+    def episode_tokens(self) -> int:
+        """The bound on an episode's length: prompt, responses, and each crop with its turn's tags."""
+        return self.visual_tokens + self.text_tokens + self.response_tokens + self.crops * (self.crop_tokens + 30)
+
+
+def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
+    """The two phases' peaks by kind, in bytes, and the step's peak (module docstring). `fake=False` runs
+    the same phases on real CPU tensors (the tiny config: what the test compares against)."""
+    config = model_config(s.config)
+    text = config.get_text_config()
+    weights = _weights_bytes(config, s.lora)
+    kv = kv_bytes(text, s.rollout_rows, s.episode_tokens)
+    prompts = max(1, s.rollout_rows // s.group)
+    frozen = lambda: _language_model(config, lora=1)[:1]
+    prefill = max(_tracked(frozen, lambda lm: _prefill_step(lm, prompts, s.visual_tokens + s.text_tokens), fake),
+                  _tracked(frozen, lambda lm: _prefill_step(lm, s.rollout_rows, s.crop_tokens + 30), fake),
+                  key=lambda snap: snap["activations"])
+    trainable = _trainable_bytes(config, s.lora)
+    held = {"weights": weights, "optimizer": 2 * trainable}          # AdamW's moments live from step 1 on
+    rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
+    per_mb = max(1, s.train_tokens // s.episode_tokens)
+    step = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s),), lambda p: _train_step(p, s, per_mb), fake)
+    train = {**held, "gradients": trainable, "activations": step["activations"]}   # grads of earlier micro-batches
+    head = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s).head,),
+                    lambda h: _head_step(h, s, config.get_text_config().hidden_size), fake)
+    out = {"shape": {**asdict(s), "episode_tokens": s.episode_tokens, "episodes_per_micro_batch": per_mb},
+           "rollout": rollout, "training": train, "logits_per_chunk": head["activations"],
+           "tracked_training_step": step}
+    if vision:
+        v = vision_bytes(config, s.visual_tokens * 4, train=not s.lora)
+        rollout["vision"] = v["transient"]
+        train["vision"] = v["held"] * per_mb + v["transient"]
+    for phase in ("rollout", "training"):
+        out[phase]["total"] = sum(v for k, v in out[phase].items() if k != "total")
+    out["peak"] = max(out["rollout"]["total"], out["training"]["total"])
+    return out
+
+
+def model_config(name: str):
+    """The published config of "7b" / "3b" (models.real_config), or "tiny" (models.tiny_agent's)."""
+    if name == "tiny":
+        return models.tiny_agent().model.config
+    return models.real_config(name, models.build_tiny_tokenizer())
+
+
+def kv_bytes(text_config, rows: int, tokens: int, bytes_per: int = 2) -> int:
+    """Keys and values of every layer for rows x tokens, in bf16: 2 x layers x kv heads x head dim each."""
+    c = text_config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * bytes_per * rows * tokens
+
+
+def _weights_bytes(config, lora: int) -> int:
+    """The whole model's weights: a bf16 base and fp32 adapters under LoRA, fp32 master weights else."""
+    return 4 * _parameters(config) if not lora else 2 * _parameters(config) + _trainable_bytes(config, lora)
+
+
+def _parameters(config) -> int:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+
+
+def _trainable_bytes(config, lora: int) -> int:
+    """fp32 bytes of what trains: the LoRA adapters (rank `lora` on q, k, v, o, gate, up, down of every
+    layer), or the whole model. Gradients take as much, AdamW's two moments twice as much."""
+    if not lora:
+        return 4 * _parameters(config)
+    c = config.get_text_config()
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    shapes = [(c.hidden_size, c.hidden_size), (c.hidden_size, kv), (c.hidden_size, kv), (c.hidden_size, c.hidden_size),
+              (c.hidden_size, c.intermediate_size), (c.hidden_size, c.intermediate_size),
+              (c.intermediate_size, c.hidden_size)]                       # q, k, v, o, gate, up, down
+    return 4 * c.num_hidden_layers * sum(lora * (i + o) for i, o in shapes)
+
+
+# ----------------------------------------------------------------------------- the tracked phases
+
+def _tracked(build, run, fake: bool = True) -> dict:
+    """Build the modules (under FakeTensorMode when `fake`), then `run(*modules)` under MemTracker; the peak
+    snapshot in bytes by kind. The modules are built before tracking starts; their trainable parameters
+    are registered with the tracker (their gradients and optimizer state are then attributed), frozen
+    weights are not (`estimate` counts all weights from the config)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        modules = build()
+        tracker = _tracker()
+        trainable = [m for top in modules for m in top.modules()
+                     if any(p.requires_grad for p in m.parameters(recurse=False))]
+        if trainable:                  # the tracker hooks every parameter it tracks for its gradient
+            tracker.track_external(*trainable)
+        with tracker:
+            run(*modules)
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {"weights": snap.get("Parameter", 0) + snap.get("Buffer", 0), "gradients": snap.get("Gradient", 0),
+            "optimizer": snap.get("Optstate", 0), "activations": snap.get("Activation", 0) + snap.get("Temp", 0)
+            + snap.get("Other", 0)}
+
+
+def _tracker():
+    """torch's MemTracker, taught to skip its gradient hooks on modules holding frozen parameters (it would
+    refuse them: a hook needs requires_grad); the LoRA adapters' own modules still get theirs."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            trainable = all(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+    return Tracker()
+
+
+def _language_model(config, lora: int):
+    """The language model and lm_head in training dtypes: bf16 frozen + fp32 LoRA adapters, or fp32 masters."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)     # built in its dtype (fake tensors
+    try:                                                                     # cannot be cast after the fact)
+        lm = Qwen2_5_VLTextModel(config.get_text_config())
+        head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
+    finally:
+        torch.set_default_dtype(prev)
+    if lora:
+        lm.requires_grad_(False)
+        head.requires_grad_(False)
+        for name, module in list(lm.named_modules()):
+            for child, layer in list(module.named_children()):
+                if child in LORA_TARGETS and isinstance(layer, torch.nn.Linear):
+                    setattr(module, child, LoRALinear(layer, lora))
+    return lm, head
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # train.apply_lora's
+
+
+class LoRALinear(torch.nn.Module):
+    """What peft's LoRA Linear computes (tested equal): base(x) + B(A(x in fp32)) * alpha / r, cast back to
+    the base's dtype; the adapters in fp32, B zero at the start. peft itself cannot wrap fake modules (it
+    moves adapters with .to(), which fake parameters refuse)."""
+
+    def __init__(self, base: torch.nn.Linear, r: int):
+        super().__init__()
+        self.base, self.scale = base, 2.0                          # alpha = 2r, as train.apply_lora
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, dtype=torch.float32)
+        torch.nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        out = self.base(x)
+        return (out + self.lora_B(self.lora_A(x.to(torch.float32))) * self.scale).to(out.dtype)
+
+
+def _prefill_step(lm, rows: int, tokens: int) -> None:
+    """A no-grad prefill of rows x tokens (the KV cache's own bytes are counted as kv_cache)."""
+    x = torch.zeros(rows, tokens, lm.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lm(inputs_embeds=x, position_ids=_positions(rows, tokens), use_cache=False)
+
+
+class _Policy(torch.nn.Module):
+    """The language model and the log-prob head as one module (MemTracker allows a submodule, not a root
+    module, to be called several times in a step: the head runs once per chunk)."""
+
+    def __init__(self, lm, head, s: StepShape):
+        super().__init__()
+        self.lm, self.head, self.s = lm, head, s
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import lfpc
+        s, T = self.s, x.shape[1]
+        h = self.lm(inputs_embeds=x, position_ids=_positions(x.shape[0], T), use_cache=False).last_hidden_state
+        hs = h[:, T - s.response_tokens - 1:-1].reshape(-1, h.shape[-1])          # [N, H]: the response positions
+        return torch.cat([torch.utils.checkpoint.checkpoint(lfpc._target_logprobs, self.head, hs[i:i + s.logprob_chunk],
+                                                            targets[i:i + s.logprob_chunk], 1.0, [], use_reentrant=False)
+                          for i in range(0, len(targets), s.logprob_chunk)])        # [N]
+
+
+def _train_step(policy: _Policy, s: StepShape, episodes: int) -> None:
+    """One micro-batch: forward (gradient checkpointing), the chunked log-prob head over the response
+    tokens, backward, AdamW. Mirrors train.update_policy with a static response slice."""
+    if s.grad_ckpt:
+        policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
+                    dtype=torch.bfloat16 if s.lora else torch.float32)
+    targets = torch.zeros(episodes * s.response_tokens, dtype=torch.long)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not s.lora):
+        lp = policy(x, targets)
+    lp.sum().backward()
+    opt.step()
+
+
+def _head_step(head, s: StepShape, hidden: int) -> None:
+    """One chunk of the log-prob head, forward and backward: the [chunk, vocabulary] logits' share."""
+    import lfpc
+    h = torch.zeros(s.logprob_chunk, hidden, dtype=torch.bfloat16 if s.lora else torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not s.lora):
+        lp = lfpc._target_logprobs(head, h, torch.zeros(s.logprob_chunk, dtype=torch.long), 1.0, [])
+    lp.sum().backward()
+
+
+def _positions(rows: int, tokens: int) -> torch.Tensor:
+    return torch.arange(tokens).view(1, 1, -1).expand(3, rows, -1)
+
+
+# ----------------------------------------------------------------------------- the vision tower, on real tensors
+
+def vision_bytes(config, patches: int, train: bool, sample_side: int = 16) -> dict:
+    """The vision tower's memory for an image of `patches` 14-px patches, measured on real CPU tensors
+    (the published vision config, a sample_side x sample_side-patch image, bf16) and scaled linearly:
+    "transient" (the forward's peak beyond its weights) and "held" (activations kept for the backward
+    when the tower trains, with gradient checkpointing: one tensor per block)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    vc = config.vision_config
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc)
+    finally:
+        torch.set_default_dtype(prev)
+    n = sample_side * sample_side
+    pix = torch.zeros(n, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, dtype=torch.bfloat16)
+    grid = torch.tensor([[1, sample_side, sample_side]])
+    with torch.no_grad():
+        snap = _tracked(lambda: (tower,), lambda t: t(pix, grid_thw=grid), fake=False)
+    scale = patches / n
+    held = vc.depth * patches * vc.hidden_size * 2 if train else 0     # one bf16 [patches, hidden] per block
+    return {"transient": int(snap["activations"] * scale), "held": held}
+
+
+# ----------------------------------------------------------------------------- host memory of the episodes
+
+def episode_bytes(episodes) -> dict:
+    """Host bytes the step's episodes hold, with shared images counted once: the images as PIL (uint8), the
+    token lists; and what fp32 pixel tensors kept per episode and image (the design before) would hold."""
+    images = {id(im): im for e in episodes for im in e.images}
+    pil = sum(im.width * im.height * len(im.getbands()) for im in images.values())
+    tokens = sum(len(e.token_ids) for e in episodes)
+    fp32_per_episode = sum(im.width * im.height // 14**2 * 3 * 2 * 14**2 * 4 for e in episodes for im in e.images)
+    return {"images": pil, "token_lists": tokens * 3 * 8, "distinct_images": len(images),
+            "fp32_pixels_per_episode_before": fp32_per_episode}
+
+
+def format_report(r: dict) -> str:
+    """The breakdown as aligned text, in GiB."""
+    lines = [f"{r['shape']['config']} {'LoRA r' + str(r['shape']['lora']) if r['shape']['lora'] else 'full fine-tuning'}, "
+             f"episodes of {r['shape']['episode_tokens']} tokens (global {r['shape']['visual_tokens']}, response "
+             f"{r['shape']['response_tokens']}, {r['shape']['crops']} crops of {r['shape']['crop_tokens']})"]
+    for phase in ("rollout", "training"):
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r[phase].items() if k != "total")
+        lines.append(f"  {phase:<9} {r[phase]['total'] / GiB:6.2f} GiB at its peak ({parts})")
+    lines.append(f"  logits of one chunk of the log-prob head (part of the activations) {r['logits_per_chunk'] / GiB:.2f}")
+    lines.append(f"  peak      {r['peak'] / GiB:6.2f} GiB")
+    return "\n".join(lines)
+

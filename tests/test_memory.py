@@ -1,0 +1,70 @@
+"""Tests for memory.py: the fake-tensor estimate agrees with the same step on real tensors (tiny model),
+its LoRA stand-in computes what peft computes, the exact formulas by hand, host bytes of episodes."""
+import pytest
+import torch
+
+import lfpc
+import memory
+import models
+
+TINY = dict(config="tiny", visual_tokens=16, text_tokens=40, response_tokens=48, crops=2, crop_tokens=16,
+            rollout_rows=4, group=2, train_tokens=512, logprob_chunk=16)
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_fake_tensor_estimate_agrees_with_real_tensors_within_10_percent(lora):
+    """The same phases, tracked by the same MemTracker, once on fake tensors (what the 7B estimate uses)
+    and once on real CPU tensors of the tiny model: every phase's peak within 10 %."""
+    s = memory.StepShape(**TINY, lora=lora)
+    fake, real = memory.estimate(s, vision=False, fake=True), memory.estimate(s, vision=False, fake=False)
+    for phase in ("rollout", "training"):
+        assert fake[phase]["total"] == pytest.approx(real[phase]["total"], rel=0.10), phase
+        assert fake[phase]["activations"] > 0
+    assert fake["logits_per_chunk"] == pytest.approx(real["logits_per_chunk"], rel=0.10)
+    for kind, v in real["tracked_training_step"].items():          # the tracker's own breakdown, kind by kind
+        assert fake["tracked_training_step"][kind] == pytest.approx(v, rel=0.10, abs=1024), kind
+
+
+def test_lora_stand_in_computes_what_peft_computes(tiny):
+    peft = pytest.importorskip("peft")
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    ours = memory.LoRALinear(base, 2)
+    torch.nn.init.normal_(ours.lora_B.weight)
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(8, 6).to(torch.bfloat16))
+    model.q_proj.load_state_dict(base.state_dict())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+                                  autocast_adapter_dtype=True)
+    layer = wrapped.base_model.model.q_proj
+    layer.lora_A["default"].weight.data.copy_(ours.lora_A.weight)
+    layer.lora_B["default"].weight.data.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    torch.testing.assert_close(ours(x), layer(x), rtol=0, atol=0)
+
+
+def test_kv_cache_bytes_by_hand():
+    text = memory.model_config("7b").get_text_config()
+    # 2 (keys, values) x 28 layers x 4 kv heads x 128 dims x 2 bytes = 57,344 bytes a token
+    assert memory.kv_bytes(text, 1, 1) == 57_344 and memory.kv_bytes(text, 16, 8512) == 16 * 8512 * 57_344
+
+
+def test_weights_bytes_of_7b_lora_and_full():
+    c = memory.model_config("7b")
+    # adapters: r x (in + out) for q, k, v, o (3584+3584, 3584+512 twice, 3584+3584), gate, up, down
+    per_layer = 64 * (7168 + 4096 + 4096 + 7168 + 3 * (3584 + 18944))
+    assert memory._trainable_bytes(c, 64) == 4 * 28 * per_layer
+    assert memory._weights_bytes(c, 64) == 2 * 8_292_166_656 + 4 * 28 * per_layer
+    assert memory._weights_bytes(c, 0) == 4 * 8_292_166_656
+
+
+def test_episode_bytes_counts_shared_images_once():
+    from PIL import Image
+    im = Image.new("RGB", (56, 28))
+    eps = [lfpc.Episode(0) for _ in range(4)]
+    for e in eps:
+        e.append([1, 2, 3], images=[(im, (1, 2, 4))])
+    b = memory.episode_bytes(eps)
+    assert b["images"] == 56 * 28 * 3 and b["distinct_images"] == 1 and b["token_lists"] == 4 * 3 * 3 * 8
+    # before: each episode kept its own fp32 patches: 8 patches x 1176 values x 4 bytes
+    assert b["fp32_pixels_per_episode_before"] == 4 * 8 * 1176 * 4
