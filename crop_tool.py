@@ -47,7 +47,8 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 TOOL_NAME = "image_zoom_in_tool"
 FACTOR = 28  # Qwen2.5-VL: 14-px patches merged 2x2, so image sides are multiples of 28
@@ -55,7 +56,33 @@ TOKEN_PIXELS = FACTOR * FACTOR  # pixels per visual token: a budget of n tokens 
 EXPECTED = '<tool_call>{"name": "%s", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>' % TOOL_NAME
 
 
-# ----------------------------------------------------------------------------- resizing
+# ----------------------------------------------------------------------------- opening and resizing
+
+def open_image(source) -> Image.Image:
+    """THE one way an image file is opened, as transformers' and qwen_vl_utils' pipelines see it: decoded
+    in full (a truncated file raises here), EXIF orientation applied, 16-bit samples scaled to 8-bit,
+    alpha composited onto white, RGB."""
+    with Image.open(source) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):            # 16-bit grey (PIL reads PNGs as "I")
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) // 257).clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return im.convert("RGB")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file as `open_image` returns it (EXIF rotations swap the sides), from
+    its header alone."""
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)              # the orientation tag: a quarter turn
+    return (h, w) if turned else (w, h)
+
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = 56 * 56,
                  max_pixels: int = 1280 * 28 * 28) -> tuple[int, int]:

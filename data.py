@@ -1,765 +1,316 @@
-"""Data: convert other projects' RL training sets into the project's JSONL tasks.
+"""The project's task data: the JSONL schema, its validation, and the V* and HR-Bench benchmark loaders.
+Everything here runs BEFORE a model loads, so a bad file costs seconds, not a 7B load.
 
 Contract
 --------
-Command (`--help` on each level):
-    python data.py convert --from SOURCE INPUT [INPUT ...] --out DIR [--image-root DIR] [--limit N] [--overwrite]
-writes
-    DIR/train.jsonl    one task a line, the schema of `lfpc.load_tasks`:
-                       {"id", "image": "images/<file>" (relative to DIR), "question", "answer",
-                        "choices": [str, ...] (multiple choice only; then "answer" is the option's letter),
-                        "bboxes": [B1, B2, ...] (only where the source has boxes), "source"}
-    DIR/images/        one file a kept row: the source's bytes unchanged when they are a JPEG or a PNG,
-                       otherwise re-encoded as PNG. Every image is decoded in full (PIL `load()`) first.
-    DIR/dropped.jsonl  one line a dropped row: {"file", "row", "id", "reason", "detail"}
-and prints the rows kept, the rows dropped by reason (counts) and the output path.
+`load_tasks(path)` reads JSONL, one task a line (UTF-8, a byte-order mark accepted; blank lines skipped):
+    {"id": str | int (optional, unique; default the line number),
+     "image": "path/relative/to/the/jsonl.png",  "question": str,  "answer": str,
+     "choices": [str, ...] (optional, >= 2; the answer must name one: its letter or its text),
+     "bboxes": [[x1, y1, x2, y2], ...] (optional: nested B1 ⊂ B2 ⊂ ..., B1 first, ORIGINAL pixels as the
+               image is SHOWN upright, i.e. after its EXIF orientation),
+     "max_pixels": int (optional, >= 784: the global image's budget; info_gap.py writes it)}
+other keys are kept out of the way (e.g. "source"). Checked, row by row, each failure a line of the
+error naming FILE:LINE and what is wrong (all bad rows are listed, up to 20, then a count): valid
+UTF-8 and JSON; field types (a bool is not a number); the image exists and DECODES IN FULL (a
+truncated file fails here, not at step 700), its aspect ratio is at most 200 (Qwen's resize refuses
+more); boxes are 4 finite numbers, non-empty, inside the image, each inside the next; ids unique.
+Images stay paths (opened on use) so a set of 8K images does not sit in memory; they are decoded in
+a thread pool, with a progress bar when there are many.
 
-Box schema (the project's, as everywhere in lfpc): a box is [x1, y1, x2, y2] in pixels of the ORIGINAL
-image, top-left then bottom-right, continuous edges. "bboxes" is a list of NESTED boxes B1 ⊂ B2 ⊂ ...,
-B1 first (the smallest region that answers the question). Accepted on input (`--from jsonl`):
-    "bboxes": [[x1, y1, x2, y2], ...]   the project's own form (so a project JSONL can be re-checked);
-    "bbox":   [[x, y, w, h], ...]       V*'s form, or one COCO-style [x, y, w, h]: converted to
-                                        [x, y, x + w, y + h].
-A row with both fields is dropped. Checks, each a drop reason when it fails: every coordinate is a real
-number (int or float, finite; a bool is NOT a number here), positive area (x1 < x2, y1 < y2), inside the
-image (0 <= x1, x2 <= W, 0 <= y1, y2 <= H), and, with several boxes, nested (each inside the next,
-edges may touch). V*'s several boxes are several target OBJECTS, not nested regions: such rows are
-dropped as "box: not nested" (eval.py's V* loader takes their union instead).
+`open_image` (crop_tool.open_image) is the one place an image file is opened, as transformers' and
+qwen_vl_utils' pipelines do: EXIF orientation applied, alpha composited onto WHITE, 16-bit scaled to
+8-bit, RGB.
 
-Sources (`--from`). What each reader expects, where that was verified, and what is assumed:
-- deepeyes: DeepEyes' RL set (HF ChenShawn/DeepEyes-Datasets-47k: data_0.1.2_visual_toolbox_v2.parquet,
-  data_v0.8_visual_toolbox_v2.parquet, data_thinklite_reasoning_acc.parquet), verl-style parquet.
-  Required columns prompt (chat messages; the question is the first "user" message's content),
-  images (list of {bytes, path}; bytes win, else path), reward_model ({ground_truth, ...}); optional
-  data_source (kept in "source"), extra_info, env_name. Verified: the three file names and the training
-  script in Visual-Agent/DeepEyes (examples/agent/final_merged_v1v8_thinklite.sh; its reward code
-  verl/utils/reward_score/vl_agent.py reads extra_info["question"]); the columns and struct fields in
-  xieck13/verl recipe/deepeyes/deepeyes47k_preprocess.py (prompt[1] is the user turn, images[i]["bytes"],
-  reward_model["ground_truth"]) and in the column table of another framework's DeepEyes example (Relax;
-  found by content search): data_source e.g. "vstar", reward_model {"ground_truth", "style"},
-  extra_info {"answer", "question", "index", "split"}, images {"bytes", "path"}. The user content holds
-  "<image>" (DeepEyes' verl/utils/dataset/rl_dataset.py splits on it) and the suffix USER_PROMPT_V2
-  "\\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as: ..."
-  (DeepEyes' verl/workers/agent/envs/mm_process_engine/prompt.py; a DeepEyes-derived dataset reader,
-  found by content search, strips it by splitting on "Think first"). Assumed: a row holds one image;
-  the suffix comes after the question. The dataset card itself was not readable from here.
-- pixelreasoner: Pixel-Reasoner's RL queries (HF TIGER-Lab/PixelReasoner-RL-Data: release.parquet,
-  images.zip, videos.zip). Required columns question, image (list of paths relative to the folder where
-  the zips are unpacked, e.g. "images/..."), answer (a string or a list of one string, "\\boxed{...}");
-  optional is_video (True rows are videos: dropped and counted as "video"; None means image), qid (the
-  id). Verified: TIGER-AI-Lab/Pixel-Reasoner (onestep_evaluation/prepare.sh and rename_imagepath.py:
-  the paths, relative, prefixed after unzipping; curiosity_driven_rl/openrlhf/datasets/
-  prompts_dataset.py: question, image, is_video, qid; experience_maker.py: the reference is "answer",
-  and a commented example question "<image>\\n...\\nchoices:\\nA: Lion  \\nB: Sheep ..."); TIGER-AI-Lab/
-  verl-tool examples/data_preprocess/pixel_reasoner/prepare_train.py (question, image, is_video, answer,
-  qid); a third-party converter found by content search (answer as a list of one "\\boxed{...}", some
-  is_video None, multi-image rows). Assumed: a boxed list "[a, b]" means several
-  acceptable answers (dropped: the schema holds one); multi-image rows are dropped.
-- visualprobe: Mini-o3's VisualProbe training set (HF Mini-o3/VisualProbe_train: train.json + data/).
-  A JSON array (or JSONL) of {problem ("<image>\\n..."), solution, images: [path]}. Verified: Mini-o3
-  verl port dddraxxx/Mini-o3 examples/minio3/preprocess_visualprobe.py and a third-party converter
-  (which maps each image to data/<basename>). Assumed: no ids in the file (ids are row numbers); the
-  image paths may carry a prefix the local copy lacks, hence the path fallback below.
-- chain-of-focus: Chain-of-Focus RL annotations (HF xintongzhang/CoF-RL-Data). A JSON array (or JSONL) of
-  {question, groundtruth, image_name (relative to --image-root), data_source (optional)}; options, when
-  any, inline in the question ("(A) ... (B) ..." or "A. ... B. ..."), groundtruth then a letter.
-  Verified: xtong-zhang/Chain-of-Focus verl/recipe/zoomin/data_progress/prepare_zoomin_data.py (the
-  fields it reads and the prompt it builds). Assumed: the released set's files are what that script
-  reads; its dataset card was not readable from here.
-- thinklite: ThinkLite-VL (HF russwang/ThinkLite-VL-hard-11k / -70k), math with mostly numeric answers.
-  Parquet with columns problem ("<image>..."), answer, image (encoded bytes, or {bytes, path}); optional
-  id. Verified: si0wang/ThinkLite-VL mcts.py (problem split on "<image>", answer, image) and a
-  third-party conversion of ThinkLite-VL-Hard-11k.parquet into DeepEyes' format (found by content
-  search) reading columns id, problem, answer, image (raw bytes). Assumed: MathVista-style "Hint: ..." lines are part of the question (they state the
-  answer's form) and are kept.
-- jsonl: the generic form, for hand-made sets and boxes (stage 2): JSON Lines (or a JSON array) of
-  {image (path), question, answer, id (optional), choices (optional), bboxes | bbox (optional, above),
-  source (optional)}.
-
-Question cleaning (`clean_question`): drop the <image>/<video> placeholders and Qwen vision tokens; cut
-the first known instruction suffix and everything after it (`SCAFFOLD`: DeepEyes', Chain-of-Focus',
-Pixel-Reasoner's and LLaVA-style "Answer with the option's letter ..." lines; never when nothing would
-remain before it); drop a leading "Question:" label. Options (`split_options`): a trailing block of
-lines "(A) x" / "A. x" / "A: x" / "A) x" (letters A, B, ... in order, at least two, an optional
-"Options:"/"Choices:" header line above it), or inline "(A) x (B) y" at the end, become "choices"; the
-answer then becomes the option's letter (it may be the letter, "(B)", "B. text" or the option's text;
-otherwise the row is dropped). Answers: "\\boxed{x}" and "<answer>x</answer>" unwrapped, numbers as text.
-
-Rows: ids are deterministic: "<source>:<own id>" where the source has ids (pixelreasoner qid,
-thinklite id, jsonl id), else "<source>:<input file stem>:<row>" (row = 1-based parquet row, JSON
-array element, or JSONL line). A repeated id is dropped. A bad row is dropped with its reason (see
-dropped.jsonl), never stops the run; a file not in the source's format at all (missing columns, not
-parquet, not JSON, first record without the required keys, a JSON array that breaks off) stops it AT
-ONCE, before anything is written, with a message naming the file and what was expected.
-Image paths resolve against --image-root (default: the input file's folder): the path as given, then
-ever shorter tails of it ("VisualProbe_train/data/x.jpg", "data/x.jpg", "x.jpg"); "file://" is dropped.
-
-Streaming: parquet is read with pyarrow.parquet.ParquetFile(pre_buffer=False).iter_batches,
-PARQUET_BATCH_ROWS rows at a time and only the needed columns (pyarrow's default pre_buffer=True reads
-ahead every row group: memory then grows with the file); JSON arrays and JSONL are parsed record by
-record; each image is written as soon as its row is checked. Memory is bounded by one parquet row group
-plus one batch, plus the sets of ids and file names kept (~250 bytes a row). Measured by
-tests/test_data.py's streaming tests. pyarrow is optional: only the parquet sources import it, and
-without it they stop with "pip install pyarrow".
-
-Reruns: an --out folder that already holds train.jsonl, dropped.jsonl or images/ is REFUSED unless
---overwrite is given; --overwrite deletes exactly those three (nothing else in DIR) and converts afresh.
-train.jsonl and dropped.jsonl are written as *.tmp and renamed at the end, so a crashed run never leaves
-a train.jsonl behind.
+Benchmarks (problems raise DataError naming the file and the row):
+- V*, `load_vstar(root)`: root/direct_attributes/ and root/relative_position/, each question an image
+  (.jpg .jpeg .png .webp .bmp) and a .json of the same stem with "question" and "options" (correct
+  option FIRST) and, optionally, "bbox": [[x, y, w, h], ...] (the target objects, inside the image).
+  Options are shuffled by `shuffle_options` with random.Random("<category>/<stem>") (the same order on
+  every run and machine); answer = the letter the originally-first option lands on. B1 = the union of
+  the target boxes as (x1, y1, x2, y2), grown about its centre to >= 28 px a side (the crop tool's
+  minimum, so the gt probe can cut it) within the image; boxes = [B1]. Task.id = "<category>/<stem>".
+- HR-Bench, `load_hrbench(tsv)`: tab-separated with a header holding (at least) index, question,
+  answer (letter), A, B, C, D, category (single|cross), image (base64); each index once. Each image is
+  decoded and written ONCE to a cache folder (default "<tsv stem>_images/" beside the TSV) as
+  "<index>.<format>", the decoded bytes unchanged, and kept as a path. choices = [A, B, C, D];
+  Task.id = "<category>/<index>".
 """
 from __future__ import annotations
 
-import argparse
-import ast
+import base64
+import binascii
+import csv
 import io
-import itertools
 import json
 import math
 import os
+import random
 import re
-import shutil
-from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
-from tqdm import tqdm
 
-PARQUET_BATCH_ROWS = 16         # rows decoded to Python at a time
-JSON_CHUNK_CHARS = 1 << 16      # characters read at a time from a JSON array
-KEEP_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}   # written byte for byte; anything else -> PNG
-PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+import crop_tool
+import rewards
+from lfpc import Task
 
+MAX_ERRORS = 20
+MAX_ASPECT = 200                   # smart_resize refuses more
 
-# ----------------------------------------------------------------------------- records
 
-class ConvertError(Exception):
-    """The conversion cannot start (a missing file, a file not in the source's format, a used --out) or
-    cannot go on (a JSON array that breaks off)."""
+class DataError(ValueError):
+    """A data file that cannot be used, with every problem found (file:line: what is wrong)."""
 
 
-@dataclass
-class Drop:
-    """Why a row is not kept (an error value, never raised). `reason` is a short category (counted);
-    `detail` says what exactly was wrong with this row."""
-    reason: str
-    detail: str = ""
+# ----------------------------------------------------------------------------- the project's JSONL
 
-
-@dataclass
-class Item:
-    """One source row, read but not yet cleaned or checked."""
-    row: int                            # 1-based row / element / line number in its file
-    id: str
-    question: str                       # raw: placeholders and instructions still in
-    answer: object                      # raw: may be boxed, a number, a list of one
-    image: bytes | str                  # encoded bytes, or a path to resolve
-    choices: list[str] | None = None    # when the source lists them (jsonl); else parsed from the question
-    boxes: object = None                # raw, in `box_format`
-    box_format: str = "xyxy"            # "xyxy" ([x1, y1, x2, y2]) or "xywh" ([x, y, w, h])
-    source: str = ""
-
-
-@dataclass
-class Report:
-    out: str
-    read: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        lines = [f"kept {self.kept} of {self.read} rows -> {os.path.join(self.out, 'train.jsonl')} "
-                 f"(images in {os.path.join(self.out, 'images')})",
-                 f"dropped {sum(self.dropped.values())}" + (":" if self.dropped else "")]
-        lines += [f"  {reason:<40} {n}" for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0]))]
-        if self.dropped:
-            lines.append(f"each dropped row, with its detail: {os.path.join(self.out, 'dropped.jsonl')}")
-        return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- questions and answers
-
-_PLACEHOLDER = re.compile(r"<image>|<video>|<\|vision_start\|>|<\|image_pad\|>|<\|video_pad\|>|<\|vision_end\|>")
-SCAFFOLD = [re.compile(p, re.IGNORECASE) for p in (
-    r"Think first, call \**image_zoom_in_tool\**",                          # DeepEyes USER_PROMPT_V2
-    r"Reason in your mind and then give the final answer",                  # DeepEyes USER_PROMPT_V1
-    r"Think in the mind first, and then decide whether to call tools",      # DeepEyes V5, Chain-of-Focus
-    r"Answer with the option'?s letter from the given choices",             # LLaVA-style, Chain-of-Focus
-    r"If there are choices given, answer with the option'?s letter",
-    r"Answer the question using a single word or phrase",                   # LLaVA-style, Chain-of-Focus
-    r"Guidelines: Understand the given visual information",                 # Pixel-Reasoner "vcot"
-    r"Please (?:reason|think) step by step,? and put your final answer within \\boxed",  # Pixel-Reasoner
-)]
-_OPTION_LINE = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])[.:)])\s*(\S.*?)\s*")
-_OPTIONS_HEADER = re.compile(r"\s*(?:options|choices|answer choices)\s*:?\s*", re.IGNORECASE)
-_INLINE_LETTER = re.compile(r"\(([A-Z])\)")
-_ANSWER_LETTER = re.compile(r"\(?([A-Za-z])\)?[.:)]?(?:\s+(.+))?", re.DOTALL)
-
-
-def clean_question(text: str) -> str:
-    """The question without placeholders, instruction suffixes or a leading "Question:" label."""
-    text = _PLACEHOLDER.sub("", text)
-    cut = len(text)
-    for rx in SCAFFOLD:
-        m = rx.search(text)
-        if m and text[:m.start()].strip():          # a suffix, not the whole text
-            cut = min(cut, m.start())
-    text = text[:cut]
-    text = re.sub(r"^\s*question\s*:\s*", "", text, flags=re.IGNORECASE)
-    return text.strip()
-
-
-def split_options(text: str) -> tuple[str, list[str] | None]:
-    """(question, choices) when `text` ends with options A, B, ... (at least two, in order), else (text, None).
-    Lines "(A) x" / "A. x" / "A: x" / "A) x" at the end (an "Options:" header above them is dropped), or
-    inline "(A) x (B) y" at the end."""
-    lines = text.rstrip().split("\n")
-    k = len(lines)
-    while k > 0 and _OPTION_LINE.fullmatch(lines[k - 1]):
-        k -= 1
-    block = [_OPTION_LINE.fullmatch(s) for s in lines[k:]]
-    letters = [m.group(1) or m.group(2) for m in block]
-    for start in range(len(block) - 1):                       # the block may start at the last "A"
-        if letters[start:] == [chr(65 + i) for i in range(len(block) - start)]:
-            head = lines[:k + start]
-            if head and _OPTIONS_HEADER.fullmatch(head[-1]):
-                head = head[:-1]
-            question = "\n".join(head).strip()
-            if question:
-                return question, [m.group(3) for m in block[start:]]
-            break
-    marks = list(_INLINE_LETTER.finditer(text))
-    for i, m in enumerate(marks):
-        tail = marks[i:]
-        if [t.group(1) for t in tail] == [chr(65 + j) for j in range(len(tail))] and len(tail) >= 2:
-            ends = [t.start() for t in tail[1:]] + [len(text)]
-            choices = [text[t.end():e].strip(" \t\n,;") for t, e in zip(tail, ends)]
-            question = text[:m.start()].strip()
-            if question and all(choices):
-                return question, choices
-            break
-    return text, None
-
-
-def clean_answer(raw: object) -> str:
-    """The answer as text: numbers written out, "\\boxed{x}" and "<answer>x</answer>" unwrapped."""
-    if isinstance(raw, bool) or raw is None:
-        return ""
-    text = str(raw).strip()
-    for rx in (r"\\boxed\{(.*)\}", r"<answer>(.*)</answer>"):
-        m = re.fullmatch(rx, text, flags=re.DOTALL)
-        if m:
-            text = m.group(1).strip()
-    return text
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .")
-
-
-def answer_letter(answer: str, choices: list[str]) -> str | None:
-    """The letter of the option `answer` names: a letter in range ("B", "(B)", "b.", "B) text" whose
-    text is option B's), else the option whose text it is; None when it names none."""
-    m = _ANSWER_LETTER.fullmatch(answer.strip())
-    if m:
-        k = ord(m.group(1).upper()) - 65
-        if k < len(choices) and (m.group(2) is None or _norm(m.group(2)) == _norm(choices[k])):
-            return chr(65 + k)
-    for k, option in enumerate(choices):
-        if _norm(answer) and _norm(answer) == _norm(option):
-            return chr(65 + k)
-    return None
-
-
-# ----------------------------------------------------------------------------- boxes
-
-def parse_boxes(raw: object, fmt: str) -> list[list[float]] | Drop | None:
-    """Boxes as [[x1, y1, x2, y2], ...] from `raw` in `fmt` ("xyxy" or "xywh"); one box may be given
-    bare ([a, b, c, d]). None when there are none; a Drop when they are not boxes of real numbers."""
-    if raw is None:
-        return None
-    if isinstance(raw, list) and len(raw) == 4 and not any(isinstance(v, list) for v in raw):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        return Drop("box: not a list of boxes", repr(raw))
-    boxes = []
-    for b in raw:
-        if not isinstance(b, list) or len(b) != 4:
-            return Drop("box: not 4 numbers", repr(b))
-        for v in b:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                return Drop("box: coordinate not a number", f"{v!r} ({type(v).__name__}) in {b!r}")
-        x, y, c, d = b
-        boxes.append([x, y, x + c, y + d] if fmt == "xywh" else [x, y, c, d])
-    return boxes
-
-
-def check_boxes(boxes: list[list[float]], size: tuple[int, int]) -> Drop | None:
-    """None if every box has positive area, lies inside the W x H image and each is inside the next."""
-    W, H = size
-    for b in boxes:
-        if not (b[0] < b[2] and b[1] < b[3]):
-            return Drop("box: empty or inverted", f"{b}")
-        if not (0 <= b[0] and b[2] <= W and 0 <= b[1] and b[3] <= H):
-            return Drop("box: outside the image", f"{b} in a {W}x{H} image")
-    for i, (inner, outer) in enumerate(zip(boxes, boxes[1:]), 1):
-        if not (outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]):
-            return Drop("box: not nested", f"B{i} {inner} is not inside B{i + 1} {outer}")
-    return None
-
-
-# ----------------------------------------------------------------------------- images
-
-def resolve_image(ref: str, root: str) -> str | None:
-    """The file `ref` names: as given (absolute, or under `root`), else the longest tail of it that
-    exists under `root`; None if none does."""
-    ref = ref.removeprefix("file://")
-    if os.path.isabs(ref) and os.path.isfile(ref):
-        return ref
-    parts = [p for p in ref.replace("\\", "/").split("/") if p not in ("", ".")]
-    for k in range(len(parts)):
-        candidate = os.path.join(root, *parts[k:])
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def encode_image(data: bytes) -> tuple[bytes, str, tuple[int, int]] | Drop:
-    """(bytes to write, file extension, (W, H)) after decoding `data` in full; JPEG and PNG bytes are
-    kept as they are, anything else is re-encoded as PNG. A Drop if it does not decode (truncated...)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.format in KEEP_FORMATS:
-                return data, KEEP_FORMATS[im.format], im.size
-            buf = io.BytesIO()
-            (im if im.mode in PNG_MODES else im.convert("RGB")).save(buf, format="PNG")
-            return buf.getvalue(), ".png", im.size
-    except Exception as e:      # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
-        return Drop("image does not decode", f"{type(e).__name__}: {e}")
-
-
-def _image_ref(value: object) -> bytes | str | Drop:
-    """Encoded bytes or a path from one image cell: bytes, a path, or a {bytes, path} struct (bytes win)."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        value = value.get("path")
-    if isinstance(value, str) and value:
-        return value
-    return Drop("no image", repr(value)[:200])
-
-
-def _one_image(value: object) -> bytes | str | Drop:
-    """The image of a row whose cell is a list of images: exactly one, else a Drop."""
-    if not isinstance(value, list):
-        return _image_ref(value)
-    if len(value) != 1:
-        return Drop("no image" if not value else "several images", f"{len(value)} images")
-    return _image_ref(value[0])
-
-
-# ----------------------------------------------------------------------------- one reader per source
-
-def _text(rec: dict, key: str) -> str | Drop:
-    value = rec.get(key)
-    if value is None:
-        return Drop(f"missing field {key!r}")
-    if not isinstance(value, str):
-        return Drop(f"malformed field {key!r}", f"{type(value).__name__}, not text")
-    return value
-
-
-def _item(row: int, id: str, question, answer, image, source: str, **kw) -> Item | Drop:
-    """An Item, or the first Drop among its parts."""
-    for part in (question, answer, image):
-        if isinstance(part, Drop):
-            return part
-    return Item(row, id, question, answer, image, source=source, **kw)
-
-
-def deepeyes_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    prompt = rec.get("prompt")
-    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"] \
-        if isinstance(prompt, list) else []
-    question = users[0] if users and isinstance(users[0], str) else \
-        Drop("malformed field 'prompt'", "no user message with text content")
-    rm = rec.get("reward_model")
-    answer = rm.get("ground_truth") if isinstance(rm, dict) else None
-    answer = Drop("missing field 'reward_model.ground_truth'") if answer is None else answer
-    ds = rec.get("data_source")
-    return _item(row, f"deepeyes:{stem}:{row}", question, answer, _one_image(rec["images"]),
-                 "deepeyes" + (f":{ds}" if isinstance(ds, str) and ds else ""))
-
-
-def pixelreasoner_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    if rec.get("is_video") is True:
-        return Drop("video", "is_video is true")
-    answer = rec.get("answer")
-    if isinstance(answer, list):
-        answer = answer[0] if len(answer) == 1 else Drop(
-            "empty answer" if not answer else "several reference answers", repr(answer)[:200])
-    if not isinstance(answer, Drop):
-        inner = clean_answer(answer)
-        if inner.startswith("[") and inner.endswith("]"):
-            try:
-                listed = ast.literal_eval(inner)        # a literal, never code
-            except (ValueError, SyntaxError):
-                listed = None
-            if isinstance(listed, list):
-                answer = listed[0] if len(listed) == 1 else Drop("several reference answers", inner[:200])
-    qid = rec.get("qid")
-    id = f"pixelreasoner:{qid}" if qid not in (None, "") else f"pixelreasoner:{stem}:{row}"
-    return _item(row, id, _text(rec, "question"), answer, _one_image(rec["image"]), "pixelreasoner")
-
-
-def thinklite_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    own = rec.get("id")
-    id = f"thinklite:{own}" if own not in (None, "") else f"thinklite:{stem}:{row}"
-    return _item(row, id, _text(rec, "problem"), rec["answer"], _one_image(rec["image"]), "thinklite")
-
-
-def visualprobe_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    return _item(row, f"visualprobe:{stem}:{row}", _text(rec, "problem"), _text(rec, "solution"),
-                 _one_image(rec["images"]), "visualprobe")
-
-
-def chain_of_focus_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    ds = rec.get("data_source")
-    return _item(row, f"chain-of-focus:{stem}:{row}", _text(rec, "question"), _text(rec, "groundtruth"),
-                 _one_image(rec["image_name"]), "chain-of-focus" + (f":{ds}" if isinstance(ds, str) and ds else ""))
-
-
-def jsonl_item(rec: dict, row: int, stem: str) -> Item | Drop:
-    own = rec.get("id")
-    id = f"jsonl:{own}" if own not in (None, "") else f"jsonl:{stem}:{row}"
-    choices = rec.get("choices")
-    if choices is not None and not (isinstance(choices, list) and len(choices) >= 2
-                                    and all(isinstance(c, str) and c.strip() for c in choices)):
-        return Drop("malformed field 'choices'", "not a list of at least two non-empty strings")
-    if "bboxes" in rec and "bbox" in rec:
-        return Drop("box: both 'bboxes' and 'bbox'", "give one: bboxes [x1, y1, x2, y2] or bbox [x, y, w, h]")
-    fmt = "xywh" if "bbox" in rec else "xyxy"
-    source = rec.get("source") if isinstance(rec.get("source"), str) and rec.get("source") else "jsonl"
-    return _item(row, id, _text(rec, "question"), rec["answer"], _text(rec, "image"), source, choices=choices, boxes=rec.get("bbox", rec.get("bboxes")),
-                 box_format=fmt)
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str                   # "parquet" or "json" (a JSON array or JSON Lines)
-    required: tuple[str, ...]   # columns / keys a file must have
-    optional: tuple[str, ...]   # read when present
-    item: object                # (record, row, file stem) -> Item | Drop
-
-
-SOURCES = {
-    "deepeyes": Source("parquet", ("prompt", "images", "reward_model"), ("data_source", "env_name"), deepeyes_item),
-    "pixelreasoner": Source("parquet", ("question", "image", "answer"), ("is_video", "qid"), pixelreasoner_item),
-    "thinklite": Source("parquet", ("problem", "answer", "image"), ("id",), thinklite_item),
-    "visualprobe": Source("json", ("problem", "solution", "images"), (), visualprobe_item),
-    "chain-of-focus": Source("json", ("question", "groundtruth", "image_name"), ("data_source",), chain_of_focus_item),
-    "jsonl": Source("json", ("image", "question", "answer"), ("id", "choices", "bboxes", "bbox", "source"), jsonl_item),
-}
-
-
-# ----------------------------------------------------------------------------- streaming input
-
-def _pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SystemExit("data.py: the parquet sources (--from deepeyes, pixelreasoner, thinklite) need "
-                         "pyarrow: pip install pyarrow") from None
-    return pq
-
-
-def open_parquet(path: str, source: str, spec: Source):
-    """(row count, iterator of (row, record)) over a parquet file, PARQUET_BATCH_ROWS rows at a time,
-    reading only the columns the source uses. Missing columns -> ConvertError before any row is read."""
-    pq = _pyarrow_parquet()
-    try:
-        # pre_buffer=False: pyarrow's default (True, pyarrow 26) pre-reads the column chunks of EVERY row
-        # group iter_batches will visit, so memory grew with the file (measured: pool peak 1.5 / 8.0 /
-        # 26 MB at 100 / 1,000 / 3,000 rows of 7 KB); without it the peak stays at one row group.
-        pf = pq.ParquetFile(path, pre_buffer=False)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: not a parquet file ({e}); --from {source} expects parquet") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in spec.required if c not in names]
-    if missing:
-        raise ConvertError(f"{path}: not a {source} file: expected columns {list(spec.required)} "
-                           f"(optional {list(spec.optional)}); missing {missing}; the file has {names}")
-    columns = [c for c in spec.required + spec.optional if c in names]
-
-    def rows():
-        row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            for rec in batch.to_pylist():
-                row += 1
-                yield row, rec
-    return pf.metadata.num_rows, rows()
-
-
-def _json_lines(f):
-    """(line number, record or Drop) from a binary JSON Lines file; blank lines are skipped."""
-    for n, raw in enumerate(f, 1):
-        try:
-            line = raw.decode("utf-8").lstrip("\ufeff")
-        except UnicodeDecodeError as e:
-            yield n, Drop("not UTF-8 text", e.reason)
-            continue
-        if line.strip():
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, Drop("not valid JSON", e.msg)
-
-
-def _json_array(f, path: str, buf: str):
-    """The elements of the JSON array that `buf` (the file's first chunk) opens, one at a time; the
-    buffer holds about one element plus a chunk, never the whole file."""
-    decoder, pos, n = json.JSONDecoder(), buf.index("[") + 1, 0
-    while True:
-        while True:                                     # to the next element or the closing "]"
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf):
-                break
-            buf, pos = f.read(JSON_CHUNK_CHARS), 0
-            if not buf:
-                raise ConvertError(f"{path}: the JSON array breaks off after element {n}")
-        if buf[pos] == "]":
-            return
-        while True:
-            try:
-                obj, end = decoder.raw_decode(buf, pos)
-                break
-            except json.JSONDecodeError as e:           # the element may go on in the next chunk
-                more = f.read(JSON_CHUNK_CHARS)
-                if not more:
-                    raise ConvertError(f"{path}: element {n + 1} of the JSON array is not valid JSON "
-                                       f"({e.msg})") from None
-                buf, pos = buf[pos:] + more, 0
-        n += 1
-        yield n, obj
-        pos = end
-        if pos > JSON_CHUNK_CHARS:
-            buf, pos = buf[pos:], 0
-
-
-def _json_records(path: str):
-    """(row, record) from a JSON array (row = element number) or JSON Lines (row = line number)."""
+def load_tasks(path: str, progress: bool = True) -> list[Task]:
+    """The tasks of a JSONL file, every row and image checked (module docstring); DataError otherwise."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; pass the JSONL file of tasks (e.g. {os.path.join(path, 'train.jsonl')})")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    base, rows, errors = os.path.dirname(os.path.abspath(path)), [], []
     with open(path, "rb") as f:
-        if not f.read(JSON_CHUNK_CHARS).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            f.seek(0)
-            yield from _json_lines(f)
-            return
-        f.seek(0)
-        text = io.TextIOWrapper(f, encoding="utf-8-sig")
-        try:
-            yield from _json_array(text, path, text.read(JSON_CHUNK_CHARS))
-        except UnicodeDecodeError as e:
-            raise ConvertError(f"{path}: not UTF-8 text ({e.reason})") from None
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"{where}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
+            if line.strip():
+                row = _parse_row(line, where, errors)
+                if row is not None:
+                    rows.append((where, row, os.path.join(base, row["image"])))
+    sizes = check_images([p for _, _, p in rows], [w for w, _, _ in rows], errors, progress)
+    tasks, seen = [], {}
+    for (where, row, img), size in zip(rows, sizes):
+        tid = str(row.get("id", where.rsplit(":", 1)[1]))
+        if tid in seen:
+            errors.append(f"{where}: id {tid!r} repeats {seen[tid]}")
+        seen.setdefault(tid, where)
+        if size is not None and row.get("bboxes") is not None:
+            problem = box_problem(row["bboxes"], size)
+            if problem:
+                errors.append(f"{where}: 'bboxes' {problem}")
+        tasks.append(Task(img, row["question"], row["answer"], row.get("choices"), row.get("bboxes"),
+                          row.get("max_pixels"), tid))
+    if errors:
+        raise DataError(_summary(path, errors))
+    if not tasks:
+        raise DataError(f"{path}: no tasks")
+    return tasks
 
 
-def open_json(path: str, source: str, spec: Source):
-    """(None, iterator of (row, record)) over a JSON array or JSON Lines file. The first record must be
-    an object with the source's required keys, else ConvertError before anything is written."""
-    records = _json_records(path)
-    first = next(records, None)
-    expected = (f"--from {source} expects a JSON array or JSON Lines of objects with keys {list(spec.required)} "
-                f"(optional {list(spec.optional)})")
-    if first is None:
-        raise ConvertError(f"{path}: no records; {expected}")
-    row, rec = first
-    if isinstance(rec, Drop):
-        raise ConvertError(f"{path}:{row}: {rec.reason} ({rec.detail}); {expected}")
-    if not isinstance(rec, dict):
-        raise ConvertError(f"{path}: record {row} is a {type(rec).__name__}, not an object; {expected}")
-    missing = [k for k in spec.required if k not in rec]
-    if missing:
-        raise ConvertError(f"{path}: record {row} lacks {missing} (it has {sorted(rec)}); {expected}")
-    return None, itertools.chain([first], records)
-
-
-# ----------------------------------------------------------------------------- conversion
-
-def _prepare_out(out: str, overwrite: bool) -> None:
-    """Refuse a folder holding an earlier conversion, or (--overwrite) delete exactly its outputs."""
-    old = [p for p in ("train.jsonl", "dropped.jsonl", "images") if os.path.exists(os.path.join(out, p))]
-    if old and not overwrite:
-        raise ConvertError(f"{out}: already holds {', '.join(old)} from an earlier conversion; "
-                           f"pass --overwrite to replace them, or choose another --out")
-    for p in old:
-        full = os.path.join(out, p)
-        if os.path.isdir(full):
-            shutil.rmtree(full)
-        else:
-            os.remove(full)
-    os.makedirs(os.path.join(out, "images"))
-
-
-def _file_name(id: str, ext: str, taken: set[str]) -> str:
-    """A file name for `id` made of [A-Za-z0-9._-], unique in `taken` (which it joins)."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", id).strip("._")[:120] or "row"
-    name, k = base + ext, 1
-    while name in taken:
-        k += 1
-        name = f"{base}-{k}{ext}"
-    taken.add(name)
-    return name
-
-
-def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
-    """The JSONL row of `item`: question cleaned, options split, answer as text (a letter for multiple
-    choice), boxes checked against the decoded image, image written to out/images/."""
-    question = clean_question(item.question)
-    choices = item.choices
-    if choices is None:
-        question, choices = split_options(question)
-    if not question:
-        return Drop("empty question", repr(item.question)[:200])
-    answer = clean_answer(item.answer)
-    if not answer:
-        return Drop("empty answer", repr(item.answer)[:200])
-    if choices:
-        letter = answer_letter(answer, choices)
-        if letter is None:
-            return Drop("answer matches no option", f"{answer!r} vs {choices!r}"[:300])
-        answer = letter
-    boxes = parse_boxes(item.boxes, item.box_format)
-    if isinstance(boxes, Drop):
-        return boxes
-    data = item.image
-    if isinstance(data, str):
-        path = resolve_image(data, root)
-        if path is None:
-            return Drop("image file not found", f"{data} (under {root})")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return Drop("image file not readable", f"{path}: {e}")
-    encoded = encode_image(data)
-    if isinstance(encoded, Drop):
-        return encoded
-    data, ext, size = encoded
-    if boxes:
-        problem = check_boxes(boxes, size)
-        if problem:
-            return problem
-    name = _file_name(item.id, ext, taken)
-    with open(os.path.join(out, "images", name), "wb") as f:
-        f.write(data)
-    row = {"id": item.id, "image": "images/" + name, "question": question, "answer": answer}
-    if choices:
-        row["choices"] = choices
-    if boxes:
-        row["bboxes"] = boxes
-    row["source"] = item.source
-    return row
-
-
-def _read_row(spec: Source, rec: object, row: int, stem: str) -> Item | Drop:
-    if isinstance(rec, Drop):
-        return rec
-    if not isinstance(rec, dict):
-        return Drop("not an object", type(rec).__name__)
-    missing = [k for k in spec.required if rec.get(k) is None]
-    return Drop(f"missing field {missing[0]!r}") if missing else spec.item(rec, row, stem)
-
-
-def _convert_rows(opened, spec: Source, out: str, image_root: str | None, limit: int | None, bar,
-                  report: Report, ft, fd) -> None:
-    """The row loop: read, clean and check each row, write its image and its line (or its drop line)."""
-    seen, taken = set(), set()
-    for path, stem, _, records in opened:
-        root = image_root or os.path.dirname(os.path.abspath(path))
-        for row, rec in records:
-            if limit is not None and report.read >= limit:
-                return
-            report.read += 1
-            bar.update(1)
-            result = _read_row(spec, rec, row, stem)
-            id = result.id if isinstance(result, Item) else None
-            if isinstance(result, Item):
-                result = Drop("duplicate id", id) if id in seen else _finish(result, root, out, taken)
-            if isinstance(result, Drop):
-                report.dropped[result.reason] += 1
-                fd.write(json.dumps({"file": os.path.basename(path), "row": row, "id": id, "reason": result.reason,
-                                     "detail": result.detail}, ensure_ascii=False) + "\n")
-            else:
-                seen.add(id)
-                report.kept += 1
-                ft.write(json.dumps(result, ensure_ascii=False) + "\n")
-
-
-def convert(source: str, inputs: list[str], out: str, image_root: str | None = None, limit: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> Report:
-    """Convert `inputs` (files in the format of `source`) into out/train.jsonl, out/images/ and
-    out/dropped.jsonl (module docstring). Every input is opened and checked before anything is written."""
-    if source not in SOURCES:
-        raise ConvertError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
-    spec = SOURCES[source]
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise ConvertError(f"{path}: no such file")
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
-    if len(set(stems)) < len(stems):
-        raise ConvertError(f"two inputs share a file name ({stems}); ids are made from it, rename one")
-    opener = open_parquet if spec.kind == "parquet" else open_json
-    opened = [(path, stem, *opener(path, source, spec)) for path, stem in zip(inputs, stems)]
-    _prepare_out(out, overwrite)
-    totals = [total for _, _, total, _ in opened]
-    total = None if None in totals else sum(totals)
-    if total is not None and limit is not None:
-        total = min(total, limit)
-    report = Report(out)
-    train, dropped = os.path.join(out, "train.jsonl"), os.path.join(out, "dropped.jsonl")
+def _parse_row(line: str, where: str, errors: list[str]) -> dict | None:
+    """One JSON row, its fields' types checked; None (and errors appended) when it cannot be used."""
     try:
-        with open(train + ".tmp", "w", encoding="utf-8") as ft, open(dropped + ".tmp", "w", encoding="utf-8") as fd, \
-                tqdm(total=total, unit="row", desc=f"convert {source}", disable=not progress) as bar:
-            _convert_rows(opened, spec, out, image_root, limit, bar, report, ft, fd)
-    except BaseException:                           # leave no half-written train.jsonl behind
-        for tmp in (train + ".tmp", dropped + ".tmp"):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    os.replace(train + ".tmp", train)
-    os.replace(dropped + ".tmp", dropped)
-    return report
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        errors.append(f"{where}: not valid JSON ({e.msg} at character {e.pos})")
+        return None
+    if not isinstance(row, dict):
+        errors.append(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        return None
+    before = len(errors)
+    for key in ("image", "question", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            errors.append(f"{where}: missing or empty string field {key!r}")
+    if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+        errors.append(f"{where}: 'id' must be a string or an integer, got {row['id']!r}")
+    choices = row.get("choices")
+    if choices is not None:
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c.strip() for c in choices)):
+            errors.append(f"{where}: 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+        elif isinstance(row.get("answer"), str):
+            try:
+                rewards.answer_index(row["answer"], choices)
+            except ValueError:
+                errors.append(f"{where}: answer {row['answer']!r} is neither a letter A-{chr(64 + len(choices))} "
+                              f"nor the text of one of the choices")
+    mp = row.get("max_pixels")
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < crop_tool.TOKEN_PIXELS):
+        errors.append(f"{where}: 'max_pixels' must be an integer >= {crop_tool.TOKEN_PIXELS} (one visual token), "
+                      f"got {mp!r}")
+    boxes = row.get("bboxes")
+    if boxes is not None and not (isinstance(boxes, list) and boxes):
+        errors.append(f"{where}: 'bboxes' must be a non-empty list of [x1, y1, x2, y2], got {boxes!r}")
+    return row if len(errors) == before else None
 
 
-# ----------------------------------------------------------------------------- command line
+def check_images(paths: list[str], wheres: list[str], errors: list[str], progress: bool = True) -> list:
+    """Each image decoded in full (a thread pool: PIL decodes outside the GIL): its upright (width, height),
+    or None with a line appended to `errors`."""
+    def one(i):
+        try:
+            if not os.path.isfile(paths[i]):
+                return None, f"{wheres[i]}: image file not found: {paths[i]}"
+            with open_image(paths[i]) as im:
+                w, h = im.size
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                return None, f"{wheres[i]}: image {paths[i]} is {w}x{h}: aspect ratio over {MAX_ASPECT}"
+            return (w, h), None
+        except Exception as e:   # PIL raises several types for unreadable files
+            return None, f"{wheres[i]}: cannot read image {paths[i]}: {e}"
+    from tqdm import tqdm
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="checking images",
+                            unit="img", disable=not progress or len(paths) < 200))
+    errors += [e for _, e in results if e]
+    return [s for s, _ in results]
 
-def main(argv: list[str] | None = None) -> Report:
-    doc = __doc__.split("\n\n")[0]
-    p = argparse.ArgumentParser(prog="data.py", description=doc + " See the module docstring for each format.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("convert", help="convert a source's files into DIR/train.jsonl + DIR/images/",
-                       description="Convert a source's files into DIR/train.jsonl (lfpc.load_tasks' schema), "
-                                   "DIR/images/ and DIR/dropped.jsonl; prints what was kept and dropped.")
-    c.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), metavar="SOURCE",
-                   help="the inputs' format: " + ", ".join(sorted(SOURCES)) + " (parquet ones need pyarrow)")
-    c.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="files in that format (several: e.g. DeepEyes' three parquet files); ids carry each file's stem")
-    c.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    c.add_argument("--image-root", default=None, metavar="DIR",
-                   help="folder relative image paths resolve against (default: each input's folder)")
-    c.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N rows (all inputs)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier conversion in DIR (deletes its train.jsonl, dropped.jsonl, images/); "
-                        "without it such a DIR is refused")
-    args = p.parse_args(argv)
+
+def box_problem(boxes, size: tuple[int, int]) -> str | None:
+    """What is wrong with nested boxes [B1, B2, ...] on an image of `size` (W, H), or None."""
+    W, H = size
+    for k, b in enumerate(boxes):
+        ok = isinstance(b, list) and len(b) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+        if not ok:
+            return f"box {k + 1} {b!r} is not 4 finite numbers [x1, y1, x2, y2]"
+        if not (b[0] < b[2] and b[1] < b[3]):
+            return f"box {k + 1} {b} is empty or inverted"
+        if not (0 <= b[0] and 0 <= b[1] and b[2] <= W and b[3] <= H):
+            return f"box {k + 1} {b} is not inside the {W}x{H} image"
+        if k and not (boxes[k][0] <= boxes[k - 1][0] and boxes[k][1] <= boxes[k - 1][1]
+                      and boxes[k - 1][2] <= boxes[k][2] and boxes[k - 1][3] <= boxes[k][3]):
+            return f"box {k + 1} {b} does not contain box {k} {boxes[k - 1]} (B1 ⊂ B2 ⊂ ...)"
+    return None
+
+
+def _summary(path: str, errors: list[str]) -> str:
+    head = f"{path}: {len(errors)} problem(s)" + (f", the first {MAX_ERRORS}:" if len(errors) > MAX_ERRORS else ":")
+    return "\n  ".join([head] + errors[:MAX_ERRORS])
+
+
+def open_image(source) -> Image.Image:
+    """The one way an image is opened: `crop_tool.open_image`."""
+    return crop_tool.open_image(source)
+
+
+# ----------------------------------------------------------------------------- V*
+
+VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def shuffle_options(options: list[str], seed: str) -> tuple[list[str], str]:
+    """(options shuffled by random.Random(seed), letter of the originally-first option)."""
+    order = list(range(len(options)))
+    random.Random(seed).shuffle(order)
+    return [options[i] for i in order], chr(65 + order.index(0))
+
+
+def _vstar_b1(bbox, size: tuple[int, int], where: str) -> list[list[float]] | None:
+    """[B1] from V*'s "bbox" [[x, y, w, h], ...] (each inside the image): their union, grown to >= 28 px a side."""
+    if bbox is None:
+        return None
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (isinstance(bbox, list) and bbox and all(isinstance(b, list) and len(b) == 4 and all(map(num, b))
+                                                    and b[2] > 0 and b[3] > 0 for b in bbox)):
+        raise DataError(f"{where}: 'bbox' must be a list of [x, y, w, h] with w, h > 0, got {bbox!r}")
+    for b in bbox:
+        if b[0] < 0 or b[1] < 0 or b[0] + b[2] > size[0] or b[1] + b[3] > size[1]:
+            raise DataError(f"{where}: 'bbox' {b} is not inside the {size[0]}x{size[1]} image")
+    lo = [min(b[0] for b in bbox), min(b[1] for b in bbox)]
+    hi = [max(b[0] + b[2] for b in bbox), max(b[1] + b[3] for b in bbox)]
+    for k, side in enumerate(size):
+        grow = max(0.0, crop_tool.FACTOR - (hi[k] - lo[k])) / 2
+        a, b = lo[k] - grow, hi[k] + grow
+        shift = max(0.0, -a) - max(0.0, b - side)   # slide back inside the image
+        lo[k], hi[k] = max(0.0, a + shift), min(float(side), b + shift)
+    return [[lo[0], lo[1], hi[0], hi[1]]]
+
+
+def load_vstar(root: str) -> list[Task]:
+    """V* questions, category by category, files in name order (format in the module docstring)."""
+    tasks = []
+    for cat in VSTAR_CATEGORIES:
+        folder = os.path.join(root, cat)
+        if not os.path.isdir(folder):
+            raise DataError(f"{root}: V* folder {cat}/ not found")
+        names = sorted(os.listdir(folder))
+        images = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(IMAGE_EXTS)}
+        for name in (n for n in names if n.endswith(".json")):
+            where, stem = os.path.join(folder, name), name[:-len(".json")]
+            try:
+                with open(where, encoding="utf-8-sig") as f:
+                    ann = json.load(f)
+            except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            opts = ann.get("options") if isinstance(ann, dict) else None
+            if not (isinstance(ann, dict) and isinstance(ann.get("question"), str) and isinstance(opts, list)
+                    and len(opts) >= 2 and all(isinstance(o, str) for o in opts)):
+                raise DataError(f"{where}: needs a string 'question' and a list of >= 2 string 'options'")
+            if stem not in images:
+                raise DataError(f"{where}: image file not found ({stem} with one of {', '.join(IMAGE_EXTS)})")
+            path = os.path.join(folder, images[stem])
+            errors = []
+            (size,) = check_images([path], [where], errors, progress=False)
+            if errors:
+                raise DataError(errors[0])
+            boxes = _vstar_b1(ann.get("bbox"), size, where)
+            choices, letter = shuffle_options(opts, f"{cat}/{stem}")
+            tasks.append(Task(path, ann["question"], letter, choices, boxes, None, f"{cat}/{stem}"))
+    if not tasks:
+        raise DataError(f"{root}: no V* questions (.json files) found")
+    return tasks
+
+
+# ----------------------------------------------------------------------------- HR-Bench
+
+HRBENCH_COLUMNS = ("index", "question", "answer", "A", "B", "C", "D", "category", "image")
+
+
+def _decode_image(b64: str, index: str, folder: str, where: str) -> str:
+    """Write a base64 image once as folder/<index>.<format> (bytes unchanged, decoded in full first)."""
     try:
-        report = convert(args.source, args.inputs, args.out, args.image_root, args.limit, args.overwrite)
-    except ConvertError as e:
-        raise SystemExit(f"data.py: {e}") from None
-    print(report.summary())
-    return report
+        raw = base64.b64decode(b64.strip(), validate=True)
+    except binascii.Error as e:
+        raise DataError(f"{where}: column 'image' is not valid base64 ({e})") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            fmt = im.format
+            im.load()
+    except Exception as e:   # PIL raises several types for unreadable data
+        raise DataError(f"{where}: column 'image' does not decode to an image ({e})") from None
+    path = os.path.join(folder, re.sub(r"[^\w.-]", "_", index) + "." + {"JPEG": "jpg"}.get(fmt, fmt.lower()))
+    if not (os.path.isfile(path) and os.path.getsize(path) == len(raw)):
+        with open(path + ".tmp", "wb") as f:
+            f.write(raw)
+        os.replace(path + ".tmp", path)
+    return path
 
 
-if __name__ == "__main__":
-    main()
+def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[Task]:
+    """HR-Bench questions in file order (format in the module docstring); images decoded to `image_dir`."""
+    image_dir = image_dir or os.path.splitext(os.path.abspath(tsv_path))[0] + "_images"
+    os.makedirs(image_dir, exist_ok=True)
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))   # one cell holds a whole base64 8K image
+    tasks, seen = [], {}
+    with open(tsv_path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{tsv_path}: missing column(s) {missing}; the header has {reader.fieldnames}")
+        for n, row in enumerate(reader, 1):
+            where = f"{tsv_path}: data row {n} (index {row['index']})"
+            if any(row[c] is None for c in HRBENCH_COLUMNS):
+                raise DataError(f"{where}: fewer cells than columns")
+            index = row["index"].strip()
+            if index in seen:
+                raise DataError(f"{where}: index {index!r} repeats data row {seen[index]}; its image would be "
+                                f"cached under the same name")
+            seen[index] = n
+            cat, letter = row["category"].strip().lower(), row["answer"].strip().upper()
+            if cat not in ("single", "cross"):
+                raise DataError(f"{where}: category must be single or cross, got {row['category']!r}")
+            if letter not in ("A", "B", "C", "D"):
+                raise DataError(f"{where}: answer must be a letter A-D, got {row['answer']!r}")
+            path = _decode_image(row["image"], index, image_dir, where)
+            tasks.append(Task(path, row["question"], letter, [row[c] for c in "ABCD"], None, None, f"{cat}/{index}"))
+    if not tasks:
+        raise DataError(f"{tsv_path}: no rows")
+    return tasks

@@ -93,6 +93,25 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, s
     return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids)
 
 
+def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows: list[int] | None = None,
+         longest_first: bool = False) -> list[list[int]]:
+    """Item indices grouped into batches: each batch holds at most `max_rows` rows and, padded, at most
+    `max_tokens` tokens (its rows x its longest length); an item over the token budget alone gets a batch
+    of its own. Item i is rows[i] rows (default 1) of length lengths[i] (a GRPO group: G rows). In item
+    order, or longest first (less padding); every item in exactly one batch."""
+    rows = rows or [1] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else range(len(lengths))
+    batches, cur, n, longest = [], [], 0, 0
+    for i in order:
+        grow_n, grow_len = n + rows[i], max(longest, lengths[i])
+        if cur and (grow_n > max_rows or (max_tokens is not None and grow_n * grow_len > max_tokens)):
+            batches.append(cur)
+            cur, grow_n, grow_len = [], rows[i], lengths[i]
+        cur.append(i)
+        n, longest = grow_n, grow_len
+    return batches + ([cur] if cur else [])
+
+
 def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, grids: list[tuple[int, int, int]],
                     image_token_id: int, merge: int) -> torch.Tensor:
     """Qwen2.5-VL's 3-D rotary positions (temporal, height, width): [3, B, T].

@@ -37,33 +37,17 @@ box/ metrics, no probes.
 Categories: loaders put them in Task.id as "<category>/<name>"; `metrics.category(task)` is the part
 before the first "/" (None without one; the project's JSONL ids usually have none).
 
-Benchmark formats (problems raise ValueError naming the file, and the row):
-- V*, `load_vstar(root)`: root/direct_attributes/ and root/relative_position/, each question an image
-  (.jpg .jpeg .png .webp .bmp) and a .json of the same stem with "question" and "options" (correct
-  option FIRST) and, optionally, "bbox": [[x, y, w, h], ...] (the target objects). Options are shuffled
-  by `shuffle_options` with random.Random("<category>/<stem>") (the same order on every run and
-  machine); answer = the letter the originally-first option lands on. B1 = the union of the target
-  boxes as (x1, y1, x2, y2), grown about its centre to >= 28 px a side (the crop tool's minimum, so
-  the gt probe can cut it) inside the image; boxes = [B1]. Task.id = "<category>/<stem>"; image = path.
-- HR-Bench, `load_hrbench(tsv)`: tab-separated with a header holding (at least) index, question,
-  answer (letter), A, B, C, D, category (single|cross), image (base64). Each image is decoded and
-  written ONCE to a cache folder (default "<tsv stem>_images/" beside the TSV) as "<index>.<format>",
-  the decoded bytes unchanged, and kept as a path. choices = [A, B, C, D]; Task.id = "<category>/<index>".
-- The project's JSONL: `lfpc.load_tasks` (ids as written).
+Benchmark files: `data.load_vstar` (V*) and `data.load_hrbench` (HR-Bench); the project's JSONL:
+`data.load_tasks`. Their formats and checks are in data.py's docstring.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import csv
 import html
-import io
 import json
 import os
 import platform
 import random
-import re
 import time
 from dataclasses import asdict, replace
 from datetime import datetime
@@ -73,6 +57,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import crop_tool
+import data
 import lfpc
 import metrics
 import presets
@@ -134,129 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (why := presets.check_model(a.preset, a.model)):
         p.error(why)
     return a
-
-
-# ----------------------------------------------------------------------------- loaders
-
-def _image_size(path: str, where: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:   # PIL raises several types for unreadable files
-        raise ValueError(f"{where}: cannot read image {path}: {e}") from None
-
-
-VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def shuffle_options(options: list[str], seed: str) -> tuple[list[str], str]:
-    """(options shuffled by random.Random(seed), letter of the originally-first option)."""
-    order = list(range(len(options)))
-    random.Random(seed).shuffle(order)
-    return [options[i] for i in order], chr(65 + order.index(0))
-
-
-def _vstar_b1(bbox, size: tuple[int, int], where: str) -> list[list[float]] | None:
-    """[B1] from V*'s "bbox" [[x, y, w, h], ...]: union, grown to >= 28 px a side, inside the image."""
-    if bbox is None:
-        return None
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not (isinstance(bbox, list) and bbox and all(isinstance(b, list) and len(b) == 4 and all(map(num, b))
-                                                    and b[2] > 0 and b[3] > 0 for b in bbox)):
-        raise ValueError(f"{where}: 'bbox' must be a list of [x, y, w, h] with w, h > 0, got {bbox!r}")
-    lo = [min(b[0] for b in bbox), min(b[1] for b in bbox)]
-    hi = [max(b[0] + b[2] for b in bbox), max(b[1] + b[3] for b in bbox)]
-    for k, side in enumerate(size):
-        a, b = max(0.0, lo[k]), min(float(side), hi[k])
-        grow = max(0.0, crop_tool.FACTOR - (b - a)) / 2
-        a, b = a - grow, b + grow
-        shift = max(0.0, -a) - max(0.0, b - side)   # slide back inside the image
-        lo[k], hi[k] = max(0.0, a + shift), min(float(side), b + shift)
-    if hi[0] <= lo[0] or hi[1] <= lo[1]:
-        raise ValueError(f"{where}: 'bbox' {bbox!r} lies outside the {size[0]}x{size[1]} image")
-    return [[lo[0], lo[1], hi[0], hi[1]]]
-
-
-def load_vstar(root: str) -> list[lfpc.Task]:
-    """V* questions, category by category, files in name order (format in the module docstring)."""
-    tasks = []
-    for cat in VSTAR_CATEGORIES:
-        folder = os.path.join(root, cat)
-        if not os.path.isdir(folder):
-            raise ValueError(f"{root}: V* folder {cat}/ not found")
-        names = sorted(os.listdir(folder))
-        images = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(IMAGE_EXTS)}
-        for name in (n for n in names if n.endswith(".json")):
-            where, stem = os.path.join(folder, name), name[:-len(".json")]
-            try:
-                with open(where, encoding="utf-8") as f:
-                    ann = json.load(f)
-            except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            opts = ann.get("options") if isinstance(ann, dict) else None
-            if not (isinstance(ann, dict) and isinstance(ann.get("question"), str) and isinstance(opts, list)
-                    and len(opts) >= 2 and all(isinstance(o, str) for o in opts)):
-                raise ValueError(f"{where}: needs a string 'question' and a list of >= 2 string 'options'")
-            if stem not in images:
-                raise ValueError(f"{where}: image file not found ({stem} with one of {', '.join(IMAGE_EXTS)})")
-            path = os.path.join(folder, images[stem])
-            boxes = _vstar_b1(ann.get("bbox"), _image_size(path, where), where)
-            choices, letter = shuffle_options(opts, f"{cat}/{stem}")
-            tasks.append(lfpc.Task(path, ann["question"], letter, choices, boxes, None, f"{cat}/{stem}"))
-    if not tasks:
-        raise ValueError(f"{root}: no V* questions (.json files) found")
-    return tasks
-
-
-HRBENCH_COLUMNS = ("index", "question", "answer", "A", "B", "C", "D", "category", "image")
-
-
-def _decode_image(b64: str, index: str, folder: str, where: str) -> str:
-    """Write a base64 image once as folder/<index>.<format> (bytes unchanged); returns its path."""
-    try:
-        raw = base64.b64decode(b64.strip(), validate=True)
-    except binascii.Error as e:
-        raise ValueError(f"{where}: column 'image' is not valid base64 ({e})") from None
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            fmt = im.format
-    except Exception as e:   # PIL raises several types for unreadable data
-        raise ValueError(f"{where}: column 'image' does not decode to an image ({e})") from None
-    path = os.path.join(folder, re.sub(r"[^\w.-]", "_", index) + "." + {"JPEG": "jpg"}.get(fmt, fmt.lower()))
-    if not (os.path.isfile(path) and os.path.getsize(path) == len(raw)):
-        with open(path + ".tmp", "wb") as f:
-            f.write(raw)
-        os.replace(path + ".tmp", path)
-    return path
-
-
-def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[lfpc.Task]:
-    """HR-Bench questions in file order (format in the module docstring); images decoded to `image_dir`."""
-    image_dir = image_dir or os.path.splitext(os.path.abspath(tsv_path))[0] + "_images"
-    os.makedirs(image_dir, exist_ok=True)
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))   # one cell holds a whole base64 8K image
-    tasks = []
-    with open(tsv_path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in HRBENCH_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{tsv_path}: missing column(s) {missing}; the header has {reader.fieldnames}")
-        for n, row in enumerate(reader, 1):
-            where = f"{tsv_path}: data row {n} (index {row['index']})"
-            if any(row[c] is None for c in HRBENCH_COLUMNS):
-                raise ValueError(f"{where}: fewer cells than columns")
-            cat, letter = row["category"].strip().lower(), row["answer"].strip().upper()
-            if cat not in ("single", "cross"):
-                raise ValueError(f"{where}: category must be single or cross, got {row['category']!r}")
-            if letter not in ("A", "B", "C", "D"):
-                raise ValueError(f"{where}: answer must be a letter A-D, got {row['answer']!r}")
-            path = _decode_image(row["image"], row["index"].strip(), image_dir, where)
-            tasks.append(lfpc.Task(path, row["question"], letter, [row[c] for c in "ABCD"], None, None,
-                                   f"{cat}/{row['index'].strip()}"))
-    if not tasks:
-        raise ValueError(f"{tsv_path}: no rows")
-    return tasks
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -424,13 +286,13 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.data:
-        tasks, data = lfpc.load_tasks(a.data), os.path.abspath(a.data)
+        tasks, source = data.load_tasks(a.data), os.path.abspath(a.data)
     elif a.vstar:
-        tasks, data = load_vstar(a.vstar), os.path.abspath(a.vstar)
+        tasks, source = data.load_vstar(a.vstar), os.path.abspath(a.vstar)
     elif a.hrbench:
-        tasks, data = load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
+        tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
     else:
-        tasks, data = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
+        tasks, source = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
     cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
@@ -438,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     episodes = results.pop("episodes")
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    record = {"model": a.model, "data": data, "args": vars(a), **run_info(agent), **results,
+    record = {"model": a.model, "data": source, "args": vars(a), **run_info(agent), **results,
               "items": {run: item_records(eps, tasks) for run, eps in episodes.items()}}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)

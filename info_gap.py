@@ -4,7 +4,7 @@ answer stops agreeing with its full-resolution answer (the paper's "offline reso
     python info_gap.py --data items.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct --out tasks_stage1.jsonl
 
 writes the rows of --data again, in order, with "max_pixels" added and "image" made relative to the
-folder of --out; `lfpc.load_tasks` reads it and stage 1 trains on it (crops still come from the original).
+folder of --out; `data.load_tasks` reads it and stage 1 trains on it (crops still come from the original).
 
 Contract
 --------
@@ -60,6 +60,7 @@ import torch
 from tqdm import tqdm
 
 import crop_tool
+import data
 import lfpc
 import rewards
 from lfpc import Task
@@ -73,7 +74,7 @@ AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Per-item global-image budgets for LFPC stage 1 (information gap).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="training items, JSONL in the lfpc.load_tasks schema")
+    p.add_argument("--data", required=True, help="training items, JSONL in the data.load_tasks schema")
     p.add_argument("--model", required=True, help="Qwen2.5-VL checkpoint that answers (hub name or folder)")
     p.add_argument("--out", required=True, help="output JSONL: the rows of --data with 'max_pixels' added")
     p.add_argument("--cache", default=None, help="probe cache JSONL (None: --out with .cache.jsonl)")
@@ -310,7 +311,7 @@ def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens:
 def write_tasks(data_path: str, out_path: str, tasks: list[Task], records: list[dict]) -> None:
     """The rows of data_path again with "max_pixels" set and images relative to out_path's folder."""
     with open(data_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]   # the lines lfpc.load_tasks read
+        rows = [json.loads(line) for line in f if line.strip()]   # the lines data.load_tasks read
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
     with open(out_path + ".tmp", "w", encoding="utf-8") as f:
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     prober = ProberConfig(a.full_tokens, a.floor_tokens, a.ratio, a.k, a.temperature, a.max_new_tokens, a.resample)
     budgets = ladder(a.full_tokens, a.floor_tokens, a.ratio)    # fail on bad flags before loading a model
     torch.manual_seed(a.seed)
-    tasks = lfpc.load_tasks(a.data)
+    tasks = data.load_tasks(a.data)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     agent = lfpc.load_agent(a.model, a.device, dtype)
     cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"

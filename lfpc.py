@@ -58,15 +58,13 @@ class Task:
     id: str = ""
 
     def load_image(self) -> Image.Image:
-        return self.image if isinstance(self.image, Image.Image) else Image.open(self.image).convert("RGB")
+        """The original as the model sees it (crop_tool.open_image: EXIF orientation, alpha on white, RGB)."""
+        return self.image if isinstance(self.image, Image.Image) else crop_tool.open_image(self.image)
 
     @property
     def image_size(self) -> tuple[int, int]:
         """(width, height) of the original: THE way to read it; only the file's header when a path."""
-        if isinstance(self.image, Image.Image):
-            return self.image.size
-        with Image.open(self.image) as im:
-            return im.size
+        return self.image.size if isinstance(self.image, Image.Image) else crop_tool.image_size(self.image)
 
 
 @dataclass
@@ -126,7 +124,9 @@ class RolloutConfig:
     max_response_tokens: int = 2048           # sampled tokens per episode, all turns (paper: 2048)
     temperature: float = 1.0                  # 0 = greedy
     top_p: float = 1.0
-    batch_size: int = 64                      # episodes per forward while sampling
+    batch_size: int = 64                      # episodes per forward while sampling (at most)
+    batch_tokens: int | None = None           # and at most this many KV-cache tokens per chunk: rows x the
+                                              # bound of an episode's length (`episode_bound`); None: no limit
     use_tool: bool = True                     # False: no tool in the prompt, one turn, answer directly
     probe: str = "none"                       # crop-dependency diagnostic (module docstring): "none", "noise", "gt"
     decode: str = "dynamic"                   # KV cache while decoding: "dynamic" (grows by one token a step) or
@@ -308,22 +308,31 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
             episodes.append(ep)
     step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
-    if cfg.engine == "cached":
-        per_chunk = max(1, cfg.batch_size // group_size) * group_size
-        for k in range(0, len(episodes), per_chunk):
-            engine.run_cached(agent, episodes[k:k + per_chunk], group_size, cfg, step, work, sample_fn)
+    if cfg.engine == "cached":                   # chunks of whole groups, within the row and KV budgets
+        bound = [episode_bound(n, cfg) for n in prompt_len]
+        for chunk in engine.pack(bound, max(cfg.batch_size, group_size), cfg.batch_tokens, [group_size] * len(tasks)):
+            rows = [e for i in chunk for e in episodes[i * group_size:(i + 1) * group_size]]
+            engine.run_cached(agent, rows, group_size, cfg, step, work, sample_fn)
     else:
         for turn in range(cfg.max_turns):
             live = [e for e in episodes if not e.done]
-            for k in range(0, len(live), cfg.batch_size):
-                chunk = live[k:k + cfg.batch_size]
-                budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in chunk]
-                for ep, (toks, lps, finish) in zip(chunk, engine.sample_turn(agent, chunk, budget, cfg, work, sample_fn)):
+            budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in live]
+            for idx in engine.pack([len(e.token_ids) + n for e, n in zip(live, budget)], cfg.batch_size, cfg.batch_tokens):
+                chunk = [live[i] for i in idx]
+                turns = engine.sample_turn(agent, chunk, [budget[i] for i in idx], cfg, work, sample_fn)
+                for ep, (toks, lps, finish) in zip(chunk, turns):
                     step(ep, toks, lps, finish, turn)
     for e in episodes:
         e.stop_reason = e.stop_reason or "max_turns"
     work.context_tokens += sum(prompt_len) + sum(len(e.token_ids) - prompt_len[e.task_index] for e in episodes)
     return episodes
+
+
+def episode_bound(prompt_tokens: int, cfg: RolloutConfig) -> int:
+    """The most tokens an episode can reach: its prompt, every sampled token, and a tool response of the
+    largest crop (with its turn's tags, up to 64 tokens) after every turn but the last."""
+    crop_tokens = cfg.crop.max_pixels // crop_tool.TOKEN_PIXELS
+    return prompt_tokens + cfg.max_response_tokens + (cfg.max_turns - 1) * (crop_tokens + 64)
 
 
 def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig) -> Episode:
@@ -433,50 +442,3 @@ def _target_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, temperatur
     if temperature > 0:
         logits = logits / temperature
     return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]      # [n]
-
-
-# ----------------------------------------------------------------------------- loading tasks
-
-def load_tasks(path: str) -> list[Task]:
-    """Tasks from a JSONL file, one object a line:
-        {"id": "...", "image": "relative/to/the/jsonl.png", "question": "...", "answer": "...",
-         "choices": ["...", ...] (optional), "bboxes": [[x1, y1, x2, y2], ...] (optional, original pixels,
-         nested B1 ⊂ B2 ..., B1 first), "max_pixels": int (optional, the global-image budget)}
-    Every problem raises ValueError naming the file and line. Images are checked (opened, size read)
-    but kept as paths, so a large set of 8K images does not sit in memory."""
-    base, tasks = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            for key in ("image", "question", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{where}: missing or empty string field {key!r}")
-            img_path = os.path.join(base, row["image"])
-            if not os.path.isfile(img_path):
-                raise ValueError(f"{where}: image file not found: {img_path}")
-            try:
-                with Image.open(img_path) as im:
-                    W, H = im.size
-            except Exception as e:   # PIL raises several types for unreadable files
-                raise ValueError(f"{where}: cannot read image {img_path}: {e}") from None
-            boxes = row.get("bboxes")
-            for b in boxes or []:
-                ok = isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-                if not ok or not (0 <= b[0] < b[2] <= W and 0 <= b[1] < b[3] <= H):
-                    raise ValueError(f"{where}: box {b} is not [x1, y1, x2, y2] inside the {W}x{H} image")
-            choices = row.get("choices")
-            if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
-                raise ValueError(f"{where}: 'choices' must be a list of strings")
-            tasks.append(Task(img_path, row["question"], row["answer"], choices, boxes, row.get("max_pixels"),
-                              str(row.get("id", n))))
-    if not tasks:
-        raise ValueError(f"{path}: no tasks")
-    return tasks

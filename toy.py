@@ -26,7 +26,7 @@ all (`ROPE`). `n_boxes=2..4` still works for whoever wants the harder world.
 Boxes, in original pixels, nested: B1 = the square's interior (the detail itself), B2 = its grid
 cell (the square with some context). The grid keeps the toy's locating problem small (which of 16
 cells; coordinates multiples of 28) so a 1M-parameter model learns to write boxes in minutes.
-Items use the project's JSONL schema (`lfpc.load_tasks`):
+Items use the project's JSONL schema (`data.load_tasks`):
     {"id", "image", "question", "answer", "bboxes": [B1, B2]}
 
 Everything else the toy world needs lives here too, so the engine never special-cases it: the toy

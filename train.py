@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 import crop_tool
+import data
 import engine
 import grpo
 import info_gap
@@ -75,7 +76,7 @@ class Args:
     stage: int = arg(1, '1: information gap; 2: + grounding reward')
     preset: str = arg("toy", 'named settings for every flag left unset: ' + " | ".join(presets.PRESETS))
     model: str | None = arg(None, 'checkpoint to start from (preset; stage 2: runs/stage1/ckpt)')
-    data: str | None = arg(None, 'JSONL tasks (lfpc.load_tasks); the toy preset generates its own without it')
+    data: str | None = arg(None, 'JSONL tasks (data.load_tasks); the toy preset generates its own without it')
     out: str | None = arg(None, 'run folder (default runs/stage<N>)')
     resume: bool = arg(False, 'continue the run in --out (model, optimizer, step, data position)')
     global_image: str = arg("info-gap", '"info-gap": per-task budget from info_gap.py; "full": --full-tokens for all')
@@ -142,7 +143,7 @@ def parse_args(argv=None) -> Args:
             or a.engine not in lfpc.ENGINES:
         p.error("--stage is 1 or 2, --global-image info-gap|full, --agg token-mean|seq-mean, --engine cached|reference")
     if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
-        p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, lfpc.load_tasks)")
+        p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
     if not a.resume and not os.path.exists(a.model) and a.model.startswith(("checkpoints/", "runs/", "./", "/")):
         p.error(f"model {a.model!r} not found" + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
     if not a.resume and (why := presets.check_model(a.preset, a.model)):
@@ -315,7 +316,7 @@ def step_metrics(episodes, tasks, adv_metrics, loss_metrics) -> dict[str, float]
 def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
     """The training tasks, with each one's global budget set (stage 1 and 2 alike)."""
     if a.data:
-        tasks = lfpc.load_tasks(a.data)
+        tasks = data.load_tasks(a.data)
     else:       # a preset that generates its world's tasks (toy: stage 2 gets a small, disjoint annotated set)
         tasks = presets.PRESETS[a.preset]["tasks"](a.stage, a.n_train)
     if a.stage == 2 and any(not t.boxes for t in tasks):

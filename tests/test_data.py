@@ -1,512 +1,257 @@
-"""Tests for data.py. Each source's format is built inside the test (parquet with pyarrow: those tests are
-skipped without it; the JSON sources run without it), converted, and the output loaded with
-lfpc.load_tasks. Checked: clean questions, answers and choices kept (letters the judge accepts), boxes
-converted and validated, every drop counted with its reason, videos dropped with a count, the message
-without pyarrow, reruns, and that memory does not grow with the file (numbers printed; `-s` shows them)."""
+"""Tests for data.py: the project's JSONL (every check names the file and line), the one image opener,
+and the V* and HR-Bench loaders on generated fixtures in their official formats."""
+import base64
+import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data
-import lfpc
-import rewards
-from conftest import ROOT
-
-# DeepEyes' user-turn suffix, verbatim (Visual-Agent/DeepEyes, mm_process_engine/prompt.py USER_PROMPT_V2).
-DEEPEYES_SUFFIX = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  "
-                   "<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
-DEEPEYES_SYSTEM = "You are a helpful assistant.\n\n# Tools\nYou may call one or more functions ..."
+import metrics
+from conftest import noise_image
 
 
-def img_bytes(w=64, h=48, fmt="PNG", seed=0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+# ----------------------------------------------------------------------------- the project's JSONL
+
+def _write_jsonl(tmp_path, rows, image_size=(64, 48)):
+    Image.new("RGB", image_size).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
+    noise_image(64, 48).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])      # header reads, data ends
+    Image.new("RGB", (2010, 10)).save(tmp_path / "thin.png")                          # aspect 201
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(p)
+
+
+def test_load_tasks_reads_rows_relative_to_the_file(tmp_path):
+    p = _write_jsonl(tmp_path, [{"id": "x", "image": "a.png", "question": "q?", "answer": "B",
+                                 "choices": ["r", "g"], "bboxes": [[1, 2, 30, 40]], "source": "anything"}])
+    (t,) = data.load_tasks(p)
+    assert (t.id, t.answer, t.choices, t.boxes) == ("x", "B", ["r", "g"], [[1, 2, 30, 40]])
+    assert t.load_image().size == (64, 48)
+
+
+GOOD = {"image": "a.png", "question": "q", "answer": "a"}
+
+
+@pytest.mark.parametrize("row, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ({"image": "a.png", "answer": "x"}, "'question'"),
+    ({"image": "a.png", "question": "q"}, "'answer'"),
+    ({**GOOD, "id": True}, "'id' must be a string or an integer"),
+    ({**GOOD, "image": "missing.png"}, "image file not found"),
+    ({**GOOD, "image": "bad.png"}, "cannot read image"),
+    ({**GOOD, "image": "cut.jpg"}, "cannot read image .*truncated"),
+    ({**GOOD, "image": "thin.png"}, "aspect ratio over 200"),
+    ({**GOOD, "bboxes": [[0, 0, 65, 10]]}, "not inside the 64x48 image"),
+    ({**GOOD, "bboxes": [[5, 0, 2, 10]]}, "empty or inverted"),
+    ({**GOOD, "bboxes": [[True, 0, 10, 10]]}, "not 4 finite numbers"),
+    ({**GOOD, "bboxes": [[0, 0, 30, 30], [10, 10, 40, 40]]}, "does not contain box 1"),
+    ({**GOOD, "bboxes": []}, "non-empty list"),
+    ({**GOOD, "max_pixels": "1024"}, "'max_pixels' must be an integer"),
+    ({**GOOD, "max_pixels": -5}, "'max_pixels' must be an integer"),
+    ({**GOOD, "max_pixels": [784]}, "'max_pixels' must be an integer"),
+    ({**GOOD, "max_pixels": 10}, "'max_pixels' must be an integer >= 784"),
+    ({**GOOD, "choices": ["red", "blue"], "answer": "green"}, "neither a letter A-B nor the text"),
+    ({**GOOD, "choices": ["red"]}, "at least 2 non-empty strings"),
+    ({**GOOD, "id": "1"}, "id '1' repeats"),
+])
+def test_load_tasks_names_file_and_line_on_bad_rows(tmp_path, row, message):
+    p = _write_jsonl(tmp_path, [{**GOOD, "id": "1"}, row])
+    with pytest.raises(data.DataError, match=message) as e:
+        data.load_tasks(p, progress=False)
+    assert f"{p}:2" in str(e.value)
+
+
+def test_every_bad_row_is_listed_and_a_bom_is_fine(tmp_path):
+    p = _write_jsonl(tmp_path, [GOOD, {**GOOD, "image": "missing.png"}, GOOD, "{oops", GOOD])
+    with pytest.raises(data.DataError) as e:
+        data.load_tasks(p, progress=False)
+    assert "2 problem(s)" in str(e.value) and f"{p}:2" in str(e.value) and f"{p}:4" in str(e.value)
+    raw = open(p, "rb").read().replace(b"missing.png", b"a.png").replace(b"{oops\n", b"")
+    open(p, "wb").write(b"\xef\xbb\xbf" + raw)
+    assert len(data.load_tasks(p, progress=False)) == 4
+
+
+def test_non_utf8_is_reported_with_its_line_and_a_folder_with_what_to_pass(tmp_path):
+    p = _write_jsonl(tmp_path, [GOOD])
+    with open(p, "ab") as f:
+        f.write(b'{"image": "a.png", "question": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(data.DataError, match=r"data.jsonl:2: not UTF-8 text"):
+        data.load_tasks(p, progress=False)
+    with pytest.raises(data.DataError, match="is a folder; pass the JSONL file"):
+        data.load_tasks(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the one image opener
+
+def test_images_open_as_the_models_pipeline_sees_them(tmp_path):
+    """EXIF orientation applied (boxes are checked in that frame), alpha onto white, 16-bit to 8-bit."""
+    im = Image.new("RGB", (60, 20), (10, 20, 30))
+    exif = im.getexif()
+    exif[0x0112] = 6                                             # rotate 90 degrees clockwise to display
+    im.save(tmp_path / "turned.jpg", exif=exif)
+    assert data.open_image(str(tmp_path / "turned.jpg")).size == (20, 60)
+    import crop_tool
+    assert crop_tool.image_size(str(tmp_path / "turned.jpg")) == (20, 60)
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))             # fully transparent red
+    rgba.save(tmp_path / "clear.png")
+    assert data.open_image(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))   # mid grey in 16 bits
+    deep.save(tmp_path / "deep.png")
+    assert data.open_image(str(tmp_path / "deep.png")).getpixel((0, 0)) == (127, 127, 127)
+    row = {**GOOD, "image": "turned.jpg", "bboxes": [[0, 0, 20, 60]]}      # inside the UPRIGHT frame
+    (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
+    assert data.load_tasks(str(tmp_path / "t.jsonl"), progress=False)[0].image_size == (20, 60)
+
+
+# ----------------------------------------------------------------------------- V*
+
+VSTAR_ITEMS = {   # stem: (extension, question, options with the correct one FIRST, bbox [x, y, w, h] list)
+    "direct_attributes": {
+        "sa_1": (".jpg", "What is the colour of the cup?", ["red", "blue", "green", "white"], [[40, 30, 20, 10]]),
+        "sa_2": (".png", "What is the material of the bench?", ["wood", "metal", "stone", "plastic"], [[0, 0, 60, 50]]),
+        "sa_3": (".jpg", "What colour is the kite?", ["yellow", "black", "pink", "orange"], [[5, 5, 10, 10]]),
+    },
+    "relative_position": {
+        "sa_7": (".png", "Dog left or right of the car?", ["left", "right"], [[10, 10, 20, 20], [60, 40, 30, 20]]),
+        "sa_8": (".jpg", "Lamp left or right of the door?", ["right", "left"], [[70, 5, 10, 30], [20, 20, 10, 40]]),
+    },
+}
+
+
+@pytest.fixture()
+def vstar_dir(tmp_path):
+    root = tmp_path / "vstar_bench"
+    for cat, items in VSTAR_ITEMS.items():
+        (root / cat).mkdir(parents=True)
+        for k, (stem, (ext, q, opts, bbox)) in enumerate(items.items()):
+            noise_image(100, 80, k).save(root / cat / (stem + ext))
+            (root / cat / (stem + ".json")).write_text(json.dumps(
+                {"target_object": ["thing"] * len(bbox), "bbox": bbox, "question": q, "options": opts}))
+    return root
+
+
+def test_vstar_loads_both_categories_and_shuffles_options_deterministically(vstar_dir):
+    a, b = data.load_vstar(str(vstar_dir)), data.load_vstar(str(vstar_dir))
+    assert [t.id for t in a] == ["direct_attributes/sa_1", "direct_attributes/sa_2", "direct_attributes/sa_3",
+                                 "relative_position/sa_7", "relative_position/sa_8"]
+    assert [(t.choices, t.answer) for t in a] == [(t.choices, t.answer) for t in b]
+    for t in a:
+        cat, stem = t.id.split("/")
+        ext, q, opts, _ = VSTAR_ITEMS[cat][stem]
+        assert metrics.category(t) == cat and t.question == q
+        assert t.choices[ord(t.answer) - 65] == opts[0], "the letter must point at the originally-first option"
+        assert sorted(t.choices) == sorted(opts)
+        assert (t.choices, t.answer) == data.shuffle_options(opts, f"{cat}/{stem}")
+        assert isinstance(t.image, str) and t.image.endswith(stem + ext) and t.load_image().size == (100, 80)
+    assert any(t.answer != "A" for t in a), "options must be shuffled (not always 'A')"
+
+
+def test_vstar_b1_is_the_union_of_the_targets_grown_to_28_px(vstar_dir):
+    boxes = {t.id: t.boxes for t in data.load_vstar(str(vstar_dir))}
+    assert boxes["direct_attributes/sa_2"] == [[0, 0, 60, 50]]                 # large enough: unchanged
+    assert boxes["direct_attributes/sa_1"] == [[36, 21, 64, 49]]               # 20x10 at (40, 30) -> 28x28
+    assert boxes["direct_attributes/sa_3"] == [[0, 0, 28, 28]]                 # 10x10 near the corner: slid inside
+    assert boxes["relative_position/sa_7"] == [[10, 10, 90, 60]]               # union of both targets
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: os.remove(r / "direct_attributes" / "sa_2.png"), "sa_2.json: image file not found"),
+    (lambda r: (r / "relative_position" / "sa_7.json").write_text(json.dumps({"question": "q?"})), "sa_7.json: needs"),
+    (lambda r: (r / "relative_position" / "sa_8.json").write_text("{oops"), "sa_8.json: not valid JSON"),
+    (lambda r: (r / "direct_attributes" / "sa_1.json").write_text(json.dumps(
+        {"question": "q", "options": ["a", "b"], "bbox": [[1, 2, 3]]})), "sa_1.json: 'bbox'"),
+    (lambda r: (r / "direct_attributes" / "sa_1.jpg").write_bytes(b"not a jpeg"), "sa_1.json: cannot read image"),
+    (lambda r: (r / "direct_attributes" / "sa_1.json").write_text(json.dumps(     # the image is 100 x 80
+        {"question": "q", "options": ["a", "b"], "bbox": [[90, 70, 20, 20]]})), r"sa_1.json: 'bbox' .* not inside"),
+])
+def test_vstar_errors_name_the_file(vstar_dir, damage, message):
+    damage(vstar_dir)
+    with pytest.raises(data.DataError, match=message):
+        data.load_vstar(str(vstar_dir))
+
+
+def test_vstar_missing_category_folder(tmp_path):
+    (tmp_path / "direct_attributes").mkdir()
+    with pytest.raises(data.DataError, match="relative_position/ not found"):
+        data.load_vstar(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- HR-Bench
+
+HR_ROWS = [  # index, question, answer, A, B, C, D, category, image size
+    ("0", 'What does the sign "EXIT" say below?', "C", "stop", "go", "open", "shut", "single", (120, 90)),
+    ("1", "How many boats?", "A", "1", "2", "3", "4", "cross", (90, 120)),
+    ("2", "What colour is the bus?", "D", "red", "blue", "green", "white", "single", (64, 64)),
+    ("3", "Which is taller, the tree or the pole?", "B", "tree", "pole", "equal", "unknown", "cross", (100, 60)),
+]
+
+
+def _png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def write_file(path, content: bytes) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(content)
+def write_hrbench(path, rows=HR_ROWS, columns=data.HRBENCH_COLUMNS, image=None):
+    """An HR-Bench TSV: header, one row per question, the image as base64 PNG."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(columns)
+        for k, (*cells, size) in enumerate(rows):
+            b64 = image if image is not None else base64.b64encode(_png_bytes(noise_image(*size, seed=k))).decode()
+            full = dict(zip(data.HRBENCH_COLUMNS, cells + [b64]))
+            w.writerow([full[c] for c in columns])
     return str(path)
 
 
-def write_jsonl(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
+def test_hrbench_letters_choices_categories_and_decoded_images(tmp_path):
+    tsv = write_hrbench(tmp_path / "hr_bench_4k.tsv")
+    tasks = data.load_hrbench(tsv)
+    assert [t.id for t in tasks] == ["single/0", "cross/1", "single/2", "cross/3"]
+    assert [t.answer for t in tasks] == ["C", "A", "D", "B"]
+    assert tasks[0].choices == ["stop", "go", "open", "shut"] and tasks[0].question == HR_ROWS[0][1]
+    assert [metrics.category(t) for t in tasks] == ["single", "cross", "single", "cross"]
+    for k, t in enumerate(tasks):
+        assert isinstance(t.image, str) and os.path.dirname(t.image) == str(tmp_path / "hr_bench_4k_images")
+        original = noise_image(*HR_ROWS[k][-1], seed=k)
+        assert open(t.image, "rb").read() == _png_bytes(original)
+        assert np.array_equal(np.asarray(t.load_image()), np.asarray(original))
 
 
-def outputs(out):
-    rows = [json.loads(s) for s in open(os.path.join(out, "train.jsonl"), encoding="utf-8")]
-    drops = [json.loads(s) for s in open(os.path.join(out, "dropped.jsonl"), encoding="utf-8")]
-    return rows, drops
+def test_hrbench_images_are_written_once_and_reused(tmp_path):
+    tsv = write_hrbench(tmp_path / "hr.tsv")
+    cache = tmp_path / "cache"
+    first = data.load_hrbench(tsv, str(cache))
+    stamps = {p: os.stat(p).st_mtime_ns for p in (t.image for t in first)}
+    second = data.load_hrbench(tsv, str(cache))
+    assert [t.image for t in second] == list(stamps)
+    assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
+    assert sorted(os.listdir(cache)) == ["0.png", "1.png", "2.png", "3.png"]
 
 
-def check_clean(rows):
-    """Every question is free of placeholders and instruction suffixes; ids are unique; MC answers are
-    letters the project's judge reads as the correct option."""
-    assert len({r["id"] for r in rows}) == len(rows)
-    for r in rows:
-        q = r["question"]
-        assert "<image>" not in q and "image_zoom_in_tool" not in q and "Think" not in q and "\\boxed" not in q
-        assert "option's letter" not in q and q == q.strip() and q
-        if "choices" in r:
-            k = ord(r["answer"]) - 65
-            assert rewards.accuracy(r["answer"], r["answer"], r["choices"]) == 1.0
-            assert rewards.accuracy(f"({r['answer']}) {r['choices'][k]}", r["answer"], r["choices"]) == 1.0
-
-
-# ----------------------------------------------------------------------------- pure functions
-
-def test_clean_question_strips_placeholders_and_each_known_suffix():
-    assert data.clean_question("<image>\nWhat is the color of the umbrella?" + DEEPEYES_SUFFIX) == \
-        "What is the color of the umbrella?"
-    cof = ("<image> Question: Which animal is it?\nAnswer with the option's letter from the given choices directly."
-           "\nThink in the mind first, and then decide whether to call tools one or more times OR provide final answer.")
-    assert data.clean_question(cof) == "Which animal is it?"
-    pr = "<image>\nHow many birds?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert data.clean_question(pr) == "How many birds?"
-    # a "suffix" that is the whole text is not cut (nothing would remain)
-    assert data.clean_question("Answer the question using a single word or phrase.") == \
-        "Answer the question using a single word or phrase."
-
-
-@pytest.mark.parametrize("text", [
-    "Which animal?\n(A) lion\n(B) sheep\n(C) tiger",
-    "Which animal?\nOptions:\nA. lion\nB. sheep\nC. tiger",
-    "Which animal?\nchoices:\nA: lion  \nB: sheep  \nC: tiger",          # Pixel-Reasoner's layout
-    "Which animal? (A) lion (B) sheep (C) tiger",                       # inline
-    "Which animal?\nA) lion\nB) sheep\nC) tiger\n",
+@pytest.mark.parametrize("kw, message", [
+    (dict(columns=tuple(c for c in data.HRBENCH_COLUMNS if c != "category")), r"missing column\(s\) \['category'\]"),
+    (dict(image="@@not base64@@"), r"data row 1 \(index 0\): column 'image' is not valid base64"),
+    (dict(image=base64.b64encode(b"plain text, not an image").decode()), r"data row 1 \(index 0\): .*not .*image"),
+    (dict(rows=HR_ROWS[:1] + [("1", "q", "E", "a", "b", "c", "d", "cross", (64, 64))]),
+     r"data row 2 \(index 1\): answer"),
+    (dict(rows=[("0", "q", "A", "a", "b", "c", "d", "both", (64, 64))]), r"data row 1 \(index 0\): category"),
+    (dict(rows=HR_ROWS[:2] + [("1", "q", "A", "a", "b", "c", "d", "cross", (64, 64))]),       # 1 twice: one image file
+     r"data row 3 \(index 1\): index '1' repeats data row 2"),
 ])
-def test_split_options_reads_each_layout(text):
-    assert data.split_options(text) == ("Which animal?", ["lion", "sheep", "tiger"])
+def test_hrbench_errors_name_the_file_and_row(tmp_path, kw, message):
+    tsv = write_hrbench(tmp_path / "hr.tsv", **kw)
+    with pytest.raises(data.DataError, match=message) as e:
+        data.load_hrbench(tsv)
+    assert str(e.value).startswith(tsv)
 
 
-def test_split_options_leaves_free_form_questions_alone():
-    for text in ["What is written on the sign?", "Is region (A) larger than region (C)?",
-                 "Options:\nA. only one", "A. lion\nB. sheep"]:          # no question before the options
-        assert data.split_options(text) == (text, None)
-
-
-def test_answer_letter():
-    choices = ["lion", "sheep", "a cat"]
-    assert [data.answer_letter(a, choices) for a in ["B", "(B)", "b.", "B) sheep", "sheep", " Sheep. ", "a cat"]] == \
-        ["B", "B", "B", "B", "B", "B", "C"]
-    assert [data.answer_letter(a, choices) for a in ["D", "B) lion", "goat", ""]] == [None, None, None, None]
-
-
-def test_clean_answer():
-    assert [data.clean_answer(a) for a in ["\\boxed{3}", " yes ", 12, 2.5, "<answer>left</answer>", None, True]] == \
-        ["3", "yes", "12", "2.5", "left", "", ""]
-
-
-def test_boxes_are_converted_and_validated():
-    assert data.parse_boxes([[40, 30, 20, 10], [30, 20, 50, 40]], "xywh") == [[40, 30, 60, 40], [30, 20, 80, 60]]
-    assert data.parse_boxes([10, 10, 30, 20], "xywh") == [[10, 10, 40, 30]]          # one COCO box
-    assert data.parse_boxes([[1.5, 2, 3, 4.5]], "xyxy") == [[1.5, 2, 3, 4.5]]
-    assert data.parse_boxes(None, "xyxy") is None
-    assert data.parse_boxes([[True, 0, 5, 5]], "xyxy").reason == "box: coordinate not a number"
-    assert data.parse_boxes([[0, 0, "5", 5]], "xyxy").reason == "box: coordinate not a number"
-    assert data.parse_boxes([[0, 0, float("nan"), 5]], "xyxy").reason == "box: coordinate not a number"
-    assert data.parse_boxes([[0, 0, 5]], "xyxy").reason == "box: not 4 numbers"
-    assert data.parse_boxes([], "xyxy").reason == "box: not a list of boxes"
-    size = (200, 100)
-    assert data.check_boxes([[40, 30, 60, 40], [30, 20, 80, 60], [0, 0, 200, 100]], size) is None
-    assert data.check_boxes([[10, 10, 10, 20]], size).reason == "box: empty or inverted"
-    assert data.check_boxes([[190, 10, 210, 20]], size).reason == "box: outside the image"
-    assert data.check_boxes([[-1, 10, 20, 20]], size).reason == "box: outside the image"
-    assert data.check_boxes([[10, 10, 50, 50], [60, 60, 90, 90]], size).reason == "box: not nested"
-    assert data.check_boxes([[0, 0, 90, 90], [10, 10, 50, 50]], size).reason == "box: not nested"   # B1 first
-
-
-def test_resolve_image_tries_ever_shorter_tails(tmp_path):
-    path = write_file(tmp_path / "data" / "x.jpg", b"x")
-    for ref in ["data/x.jpg", "VisualProbe_train/data/x.jpg", "/abs/where/data/x.jpg", "file://data/x.jpg", path]:
-        assert data.resolve_image(ref, str(tmp_path)) == path
-    assert data.resolve_image("data/y.jpg", str(tmp_path)) is None
-
-
-def test_encode_image_keeps_jpeg_and_png_bytes_reencodes_others_and_drops_truncated():
-    jpg, png = img_bytes(fmt="JPEG"), img_bytes(fmt="PNG")
-    assert data.encode_image(jpg) == (jpg, ".jpg", (64, 48))
-    assert data.encode_image(png) == (png, ".png", (64, 48))
-    bmp = data.encode_image(img_bytes(fmt="BMP"))
-    assert bmp[1:] == (".png", (64, 48)) and Image.open(io.BytesIO(bmp[0])).format == "PNG"
-    for bad in [jpg[: len(jpg) // 2], png[: len(png) // 2], b"not an image"]:
-        assert data.encode_image(bad).reason == "image does not decode"
-
-
-# ----------------------------------------------------------------------------- JSON sources (no pyarrow)
-
-def test_visualprobe_json_array(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "JSON_CHUNK_CHARS", 7)      # elements straddle many chunk boundaries
-    root = tmp_path / "VisualProbe_train"
-    write_file(root / "data" / "0001.jpg", img_bytes(80, 60, "JPEG", 1))
-    write_file(root / "data" / "0002.png", img_bytes(50, 40, "PNG", 2))
-    rows = [{"problem": "<image>\nWhat is written on the red sign?", "solution": " STOP ",
-             "images": ["VisualProbe_train/data/0001.jpg"]},
-            {"problem": "<image>\nWhat color is the small flag?", "solution": "green", "images": ["data/0002.png"]},
-            {"problem": "<image>\nWhere?", "solution": "left", "images": ["data/0003.jpg"]},       # no such file
-            {"problem": "<image>\nTwo?", "solution": "x", "images": ["data/0001.jpg", "data/0002.png"]},
-            {"problem": "<image>\n", "solution": "x", "images": ["data/0001.jpg"]}]
-    src = tmp_path / "VisualProbe_train" / "train.json"
-    src.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    out = str(tmp_path / "out")
-    report = data.convert("visualprobe", [str(src)], out, progress=False)
-    kept, drops = outputs(out)
-    assert (report.read, report.kept) == (5, 2)
-    assert report.dropped == {"image file not found": 1, "several images": 1, "empty question": 1}
-    assert [(d["row"], d["reason"]) for d in drops] == [(3, "image file not found"), (4, "several images"),
-                                                        (5, "empty question")]
-    assert [(r["id"], r["question"], r["answer"], r["source"]) for r in kept] == [
-        ("visualprobe:train:1", "What is written on the red sign?", "STOP", "visualprobe"),
-        ("visualprobe:train:2", "What color is the small flag?", "green", "visualprobe")]
-    assert open(os.path.join(out, kept[0]["image"]), "rb").read() == img_bytes(80, 60, "JPEG", 1)   # bytes kept
-    tasks = lfpc.load_tasks(os.path.join(out, "train.jsonl"))
-    assert [t.image_size for t in tasks] == [(80, 60), (50, 40)] and tasks[0].id == "visualprobe:train:1"
-    check_clean(kept)
-
-
-def test_chain_of_focus_json(tmp_path):
-    write_file(tmp_path / "imgs" / "cof_1.jpg", img_bytes(70, 50, "JPEG", 3))
-    write_file(tmp_path / "imgs" / "cof_2.png", img_bytes(30, 30, "PNG", 4))
-    rows = [{"question": "What is the color of the car? (A) red (B) blue (C) green", "groundtruth": "C",
-             "image_name": "cof_1.jpg", "data_source": "vstar"},
-            {"question": "Is the man holding a cup?", "groundtruth": "yes", "image_name": "cof_2.png"},
-            {"question": "<image> Question: Which pet is on the sofa?\nA. cat\nB. dog\nAnswer with the option's "
-                         "letter from the given choices directly.", "groundtruth": "b", "image_name": "cof_2.png"},
-            {"question": "Which one? (A) up (B) down", "groundtruth": "E", "image_name": "cof_2.png"}]
-    src = tmp_path / "cof_rl.json"
-    src.write_text(json.dumps(rows), encoding="utf-8")
-    out = str(tmp_path / "out")
-    report = data.convert("chain-of-focus", [str(src)], out, image_root=str(tmp_path / "imgs"), progress=False)
-    kept, drops = outputs(out)
-    assert report.dropped == {"answer matches no option": 1} and drops[0]["row"] == 4
-    assert [(r["question"], r["answer"], r.get("choices"), r["source"]) for r in kept] == [
-        ("What is the color of the car?", "C", ["red", "blue", "green"], "chain-of-focus:vstar"),
-        ("Is the man holding a cup?", "yes", None, "chain-of-focus"),
-        ("Which pet is on the sofa?", "B", ["cat", "dog"], "chain-of-focus")]
-    lfpc.load_tasks(os.path.join(out, "train.jsonl"))
-    check_clean(kept)
-
-
-def jsonl_box_fixture(tmp_path):
-    """A generic JSONL set on one 200x100 image: boxes good and bad, and other row problems."""
-    write_file(tmp_path / "img.png", img_bytes(200, 100, "PNG", 5))
-    rows = [
-        {"id": "vstar_nested", "image": "img.png", "question": "Where is the cup?", "answer": "on the table",
-         "bbox": [[40, 30, 20, 10], [30, 20, 50, 40]]},                                  # V* form, nested
-        {"id": "coco_one", "image": "img.png", "question": "What is on the sign?", "answer": "STOP",
-         "bbox": [10, 10, 30, 20]},                                                      # one COCO box
-        {"id": "xyxy_mc", "image": "img.png", "question": "Which color is the bag?", "answer": "blue",
-         "choices": ["red", "blue"], "bboxes": [[10, 10, 50, 50], [0, 0, 100, 90]], "source": "hand"},
-        {"id": "outside", "image": "img.png", "question": "q?", "answer": "a", "bbox": [[190, 10, 20, 10]]},
-        {"id": "not_nested", "image": "img.png", "question": "q?", "answer": "a",
-         "bboxes": [[10, 10, 50, 50], [60, 60, 90, 90]]},
-        {"id": "bool", "image": "img.png", "question": "q?", "answer": "a", "bboxes": [[True, 10, 50, 50]]},
-        {"id": "flat", "image": "img.png", "question": "q?", "answer": "a", "bbox": [10, 10, 0, 5]},
-        {"id": "both", "image": "img.png", "question": "q?", "answer": "a", "bbox": [1, 1, 2, 2],
-         "bboxes": [[1, 1, 3, 3]]},
-        '{"id": "broken", "image": ',                                                    # not JSON
-        {"id": "coco_one", "image": "img.png", "question": "again?", "answer": "a"},     # repeated id
-        {"id": "no_answer", "image": "img.png", "question": "q?"},
-        {"image": "img.png", "question": "No id here?", "answer": "7"},
-    ]
-    return write_jsonl(tmp_path / "boxes.jsonl", rows)
-
-
-def test_jsonl_boxes_converted_validated_and_every_drop_has_its_reason(tmp_path):
-    src = jsonl_box_fixture(tmp_path)
-    out = str(tmp_path / "out")
-    report = data.convert("jsonl", [src], out, progress=False)
-    kept, drops = outputs(out)
-    assert (report.read, report.kept) == (12, 4)
-    assert report.dropped == {"box: outside the image": 1, "box: not nested": 1, "box: coordinate not a number": 1,
-                              "box: empty or inverted": 1, "box: both 'bboxes' and 'bbox'": 1, "not valid JSON": 1,
-                              "duplicate id": 1, "missing field 'answer'": 1}
-    assert {d["id"]: d["reason"] for d in drops if d["id"]}["jsonl:bool"] == "box: coordinate not a number"
-    assert [d["row"] for d in drops] == [4, 5, 6, 7, 8, 9, 10, 11]                  # JSONL rows = line numbers
-    tasks = lfpc.load_tasks(os.path.join(out, "train.jsonl"))
-    assert [(t.id, t.boxes) for t in tasks] == [
-        ("jsonl:vstar_nested", [[40, 30, 60, 40], [30, 20, 80, 60]]),
-        ("jsonl:coco_one", [[10, 10, 40, 30]]),
-        ("jsonl:xyxy_mc", [[10, 10, 50, 50], [0, 0, 100, 90]]),
-        ("jsonl:boxes:12", None)]
-    assert (tasks[2].answer, tasks[2].choices, kept[2]["source"]) == ("B", ["red", "blue"], "hand")
-    assert "bboxes" not in kept[3] and kept[3]["answer"] == "7"
-    check_clean(kept)
-
-
-def test_a_file_not_in_the_format_fails_at_once_naming_it(tmp_path):
-    out = str(tmp_path / "out")
-    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a", "image": "x.png"}])
-    with pytest.raises(data.ConvertError, match=r"wrong\.jsonl: record 1 lacks \['problem', 'solution', 'images'\]"):
-        data.convert("visualprobe", [wrong], out, progress=False)
-    png = write_file(tmp_path / "pic.png", img_bytes())
-    with pytest.raises(data.ConvertError, match=r"pic\.png:1: not UTF-8 text"):
-        data.convert("jsonl", [png], out, progress=False)
-    text = write_file(tmp_path / "notes.txt", b"hello\n")
-    with pytest.raises(data.ConvertError, match=r"notes\.txt:1: not valid JSON .* expects a JSON array or JSON Lines"):
-        data.convert("jsonl", [text], out, progress=False)
-    with pytest.raises(data.ConvertError, match="no such file"):
-        data.convert("jsonl", [str(tmp_path / "absent.jsonl")], out, progress=False)
-    assert not os.path.exists(out)          # nothing written for a file in the wrong format
-    # an array that breaks off is found only when the reader gets there: it stops the run, and no
-    # train.jsonl (nor its .tmp) is left behind
-    cut = tmp_path / "cut.json"
-    cut.write_text('[{"problem": "a", "solution": "b", "images": ["x"]}, {"problem": "c", "solu', encoding="utf-8")
-    with pytest.raises(data.ConvertError, match=r"cut\.json: element 2 of the JSON array is not valid JSON"):
-        data.convert("visualprobe", [str(cut)], out, progress=False)
-    assert sorted(os.listdir(out)) == ["images"]
-
-
-def test_rerun_is_refused_and_overwrite_replaces_cleanly(tmp_path):
-    src = jsonl_box_fixture(tmp_path)
-    out = str(tmp_path / "out")
-    data.convert("jsonl", [src], out, progress=False)
-    first = open(os.path.join(out, "train.jsonl"), "rb").read()
-    write_file(os.path.join(out, "images", "stale.png"), b"stale")
-    write_file(os.path.join(out, "notes.txt"), b"mine")
-    with pytest.raises(data.ConvertError, match="--overwrite"):
-        data.convert("jsonl", [src], out, progress=False)
-    data.convert("jsonl", [src], out, overwrite=True, progress=False)
-    assert open(os.path.join(out, "train.jsonl"), "rb").read() == first       # deterministic ids and lines
-    assert not os.path.exists(os.path.join(out, "images", "stale.png"))
-    assert open(os.path.join(out, "notes.txt"), "rb").read() == b"mine"         # only its own outputs deleted
-    assert sorted(os.listdir(out)) == ["dropped.jsonl", "images", "notes.txt", "train.jsonl"]   # no *.tmp
-    assert len(os.listdir(os.path.join(out, "images"))) == 4
-
-
-def test_missing_pyarrow_gives_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pyarrow", None)           # `import pyarrow` now raises ImportError
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    src = write_file(tmp_path / "set.parquet", b"PAR1")
-    for source in ["deepeyes", "pixelreasoner", "thinklite"]:
-        with pytest.raises(SystemExit, match="pip install pyarrow"):
-            data.convert(source, [src], str(tmp_path / "out"), progress=False)
-    assert not os.path.exists(tmp_path / "out")
-
-
-def test_cli_help_convert_report_and_refusal(tmp_path):
-    for args in [["--help"], ["convert", "--help"]]:
-        r = subprocess.run([sys.executable, "data.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and "usage: data.py" in r.stdout
-    src, out = jsonl_box_fixture(tmp_path), str(tmp_path / "out")
-    cmd = [sys.executable, "data.py", "convert", "--from", "jsonl", src, "--out", out]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert f"kept 4 of 12 rows -> {os.path.join(out, 'train.jsonl')}" in r.stdout
-    assert "box: not nested" in r.stdout and "dropped 8:" in r.stdout
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
-
-
-# ----------------------------------------------------------------------------- parquet sources
-
-def deepeyes_rows(n_extra=0, pad=0):
-    """Rows in DeepEyes' verl parquet layout (see data.py's docstring for where it was verified)."""
-    def row(question, answer, images, ds="vstar", pad_text=""):
-        return {"data_source": ds,
-                "prompt": [{"content": DEEPEYES_SYSTEM + pad_text, "role": "system"},
-                           {"content": "<image>\n" + question + DEEPEYES_SUFFIX, "role": "user"}],
-                "images": [{"bytes": b, "path": None} for b in images],
-                "ability": "vl_chart", "env_name": "visual_toolbox_v2",
-                "reward_model": {"ground_truth": answer, "style": "model"},
-                "extra_info": {"answer": answer, "index": "0", "question": question, "split": "train"}}
-    jpg = img_bytes(96, 64, "JPEG", 6)
-    rows = [row("What is the color of the woman's umbrella?", "yellow", [jpg]),
-            row("Which animal is on the sign?\n(A) lion\n(B) sheep\n(C) tiger", "B", [img_bytes(40, 40)], "chart"),
-            row("What color is the door?\nA. red\nB. blue", "blue", [img_bytes(40, 30, seed=7)]),
-            row("Truncated?", "x", [jpg[: len(jpg) // 2]]),
-            row("Two images?", "x", [jpg, jpg]),
-            row("No answer?", None, [jpg])]
-    rows += [row(f"Question {i}?", str(i), [img_bytes(32, 32, seed=100 + i)], pad_text="x" * pad)
-             for i in range(n_extra)]
-    return rows
-
-
-def write_deepeyes(pa, pq, path, rows, row_group_size=None):
-    schema = pa.schema([
-        ("data_source", pa.string()),
-        ("prompt", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
-        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-        ("ability", pa.string()), ("env_name", pa.string()),
-        ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
-        ("extra_info", pa.struct([("answer", pa.string()), ("index", pa.string()), ("question", pa.string()),
-                                  ("split", pa.string())]))])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path), row_group_size=row_group_size)
-    return str(path)
-
-
-def test_deepeyes_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    src = write_deepeyes(pa, pq, tmp_path / "data_0.1.2_visual_toolbox_v2.parquet", deepeyes_rows(), 4)
-    out = str(tmp_path / "out")
-    report = data.convert("deepeyes", [src], out, progress=False)
-    kept, drops = outputs(out)
-    assert report.dropped == {"image does not decode": 1, "several images": 1,
-                              "missing field 'reward_model.ground_truth'": 1}
-    assert [(r["id"], r["question"], r["answer"], r.get("choices"), r["source"]) for r in kept] == [
-        ("deepeyes:data_0.1.2_visual_toolbox_v2:1", "What is the color of the woman's umbrella?", "yellow", None,
-         "deepeyes:vstar"),
-        ("deepeyes:data_0.1.2_visual_toolbox_v2:2", "Which animal is on the sign?", "B", ["lion", "sheep", "tiger"],
-         "deepeyes:chart"),
-        ("deepeyes:data_0.1.2_visual_toolbox_v2:3", "What color is the door?", "B", ["red", "blue"], "deepeyes:vstar")]
-    assert open(os.path.join(out, kept[0]["image"]), "rb").read() == deepeyes_rows()[0]["images"][0]["bytes"]
-    assert [t.image_size for t in lfpc.load_tasks(os.path.join(out, "train.jsonl"))] == [(96, 64), (40, 40), (40, 30)]
-    check_clean(kept)
-
-    wrong = tmp_path / "wrong.parquet"
-    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), str(wrong))
-    with pytest.raises(data.ConvertError, match=r"wrong\.parquet: not a deepeyes file: expected columns "
-                                                r"\['prompt', 'images', 'reward_model'\].*missing"):
-        data.convert("deepeyes", [str(wrong)], str(tmp_path / "out2"), progress=False)
-    with pytest.raises(data.ConvertError, match=r"train\.json: not a parquet file"):
-        data.convert("deepeyes", [write_jsonl(tmp_path / "train.json", [{"a": 1}])], str(tmp_path / "o3"),
-                     progress=False)
-    assert not os.path.exists(tmp_path / "out2") and not os.path.exists(tmp_path / "o3")
-
-
-def test_pixelreasoner_parquet_drops_videos_with_a_count(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    root = tmp_path / "PixelReasoner-RL-Data"
-    write_file(root / "images" / "sa1b" / "1.jpg", img_bytes(90, 60, "JPEG", 8))
-    write_file(root / "images" / "ivqa" / "2.png", img_bytes(60, 90, "PNG", 9))
-    for k in range(3):
-        write_file(root / "videos" / "v1" / f"{k}.jpg", img_bytes(20, 20, "JPEG", k))
-    rows = [
-        {"question": "<image>\nWhat animal is depicted on the Woolshops Shopping Centre sign?\nchoices:\nA: Lion  \n"
-                     "B: Sheep  \nC: Tiger  \nD: Elephant", "image": ["images/sa1b/1.jpg"], "answer": ["\\boxed{B}"],
-         "is_video": False, "qid": "sa1b_1"},
-        {"question": "<image>\nHow many people are in the image?", "image": ["images/ivqa/2.png"],
-         "answer": ["\\boxed{3}"], "is_video": None, "qid": "ivqa_2"},
-        {"question": "<video>\nWhat happens first?\nchoices:\nA: run\nB: jump",
-         "image": [f"videos/v1/{k}.jpg" for k in range(3)], "answer": ["\\boxed{A}"], "is_video": True, "qid": "v_3"},
-        {"question": "<video>\nWho enters?", "image": ["videos/v1/0.jpg"], "answer": ["\\boxed{man}"],
-         "is_video": True, "qid": "v_4"},
-        {"question": "<image>\nWhere?", "image": ["images/none.jpg"], "answer": ["\\boxed{left}"], "is_video": False,
-         "qid": "m_5"},
-        {"question": "<image>\nWhich pets?", "image": ["images/ivqa/2.png"], "answer": ['\\boxed{["cat", "dog"]}'],
-         "is_video": False, "qid": "s_6"},
-        {"question": "<image>\nWhich pet?", "image": ["images/ivqa/2.png"], "answer": ["\\boxed{cat}", "\\boxed{dog}"],
-         "is_video": False, "qid": "s_7"},
-    ]
-    src = str(root / "release.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), src)
-    out = str(tmp_path / "out")
-    report = data.convert("pixelreasoner", [src], out, progress=False)
-    kept, drops = outputs(out)
-    assert report.dropped == {"video": 2, "image file not found": 1, "several reference answers": 2}
-    assert [d["row"] for d in drops if d["reason"] == "video"] == [3, 4]
-    assert [(r["id"], r["question"], r["answer"], r.get("choices")) for r in kept] == [
-        ("pixelreasoner:sa1b_1", "What animal is depicted on the Woolshops Shopping Centre sign?", "B",
-         ["Lion", "Sheep", "Tiger", "Elephant"]),
-        ("pixelreasoner:ivqa_2", "How many people are in the image?", "3", None)]
-    assert [t.image_size for t in lfpc.load_tasks(os.path.join(out, "train.jsonl"))] == [(90, 60), (60, 90)]
-    check_clean(kept)
-
-
-def test_thinklite_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    rows = [{"id": "tl_1", "problem": "<image>Find the perimeter of the triangle.", "answer": "12",
-             "image": img_bytes(50, 50, "PNG", 10)},
-            {"id": "tl_2", "problem": "<image>Hint: Please answer the question and provide the correct option letter."
-                                      "\nQuestion: What is x?\nChoices:\n(A) 3\n(B) 4", "answer": "B",
-             "image": img_bytes(40, 30, "JPEG", 11)},
-            {"id": "tl_3", "problem": "<image>Broken image?", "answer": "1", "image": b"\x89PNG\r\n\x1a\n..."}]
-    src = str(tmp_path / "ThinkLite-VL-Hard-11k.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), src)
-    out = str(tmp_path / "out")
-    report = data.convert("thinklite", [src], out, progress=False)
-    kept, _ = outputs(out)
-    assert report.dropped == {"image does not decode": 1}
-    assert [(r["id"], r["question"], r["answer"], r.get("choices")) for r in kept] == [
-        ("thinklite:tl_1", "Find the perimeter of the triangle.", "12", None),
-        ("thinklite:tl_2", "Hint: Please answer the question and provide the correct option letter.\nQuestion: "
-                           "What is x?", "B", ["3", "4"])]
-    lfpc.load_tasks(os.path.join(out, "train.jsonl"))
-
-
-# ----------------------------------------------------------------------------- streaming
-
-MEASURE = """
-import json, sys, tracemalloc
-sys.path.insert(0, {root!r})
-import data
-tracemalloc.start()
-report = data.convert({source!r}, [{src!r}], {out!r}, progress=False)
-peak = tracemalloc.get_traced_memory()[1]
-arrow = sys.modules["pyarrow"].default_memory_pool().max_memory() if "pyarrow" in sys.modules else None
-try:   # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's across exec)
-    hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-except (OSError, IndexError, ValueError):
-    hwm = None
-print(json.dumps({{"kept": report.kept, "tracemalloc_peak": peak, "arrow_pool_peak": arrow, "peak_rss_kb": hwm}}))
-"""
-
-
-def measure(source, src, out):
-    """Convert in a fresh interpreter: its peak Python heap (tracemalloc, from just before the
-    conversion; includes importing pyarrow for the parquet sources), pyarrow pool peak, peak RSS."""
-    code = MEASURE.format(root=ROOT, source=source, src=src, out=out)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def test_streaming_memory_does_not_grow_with_the_file(tmp_path):
-    """1,000 rows vs 100 rows of JSONL, each row carrying 4 KB of text the converter never keeps (a
-    converter that loaded the file whole would hold >= 3.6 MB more): the peak Python heap grows by less
-    than 0.5 MB (the id and file-name sets: ~250 bytes a row)."""
-    for i in range(1000):
-        write_file(tmp_path / "imgs" / f"{i}.png", img_bytes(32, 32, "PNG", i))
-    sizes, peaks = {}, {}
-    for n in (100, 1000):
-        src = write_jsonl(tmp_path / f"rows{n}.jsonl", [
-            {"image": f"imgs/{i}.png", "question": f"What is shown in picture {i}?", "answer": str(i),
-             "rationale": "x" * 4096} for i in range(n)])
-        sizes[n] = os.path.getsize(src)
-        peaks[n] = measure("jsonl", src, str(tmp_path / f"out{n}"))
-        assert peaks[n]["kept"] == n
-    print(f"\nstreaming, --from jsonl: input {sizes[100]} B (100 rows) / {sizes[1000]} B (1000 rows); "
-          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
-          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
-    assert sizes[1000] - sizes[100] > 3_600_000
-    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
-
-
-def test_streaming_memory_parquet(tmp_path):
-    """The same for DeepEyes parquet (row groups of 64 rows; a row: a ~3 KB image and 4 KB of system
-    prompt, both in columns the converter reads): from 100 to 1,000 rows the peak Python heap grows by
-    less than 0.5 MB (reading the file whole into Python objects: >= 6 MB more) and pyarrow's pool peak
-    by less than 1 MB."""
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    sizes, peaks = {}, {}
-    for n in (100, 1000):
-        rows = deepeyes_rows(n_extra=n, pad=4096)
-        src = write_deepeyes(pa, pq, tmp_path / f"de{n}.parquet", rows[:1] + rows[6:], row_group_size=64)
-        sizes[n] = os.path.getsize(src)
-        peaks[n] = measure("deepeyes", src, str(tmp_path / f"out{n}"))
-        assert peaks[n]["kept"] == n + 1
-    print(f"\nstreaming, --from deepeyes: input {sizes[100]} B (101 rows) / {sizes[1000]} B (1001 rows); "
-          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
-          f"pyarrow pool peak {peaks[100]['arrow_pool_peak']} / {peaks[1000]['arrow_pool_peak']} B; "
-          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
-    assert sizes[1000] - sizes[100] > 3_000_000
-    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
-    # pyarrow's own buffers (outside tracemalloc): with its default pre_buffer=True this grew by the
-    # file's size (~3 MB here); data.py turns it off
-    assert peaks[1000]["arrow_pool_peak"] - peaks[100]["arrow_pool_peak"] < 1_000_000

@@ -1,8 +1,5 @@
 """Tests for eval.py: benchmark loaders on generated fixtures in the official formats, metrics by hand,
 the 8K frame mapping, evaluate end to end, the gallery and the command line."""
-import base64
-import csv
-import io
 import json
 import os
 import subprocess
@@ -15,7 +12,6 @@ from PIL import Image
 import crop_tool
 import eval as ev
 import lfpc
-import metrics
 import rewards
 from conftest import noise_image, scripted
 
@@ -29,145 +25,6 @@ def agent(tiny):
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=8, max_turns=3,
                            crop=crop_tool.CropConfig(min_pixels=4 * 28 * 28, max_pixels=4 * 4 * 28 * 28))
-
-
-# ----------------------------------------------------------------------------- V*
-
-VSTAR_ITEMS = {   # stem: (extension, question, options with the correct one FIRST, bbox [x, y, w, h] list)
-    "direct_attributes": {
-        "sa_1": (".jpg", "What is the colour of the cup?", ["red", "blue", "green", "white"], [[40, 30, 20, 10]]),
-        "sa_2": (".png", "What is the material of the bench?", ["wood", "metal", "stone", "plastic"], [[0, 0, 60, 50]]),
-        "sa_3": (".jpg", "What colour is the kite?", ["yellow", "black", "pink", "orange"], [[5, 5, 10, 10]]),
-    },
-    "relative_position": {
-        "sa_7": (".png", "Dog left or right of the car?", ["left", "right"], [[10, 10, 20, 20], [60, 40, 30, 20]]),
-        "sa_8": (".jpg", "Lamp left or right of the door?", ["right", "left"], [[70, 5, 10, 30], [20, 20, 10, 40]]),
-    },
-}
-
-
-@pytest.fixture()
-def vstar_dir(tmp_path):
-    root = tmp_path / "vstar_bench"
-    for cat, items in VSTAR_ITEMS.items():
-        (root / cat).mkdir(parents=True)
-        for k, (stem, (ext, q, opts, bbox)) in enumerate(items.items()):
-            noise_image(100, 80, k).save(root / cat / (stem + ext))
-            (root / cat / (stem + ".json")).write_text(json.dumps(
-                {"target_object": ["thing"] * len(bbox), "bbox": bbox, "question": q, "options": opts}))
-    return root
-
-
-def test_vstar_loads_both_categories_and_shuffles_options_deterministically(vstar_dir):
-    a, b = ev.load_vstar(str(vstar_dir)), ev.load_vstar(str(vstar_dir))
-    assert [t.id for t in a] == ["direct_attributes/sa_1", "direct_attributes/sa_2", "direct_attributes/sa_3",
-                                 "relative_position/sa_7", "relative_position/sa_8"]
-    assert [(t.choices, t.answer) for t in a] == [(t.choices, t.answer) for t in b]
-    for t in a:
-        cat, stem = t.id.split("/")
-        ext, q, opts, _ = VSTAR_ITEMS[cat][stem]
-        assert metrics.category(t) == cat and t.question == q
-        assert t.choices[ord(t.answer) - 65] == opts[0], "the letter must point at the originally-first option"
-        assert sorted(t.choices) == sorted(opts)
-        assert (t.choices, t.answer) == ev.shuffle_options(opts, f"{cat}/{stem}")
-        assert isinstance(t.image, str) and t.image.endswith(stem + ext) and t.load_image().size == (100, 80)
-    assert any(t.answer != "A" for t in a), "options must be shuffled (not always 'A')"
-
-
-def test_vstar_b1_is_the_union_of_the_targets_grown_to_28_px(vstar_dir):
-    boxes = {t.id: t.boxes for t in ev.load_vstar(str(vstar_dir))}
-    assert boxes["direct_attributes/sa_2"] == [[0, 0, 60, 50]]                 # large enough: unchanged
-    assert boxes["direct_attributes/sa_1"] == [[36, 21, 64, 49]]               # 20x10 at (40, 30) -> 28x28
-    assert boxes["direct_attributes/sa_3"] == [[0, 0, 28, 28]]                 # 10x10 near the corner: slid inside
-    assert boxes["relative_position/sa_7"] == [[10, 10, 90, 60]]               # union of both targets
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: os.remove(r / "direct_attributes" / "sa_2.png"), "sa_2.json: image file not found"),
-    (lambda r: (r / "relative_position" / "sa_7.json").write_text(json.dumps({"question": "q?"})), "sa_7.json: needs"),
-    (lambda r: (r / "relative_position" / "sa_8.json").write_text("{oops"), "sa_8.json: not valid JSON"),
-    (lambda r: (r / "direct_attributes" / "sa_1.json").write_text(json.dumps(
-        {"question": "q", "options": ["a", "b"], "bbox": [[1, 2, 3]]})), "sa_1.json: 'bbox'"),
-    (lambda r: (r / "direct_attributes" / "sa_1.jpg").write_bytes(b"not a jpeg"), "sa_1.json: cannot read image"),
-])
-def test_vstar_errors_name_the_file(vstar_dir, damage, message):
-    damage(vstar_dir)
-    with pytest.raises(ValueError, match=message):
-        ev.load_vstar(str(vstar_dir))
-
-
-def test_vstar_missing_category_folder(tmp_path):
-    (tmp_path / "direct_attributes").mkdir()
-    with pytest.raises(ValueError, match="relative_position/ not found"):
-        ev.load_vstar(str(tmp_path))
-
-
-# ----------------------------------------------------------------------------- HR-Bench
-
-HR_ROWS = [  # index, question, answer, A, B, C, D, category, image size
-    ("0", 'What does the sign "EXIT" say below?', "C", "stop", "go", "open", "shut", "single", (120, 90)),
-    ("1", "How many boats?", "A", "1", "2", "3", "4", "cross", (90, 120)),
-    ("2", "What colour is the bus?", "D", "red", "blue", "green", "white", "single", (64, 64)),
-    ("3", "Which is taller, the tree or the pole?", "B", "tree", "pole", "equal", "unknown", "cross", (100, 60)),
-]
-
-
-def _png_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_hrbench(path, rows=HR_ROWS, columns=ev.HRBENCH_COLUMNS, image=None):
-    """An HR-Bench TSV: header, one row per question, the image as base64 PNG."""
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(columns)
-        for k, (*cells, size) in enumerate(rows):
-            b64 = image if image is not None else base64.b64encode(_png_bytes(noise_image(*size, seed=k))).decode()
-            full = dict(zip(ev.HRBENCH_COLUMNS, cells + [b64]))
-            w.writerow([full[c] for c in columns])
-    return str(path)
-
-
-def test_hrbench_letters_choices_categories_and_decoded_images(tmp_path):
-    tsv = write_hrbench(tmp_path / "hr_bench_4k.tsv")
-    tasks = ev.load_hrbench(tsv)
-    assert [t.id for t in tasks] == ["single/0", "cross/1", "single/2", "cross/3"]
-    assert [t.answer for t in tasks] == ["C", "A", "D", "B"]
-    assert tasks[0].choices == ["stop", "go", "open", "shut"] and tasks[0].question == HR_ROWS[0][1]
-    assert [metrics.category(t) for t in tasks] == ["single", "cross", "single", "cross"]
-    for k, t in enumerate(tasks):
-        assert isinstance(t.image, str) and os.path.dirname(t.image) == str(tmp_path / "hr_bench_4k_images")
-        original = noise_image(*HR_ROWS[k][-1], seed=k)
-        assert open(t.image, "rb").read() == _png_bytes(original)
-        assert np.array_equal(np.asarray(t.load_image()), np.asarray(original))
-
-
-def test_hrbench_images_are_written_once_and_reused(tmp_path):
-    tsv = write_hrbench(tmp_path / "hr.tsv")
-    cache = tmp_path / "cache"
-    first = ev.load_hrbench(tsv, str(cache))
-    stamps = {p: os.stat(p).st_mtime_ns for p in (t.image for t in first)}
-    second = ev.load_hrbench(tsv, str(cache))
-    assert [t.image for t in second] == list(stamps)
-    assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
-    assert sorted(os.listdir(cache)) == ["0.png", "1.png", "2.png", "3.png"]
-
-
-@pytest.mark.parametrize("kw, message", [
-    (dict(columns=tuple(c for c in ev.HRBENCH_COLUMNS if c != "category")), r"missing column\(s\) \['category'\]"),
-    (dict(image="@@not base64@@"), r"data row 1 \(index 0\): column 'image' is not valid base64"),
-    (dict(image=base64.b64encode(b"plain text, not an image").decode()), r"data row 1 \(index 0\): .*not .*image"),
-    (dict(rows=HR_ROWS[:1] + [("1", "q", "E", "a", "b", "c", "d", "cross", (64, 64))]),
-     r"data row 2 \(index 1\): answer"),
-    (dict(rows=[("0", "q", "A", "a", "b", "c", "d", "both", (64, 64))]), r"data row 1 \(index 0\): category"),
-])
-def test_hrbench_errors_name_the_file_and_row(tmp_path, kw, message):
-    tsv = write_hrbench(tmp_path / "hr.tsv", **kw)
-    with pytest.raises(ValueError, match=message) as e:
-        ev.load_hrbench(tsv)
-    assert str(e.value).startswith(tsv)
 
 
 # ----------------------------------------------------------------------------- metrics by hand

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import info_gap
+import data as data_module
 import lfpc
 
 BIG = Image.new("RGB", (896, 896), (90, 60, 110))     # 1024 tokens: every level of 1024 -> 16 is its own size
@@ -263,6 +264,6 @@ def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
     rows = [json.loads(line) for line in open(out)]
     assert [r["image"] for r in rows] == [os.path.join("..", "data", "images", f"{i}.png") for i in range(2)]
     assert [r["extra"] for r in rows] == [0, 1]
-    tasks = lfpc.load_tasks(str(out))
+    tasks = data_module.load_tasks(str(out))
     assert [t.id for t in tasks] == ["x0", "x1"] and all(t.max_pixels in (16 * 784, 8 * 784, 4 * 784) for t in tasks)
     assert len(open(str(out).replace(".jsonl", ".cache.jsonl")).readlines()) == 2

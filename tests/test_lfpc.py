@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import crop_tool
 import engine
@@ -96,7 +95,7 @@ def test_rollout_stop_reasons(agent, turns, reason, malformed, n_errors):
         assert "Error: " in agent.tokenizer.decode(e.token_ids)
 
 
-# ----------------------------------------------------------------------------- modes, probes, data
+# ----------------------------------------------------------------------------- modes and probes
 
 def test_no_tool_mode_prompts_without_the_tool_and_ends_after_one_turn(agent):
     cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "use_tool": False})
@@ -122,40 +121,6 @@ def test_crop_dependency_probes_swap_what_the_model_sees(agent, probe):
     same = np.array_equal(np.asarray(c.image), np.asarray(expected))
     assert same == (probe != "noise")
     assert c.image.size == expected.size
-
-
-def _write_jsonl(tmp_path, rows, image_size=(64, 48)):
-    import json
-    Image.new("RGB", image_size).save(tmp_path / "a.png")
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    p = tmp_path / "data.jsonl"
-    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    return str(p)
-
-
-def test_load_tasks_reads_rows_relative_to_the_file(tmp_path):
-    p = _write_jsonl(tmp_path, [{"id": "x", "image": "a.png", "question": "q?", "answer": "B",
-                                 "choices": ["r", "g"], "bboxes": [[1, 2, 30, 40]]}])
-    (t,) = lfpc.load_tasks(p)
-    assert (t.id, t.answer, t.choices, t.boxes) == ("x", "B", ["r", "g"], [[1, 2, 30, 40]])
-    assert t.load_image().size == (64, 48)
-
-
-@pytest.mark.parametrize("row, message", [
-    ("{not json", "not valid JSON"),
-    ({"image": "a.png", "answer": "x"}, "'question'"),
-    ({"image": "a.png", "question": "q"}, "'answer'"),
-    ({"image": "missing.png", "question": "q", "answer": "a"}, "image file not found"),
-    ({"image": "bad.png", "question": "q", "answer": "a"}, "cannot read image"),
-    ({"image": "a.png", "question": "q", "answer": "a", "bboxes": [[0, 0, 65, 10]]}, "inside the 64x48 image"),
-    ({"image": "a.png", "question": "q", "answer": "a", "bboxes": [[5, 0, 2, 10]]}, "inside the 64x48 image"),
-])
-def test_load_tasks_names_file_and_line_on_bad_rows(tmp_path, row, message):
-    good = {"image": "a.png", "question": "q", "answer": "a"}
-    p = _write_jsonl(tmp_path, [good, row])
-    with pytest.raises(ValueError, match=message) as e:
-        lfpc.load_tasks(p)
-    assert f"{p}:2" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- the episode record

@@ -5,7 +5,6 @@ import torch
 
 import lfpc
 import memory
-import models
 
 TINY = dict(config="tiny", visual_tokens=16, text_tokens=40, response_tokens=48, crops=2, crop_tokens=16,
             rollout_rows=4, group=2, train_tokens=512, logprob_chunk=16)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import crop_tool
-import lfpc
+import data
 import toy
 
 
@@ -84,7 +84,7 @@ def test_native_crop_keeps_the_pattern_phase():
 
 def test_written_items_load_through_the_projects_jsonl_loader(tmp_path):
     path = toy.write_items(str(tmp_path), 5, seed=4)
-    tasks = lfpc.load_tasks(path)
+    tasks = data.load_tasks(path)
     ref = toy.make_tasks(5, seed=4)
     assert [t.answer for t in tasks] == [t.answer for t in ref]
     assert [t.boxes for t in tasks] == [t.boxes for t in ref]

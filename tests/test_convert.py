@@ -1,0 +1,511 @@
+"""Tests for convert.py. Each source's format is built inside the test (parquet with pyarrow: those tests are
+skipped without it; the JSON sources run without it), converted, and the output loaded with
+data.load_tasks. Checked: clean questions, answers and choices kept (letters the judge accepts), boxes
+converted and validated, every drop counted with its reason, videos dropped with a count, the message
+without pyarrow, reruns, and that memory does not grow with the file (numbers printed; `-s` shows them)."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import convert
+import data
+import rewards
+from conftest import ROOT
+
+# DeepEyes' user-turn suffix, verbatim (Visual-Agent/DeepEyes, mm_process_engine/prompt.py USER_PROMPT_V2).
+DEEPEYES_SUFFIX = ("\nThink first, call **image_zoom_in_tool** if needed, then answer. Format strictly as:  "
+                   "<think>...</think>  <tool_call>...</tool_call> (if tools needed)  <answer>...</answer> ")
+DEEPEYES_SYSTEM = "You are a helpful assistant.\n\n# Tools\nYou may call one or more functions ..."
+
+
+def img_bytes(w=64, h=48, fmt="PNG", seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_file(path, content: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return str(path)
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def outputs(out):
+    rows = [json.loads(s) for s in open(os.path.join(out, "train.jsonl"), encoding="utf-8")]
+    drops = [json.loads(s) for s in open(os.path.join(out, "dropped.jsonl"), encoding="utf-8")]
+    return rows, drops
+
+
+def check_clean(rows):
+    """Every question is free of placeholders and instruction suffixes; ids are unique; MC answers are
+    letters the project's judge reads as the correct option."""
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        q = r["question"]
+        assert "<image>" not in q and "image_zoom_in_tool" not in q and "Think" not in q and "\\boxed" not in q
+        assert "option's letter" not in q and q == q.strip() and q
+        if "choices" in r:
+            k = ord(r["answer"]) - 65
+            assert rewards.accuracy(r["answer"], r["answer"], r["choices"]) == 1.0
+            assert rewards.accuracy(f"({r['answer']}) {r['choices'][k]}", r["answer"], r["choices"]) == 1.0
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_clean_question_strips_placeholders_and_each_known_suffix():
+    assert convert.clean_question("<image>\nWhat is the color of the umbrella?" + DEEPEYES_SUFFIX) == \
+        "What is the color of the umbrella?"
+    cof = ("<image> Question: Which animal is it?\nAnswer with the option's letter from the given choices directly."
+           "\nThink in the mind first, and then decide whether to call tools one or more times OR provide final answer.")
+    assert convert.clean_question(cof) == "Which animal is it?"
+    pr = "<image>\nHow many birds?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert convert.clean_question(pr) == "How many birds?"
+    # a "suffix" that is the whole text is not cut (nothing would remain)
+    assert convert.clean_question("Answer the question using a single word or phrase.") == \
+        "Answer the question using a single word or phrase."
+
+
+@pytest.mark.parametrize("text", [
+    "Which animal?\n(A) lion\n(B) sheep\n(C) tiger",
+    "Which animal?\nOptions:\nA. lion\nB. sheep\nC. tiger",
+    "Which animal?\nchoices:\nA: lion  \nB: sheep  \nC: tiger",          # Pixel-Reasoner's layout
+    "Which animal? (A) lion (B) sheep (C) tiger",                       # inline
+    "Which animal?\nA) lion\nB) sheep\nC) tiger\n",
+])
+def test_split_options_reads_each_layout(text):
+    assert convert.split_options(text) == ("Which animal?", ["lion", "sheep", "tiger"])
+
+
+def test_split_options_leaves_free_form_questions_alone():
+    for text in ["What is written on the sign?", "Is region (A) larger than region (C)?",
+                 "Options:\nA. only one", "A. lion\nB. sheep"]:          # no question before the options
+        assert convert.split_options(text) == (text, None)
+
+
+def test_answer_letter():
+    choices = ["lion", "sheep", "a cat"]
+    assert [convert.answer_letter(a, choices) for a in ["B", "(B)", "b.", "B) sheep", "sheep", " Sheep. ", "a cat"]] == \
+        ["B", "B", "B", "B", "B", "B", "C"]
+    assert [convert.answer_letter(a, choices) for a in ["D", "B) lion", "goat", ""]] == [None, None, None, None]
+
+
+def test_clean_answer():
+    assert [convert.clean_answer(a) for a in ["\\boxed{3}", " yes ", 12, 2.5, "<answer>left</answer>", None, True]] == \
+        ["3", "yes", "12", "2.5", "left", "", ""]
+
+
+def test_boxes_are_converted_and_validated():
+    assert convert.parse_boxes([[40, 30, 20, 10], [30, 20, 50, 40]], "xywh") == [[40, 30, 60, 40], [30, 20, 80, 60]]
+    assert convert.parse_boxes([10, 10, 30, 20], "xywh") == [[10, 10, 40, 30]]          # one COCO box
+    assert convert.parse_boxes([[1.5, 2, 3, 4.5]], "xyxy") == [[1.5, 2, 3, 4.5]]
+    assert convert.parse_boxes(None, "xyxy") is None
+    assert convert.parse_boxes([[True, 0, 5, 5]], "xyxy").reason == "box: coordinate not a number"
+    assert convert.parse_boxes([[0, 0, "5", 5]], "xyxy").reason == "box: coordinate not a number"
+    assert convert.parse_boxes([[0, 0, float("nan"), 5]], "xyxy").reason == "box: coordinate not a number"
+    assert convert.parse_boxes([[0, 0, 5]], "xyxy").reason == "box: not 4 numbers"
+    assert convert.parse_boxes([], "xyxy").reason == "box: not a list of boxes"
+    size = (200, 100)
+    assert convert.check_boxes([[40, 30, 60, 40], [30, 20, 80, 60], [0, 0, 200, 100]], size) is None
+    assert convert.check_boxes([[10, 10, 10, 20]], size).reason == "box: empty or inverted"
+    assert convert.check_boxes([[190, 10, 210, 20]], size).reason == "box: outside the image"
+    assert convert.check_boxes([[-1, 10, 20, 20]], size).reason == "box: outside the image"
+    assert convert.check_boxes([[10, 10, 50, 50], [60, 60, 90, 90]], size).reason == "box: not nested"
+    assert convert.check_boxes([[0, 0, 90, 90], [10, 10, 50, 50]], size).reason == "box: not nested"   # B1 first
+
+
+def test_resolve_image_tries_ever_shorter_tails(tmp_path):
+    path = write_file(tmp_path / "data" / "x.jpg", b"x")
+    for ref in ["data/x.jpg", "VisualProbe_train/data/x.jpg", "/abs/where/data/x.jpg", "file://data/x.jpg", path]:
+        assert convert.resolve_image(ref, str(tmp_path)) == path
+    assert convert.resolve_image("data/y.jpg", str(tmp_path)) is None
+
+
+def test_encode_image_keeps_jpeg_and_png_bytes_reencodes_others_and_drops_truncated():
+    jpg, png = img_bytes(fmt="JPEG"), img_bytes(fmt="PNG")
+    assert convert.encode_image(jpg) == (jpg, ".jpg", (64, 48))
+    assert convert.encode_image(png) == (png, ".png", (64, 48))
+    bmp = convert.encode_image(img_bytes(fmt="BMP"))
+    assert bmp[1:] == (".png", (64, 48)) and Image.open(io.BytesIO(bmp[0])).format == "PNG"
+    for bad in [jpg[: len(jpg) // 2], png[: len(png) // 2], b"not an image"]:
+        assert convert.encode_image(bad).reason == "image does not decode"
+
+
+# ----------------------------------------------------------------------------- JSON sources (no pyarrow)
+
+def test_visualprobe_json_array(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "JSON_CHUNK_CHARS", 7)      # elements straddle many chunk boundaries
+    root = tmp_path / "VisualProbe_train"
+    write_file(root / "data" / "0001.jpg", img_bytes(80, 60, "JPEG", 1))
+    write_file(root / "data" / "0002.png", img_bytes(50, 40, "PNG", 2))
+    rows = [{"problem": "<image>\nWhat is written on the red sign?", "solution": " STOP ",
+             "images": ["VisualProbe_train/data/0001.jpg"]},
+            {"problem": "<image>\nWhat color is the small flag?", "solution": "green", "images": ["data/0002.png"]},
+            {"problem": "<image>\nWhere?", "solution": "left", "images": ["data/0003.jpg"]},       # no such file
+            {"problem": "<image>\nTwo?", "solution": "x", "images": ["data/0001.jpg", "data/0002.png"]},
+            {"problem": "<image>\n", "solution": "x", "images": ["data/0001.jpg"]}]
+    src = tmp_path / "VisualProbe_train" / "train.json"
+    src.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    out = str(tmp_path / "out")
+    report = convert.convert_files("visualprobe", [str(src)], out, progress=False)
+    kept, drops = outputs(out)
+    assert (report.read, report.kept) == (5, 2)
+    assert report.dropped == {"image file not found": 1, "several images": 1, "empty question": 1}
+    assert [(d["row"], d["reason"]) for d in drops] == [(3, "image file not found"), (4, "several images"),
+                                                        (5, "empty question")]
+    assert [(r["id"], r["question"], r["answer"], r["source"]) for r in kept] == [
+        ("visualprobe:train:1", "What is written on the red sign?", "STOP", "visualprobe"),
+        ("visualprobe:train:2", "What color is the small flag?", "green", "visualprobe")]
+    assert open(os.path.join(out, kept[0]["image"]), "rb").read() == img_bytes(80, 60, "JPEG", 1)   # bytes kept
+    tasks = data.load_tasks(os.path.join(out, "train.jsonl"))
+    assert [t.image_size for t in tasks] == [(80, 60), (50, 40)] and tasks[0].id == "visualprobe:train:1"
+    check_clean(kept)
+
+
+def test_chain_of_focus_json(tmp_path):
+    write_file(tmp_path / "imgs" / "cof_1.jpg", img_bytes(70, 50, "JPEG", 3))
+    write_file(tmp_path / "imgs" / "cof_2.png", img_bytes(30, 30, "PNG", 4))
+    rows = [{"question": "What is the color of the car? (A) red (B) blue (C) green", "groundtruth": "C",
+             "image_name": "cof_1.jpg", "data_source": "vstar"},
+            {"question": "Is the man holding a cup?", "groundtruth": "yes", "image_name": "cof_2.png"},
+            {"question": "<image> Question: Which pet is on the sofa?\nA. cat\nB. dog\nAnswer with the option's "
+                         "letter from the given choices directly.", "groundtruth": "b", "image_name": "cof_2.png"},
+            {"question": "Which one? (A) up (B) down", "groundtruth": "E", "image_name": "cof_2.png"}]
+    src = tmp_path / "cof_rl.json"
+    src.write_text(json.dumps(rows), encoding="utf-8")
+    out = str(tmp_path / "out")
+    report = convert.convert_files("chain-of-focus", [str(src)], out, image_root=str(tmp_path / "imgs"), progress=False)
+    kept, drops = outputs(out)
+    assert report.dropped == {"answer matches no option": 1} and drops[0]["row"] == 4
+    assert [(r["question"], r["answer"], r.get("choices"), r["source"]) for r in kept] == [
+        ("What is the color of the car?", "C", ["red", "blue", "green"], "chain-of-focus:vstar"),
+        ("Is the man holding a cup?", "yes", None, "chain-of-focus"),
+        ("Which pet is on the sofa?", "B", ["cat", "dog"], "chain-of-focus")]
+    data.load_tasks(os.path.join(out, "train.jsonl"))
+    check_clean(kept)
+
+
+def jsonl_box_fixture(tmp_path):
+    """A generic JSONL set on one 200x100 image: boxes good and bad, and other row problems."""
+    write_file(tmp_path / "img.png", img_bytes(200, 100, "PNG", 5))
+    rows = [
+        {"id": "vstar_nested", "image": "img.png", "question": "Where is the cup?", "answer": "on the table",
+         "bbox": [[40, 30, 20, 10], [30, 20, 50, 40]]},                                  # V* form, nested
+        {"id": "coco_one", "image": "img.png", "question": "What is on the sign?", "answer": "STOP",
+         "bbox": [10, 10, 30, 20]},                                                      # one COCO box
+        {"id": "xyxy_mc", "image": "img.png", "question": "Which color is the bag?", "answer": "blue",
+         "choices": ["red", "blue"], "bboxes": [[10, 10, 50, 50], [0, 0, 100, 90]], "source": "hand"},
+        {"id": "outside", "image": "img.png", "question": "q?", "answer": "a", "bbox": [[190, 10, 20, 10]]},
+        {"id": "not_nested", "image": "img.png", "question": "q?", "answer": "a",
+         "bboxes": [[10, 10, 50, 50], [60, 60, 90, 90]]},
+        {"id": "bool", "image": "img.png", "question": "q?", "answer": "a", "bboxes": [[True, 10, 50, 50]]},
+        {"id": "flat", "image": "img.png", "question": "q?", "answer": "a", "bbox": [10, 10, 0, 5]},
+        {"id": "both", "image": "img.png", "question": "q?", "answer": "a", "bbox": [1, 1, 2, 2],
+         "bboxes": [[1, 1, 3, 3]]},
+        '{"id": "broken", "image": ',                                                    # not JSON
+        {"id": "coco_one", "image": "img.png", "question": "again?", "answer": "a"},     # repeated id
+        {"id": "no_answer", "image": "img.png", "question": "q?"},
+        {"image": "img.png", "question": "No id here?", "answer": "7"},
+    ]
+    return write_jsonl(tmp_path / "boxes.jsonl", rows)
+
+
+def test_jsonl_boxes_converted_validated_and_every_drop_has_its_reason(tmp_path):
+    src = jsonl_box_fixture(tmp_path)
+    out = str(tmp_path / "out")
+    report = convert.convert_files("jsonl", [src], out, progress=False)
+    kept, drops = outputs(out)
+    assert (report.read, report.kept) == (12, 4)
+    assert report.dropped == {"box: outside the image": 1, "box: not nested": 1, "box: coordinate not a number": 1,
+                              "box: empty or inverted": 1, "box: both 'bboxes' and 'bbox'": 1, "not valid JSON": 1,
+                              "duplicate id": 1, "missing field 'answer'": 1}
+    assert {d["id"]: d["reason"] for d in drops if d["id"]}["jsonl:bool"] == "box: coordinate not a number"
+    assert [d["row"] for d in drops] == [4, 5, 6, 7, 8, 9, 10, 11]                  # JSONL rows = line numbers
+    tasks = data.load_tasks(os.path.join(out, "train.jsonl"))
+    assert [(t.id, t.boxes) for t in tasks] == [
+        ("jsonl:vstar_nested", [[40, 30, 60, 40], [30, 20, 80, 60]]),
+        ("jsonl:coco_one", [[10, 10, 40, 30]]),
+        ("jsonl:xyxy_mc", [[10, 10, 50, 50], [0, 0, 100, 90]]),
+        ("jsonl:boxes:12", None)]
+    assert (tasks[2].answer, tasks[2].choices, kept[2]["source"]) == ("B", ["red", "blue"], "hand")
+    assert "bboxes" not in kept[3] and kept[3]["answer"] == "7"
+    check_clean(kept)
+
+
+def test_a_file_not_in_the_format_fails_at_once_naming_it(tmp_path):
+    out = str(tmp_path / "out")
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a", "image": "x.png"}])
+    with pytest.raises(convert.ConvertError, match=r"wrong\.jsonl: record 1 lacks \['problem', 'solution', 'images'\]"):
+        convert.convert_files("visualprobe", [wrong], out, progress=False)
+    png = write_file(tmp_path / "pic.png", img_bytes())
+    with pytest.raises(convert.ConvertError, match=r"pic\.png:1: not UTF-8 text"):
+        convert.convert_files("jsonl", [png], out, progress=False)
+    text = write_file(tmp_path / "notes.txt", b"hello\n")
+    with pytest.raises(convert.ConvertError, match=r"notes\.txt:1: not valid JSON .* expects a JSON array or JSON Lines"):
+        convert.convert_files("jsonl", [text], out, progress=False)
+    with pytest.raises(convert.ConvertError, match="no such file"):
+        convert.convert_files("jsonl", [str(tmp_path / "absent.jsonl")], out, progress=False)
+    assert not os.path.exists(out)          # nothing written for a file in the wrong format
+    # an array that breaks off is found only when the reader gets there: it stops the run, and no
+    # train.jsonl (nor its .tmp) is left behind
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"problem": "a", "solution": "b", "images": ["x"]}, {"problem": "c", "solu', encoding="utf-8")
+    with pytest.raises(convert.ConvertError, match=r"cut\.json: element 2 of the JSON array is not valid JSON"):
+        convert.convert_files("visualprobe", [str(cut)], out, progress=False)
+    assert sorted(os.listdir(out)) == ["images"]
+
+
+def test_rerun_is_refused_and_overwrite_replaces_cleanly(tmp_path):
+    src = jsonl_box_fixture(tmp_path)
+    out = str(tmp_path / "out")
+    convert.convert_files("jsonl", [src], out, progress=False)
+    first = open(os.path.join(out, "train.jsonl"), "rb").read()
+    write_file(os.path.join(out, "images", "stale.png"), b"stale")
+    write_file(os.path.join(out, "notes.txt"), b"mine")
+    with pytest.raises(convert.ConvertError, match="--overwrite"):
+        convert.convert_files("jsonl", [src], out, progress=False)
+    convert.convert_files("jsonl", [src], out, overwrite=True, progress=False)
+    assert open(os.path.join(out, "train.jsonl"), "rb").read() == first       # deterministic ids and lines
+    assert not os.path.exists(os.path.join(out, "images", "stale.png"))
+    assert open(os.path.join(out, "notes.txt"), "rb").read() == b"mine"         # only its own outputs deleted
+    assert sorted(os.listdir(out)) == ["dropped.jsonl", "images", "notes.txt", "train.jsonl"]   # no *.tmp
+    assert len(os.listdir(os.path.join(out, "images"))) == 4
+
+
+def test_missing_pyarrow_gives_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)           # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    src = write_file(tmp_path / "set.parquet", b"PAR1")
+    for source in ["deepeyes", "pixelreasoner", "thinklite"]:
+        with pytest.raises(SystemExit, match="pip install pyarrow"):
+            convert.convert_files(source, [src], str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_help_convert_report_and_refusal(tmp_path):
+    r = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: convert.py" in r.stdout
+    src, out = jsonl_box_fixture(tmp_path), str(tmp_path / "out")
+    cmd = [sys.executable, "convert.py", "--from", "jsonl", src, "--out", out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"kept 4 of 12 rows -> {os.path.join(out, 'train.jsonl')}" in r.stdout
+    assert "box: not nested" in r.stdout and "dropped 8:" in r.stdout
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- parquet sources
+
+def deepeyes_rows(n_extra=0, pad=0):
+    """Rows in DeepEyes' verl parquet layout (see convert.py's docstring for where it was verified)."""
+    def row(question, answer, images, ds="vstar", pad_text=""):
+        return {"data_source": ds,
+                "prompt": [{"content": DEEPEYES_SYSTEM + pad_text, "role": "system"},
+                           {"content": "<image>\n" + question + DEEPEYES_SUFFIX, "role": "user"}],
+                "images": [{"bytes": b, "path": None} for b in images],
+                "ability": "vl_chart", "env_name": "visual_toolbox_v2",
+                "reward_model": {"ground_truth": answer, "style": "model"},
+                "extra_info": {"answer": answer, "index": "0", "question": question, "split": "train"}}
+    jpg = img_bytes(96, 64, "JPEG", 6)
+    rows = [row("What is the color of the woman's umbrella?", "yellow", [jpg]),
+            row("Which animal is on the sign?\n(A) lion\n(B) sheep\n(C) tiger", "B", [img_bytes(40, 40)], "chart"),
+            row("What color is the door?\nA. red\nB. blue", "blue", [img_bytes(40, 30, seed=7)]),
+            row("Truncated?", "x", [jpg[: len(jpg) // 2]]),
+            row("Two images?", "x", [jpg, jpg]),
+            row("No answer?", None, [jpg])]
+    rows += [row(f"Question {i}?", str(i), [img_bytes(32, 32, seed=100 + i)], pad_text="x" * pad)
+             for i in range(n_extra)]
+    return rows
+
+
+def write_deepeyes(pa, pq, path, rows, row_group_size=None):
+    schema = pa.schema([
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
+        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ("ability", pa.string()), ("env_name", pa.string()),
+        ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
+        ("extra_info", pa.struct([("answer", pa.string()), ("index", pa.string()), ("question", pa.string()),
+                                  ("split", pa.string())]))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def test_deepeyes_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    src = write_deepeyes(pa, pq, tmp_path / "data_0.1.2_visual_toolbox_v2.parquet", deepeyes_rows(), 4)
+    out = str(tmp_path / "out")
+    report = convert.convert_files("deepeyes", [src], out, progress=False)
+    kept, drops = outputs(out)
+    assert report.dropped == {"image does not decode": 1, "several images": 1,
+                              "missing field 'reward_model.ground_truth'": 1}
+    assert [(r["id"], r["question"], r["answer"], r.get("choices"), r["source"]) for r in kept] == [
+        ("deepeyes:data_0.1.2_visual_toolbox_v2:1", "What is the color of the woman's umbrella?", "yellow", None,
+         "deepeyes:vstar"),
+        ("deepeyes:data_0.1.2_visual_toolbox_v2:2", "Which animal is on the sign?", "B", ["lion", "sheep", "tiger"],
+         "deepeyes:chart"),
+        ("deepeyes:data_0.1.2_visual_toolbox_v2:3", "What color is the door?", "B", ["red", "blue"], "deepeyes:vstar")]
+    assert open(os.path.join(out, kept[0]["image"]), "rb").read() == deepeyes_rows()[0]["images"][0]["bytes"]
+    assert [t.image_size for t in data.load_tasks(os.path.join(out, "train.jsonl"))] == [(96, 64), (40, 40), (40, 30)]
+    check_clean(kept)
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), str(wrong))
+    with pytest.raises(convert.ConvertError, match=r"wrong\.parquet: not a deepeyes file: expected columns "
+                                                r"\['prompt', 'images', 'reward_model'\].*missing"):
+        convert.convert_files("deepeyes", [str(wrong)], str(tmp_path / "out2"), progress=False)
+    with pytest.raises(convert.ConvertError, match=r"train\.json: not a parquet file"):
+        convert.convert_files("deepeyes", [write_jsonl(tmp_path / "train.json", [{"a": 1}])], str(tmp_path / "o3"),
+                     progress=False)
+    assert not os.path.exists(tmp_path / "out2") and not os.path.exists(tmp_path / "o3")
+
+
+def test_pixelreasoner_parquet_drops_videos_with_a_count(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    root = tmp_path / "PixelReasoner-RL-Data"
+    write_file(root / "images" / "sa1b" / "1.jpg", img_bytes(90, 60, "JPEG", 8))
+    write_file(root / "images" / "ivqa" / "2.png", img_bytes(60, 90, "PNG", 9))
+    for k in range(3):
+        write_file(root / "videos" / "v1" / f"{k}.jpg", img_bytes(20, 20, "JPEG", k))
+    rows = [
+        {"question": "<image>\nWhat animal is depicted on the Woolshops Shopping Centre sign?\nchoices:\nA: Lion  \n"
+                     "B: Sheep  \nC: Tiger  \nD: Elephant", "image": ["images/sa1b/1.jpg"], "answer": ["\\boxed{B}"],
+         "is_video": False, "qid": "sa1b_1"},
+        {"question": "<image>\nHow many people are in the image?", "image": ["images/ivqa/2.png"],
+         "answer": ["\\boxed{3}"], "is_video": None, "qid": "ivqa_2"},
+        {"question": "<video>\nWhat happens first?\nchoices:\nA: run\nB: jump",
+         "image": [f"videos/v1/{k}.jpg" for k in range(3)], "answer": ["\\boxed{A}"], "is_video": True, "qid": "v_3"},
+        {"question": "<video>\nWho enters?", "image": ["videos/v1/0.jpg"], "answer": ["\\boxed{man}"],
+         "is_video": True, "qid": "v_4"},
+        {"question": "<image>\nWhere?", "image": ["images/none.jpg"], "answer": ["\\boxed{left}"], "is_video": False,
+         "qid": "m_5"},
+        {"question": "<image>\nWhich pets?", "image": ["images/ivqa/2.png"], "answer": ['\\boxed{["cat", "dog"]}'],
+         "is_video": False, "qid": "s_6"},
+        {"question": "<image>\nWhich pet?", "image": ["images/ivqa/2.png"], "answer": ["\\boxed{cat}", "\\boxed{dog}"],
+         "is_video": False, "qid": "s_7"},
+    ]
+    src = str(root / "release.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    out = str(tmp_path / "out")
+    report = convert.convert_files("pixelreasoner", [src], out, progress=False)
+    kept, drops = outputs(out)
+    assert report.dropped == {"video": 2, "image file not found": 1, "several reference answers": 2}
+    assert [d["row"] for d in drops if d["reason"] == "video"] == [3, 4]
+    assert [(r["id"], r["question"], r["answer"], r.get("choices")) for r in kept] == [
+        ("pixelreasoner:sa1b_1", "What animal is depicted on the Woolshops Shopping Centre sign?", "B",
+         ["Lion", "Sheep", "Tiger", "Elephant"]),
+        ("pixelreasoner:ivqa_2", "How many people are in the image?", "3", None)]
+    assert [t.image_size for t in data.load_tasks(os.path.join(out, "train.jsonl"))] == [(90, 60), (60, 90)]
+    check_clean(kept)
+
+
+def test_thinklite_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [{"id": "tl_1", "problem": "<image>Find the perimeter of the triangle.", "answer": "12",
+             "image": img_bytes(50, 50, "PNG", 10)},
+            {"id": "tl_2", "problem": "<image>Hint: Please answer the question and provide the correct option letter."
+                                      "\nQuestion: What is x?\nChoices:\n(A) 3\n(B) 4", "answer": "B",
+             "image": img_bytes(40, 30, "JPEG", 11)},
+            {"id": "tl_3", "problem": "<image>Broken image?", "answer": "1", "image": b"\x89PNG\r\n\x1a\n..."}]
+    src = str(tmp_path / "ThinkLite-VL-Hard-11k.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    out = str(tmp_path / "out")
+    report = convert.convert_files("thinklite", [src], out, progress=False)
+    kept, _ = outputs(out)
+    assert report.dropped == {"image does not decode": 1}
+    assert [(r["id"], r["question"], r["answer"], r.get("choices")) for r in kept] == [
+        ("thinklite:tl_1", "Find the perimeter of the triangle.", "12", None),
+        ("thinklite:tl_2", "Hint: Please answer the question and provide the correct option letter.\nQuestion: "
+                           "What is x?", "B", ["3", "4"])]
+    data.load_tasks(os.path.join(out, "train.jsonl"))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+MEASURE = """
+import json, sys, tracemalloc
+sys.path.insert(0, {root!r})
+import convert
+tracemalloc.start()
+report = convert.convert_files({source!r}, [{src!r}], {out!r}, progress=False)
+peak = tracemalloc.get_traced_memory()[1]
+arrow = sys.modules["pyarrow"].default_memory_pool().max_memory() if "pyarrow" in sys.modules else None
+try:   # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's across exec)
+    hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+except (OSError, IndexError, ValueError):
+    hwm = None
+print(json.dumps({{"kept": report.kept, "tracemalloc_peak": peak, "arrow_pool_peak": arrow, "peak_rss_kb": hwm}}))
+"""
+
+
+def measure(source, src, out):
+    """Convert in a fresh interpreter: its peak Python heap (tracemalloc, from just before the
+    conversion; includes importing pyarrow for the parquet sources), pyarrow pool peak, peak RSS."""
+    code = MEASURE.format(root=ROOT, source=source, src=src, out=out)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_streaming_memory_does_not_grow_with_the_file(tmp_path):
+    """1,000 rows vs 100 rows of JSONL, each row carrying 4 KB of text the converter never keeps (a
+    converter that loaded the file whole would hold >= 3.6 MB more): the peak Python heap grows by less
+    than 0.5 MB (the id and file-name sets: ~250 bytes a row)."""
+    for i in range(1000):
+        write_file(tmp_path / "imgs" / f"{i}.png", img_bytes(32, 32, "PNG", i))
+    sizes, peaks = {}, {}
+    for n in (100, 1000):
+        src = write_jsonl(tmp_path / f"rows{n}.jsonl", [
+            {"image": f"imgs/{i}.png", "question": f"What is shown in picture {i}?", "answer": str(i),
+             "rationale": "x" * 4096} for i in range(n)])
+        sizes[n] = os.path.getsize(src)
+        peaks[n] = measure("jsonl", src, str(tmp_path / f"out{n}"))
+        assert peaks[n]["kept"] == n
+    print(f"\nstreaming, --from jsonl: input {sizes[100]} B (100 rows) / {sizes[1000]} B (1000 rows); "
+          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
+          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
+    assert sizes[1000] - sizes[100] > 3_600_000
+    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
+
+
+def test_streaming_memory_parquet(tmp_path):
+    """The same for DeepEyes parquet (row groups of 64 rows; a row: a ~3 KB image and 4 KB of system
+    prompt, both in columns the converter reads): from 100 to 1,000 rows the peak Python heap grows by
+    less than 0.5 MB (reading the file whole into Python objects: >= 6 MB more) and pyarrow's pool peak
+    by less than 1 MB."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    sizes, peaks = {}, {}
+    for n in (100, 1000):
+        rows = deepeyes_rows(n_extra=n, pad=4096)
+        src = write_deepeyes(pa, pq, tmp_path / f"de{n}.parquet", rows[:1] + rows[6:], row_group_size=64)
+        sizes[n] = os.path.getsize(src)
+        peaks[n] = measure("deepeyes", src, str(tmp_path / f"out{n}"))
+        assert peaks[n]["kept"] == n + 1
+    print(f"\nstreaming, --from deepeyes: input {sizes[100]} B (101 rows) / {sizes[1000]} B (1001 rows); "
+          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
+          f"pyarrow pool peak {peaks[100]['arrow_pool_peak']} / {peaks[1000]['arrow_pool_peak']} B; "
+          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
+    assert sizes[1000] - sizes[100] > 3_000_000
+    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
+    # pyarrow's own buffers (outside tracemalloc): with its default pre_buffer=True this grew by the
+    # file's size (~3 MB here); convert.py turns it off
+    assert peaks[1000]["arrow_pool_peak"] - peaks[100]["arrow_pool_peak"] < 1_000_000
