@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--config {a.config} needs a CUDA GPU (its fp32 weights alone are "
                 f"{ {'3b': 15, '7b': 33}[a.config] } GB); --config tiny runs the same path on CPU")
     side = math.isqrt(a.visual_tokens)
-    if a.config and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 16 or a.response_tokens < 2):
+    if a.config and not a.estimate_memory and (side * side != a.visual_tokens or a.prompt_tokens < a.visual_tokens + 16 or a.response_tokens < 2):
         p.error("--visual-tokens must be a square number, --prompt-tokens >= visual + 16, --response-tokens >= 2")
     return a
 
@@ -245,7 +245,8 @@ def toy_step(a) -> dict:
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
     agent = train.load_model(args)
-    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=4 * args.micro_batch, engine=a.engine)
+    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=args.rollout_batch,
+                                 batch_tokens=args.rollout_tokens, engine=a.engine)
     tasks = train.load_data(args, agent)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
     steps = []

@@ -16,10 +16,12 @@ peak is the larger of the two:
   bound length: prompt + all response tokens + every crop; exact formula `kv_bytes`), and the largest
   prefill of the cached engine (one chunk's prompts, or an observation of one crop for every row),
   tracked as a no-grad forward;
-- training: the gradients, and the activations of one micro-batch of `--train-tokens` padded tokens
-  (episodes of the bound length) through the forward with gradient checkpointing, the chunked log-prob
-  head (`lfpc.token_logprobs`'s building block, `--logprob-chunk` tokens at a time), backward and
-  AdamW, tracked (the peak of activations and temporaries over the whole micro-batch).
+- training: every gradient (a step's later micro-batches run while the earlier ones' gradients are
+  held), and the peak activations of one micro-batch of `--train-tokens` padded tokens (episodes of
+  the bound length) through the forward with gradient checkpointing, the chunked log-prob head
+  (`lfpc.token_logprobs`'s building block, `--logprob-chunk` tokens at a time) and backward, tracked.
+  The AdamW update itself adds nothing of the parameters' size: train.py uses fused AdamW on a GPU
+  (the default for-each AdamW would add up to the trainable parameters' size again).
 The vision tower cannot run under fake tensors (its windowing computes shapes from values), so it is
 measured on REAL CPU tensors with the published vision config on a small image and scaled linearly
 in patches (windowed attention and memory-efficient full attention are linear in memory): frozen under
@@ -78,8 +80,9 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     held = {"weights": weights, "optimizer": 2 * trainable}          # AdamW's moments live from step 1 on
     rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
     per_mb = max(1, s.train_tokens // s.episode_tokens)
-    step = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s),), lambda p: _train_step(p, s, per_mb), fake)
-    train = {**held, "gradients": trainable, "activations": step["activations"]}   # grads of earlier micro-batches
+    policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
+    step = _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
+    train = {**held, "gradients": trainable, "activations": step["activations"]}   # every gradient: a later micro-batch
     head = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s).head,),
                     lambda h: _head_step(h, s, config.get_text_config().hidden_size), fake)
     out = {"shape": {**asdict(s), "episode_tokens": s.episode_tokens, "episodes_per_micro_batch": per_mb},
@@ -233,20 +236,18 @@ class _Policy(torch.nn.Module):
                           for i in range(0, len(targets), s.logprob_chunk)])        # [N]
 
 
-def _train_step(policy: _Policy, s: StepShape, episodes: int) -> None:
+def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     """One micro-batch: forward (gradient checkpointing), the chunked log-prob head over the response
-    tokens, backward, AdamW. Mirrors train.update_policy with a static response slice."""
+    tokens, backward. Mirrors train.update_policy with a static response slice."""
     if s.grad_ckpt:
         policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
                     dtype=torch.bfloat16 if s.lora else torch.float32)
     targets = torch.zeros(episodes * s.response_tokens, dtype=torch.long)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not s.lora):
         lp = policy(x, targets)
     lp.sum().backward()
-    opt.step()
 
 
 def _head_step(head, s: StepShape, hidden: int) -> None:

@@ -3,7 +3,8 @@
     toy      the toy world on a CPU (the default: `python train.py --stage 1` just works)
     paper    the paper's published set-up: Qwen2.5-VL-7B-Instruct, 256 prompts x 16 rollouts, lr 1e-6,
              2,048 response tokens, 80 steps (8 x A100, full fine-tuning)
-    one-gpu  7B stage 1 on one 80 GB GPU: LoRA r64 on a bf16 base, fewer prompts per step
+    one-gpu  7B stage 1 on one 80 GB GPU: LoRA r64 on a bf16 base, 32 prompts x 16 rollouts a step,
+             rollout chunks and micro-batches sized by memory.py's estimate (README)
 
 A preset fills every setting the command line leaves unset (None); a flag given on the command line
 always wins, including one that sets a value back to a preset's "off" (e.g. --no-grad-ckpt). Keys that
@@ -26,6 +27,7 @@ TOY = dict(
     tasks=toy.training_tasks, eval_tasks=toy.eval_tasks, checkpoints=toy.CHECKPOINTS, system_prompt=toy.SYSTEM_PROMPT,
     # model and run
     model=toy.BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False,
+    rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20,                 # toy episodes are short
     # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
     max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
     crop_max_tokens=16, crop_min_tokens=1, crop_snap=28, crop_resample="box",
@@ -38,14 +40,18 @@ TOY = dict(
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
     model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
-    lora=0, grad_ckpt=True,
+    lora=0, grad_ckpt=True, rollout_batch=64, rollout_tokens=64 * 8512, train_tokens=16384,
     max_turns=5, max_new_tokens=1024, max_response_tokens=2048, min_tokens=4, resample="bicubic",
     crop_max_tokens=1280, crop_min_tokens=4, crop_snap=0, crop_resample="bicubic",
     full_tokens=16384, floor_tokens=256, probe_max_new_tokens=64,
     budget=1024, limit=None, batch_size=16,
 )
 
-ONE_GPU = {**PAPER, "lora": 64, "prompts": 32}
+# From `python bench.py --config 7b --estimate-memory` (README): 32 rows of 8,512-token episodes (1K global,
+# 2,048 response tokens, 4 crops of 1,280) peak at ~42 GiB; at the 16K global budget the same token budget
+# admits one group of 16 rows a chunk (~46 GiB). Micro-batches of 32K padded tokens.
+ONE_GPU = {**PAPER, "lora": 64, "prompts": 32, "rollout_batch": 32, "rollout_tokens": 32 * 8512,
+           "train_tokens": 32768, "micro_batch": 8}
 
 PRESETS = {"toy": TOY, "paper": PAPER, "one-gpu": ONE_GPU}
 WORLD_KEYS = ("tasks", "eval_tasks", "checkpoints", "system_prompt")

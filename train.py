@@ -89,7 +89,11 @@ class Args:
     prompts: int | None = arg(None, 'tasks per step (preset)')
     group: int | None = arg(None, 'rollouts per task, the GRPO group (preset)')
     lr: float | None = arg(None, 'AdamW learning rate (preset: toy 1e-4, paper 1e-6)')
-    micro_batch: int | None = arg(None, 'episodes per forward/backward (preset)')
+    micro_batch: int | None = arg(None, 'episodes per forward/backward, at most (preset)')
+    train_tokens: int | None = arg(None, 'padded tokens per forward/backward, at most (preset; one-gpu from memory.py)')
+    rollout_batch: int | None = arg(None, 'episodes sampled together, at most (preset)')
+    rollout_tokens: int | None = arg(None, 'KV-cache tokens of one rollout chunk, at most: episodes x the bound '
+                                            'of their length (preset; one-gpu from memory.py)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
     engine: str = arg("cached", 'rollout engine: "cached" (KV cache across turns) or "reference" (re-prefill each turn)')
     max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
@@ -167,14 +171,15 @@ def main(argv=None) -> None:
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     agent = load_model(a, ckpt if a.resume else "")
-    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=4 * a.micro_batch,
-                                 engine=a.engine)
+    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
+                                 batch_tokens=a.rollout_tokens, engine=a.engine)
     tasks = load_data(a, agent)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
         ref_model = lfpc.load_agent(a.model, device=a.device, dtype=base_dtype(a)).model.eval().requires_grad_(False)
     params = [p for p in agent.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=agent.device.type == "cuda")           # fused: no full-size temporaries
     start = 0
     if a.resume:
         opt.load_state_dict(saved["optimizer"])
@@ -236,8 +241,9 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     model.train()
     opt.zero_grad(set_to_none=True)
     sums, counted, gap = {}, 0, 0.0
-    for k in range(0, len(live), a.micro_batch):
-        idx = live[k:k + a.micro_batch]
+    lengths = [len(episodes[i].token_ids) for i in live]
+    for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True):   # little padding
+        idx = [live[j] for j in mb]
         batch = engine.collate(agent, [episodes[i] for i in idx])
         t0 = time.perf_counter()
         with precision(agent):
@@ -329,7 +335,7 @@ def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
         return tasks                                   # budgets already in the data (info_gap.py --out)
     with precision(agent):
         records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
-                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=4 * a.micro_batch)
+                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=a.rollout_batch)
     print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]

@@ -346,3 +346,42 @@ def test_real_shape_model_one_task_16_rollouts_4_turns_encodes_each_image_once(t
     cached, ref = out["cached"][1], out["reference"][1]
     assert (cached.image_encodes, ref.image_encodes) == (4, 160)
     assert cached.prefill_tokens <= cached.context_tokens and ref.prefill_tokens > 10 * ref.context_tokens
+
+
+# ----------------------------------------------------------------------------- token-budget batching
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_puts_every_item_in_exactly_one_batch_within_both_budgets(seed):
+    import random
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 60))]
+    rows = [rng.choice([1, 4]) for _ in lengths]
+    max_rows, max_tokens = rng.randint(4, 16), rng.randint(200, 2000)
+    for longest_first in (False, True):
+        batches = engine.pack(lengths, max_rows, max_tokens, rows, longest_first)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            n, longest = sum(rows[i] for i in b), max(lengths[i] for i in b)
+            assert len(b) == 1 or (n <= max_rows and n * longest <= max_tokens)
+        if not longest_first:
+            assert [i for b in batches for i in b] == list(range(len(lengths)))      # item order kept
+
+
+def test_pack_by_hand():
+    # rows x longest: [100, 50] -> 2 x 100 = 200 fits 250; adding 120 -> 3 x 120 = 360 does not
+    assert engine.pack([100, 50, 120, 10], max_rows=8, max_tokens=250) == [[0, 1], [2, 3]]
+    assert engine.pack([100, 50, 120, 10], max_rows=8, max_tokens=250, longest_first=True) == [[2, 0], [1, 3]]
+    assert engine.pack([400, 10], max_rows=8, max_tokens=250) == [[0], [1]]          # too long alone: its own batch
+    assert engine.pack([5, 5, 5], max_rows=2) == [[0, 1], [2]]
+
+
+def test_rollout_chunks_by_kv_tokens_give_the_same_episodes(tiny):
+    """Whole groups per chunk within the KV budget (rows x lfpc.episode_bound): the episodes do not
+    depend on the budget."""
+    cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "max_new_tokens": 6, "max_response_tokens": 12})
+    tasks = [task(seed=s, w=200 + 40 * s) for s in range(4)]
+    bound = lfpc.episode_bound(len(lfpc.start_episode(tiny, tasks[0], 0, cfg).token_ids), cfg)
+    tight = lfpc.RolloutConfig(**{**cfg.__dict__, "batch_tokens": 2 * bound})     # ~one group of 2 a chunk
+    a, _ = _rollout(tiny, tasks, 2, cfg, "cached")
+    b, _ = _rollout(tiny, tasks, 2, tight, "cached")
+    _same_episodes(a, b, atol=1e-5)

@@ -174,3 +174,28 @@ def test_stage2_refuses_tasks_without_boxes(base, tmp_path):
     with pytest.raises(SystemExit, match="bboxes"):
         train.main(["--stage", "2", "--model", base, "--data", str(tmp_path / "d.jsonl"), "--out",
                     str(tmp_path / "o"), "--steps", "1", "--global-image", "full", *FAST])
+
+
+def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
+    """The same episodes trained in one micro-batch, or one episode per micro-batch (a tiny --train-tokens):
+    the same update (whole-step token counts), every episode trained exactly once."""
+    import copy
+    a = train.parse_args(["--model", base, "--global-image", "full", *FAST])
+    agent = train.load_model(a)
+    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    tasks = train.load_data(a, agent)[:2]
+    episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
+    for i, e in enumerate(episodes):
+        e.reward = float(i % 2)
+    results = []
+    for tokens in (1 << 20, 1):
+        clone = copy.deepcopy(agent)
+        opt = torch.optim.SGD(clone.model.parameters(), lr=1.0)        # the update IS the gradient
+        args = train.Args(**{**a.__dict__, "train_tokens": tokens, "micro_batch": 64})
+        m = train.update_policy(args, clone, opt, episodes, tasks)
+        results.append((m, dict(clone.model.named_parameters())))
+    (m1, p1), (m2, p2) = results
+    assert m1["loss/trained_episodes"] == m2["loss/trained_episodes"] == len(episodes)
+    assert m1["loss/grad_norm"] == pytest.approx(m2["loss/grad_norm"], rel=1e-5)
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-6)
