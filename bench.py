@@ -41,6 +41,7 @@ import torch
 import engine
 import grpo
 import lfpc
+import memory
 import models
 import presets
 
@@ -259,8 +260,11 @@ def toy_step(a) -> dict:
         t2 = time.perf_counter()
         if i:                                            # the first step warms caches up
             distinct = len({engine._content_key(im) for e in episodes for im in e.images})
+            host = memory.episode_bytes(episodes)
             steps.append({"total_s": t2 - t0, "rollout": t1 - t0, "logprob_forward": m["time/forward_s"],
                           "sampled_tokens": sum(e.num_generated for e in episodes), "distinct_images": distinct,
+                          "host_bytes": host["images"] + host["token_lists"],
+                          "host_bytes_fp32_pixels_per_episode": host["fp32_pixels_per_episode_before"],
                           **work.metrics()})
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
     mean["backward_and_optimizer"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
@@ -268,6 +272,9 @@ def toy_step(a) -> dict:
             "share": {k: round(mean[k] / mean["total_s"], 3) for k in ("rollout", "logprob_forward", "backward_and_optimizer")},
             "rollout_tokens_per_s": round(mean["sampled_tokens"] / mean["rollout"], 1),
             "work_per_step": {k: round(v, 3) for k, v in mean.items() if k.startswith("work/") or k == "distinct_images"},
+            "host_bytes_per_step": {"episodes (PIL images shared, token lists)": round(mean["host_bytes"]),
+                                    "fp32 pixels kept per episode (the design before)":
+                                        round(mean["host_bytes_fp32_pixels_per_episode"])},
             "steps": steps, **_versions("cpu")}
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lfpc
+import models
 import memory
 
 TINY = dict(config="tiny", visual_tokens=16, text_tokens=40, response_tokens=48, crops=2, crop_tokens=16,
@@ -67,3 +68,28 @@ def test_episode_bytes_counts_shared_images_once():
     assert b["images"] == 56 * 28 * 3 and b["distinct_images"] == 1 and b["token_lists"] == 4 * 3 * 3 * 8
     # before: each episode kept its own fp32 patches: 8 patches x 1176 values x 4 bytes
     assert b["fp32_pixels_per_episode_before"] == 4 * 8 * 1176 * 4
+
+
+def test_host_memory_of_16_rollouts_holds_each_image_once(tiny):
+    """The issue's 1 task x 16 rollouts x 4 turns on a 4000x3000 original (real-shape model, scripted turns):
+    the episodes share one global image (uint8, as shown) and hold their own crops, instead of fp32
+    patches per episode and image."""
+    import crop_tool
+    from conftest import QWEN_TOKENIZER, noise_image, scripted
+    agent = models.real_shape_agent(QWEN_TOKENIZER)
+    cfg = lfpc.RolloutConfig(global_max_pixels=1024 * 784, max_turns=4, max_new_tokens=64,
+                             crop=crop_tool.CropConfig(max_pixels=256 * 784))
+    t = lfpc.Task(noise_image(4000, 3000), "What colour?", "red")
+    calls = [crop_tool.format_tool_call(b) for b in ([0, 0, 224, 168], [112, 112, 336, 280], [200, 120, 600, 400])]
+    eps = lfpc.rollout(agent, [t], 16, cfg, sample_fn=scripted(agent, {0: [(c, "stop") for c in calls] +
+                                                                          [("<answer>red</answer>", "eos")]}))
+    b = memory.episode_bytes(eps)
+    shown = eps[0].images[0]
+    crops = [c.image for e in eps for c in e.crops]
+    assert b["distinct_images"] == 1 + 16 * 3 and all(e.images[0] is shown for e in eps)
+    assert b["images"] == shown.width * shown.height * 3 + sum(c.width * c.height * 3 for c in crops)
+    # before: per episode and image, the processor's fp32 patches: 2 frames x 3 channels x the pixels x 4 bytes
+    assert b["fp32_pixels_per_episode_before"] == 16 * 24 * (shown.width * shown.height + sum(
+        c.width * c.height for c in crops) // 16)
+    print(f"host bytes, 16 rollouts: {b['images'] / 2**20:.1f} MiB of images + {b['token_lists'] / 2**20:.2f} MiB "
+          f"of token lists; fp32 pixels per episode: {b['fp32_pixels_per_episode_before'] / 2**20:.1f} MiB")
