@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -357,6 +358,9 @@ def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfi
     for step in range(N):
         tok, lp = sample(logits, cfg.temperature, cfg.top_p, None if u is None else u[:, step])   # [B], [B]
         tok_l, lp_l = tok.tolist(), lp.tolist()                             # one device sync per step
+        if any(live[b] and not math.isfinite(lp_l[b]) for b in range(B)):
+            raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf logits): "
+                                     "its weights are damaged")
         for b in range(B):
             if not live[b]:
                 continue

@@ -13,7 +13,8 @@ every group counts as all-equal).
 Policy loss, per generated token t of sequence i (mask 1), with one advantage per sequence:
     ratio_t = exp(logp_t - old_t)
     l_t     = -min(ratio_t * A_i, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_i) + beta * k3_t
-    k3_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (Schulman's k3, >= 0, of KL(pi || ref))
+    k3_t    = min(exp(d) - d - 1, 10),  d = clamp(ref_t - logp_t, -20, 20)   (Schulman's k3, >= 0, of KL(pi || ref);
+              the clamps are verl's: one token can neither own the whole gradient nor make the loss inf)
 clip 0.2 / 0.2 (PPO; DAPO raises clip_high); beta = 0 as DeepEyes and LFPC (no reference model).
 Two aggregations, both divided by counts of the WHOLE optimiser step, not of the micro-batch:
     "token-mean" (DAPO, verl; DeepEyes): loss = sum_it l_it / num_tokens      (every token weighs 1)
@@ -84,11 +85,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6
     return adv.reshape(-1), metrics                                   # [N]
 
 
+K3_LOG_RATIO_CLAMP, K3_MAX = 20.0, 10.0          # verl's clamps (low_var_kl)
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref) on tokens sampled from pi: exp(d) - d - 1, d = ref - logp.
-    Non-negative, 0 where the two agree; same shape as the inputs."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    """Per-token k3 estimate of KL(pi || ref) on tokens sampled from pi: exp(d) - d - 1, d = ref - logp,
+    d clamped to +-20 and the result to at most 10 (as verl). Non-negative, 0 where the two agree; same
+    shape as the inputs."""
+    d = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.exp(d) - d - 1).clamp(max=K3_MAX)
 
 
 def policy_loss(

@@ -46,15 +46,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
-import shutil
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import crop_tool
 import data
 import engine
@@ -124,6 +126,29 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
+    p = _parser()
+    a = Args(**vars(p.parse_args(argv)))
+    if a.preset not in presets.PRESETS:
+        p.error(f"--preset must be one of {', '.join(presets.PRESETS)}, got {a.preset!r}")
+    if a.stage == 2 and a.model is None:
+        a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
+    presets.fill(a, a.preset)
+    a.out = a.out or f"runs/stage{a.stage}"
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for why in check_ranges(a):
+        p.error(why)
+    if a.resume:
+        return a                                         # the run's own settings come from its checkpoint
+    if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
+        p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
+    if (why := model_problem(a.model)):
+        p.error(why + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
+    if (why := presets.check_model(a.preset, a.model)):
+        p.error(why)
+    return a
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     for f in fields(Args):
@@ -135,45 +160,101 @@ def parse_args(argv=None) -> Args:
         else:
             kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
             p.add_argument(flag, type=kind, default=f.default, help=help_text)
-    a = Args(**vars(p.parse_args(argv)))
-    if a.preset not in presets.PRESETS:
-        p.error(f"--preset must be one of {', '.join(presets.PRESETS)}, got {a.preset!r}")
-    if a.stage == 2 and a.model is None:
-        a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
-    presets.fill(a, a.preset)
-    a.out = a.out or f"runs/stage{a.stage}"
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if a.stage not in (1, 2) or a.global_image not in ("info-gap", "full") or a.agg not in grpo.AGGREGATIONS \
-            or a.engine not in lfpc.ENGINES:
-        p.error("--stage is 1 or 2, --global-image info-gap|full, --agg token-mean|seq-mean, --engine cached|reference")
-    if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
-        p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
-    if not a.resume and not os.path.exists(a.model) and a.model.startswith(("checkpoints/", "runs/", "./", "/")):
-        p.error(f"model {a.model!r} not found" + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
-    if not a.resume and (why := presets.check_model(a.preset, a.model)):
-        p.error(why)
-    return a
+    return p
+
+
+def given_flags(argv) -> set[str]:
+    """The Args fields the command line set explicitly."""
+    p = _parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def check_ranges(a: Args) -> list[str]:
+    """One line per flag out of its range (checked before any work)."""
+    bad = []
+
+    def need(ok: bool, why: str):
+        if not ok:
+            bad.append(why)
+    need(a.stage in (1, 2), f"--stage is 1 or 2, got {a.stage}")
+    need(a.global_image in ("info-gap", "full"), f"--global-image is info-gap or full, got {a.global_image!r}")
+    need(a.agg in grpo.AGGREGATIONS, f"--agg is one of {', '.join(grpo.AGGREGATIONS)}, got {a.agg!r}")
+    need(a.engine in lfpc.ENGINES, f"--engine is one of {', '.join(lfpc.ENGINES)}, got {a.engine!r}")
+    need(a.stage2_mode in rewards.MODES, f"--stage2-mode is one of {', '.join(rewards.MODES)}, got {a.stage2_mode!r}")
+    for name in ("resample", "crop_resample"):
+        need(getattr(a, name) in crop_tool.RESAMPLE, f"--{name.replace('_', '-')} is bicubic or box")
+    for name in ("steps", "prompts", "micro_batch", "train_tokens", "rollout_batch", "rollout_tokens", "max_turns",
+                 "max_new_tokens", "max_response_tokens", "full_tokens", "floor_tokens", "probe_k",
+                 "probe_max_new_tokens", "min_tokens", "crop_max_tokens", "crop_min_tokens", "save_every"):
+        v = getattr(a, name)
+        need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    need(a.group is None or a.group >= 2, f"--group must be at least 2 (GRPO learns from differences within a "
+                                          f"group; one rollout has none), got {a.group}")
+    need(a.n_train is None or a.n_train >= 1, f"--n-train must be at least 1, got {a.n_train}")
+    need(a.lora is None or a.lora >= 0, f"--lora is a rank >= 0 (0: full fine-tuning), got {a.lora}")
+    need(a.crop_snap is None or a.crop_snap >= 0, f"--crop-snap must be >= 0 (0: off), got {a.crop_snap}")
+    need(a.lr is None or 0 < a.lr <= MAX_LR, f"--lr must lie in (0, {MAX_LR:g}] (paper 1e-6, toy 1e-4), got {a.lr:g}")
+    need(a.temperature > 0, f"--temperature must be > 0 for RL rollouts (0 makes every rollout of a group equal), "
+                            f"got {a.temperature}")
+    need(0 < a.clip < 1, f"--clip must lie in (0, 1), got {a.clip}")
+    need(a.beta >= 0, f"--beta must be >= 0, got {a.beta}")
+    need(0 <= a.tau <= 1 and 0 <= a.omega <= 1, f"--tau and --omega lie in [0, 1], got {a.tau}, {a.omega}")
+    need(all(map(math.isfinite, (a.w_acc, a.w_format, a.w_tool, a.w_geo))), "reward weights must be finite")
+    if None not in (a.floor_tokens, a.full_tokens):
+        need(a.floor_tokens < a.full_tokens, f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens "
+                                             f"({a.full_tokens})")
+    if None not in (a.crop_min_tokens, a.crop_max_tokens):
+        need(a.crop_min_tokens <= a.crop_max_tokens, "--crop-min-tokens must not exceed --crop-max-tokens")
+    return bad
+
+
+def model_problem(model: str) -> str | None:
+    """Why `model` cannot be loaded, when that is known without trying: a local path that does not exist.
+    A name that is not a folder is a hub id only if it looks like one (owner/name) and its first part is
+    not a local folder (runs/stage1/ckpt is a path, Qwen/Qwen2.5-VL-7B-Instruct an id)."""
+    if os.path.exists(model):
+        return None if os.path.isdir(model) else f"model {model!r} is a file; pass its folder"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.isdir(model.split("/")[0]):
+        return None
+    return f"model {model!r} not found (no such folder, and not a hub id owner/name)"
 
 
 # ----------------------------------------------------------------------------- main
 
+MAX_LR = 1e-2            # a higher learning rate destroys a pretrained policy in a step or two
+SKIP_GRAD_NORM = 1e3     # a step whose gradient norm (before clipping) exceeds this is skipped, not taken
+MAX_NORM_GROWTH = 10.0   # an update that multiplies the weights' norm by more stops the run, before any save
+MAX_BAD_STEPS = 3        # skipped steps in a row that stop the run
+RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume")   # what --resume may change
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
-    ckpt = os.path.join(a.out, "ckpt")
+    run = checkpoint.RunFolder(a.out)
+    saved = None
     if a.resume:
-        if not os.path.isdir(ckpt):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
-        saved = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
-        a = Args(**{**saved["args"], "resume": True})     # a.model stays the run's starting point
-    elif os.path.isdir(ckpt):
-        raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or --out for a new run")
-    os.makedirs(a.out, exist_ok=True)
+        a, saved = resume_args(a, run, given_flags(argv))
+    elif run.used():
+        raise SystemExit(f"{a.out} already holds a run ({', '.join(run.used())}): pass --resume to continue it, "
+                         f"or another --out for a new run")
+    run.lock()
+    try:
+        train(a, run, saved)
+    finally:
+        run.unlock()
+
+
+def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
+    """The run: data, model, information gap, then the steps, a checkpoint every --save-every."""
+    tasks = read_tasks(a)                               # every data problem, before the model loads
     random.seed(a.seed)
     torch.manual_seed(a.seed)
-    agent = load_model(a, ckpt if a.resume else "")
+    agent = load_model(a, os.path.join(a.out, "ckpt") if saved else "")
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
-    tasks = load_data(a, agent)
+    set_budgets(a, agent, tasks)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
         ref_model = lfpc.load_agent(a.model, device=a.device, dtype=base_dtype(a)).model.eval().requires_grad_(False)
@@ -181,27 +262,59 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
                             fused=agent.device.type == "cuda")           # fused: no full-size temporaries
     start = 0
-    if a.resume:
+    if saved:
         opt.load_state_dict(saved["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = a.lr                                           # --resume --lr applies
         start = saved["step"]
         random.setstate(saved["rng"]["python"])
         torch.set_rng_state(saved["rng"]["torch"])
+        run.truncate_metrics(start)
     order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
-    metrics_path = os.path.join(a.out, "metrics.jsonl")
     bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps)
+    bad = 0
     for step in bar:
         t0 = time.time()
         pos = step * a.prompts
         batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
         m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model)
         m.update({"step": step + 1, "time/step_s": round(time.time() - t0, 2)})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        run.log(m)
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
         tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        bad = bad + 1 if "loss/skipped" in m else 0
+        if bad >= MAX_BAD_STEPS:
+            raise SystemExit(f"{bad} steps in a row skipped (non-finite or exploding gradients): stopping; the last "
+                             f"good checkpoint is in {a.out} (lower --lr?)")
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(ckpt, agent, opt, step + 1, a)
-    plot_metrics(metrics_path, os.path.join(a.out, "curves.png"))
+            run.save(lambda folder: lfpc.save_agent(agent, folder),
+                     {"optimizer": opt.state_dict(), "step": step + 1, "args": asdict(a),
+                      "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
+    plot_metrics(run.metrics, os.path.join(a.out, "curves.png"))
+
+
+def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str]) -> tuple[Args, dict]:
+    """The run's own arguments from its newest complete checkpoint (recovered if a kill hit the swap),
+    with the flags that may change (RESUMABLE) taken from the command line; any other flag given with a
+    value the run does not have is refused. The folder's own path wins over the one the run was saved in."""
+    found = run.recover()
+    if found is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {a.out} (a run killed before its first checkpoint "
+                         f"starts over: remove the folder or pass another --out)")
+    _, state = found
+    saved = Args(**state["args"])
+    clash = sorted(k for k in given - set(RESUMABLE) if getattr(a, k) != getattr(saved, k))
+    if clash:
+        raise SystemExit("--resume continues a run with its own settings; " + "; ".join(
+            f"--{k.replace('_', '-')} is {getattr(saved, k)!r} in the run, not {getattr(a, k)!r}" for k in clash)
+            + f". Only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:3])} may change; start another --out "
+            f"for the rest")
+    changes = {k: getattr(a, k) for k in given & set(RESUMABLE)}
+    resumed = Args(**{**state["args"], **changes, "out": a.out, "resume": True})
+    if resumed.steps <= state["step"]:
+        raise SystemExit(f"--resume: the run in {a.out} already did {state['step']} of {resumed.steps} steps; "
+                         f"pass --steps N (N > {state['step']}) to go on")
+    return resumed, state
 
 
 # ----------------------------------------------------------------------------- one step
@@ -237,7 +350,9 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     model = agent.model
     adv, adv_m = grpo.group_advantages(torch.tensor([e.reward for e in episodes]), a.group)
     num_tokens = sum(e.num_generated for e in episodes)          # the WHOLE step's token count
-    live = [i for i in range(len(episodes)) if adv[i] != 0]
+    # Episodes with advantage 0 have zero policy gradient: not forwarded (their tokens still count), unless a
+    # KL term gives every token a gradient.
+    live = [i for i in range(len(episodes)) if adv[i] != 0 or a.beta > 0]
     model.train()
     opt.zero_grad(set_to_none=True)
     sums, counted, gap = {}, 0, 0.0
@@ -262,18 +377,24 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
                                    ref_logprobs=ref, beta=a.beta)
         if not torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
-            return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
+            return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped": 1.0}
         loss.backward()
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
         sums["policy"] = sums.get("policy", 0.0) + loss.item()
         counted += m["num_tokens"]
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    if not torch.isfinite(grad_norm):
-        opt.zero_grad(set_to_none=True)
-        return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped_nonfinite": 1.0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if not torch.isfinite(grad_norm) or grad_norm > SKIP_GRAD_NORM:
+        opt.zero_grad(set_to_none=True)                                   # a step that would wreck the weights
+        return {**step_metrics(episodes, tasks, adv_m, {"grad_norm": float(grad_norm)}), "loss/skipped": 1.0}
+    norm_before = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
     opt.step()
     opt.zero_grad(set_to_none=True)                                       # the rollout of the next step holds no gradients
+    norm_after = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
+    if not math.isfinite(norm_after) or norm_after > MAX_NORM_GROWTH * norm_before:
+        raise SystemExit(f"the update blew the weights up (norm {norm_before:.4g} -> {norm_after:.4g}); nothing was "
+                         f"saved from this step: resume from the last checkpoint with a lower --lr")
     lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
     lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
     lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live),
@@ -319,26 +440,41 @@ def step_metrics(episodes, tasks, adv_metrics, loss_metrics) -> dict[str, float]
 
 # ----------------------------------------------------------------------------- data and model
 
-def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
-    """The training tasks, with each one's global budget set (stage 1 and 2 alike)."""
+def read_tasks(a: Args) -> list[lfpc.Task]:
+    """The training tasks, every row checked (data.load_tasks), before any model loads."""
     if a.data:
-        tasks = data.load_tasks(a.data)
+        try:
+            tasks = data.load_tasks(a.data)
+        except data.DataError as e:
+            raise SystemExit(f"--data: {e}") from None
     else:       # a preset that generates its world's tasks (toy: stage 2 gets a small, disjoint annotated set)
         tasks = presets.PRESETS[a.preset]["tasks"](a.stage, a.n_train)
     if a.stage == 2 and any(not t.boxes for t in tasks):
         raise SystemExit(f"stage 2 needs 'bboxes' on every task; {sum(not t.boxes for t in tasks)} lack them")
+    return tasks
+
+
+def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task]) -> None:
+    """Each task's global budget: --full-tokens for all (--global-image full), the budgets the data carries
+    (info_gap.py --out), or else the information gap, probed with the model and cached."""
     if a.global_image == "full":
         for t in tasks:
             t.max_pixels = a.full_tokens * crop_tool.TOKEN_PIXELS
-        return tasks
+        return
     if all(t.max_pixels for t in tasks):
-        return tasks                                   # budgets already in the data (info_gap.py --out)
+        return
     with precision(agent):
         records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
                                  a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=a.rollout_batch)
     print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]
+
+
+def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
+    """read_tasks, then set_budgets (bench.py and tests: one call)."""
+    tasks = read_tasks(a)
+    set_budgets(a, agent, tasks)
     return tasks
 
 
@@ -408,21 +544,6 @@ def enable_grad_ckpt(agent: lfpc.Agent) -> None:
         agent.model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def save_checkpoint(path: str, agent: lfpc.Agent, opt, step: int, a: Args) -> None:
-    """Atomic: everything goes to <path>.tmp, then one rename replaces <path>."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lfpc.save_agent(agent, tmp)
-    torch.save({"optimizer": opt.state_dict(), "step": step, "args": asdict(a),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-               os.path.join(tmp, "trainer.pt"))
-    old = path + ".old"
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_metrics(metrics_path: str, png: str) -> None:

@@ -269,3 +269,14 @@ def test_bad_arguments_raise():
         policy_loss(torch.zeros(6), torch.zeros(6), adv, torch.ones(6))
     with pytest.raises(ValueError, match="num_tokens"):
         policy_loss(lp, old, adv, mask, num_tokens=0)
+
+
+def test_k3_is_clamped_as_verl():
+    """A token whose log-ratio to the reference is huge can neither make the loss inf nor own the gradient."""
+    logp = torch.tensor([-1.0, -1.0, -1.0], dtype=F64, requires_grad=True)
+    ref = torch.tensor([-1.0, 50.0, -80.0], dtype=F64)     # d = 0, 51 (-> 20), -79 (-> -20)
+    k3 = k3_kl(logp, ref)
+    assert k3[0].item() == 0 and k3[1].item() == 10.0      # exp(20) - 21 clamped to 10
+    assert k3[2].item() == pytest.approx(10.0)             # exp(-20) + 20 - 1 = 19.0.. clamped to 10
+    k3.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[1] == 0 and logp.grad[2] == 0

@@ -1,6 +1,8 @@
 """Tests for train.py: both stages end to end, exact resume, non-finite losses, fp32 master weights."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -162,7 +164,7 @@ def test_a_nonfinite_loss_skips_the_step_and_leaves_weights_untouched(base, monk
     nan_logprobs = lambda model, batch, t=1.0: real(model, batch, t) * float("nan")
     monkeypatch.setattr(lfpc, "token_logprobs", nan_logprobs)
     m, before, after = _one_step(base, monkeypatch, 1e-3)
-    assert m["loss/skipped_nonfinite"] == 1.0
+    assert m["loss/skipped"] == 1.0
     for k in before:
         assert torch.equal(before[k], after[k].detach()), k
 
@@ -199,3 +201,186 @@ def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
     assert m1["loss/grad_norm"] == pytest.approx(m2["loss/grad_norm"], rel=1e-5)
     for k in p1:
         torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input, crashes, resume
+
+def _no_model(monkeypatch):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"image": "a.png", "question": "q"}', r"d\.jsonl:2: missing or empty string field 'answer'"),
+    ('{"image": "cut.png", "question": "q", "answer": "a"}', r"d\.jsonl:2: cannot read image"),
+    ('{"image": "a.png", "question": "q", "answer": "a", "max_pixels": "big"}', r"d\.jsonl:2: 'max_pixels'"),
+    ('{"image": "a.png", "question": "q", "answer": "c", "choices": ["a", "b"]}', r"d\.jsonl:2: answer 'c'"),
+])
+def test_bad_data_stops_before_the_model_loads_naming_file_and_line(base, tmp_path, monkeypatch, row, message):
+    from PIL import Image
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    (tmp_path / "cut.png").write_bytes(open(tmp_path / "a.png", "rb").read()[:60])
+    good = json.dumps({"image": "a.png", "question": "q", "answer": "a"})
+    (tmp_path / "d.jsonl").write_text(good + "\n" + row + "\n")
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--model", base, "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), *FAST])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "0"], "--save-every must be at least 1"), (["--prompts", "-2"], "--prompts must be at least 1"),
+    (["--n-train", "-5"], "--n-train must be at least 1"), (["--crop-max-tokens", "0"], "--crop-max-tokens must be"),
+    (["--steps", "-3"], "--steps must be at least 1"), (["--group", "1"], "--group must be at least 2"),
+    (["--max-turns", "-1"], "--max-turns must be at least 1"), (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--lr", "1e3"], r"--lr must lie in \(0, 0.01\]"), (["--micro-batch", "0"], "--micro-batch must be at least 1"),
+    (["--floor-tokens", "64", "--full-tokens", "64"], "--floor-tokens \\(64\\) must be below"),
+    (["--model", "runs/nothing/here"], "not found"), (["--model", "/no/such/model"], "not found"),
+])
+def test_flags_out_of_range_are_refused_at_parse_time(base, capsys, flags, message):
+    argv = ["--model", base] + flags if "--model" not in flags else flags
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _run(base, out, *extra):
+    return ["--stage", "1", "--model", base, "--out", str(out), "--save-every", "1", *FAST, *extra]
+
+
+def test_resume_rules_copied_folder_changed_flags_and_refusals(base, tmp_path):
+    out = tmp_path / "a"
+    train.main(_run(base, out, "--steps", "2"))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    train.main(["--resume", "--out", str(copy), "--steps", "3", "--lr", "5e-4"])      # --steps, --lr may change
+    rows = [json.loads(l) for l in open(copy / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]                                  # into the copy, not the original
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2]
+    state = torch.load(copy / "ckpt" / "trainer.pt", weights_only=False)
+    assert state["args"]["lr"] == 5e-4 and state["args"]["out"] == str(copy)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    with pytest.raises(SystemExit, match="--temperature is 1.0 in the run"):
+        train.main(["--resume", "--out", str(copy), "--steps", "4", "--temperature", "0.5"])
+    with pytest.raises(SystemExit, match="already did 3 of 3 steps"):
+        train.main(["--resume", "--out", str(copy)])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(_run(base, copy, "--steps", "2"))
+
+
+def test_a_kill_between_the_two_renames_is_recovered_and_nothing_good_is_deleted(base, tmp_path, monkeypatch):
+    """The swap killed after ckpt -> ckpt.old: only ckpt.old (step 1) and a complete ckpt.tmp (step 2) remain.
+    A fresh run refuses the folder (and deletes nothing); --resume takes the newest complete one."""
+    out = tmp_path / "run"
+    real = os.replace
+    calls = []
+
+    def killed_in_the_swap(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("ckpt") and len([c for c in calls if str(c).endswith("ckpt")]) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", killed_in_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_run(base, out, "--steps", "3"))
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt.old", "ckpt.tmp"]
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(_run(base, out, "--steps", "3"))
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt.old", "ckpt.tmp"]
+    train.main(["--resume", "--out", str(out)])
+    assert torch.load(out / "ckpt" / "trainer.pt", weights_only=False)["step"] == 3
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_second_run_into_a_live_runs_folder_refuses_with_its_pid(base, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "lock").write_text(str(sleeper.pid))
+        with pytest.raises(SystemExit, match=f"in use by a running training \\(PID {sleeper.pid}\\)"):
+            train.main(_run(base, out, "--steps", "1"))
+    finally:
+        sleeper.kill()
+    sleeper.wait()
+    train.main(_run(base, out, "--steps", "1"))                       # its process is gone: the lock is taken over
+    assert not (out / "lock").exists()
+
+
+def test_an_update_that_blows_the_weights_up_stops_before_saving(base, tmp_path, monkeypatch):
+    real_step = torch.optim.AdamW.step
+
+    def wreck(self, *a, **k):
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.mul_(1e6)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", wreck)
+    with pytest.raises(SystemExit, match="blew the weights up"):
+        train.main(_run(base, tmp_path / "r", "--steps", "2"))
+    assert not any(n.startswith("ckpt") for n in os.listdir(tmp_path / "r"))
+
+
+def test_exploding_gradients_skip_the_step_and_three_in_a_row_stop_the_run(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SKIP_GRAD_NORM", -1.0)                # every gradient norm "explodes"
+    with pytest.raises(SystemExit, match="3 steps in a row skipped"):
+        train.main(_run(base, tmp_path / "r", "--steps", "5"))
+    rows = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r.get("loss/skipped") for r in rows] == [1.0, 1.0, 1.0]
+
+
+def test_with_a_kl_term_every_episode_is_trained(base, monkeypatch):
+    """beta > 0: an all-equal group still has a gradient (the KL term), so no episode is skipped."""
+    a = train.parse_args(["--stage", "1", "--model", base, "--global-image", "full", "--beta", "0.1", *FAST])
+    agent = train.load_model(a)
+    tasks = train.load_data(a, agent)[:2]
+    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
+    for e in episodes:
+        e.reward = 1.0                                                  # every group all-equal: advantages 0
+    ref = lfpc.load_agent(base, dtype=torch.float32).model.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(agent.model.parameters(), lr=1e-4)
+    m = train.update_policy(a, agent, opt, episodes, tasks, ref)
+    assert m["loss/trained_episodes"] == len(episodes) and m["adv/frac_zero_std"] == 1.0
+
+
+def _final(out):
+    rows = [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")} for l in open(out / "metrics.jsonl")]
+    return _weights(str(out / "ckpt")), rows
+
+
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(base, tmp_path):
+    """SIGKILL inside the checkpoint swap (widened by LFPC_SWAP_DELAY) and at a random moment, each time
+    followed by --resume: the final weights and the metrics file equal an uninterrupted run's."""
+    import random
+    import signal
+    import time
+    steps = ["--steps", "5"]
+    straight = tmp_path / "straight"
+    train.main(_run(base, straight, *steps))
+    out, mark = tmp_path / "killed", tmp_path / "mark"
+    mark.mkdir()
+    env = {**os.environ, "LFPC_SWAP_DELAY": "30", "LFPC_SWAP_MARK": str(mark)}
+    first = subprocess.Popen([sys.executable, "train.py", *_run(base, out, *steps)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):                                      # wait until it sits between the two renames
+        if (mark / "in_swap").exists() or first.poll() is not None:
+            break
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (mark / "in_swap").exists() and not (out / "ckpt").exists() and (out / "ckpt.tmp").exists()
+    second = subprocess.Popen([sys.executable, "train.py", "--resume", "--out", str(out)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(0).uniform(4.0, 8.0))           # somewhere in loading, the steps or a save
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    import checkpoint
+    found = checkpoint.RunFolder(str(out)).recover()
+    if found is None or found[1]["step"] < 5:
+        train.main(["--resume", "--out", str(out)])
+    (w1, m1), (w2, m2) = _final(straight), _final(out)
+    assert m1 == m2 and w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
