@@ -37,6 +37,7 @@ import time
 import torch
 
 import crop_tool
+import metrics
 import toy
 
 ARMS = ("baseline", "stage1", "stage2")
@@ -208,35 +209,6 @@ def format_table(t: dict, a) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(a, path: str) -> None:
-    """acc, tool/crop_rate, box/iou_b1, box/area_frac per step, mean over seeds, one line per arm."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no curves.png")
-        return
-    keys = ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.9))
-    for arm in ARMS:
-        runs = [[json.loads(l) for l in open(os.path.join(run_dir(a, arm, s), "metrics.jsonl"))] for s in a.seeds]
-        n = min(len(r) for r in runs)
-        for ax, k in zip(axes, keys):
-            ys = [statistics.fmean(_nan(r[i].get(k)) for r in runs) for i in range(n)]
-            ax.plot(range(1, n + 1), ys, label=arm)    # stage 2's steps count from its own start
-            ax.set_title(k, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
-
-
-def _nan(v) -> float:
-    return float("nan") if v is None else v
-
-
 def main(argv=None) -> None:
     a = parse_args(argv)
     if a.threads:
@@ -264,7 +236,8 @@ def main(argv=None) -> None:
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    plot_curves(a, os.path.join(a.out, "curves.png"))
+    metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
+                        ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
     print(f"total {report['total_minutes']} min; {os.path.join(a.out, 'summary.json')}")
 
 

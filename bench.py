@@ -18,7 +18,7 @@ weights (`CONFIGS`; nothing is downloaded) and times a SYNTHETIC stage-1 step: `
 each a prompt of `--prompt-tokens` tokens of which `--visual-tokens` are one random image, sampled
 for exactly `--response-tokens` tokens (a random model never stops or calls the tool, so the turn
 length is fixed: the crop turns' images are not in it), then the log-prob recompute, backward and
-AdamW step of train.py (`train.load_model` settings: fp32 master weights with bf16 autocast on GPU;
+AdamW step of train.py (`policy.load_model` settings: fp32 master weights with bf16 autocast on GPU;
 `--lora R` for adapters via peft; gradient checkpointing on). Reported:
 - decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed sampling runs;
 - rollout_tokens_per_s = batch x N / (time of N tokens), prefill included;
@@ -43,6 +43,7 @@ import grpo
 import lfpc
 import memory
 import models
+import policy
 import presets
 
 
@@ -159,13 +160,12 @@ def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
 
 
 def config_step(a) -> dict:
-    import train
     dev = a.device
-    agent = models.random_agent(a.config, dev, torch.float32)   # fp32 master weights, as train.load_model
+    agent = models.random_agent(a.config, dev, torch.float32)   # fp32 master weights, as policy.load_model
     if a.lora:
-        agent = train.apply_lora(agent, a.lora)
+        agent = policy.apply_lora(agent, a.lora)
     if a.config != "tiny":
-        train.enable_grad_ckpt(agent)
+        policy.enable_grad_ckpt(agent)
     agent.stop_ids, agent.stop_strings = set(), ()               # fixed-length turns
     params = [q for q in agent.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -245,7 +245,7 @@ def toy_step(a) -> dict:
     args = train.parse_args(["--preset", "toy", "--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
-    agent = train.load_model(args)
+    agent = policy.load_model(args)
     cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=args.rollout_batch,
                                  batch_tokens=args.rollout_tokens, engine=a.engine)
     tasks = train.load_data(args, agent)

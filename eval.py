@@ -61,7 +61,9 @@ import data
 import lfpc
 import metrics
 import presets
+import prompts
 import rewards
+from judge import make_judge
 
 PROBES = ("noise", "gt")
 
@@ -86,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-snap", type=int, help="grow each cut region to multiples of this many px, 0: off" + pre)
     p.add_argument("--crop-resample", choices=["bicubic", "box"], help="how a crop over budget is downsampled" + pre)
     p.add_argument("--no-tool", action="store_true", help="offer no tool: answer from the global image alone")
+    p.add_argument("--prompt", choices=list(prompts.STYLES), help="how turns are written (prompts.py): qwen, or "
+                   "deepeyes to evaluate a DeepEyes checkpoint as it was trained (default: the model's own, saved "
+                   "beside it; else qwen)")
+    p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who decides what is right: the rules "
+                   "of rewards.py, or a model behind an OpenAI-compatible endpoint (judge.py)" + d)
+    p.add_argument("--judge-url", help="--judge llm: the endpoint, e.g. http://127.0.0.1:8000 (a vLLM server)")
+    p.add_argument("--judge-model", help="--judge llm: the served model's name")
+    p.add_argument("--judge-cache", help="--judge llm: JSONL cache of verdicts (default: OUT/judge_cache.jsonl)")
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
                    help="rollout engine: KV cache across turns, or re-prefill every turn (same tokens)" + d)
     p.add_argument("--probes", default="noise,gt", help="probes, comma-separated (noise, gt) or none" + d)
@@ -112,6 +122,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "or pass --model")
         a.model = found[0]
     presets.fill(a, a.preset)
+    for name in ("budget", "min_tokens", "crop_max_tokens", "crop_min_tokens", "batch_size", "max_new_tokens",
+                 "max_response_tokens", "max_turns", "limit"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if a.crop_snap < 0 or a.gallery < 0:
+        p.error("--crop-snap and --gallery must be >= 0")
+    if a.judge == "llm" and not (a.judge_url and a.judge_model):
+        p.error("--judge llm needs --judge-url and --judge-model")
+    if (why := lfpc.model_problem(a.model)):
+        p.error(why)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     a.probes = () if a.probes.strip() == "none" else tuple(s.strip() for s in a.probes.split(",") if s.strip())
     if set(a.probes) - set(PROBES):
@@ -123,9 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- metrics
 
-def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: float | None = None) -> dict:
+def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: float | None = None, judge=None) -> dict:
     """The run's metrics (module docstring); episode e belongs to tasks[e.task_index]."""
-    m = {"n": len(episodes), **metrics.episode_metrics(episodes, tasks)}
+    m = {"n": len(episodes), **metrics.episode_metrics(episodes, tasks, judge)}
     m["time/sec_per_question"] = seconds / len(episodes) if seconds is not None and episodes else None
     return m
 
@@ -162,16 +183,17 @@ def _accuracy_keys(m: dict) -> dict:
 
 
 def evaluate(agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig, probes=PROBES,
-             batch_size: int = 16, progress: bool = True, sample_fn=None) -> dict:
+             batch_size: int = 16, progress: bool = True, sample_fn=None, judge=None) -> dict:
     """The normal run, then one run per probe. Returns {"config": the RolloutConfig used (greedy) as a
     dict, "metrics": summarize(...), "probes": {name: metrics or {"skipped": why}}, "episodes":
     {"normal" | probe: [Episode]}} ("episodes" is the one value that is not JSON).
-    `sample_fn` replaces the model's sampler (tests script turns with it; see lfpc.rollout)."""
+    `sample_fn` replaces the model's sampler (tests script turns with it; see lfpc.rollout); `judge`
+    (judge.py; default the rules) decides what is right."""
     if set(probes) - set(PROBES):
         raise ValueError(f"unknown probe(s) {sorted(set(probes) - set(PROBES))}; use {PROBES}")
     cfg = replace(cfg, temperature=0.0, batch_size=batch_size, probe="none")
     episodes, seconds = _run(agent, tasks, cfg, batch_size, progress, "eval", sample_fn)
-    metrics = summarize(episodes, tasks, seconds)
+    metrics = summarize(episodes, tasks, seconds, judge)
     if not cfg.use_tool:
         metrics = {k: v for k, v in metrics.items() if not k.startswith(("tool/", "box/"))}
     out = {"config": asdict(cfg), "metrics": metrics, "probes": {}, "episodes": {"normal": episodes}}
@@ -184,7 +206,7 @@ def evaluate(agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
             out["probes"][probe] = {"skipped": f"{lacking} of {len(tasks)} tasks have no boxes (B1)"}
             continue
         eps, secs = _run(agent, tasks, replace(cfg, probe=probe), batch_size, progress, f"probe {probe}", sample_fn)
-        m = summarize(eps, tasks, secs)
+        m = summarize(eps, tasks, secs, judge)
         pm = _accuracy_keys(m)
         pm.update({f"delta/{k}": v - metrics[k] for k, v in list(pm.items())
                    if v is not None and metrics[k] is not None})
@@ -206,14 +228,28 @@ def _fmt(key: str, v) -> str:
 def format_table(results: dict) -> str:
     """Plain aligned text: one row per metric, one column per run (normal, then each probe that ran)."""
     runs = [("normal", results["metrics"])] + [(p, m) for p, m in results["probes"].items() if "skipped" not in m]
+    head = []
+    if "measured" in results:
+        head = ["measured: " + ", ".join(f"{k} {v}" for k, v in results["measured"].items())]
     keys = list(dict.fromkeys(k for _, m in runs for k in m))
     rows = [["metric"] + [name for name, _ in runs]]
     rows += [[k] + [_fmt(k, m[k]) if k in m else "" for _, m in runs] for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
-    return "\n".join(lines + [f"probe {p}: skipped, {m['skipped']}" for p, m in results["probes"].items()
-                              if "skipped" in m])
+    return "\n".join(head + lines + [f"probe {p}: skipped, {m['skipped']}" for p, m in results["probes"].items()
+                                     if "skipped" in m])
+
+
+def measured(a, agent: lfpc.Agent, cfg: lfpc.RolloutConfig, items: int, judge) -> dict:
+    """How the numbers were measured: published numbers for one model differ by up to 7 points between
+    papers over exactly these settings."""
+    return {"model": a.model, "prompt": agent.style, "judge": a.judge if a.judge == "rule" else
+            f"llm {a.judge_model} at {a.judge_url} ({judge.stats})", "samples": 1, "decoding": "greedy",
+            "global_max_pixels": cfg.global_max_pixels, "global_min_pixels": cfg.global_min_pixels,
+            "crop_max_pixels": cfg.crop.max_pixels, "crop_min_pixels": cfg.crop.min_pixels,
+            "max_turns": cfg.max_turns, "max_new_tokens": cfg.max_new_tokens, "seed": "none (greedy)",
+            "items": items}
 
 
 def run_info(agent: lfpc.Agent) -> dict:
@@ -294,12 +330,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tasks, source = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
-    agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
-    cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
-    results = evaluate(agent, tasks, cfg, a.probes, a.batch_size)
-    episodes = results.pop("episodes")
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache or os.path.join(out, "judge_cache.jsonl"))
+    agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
+    if a.prompt:
+        agent = replace(agent, style=a.prompt)
+    cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
+    results = evaluate(agent, tasks, cfg, a.probes, a.batch_size, judge=judge)
+    results["measured"] = measured(a, agent, cfg, len(tasks), judge)
+    episodes = results.pop("episodes")
     record = {"model": a.model, "data": source, "args": vars(a), **run_info(agent), **results,
               "items": {run: item_records(eps, tasks) for run, eps in episodes.items()}}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:

@@ -15,13 +15,14 @@ Contract
   level that shows the same image size as the level kept above it (`smart_resize`) is skipped: a 224 px
   toy image is native at 1024..64 tokens, so its levels are 1024, 32, 16. Budgets are honoured down to
   one token (the answer function's min_pixels is 784); stage-1 training should not clamp them higher.
-- Probe: k sampled DIRECT answers (no tool, one turn) at one budget. Vote key of an answer: None when
-  there is none (or it is not a string), the option letter when it names an option
-  (`rewards.choice_index`), else `rewards.normalize_answer(answer)`. Majority: the most common key, "no
-  answer" (None) included; ties go to the key sampled first (deterministic for a given list).
-- Agreement of a level with full: the level's majority is not None and
-  `rewards.accuracy(level, full, choices) == 1`; where accuracy is undefined (the full answer names no
-  option: ValueError) the normalised keys must be equal.
+- Probe: k sampled DIRECT answers (no tool, one turn) at one budget. Votes are cast with the judge that
+  scores the rewards (`judge.Judge.groups`; the rule judge groups by `rewards.vote_key`: "yellow", "The
+  umbrella is yellow." and "It is yellow" are one vote): answers the judge calls the same are one
+  group, "no answer" (None) a group of its own. Majority: the largest group, represented by its first
+  sampled answer; a TIE for the largest is no majority (None): at full resolution the item is then
+  unstable, at a lower level the level disagrees (its answer is no longer reliable).
+- Agreement of a level with full: the level's majority is not None and the judge calls it the same
+  answer as the full-resolution majority (`judge.same`).
 - Reference: the full-resolution majority must be a strict majority (> k/2) and not None, else the item
   is "unstable" and gets the floor: with no reliable reference answer, "disagreement" would measure
   sampling noise rather than lost detail, and the smallest global image is the safe default (the crop
@@ -37,18 +38,22 @@ Contract
   item in flight, each at its own budget (so all items at the same step share one call when they fit);
   a finished item is written and its place taken by the next. A tqdm bar counts finished items.
 - Cache: JSONL, one line per FINISHED item, appended and flushed after every answer_fn call:
-      {"id", "model", "ladder", "k", "budget_tokens", "max_pixels", "status", "probes",
+      {"item", "id", "model", "ladder", "k", "budget_tokens", "max_pixels", "status", "probes",
        "answers": {"<budget tokens>": [k raw answers]}}
-  A line is reused when its id and model key (and ladder and k) match, so an interrupted run resumes
-  (items that were in flight start again) and a second run makes no answer call. A corrupt LAST line (a
-  kill mid-write) is dropped with a warning; a corrupt line elsewhere is an error. The CLI's model key is
-  --model plus the settings that change answers (temperature, max new tokens, resample); a checkpoint
-  folder retrained in place keeps its name, so give it another --cache.
+  "item" is `item_key(task)`: a hash of the item's CONTENT (image bytes, question, answer, choices),
+  so two datasets never share budgets by id or line number. A line is reused when its item, model key
+  (`ProberConfig.model_key`: the model plus every setting that changes answers and votes), ladder and k
+  match, so an interrupted run resumes (items that were in flight start again) and a second run makes
+  no answer call. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
+  elsewhere is an error. A checkpoint folder retrained in place keeps its name: give it another cache.
+- One settings object, `ProberConfig`, is built by train.py from its flags and by this file's command
+  line from its own, with the same defaults (`--preset`, presets.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import warnings
@@ -62,7 +67,7 @@ from tqdm import tqdm
 import crop_tool
 import data
 import lfpc
-import rewards
+from judge import Judge, RuleJudge, make_judge
 from lfpc import Task
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
@@ -72,26 +77,46 @@ AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import presets
     p = argparse.ArgumentParser(description="Per-item global-image budgets for LFPC stage 1 (information gap).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pre = " (default: the preset's, as train.py)"
     p.add_argument("--data", required=True, help="training items, JSONL in the data.load_tasks schema")
     p.add_argument("--model", required=True, help="Qwen2.5-VL checkpoint that answers (hub name or folder)")
     p.add_argument("--out", required=True, help="output JSONL: the rows of --data with 'max_pixels' added")
+    p.add_argument("--preset", default="paper", choices=sorted(presets.PRESETS),
+                   help="fills the ladder, answer length and resampling exactly as train.py's --preset does")
     p.add_argument("--cache", default=None, help="probe cache JSONL (None: --out with .cache.jsonl)")
-    p.add_argument("--full-tokens", type=int, default=1024,
-                   help="full-resolution budget, visual tokens of 28x28 px (paper: 1024 or 16384)")
-    p.add_argument("--floor-tokens", type=int, default=16, help="smallest budget of the ladder, visual tokens")
+    p.add_argument("--full-tokens", type=int, help="full-resolution budget, visual tokens of 28x28 px" + pre)
+    p.add_argument("--floor-tokens", type=int, help="smallest budget of the ladder, visual tokens" + pre)
     p.add_argument("--ratio", type=float, default=0.5, help="ladder step: each budget is this fraction of the last")
     p.add_argument("--k", type=int, default=4, help="sampled answers per probe; full needs a strict majority "
                    "(3 of 4). With L=7: <= 4 probes x 4 = 16 one-turn episodes per item, one GRPO group's worth")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per direct answer")
-    p.add_argument("--resample", default="bicubic", choices=sorted(crop_tool.RESAMPLE),
-                   help="how the global image is downsampled (the toy world uses box); match stage-1 training")
+    p.add_argument("--max-new-tokens", type=int, help="tokens sampled per direct answer" + pre)
+    p.add_argument("--resample", choices=sorted(crop_tool.RESAMPLE), help="how the global image is downsampled" + pre)
+    p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who groups the votes (judge.py)")
+    p.add_argument("--judge-url", help="--judge llm: OpenAI-compatible endpoint")
+    p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--batch-size", type=int, default=32, help="items in flight per answer call (k episodes each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    preset = presets.PRESETS[a.preset]
+    a.full_tokens = a.full_tokens or preset["full_tokens"]
+    a.floor_tokens = a.floor_tokens or preset["floor_tokens"]
+    a.max_new_tokens = a.max_new_tokens or preset["probe_max_new_tokens"]
+    a.resample = a.resample or preset["resample"]
+    for name in ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.judge == "llm" and not (a.judge_url and a.judge_model):
+        p.error("--judge llm needs --judge-url and --judge-model")
+    if (why := lfpc.model_problem(a.model)):
+        p.error(why)
+    return a
 
 
 # ----------------------------------------------------------------------------- ladder and votes
@@ -125,26 +150,30 @@ def item_levels(task: Task, budgets: list[int]) -> list[int]:
     return levels
 
 
-def vote_key(answer, choices: list[str] | None) -> str | None:
-    """None (no answer), an option letter "A".., or the normalised text."""
-    if not isinstance(answer, str) or not rewards.normalize_answer(answer):
-        return None
-    k = rewards.choice_index(answer, choices) if choices else None
-    return chr(65 + k) if k is not None else rewards.normalize_answer(answer)
+def majority(answers: list, task: Task, judge: Judge) -> tuple[str | None, int]:
+    """(the first answer of the largest group of answers the judge calls the same, the group's size);
+    (None, size) when that group is "no answer" or when two groups tie for the largest."""
+    groups = judge.groups(answers, task.choices, task.question)
+    ranked = Counter(groups).most_common()
+    (top, votes) = ranked[0]
+    if top is None or (len(ranked) > 1 and ranked[1][1] == votes):
+        return None, votes
+    return answers[groups.index(top)], votes
 
 
-def majority(answers: list, choices: list[str] | None) -> tuple[str | None, int]:
-    """(most common vote key, its count); Counter keeps first-seen order, so ties go to the first sampled."""
-    return Counter(vote_key(a, choices) for a in answers).most_common(1)[0]
-
-
-def agrees(level: str | None, full: str, choices: list[str] | None) -> bool:
-    if level is None:
-        return False
-    try:
-        return rewards.accuracy(level, full, choices) == 1.0
-    except ValueError:                      # the full answer is no option: judge by exact match
-        return rewards.normalize_answer(level) == rewards.normalize_answer(full)
+def item_key(task: Task) -> str:
+    """A hash of the item's content: its image's bytes (the file's, or the pixels of an in-memory image),
+    question, answer and choices."""
+    h = hashlib.sha1()
+    if isinstance(task.image, str):
+        with open(task.image, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(repr((task.image.size, task.image.mode)).encode())
+        h.update(task.image.tobytes())
+    h.update(json.dumps([task.question, task.answer, task.choices]).encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the search
@@ -156,8 +185,9 @@ class Search:
     task: Task
     levels: list[int]
     k: int
+    judge: Judge
     answers: dict[int, list[str | None]] = field(default_factory=dict)   # budget -> k raw answers
-    reference: str | None = None            # the full-resolution majority (vote key)
+    reference: str | None = None            # the full-resolution majority (an answer of its group)
     lo: int = 1
     hi: int = -1
     status: str = ""                        # "" while searching, then one of STATUSES
@@ -170,28 +200,28 @@ class Search:
 
     def record(self, budget: int, answers: list) -> None:
         self.answers[budget] = [a if isinstance(a, str) else None for a in answers]
-        key, votes = majority(answers, self.task.choices)
+        answer, votes = majority(self.answers[budget], self.task, self.judge)
         if budget == self.levels[0]:
-            if key is None or 2 * votes <= self.k:
+            if answer is None or 2 * votes <= self.k:
                 self.status = "unstable"
                 return
-            self.reference = key
-        elif agrees(key, self.reference, self.task.choices):
+            self.reference = answer
+        elif answer is not None and self.judge.same(answer, self.reference, self.task.choices, self.task.question):
             self.lo = self.levels.index(budget) + 1
         else:
             self.hi = self.levels.index(budget)
         if self.lo >= self.hi:
             self.status = "gap" if self.hi < len(self.levels) else "no_gap"
 
-    def result(self, model_key: str, budgets: list[int]) -> dict:
+    def result(self, item: str, model_key: str, budgets: list[int]) -> dict:
         budget = self.levels[self.hi] if self.status == "gap" else budgets[-1]
-        return {"id": self.task.id, "model": model_key, "ladder": budgets, "k": self.k, "budget_tokens": budget,
+        return {"item": item, "id": self.task.id, "model": model_key, "ladder": budgets, "k": self.k, "budget_tokens": budget,
                 "max_pixels": budget * TOKEN_PIXELS, "status": self.status, "probes": len(self.answers),
                 "answers": {str(b): a for b, a in self.answers.items()}}
 
 
 def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> dict[str, dict]:
-    """Finished records for this model key, ladder and k, by item id. A corrupt last line is cut off."""
+    """Finished records for this model key, ladder and k, by item key. A corrupt last line is cut off."""
     if not path or not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
@@ -200,7 +230,7 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
     for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line) if line.strip() else None
-            if rec is not None and not (isinstance(rec, dict) and {"id", "model", "ladder", "k"} <= rec.keys()):
+            if rec is not None and not (isinstance(rec, dict) and {"item", "model", "ladder", "k"} <= rec.keys()):
                 raise ValueError("not a cache record")
         except ValueError as e:             # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if any(rest.strip() for rest in lines[n:]):
@@ -210,7 +240,7 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
                 f.truncate(start)
             return found
         if rec and rec["model"] == model_key and rec["ladder"] == budgets and rec["k"] == k:
-            found[rec["id"]] = rec
+            found[rec["item"]] = rec
         start += len(line) + 1
     if data and not data.endswith(b"\n"):  # a whole last record whose newline never made it to disk
         with open(path, "ab") as f:
@@ -220,40 +250,42 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
 
 def select_budgets(tasks: list[Task], answer_fn: AnswerFn, model_key: str, cache_path: str | None = None,
                    full_tokens: int = 1024, floor_tokens: int = 16, ratio: float = 0.5, k: int = 4,
-                   batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """One record per task (format: the cache's), in task order; see the module docstring."""
+                   batch_size: int = 32, progress: bool = True, judge: Judge | None = None) -> list[dict]:
+    """One record per task (format: the cache's), in task order; see the module docstring. Items with the
+    same content are probed once."""
     budgets = ladder(full_tokens, floor_tokens, ratio)
     if k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
-    repeated = [i for i, n in Counter(t.id for t in tasks).items() if n > 1]
-    if repeated:
-        raise ValueError(f"task ids key the cache and must be unique; repeated: {repeated[:5]}")
+    judge = judge or RuleJudge()
+    keys = [item_key(t) for t in tasks]
     done = load_cache(cache_path, model_key, budgets, k)
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    queue, flight = deque(t for t in tasks if t.id not in done), []
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(queue), desc="info gap", unit="item", disable=not progress)
+    todo = {key: t for key, t in zip(keys, tasks) if key not in done}           # first of each content
+    queue, flight = deque(todo.items()), []
+    bar = tqdm(total=len(tasks), initial=len(tasks) - sum(key in todo for key in keys), desc="info gap", unit="item",
+               disable=not progress)
     with open(cache_path, "a", encoding="utf-8") if cache_path else contextlib.nullcontext() as cache:
         while queue or flight:
             while queue and len(flight) < batch_size:
-                task = queue.popleft()
-                flight.append(Search(task, item_levels(task, budgets), k))
-            pairs = [(s.task, s.next_budget()) for s in flight]
+                key, task = queue.popleft()
+                flight.append((key, Search(task, item_levels(task, budgets), k, judge)))
+            pairs = [(s.task, s.next_budget()) for _, s in flight]
             answers = answer_fn(pairs, k)
             if len(answers) != len(pairs) or any(len(a) != k for a in answers):
                 raise ValueError(f"answer_fn must return {k} answers for each of the {len(pairs)} pairs")
-            for s, (_, budget), a in zip(flight, pairs, answers):
+            for (_, s), (_, budget), a in zip(flight, pairs, answers):
                 s.record(budget, list(a))
-            for s in (s for s in flight if s.status):
-                done[s.task.id] = s.result(model_key, budgets)
+            for key, s in ((key, s) for key, s in flight if s.status):
+                done[key] = s.result(key, model_key, budgets)
                 if cache:
-                    cache.write(json.dumps(done[s.task.id]) + "\n")
-                bar.update()
+                    cache.write(json.dumps(done[key]) + "\n")
+                bar.update(keys.count(key))
             if cache:
                 cache.flush()
-            flight = [s for s in flight if not s.status]
+            flight = [(key, s) for key, s in flight if not s.status]
     bar.close()
-    return [done[t.id] for t in tasks]
+    return [{**done[key], "id": t.id} for key, t in zip(keys, tasks)]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -279,18 +311,20 @@ class ProberConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64        # per direct answer: room for a one-line answer of a real model
     resample: str = "bicubic"       # how the global image is downsampled (match training)
+    judge: str = "rule"             # how votes are grouped: the judge that scores the rewards (its description)
 
     def model_key(self, model: str) -> str:
-        """The cache's model key: the model plus the settings that change its answers."""
-        return f"{model} T={self.temperature} max_new_tokens={self.max_new_tokens} resample={self.resample}"
+        """The cache's model key: the model plus the settings that change its answers and their votes."""
+        return (f"{model} T={self.temperature} max_new_tokens={self.max_new_tokens} resample={self.resample} "
+                f"judge={self.judge}")
 
 
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
-          batch_size: int = 32, progress: bool = True) -> list[dict]:
+          batch_size: int = 32, progress: bool = True, judge: Judge | None = None) -> list[dict]:
     """`select_budgets` with the model's own direct answers: one record per task, in order."""
     answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample)
     return select_budgets(tasks, answer_fn, cfg.model_key(model), cache_path, cfg.full_tokens, cfg.floor_tokens,
-                          cfg.ratio, cfg.k, batch_size, progress)
+                          cfg.ratio, cfg.k, batch_size, progress, judge)
 
 
 def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens: int = 64,
@@ -323,14 +357,19 @@ def write_tasks(data_path: str, out_path: str, tasks: list[Task], records: list[
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    prober = ProberConfig(a.full_tokens, a.floor_tokens, a.ratio, a.k, a.temperature, a.max_new_tokens, a.resample)
+    prober = ProberConfig(a.full_tokens, a.floor_tokens, a.ratio, a.k, a.temperature, a.max_new_tokens, a.resample,
+                          a.judge if a.judge == "rule" else f"llm:{a.judge_model}")
     budgets = ladder(a.full_tokens, a.floor_tokens, a.ratio)    # fail on bad flags before loading a model
     torch.manual_seed(a.seed)
-    tasks = data.load_tasks(a.data)
+    try:
+        tasks = data.load_tasks(a.data)
+    except data.DataError as e:
+        raise SystemExit(f"--data: {e}") from None
+    cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl")
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     agent = lfpc.load_agent(a.model, a.device, dtype)
-    cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
-    records = probe(tasks, agent, prober, a.model, cache, a.batch_size)
+    records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)
     write_tasks(a.data, a.out, tasks, records)
     s = summarize(records)
     bound = (len(budgets) - 1).bit_length() + 1                  # ceil(log2 L) + 1

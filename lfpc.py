@@ -5,12 +5,8 @@ Contract
 - Records. `Task`: one question about one ORIGINAL image (boxes in its pixels). `Episode`: one rollout,
   whose `token_ids`, `loss_mask` and `logprobs` are aligned; `Episode.append` is the only way they grow.
   `RolloutConfig`: budgets, turn limits, sampling, probes.
-- Chat format (Qwen2.5-VL's ChatML, as its chat template renders it):
-      <|im_start|>system\n{SYSTEM}<|im_end|>\n
-      <|im_start|>user\n<|vision_start|><|image_pad|>*n<|vision_end|>{question}<|im_end|>\n
-      <|im_start|>assistant\n{turn 1}
-      [<|im_end|> if the turn stopped at </tool_call>]\n<|im_start|>user\n<tool_response>{crop image
-      or error text}</tool_response><|im_end|>\n<|im_start|>assistant\n{turn 2} ...
+- The turns' text around the model's own (system prompt, question, tool responses) is prompts.py's,
+  in the agent's style (`Agent.style`: "qwen" or "deepeyes").
 - Frames: the global image is resized to a pixel budget (`crop_tool.resize_to_budget`); that
   resized image is what the model is SHOWN, its size is stated in the question, and every box the
   model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
@@ -35,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,6 +40,7 @@ from PIL import Image
 
 import crop_tool
 import engine
+import prompts
 
 # ----------------------------------------------------------------------------- records
 
@@ -145,65 +143,20 @@ class RolloutConfig:
 PROBES = ("none", "noise", "gt")
 ENGINES = ("cached", "reference")
 
-# ----------------------------------------------------------------------------- prompt and tool
-
-TOOL_SCHEMA = {
-    "type": "function",
-    "function": {
-        "name": crop_tool.TOOL_NAME,
-        "description": "Zoom in on a region of the image: the region is cut from the full-resolution "
-        "original and shown to you as a new image.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {
-                    "type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
-                    "description": "[x1, y1, x2, y2]: top-left and bottom-right corners, in pixels of "
-                    "the image you were shown.",
-                },
-                "label": {"type": "string", "description": "What is in the region (optional)."},
-            },
-            "required": ["bbox_2d"],
-        },
-    },
-}
-
-SYSTEM_PROMPT = (
-    "You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist with the "
-    "user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-    + json.dumps(TOOL_SCHEMA)
-    + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\n</tool_call>"
-)
-INSTRUCTION = (
-    "Think first, call image_zoom_in_tool if a detail is too small to see, then answer. "
-    "Format: <think>...</think> <tool_call>...</tool_call> (if needed) <answer>...</answer>"
-)
-NO_TOOL_SYSTEM_PROMPT = "You are a helpful assistant."
-NO_TOOL_INSTRUCTION = "Answer with <answer>...</answer>."
-
-
-def format_question(task: Task, shown_size: tuple[int, int], use_tool: bool = True,
-                    instruction: str = INSTRUCTION) -> str:
-    """The user text of the first turn: question, options as (A) ..., the shown frame, instruction."""
-    lines = [task.question]
-    if task.choices:
-        lines += [f"({chr(65 + i)}) {c}" for i, c in enumerate(task.choices)]
-    lines.append(f"The image is {shown_size[0]}x{shown_size[1]} pixels. "
-                 + (instruction if use_tool else NO_TOOL_INSTRUCTION))
-    return "\n".join(lines)
-
+# ----------------------------------------------------------------------------- the agent and loading
 
 @dataclass
 class Agent:
     model: torch.nn.Module        # Qwen2_5_VLForConditionalGeneration
     tokenizer: object             # a transformers tokenizer
     image_processor: object       # Qwen2VLImageProcessorPil
-    system_prompt: str = SYSTEM_PROMPT
-    instruction: str = INSTRUCTION   # appended to the first user turn when the tool is offered
+    system_prompt: str = prompts.SYSTEM_PROMPT
+    instruction: str = prompts.INSTRUCTION   # appended to the first user turn when the tool is offered
+    style: str = "qwen"                       # how turns are written (prompts.py): "qwen" or "deepeyes"
 
     def __post_init__(self):
+        if self.style not in prompts.STYLES:
+            raise ValueError(f"unknown prompt style {self.style!r}; use one of {prompts.STYLES}")
         tok = self.tokenizer
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                                          "<|vision_end|>", "<|image_pad|>", "<|endoftext|>")}
@@ -220,10 +173,10 @@ class Agent:
         if self.image_pad != self.model.config.image_token_id:
             raise ValueError(f"tokenizer's <|image_pad|> id {self.image_pad} != model's image_token_id "
                              f"{self.model.config.image_token_id}")
-        # A turn stops at </tool_call> or <|im_end|>; Qwen's tokenizers hold </tool_call> as one token.
-        end_call = tok.encode("</tool_call>", add_special_tokens=False)
+        # A turn stops at </tool_call> (style qwen) or <|im_end|>; Qwen's tokenizers hold </tool_call> as one token.
+        end_call = tok.encode("</tool_call>", add_special_tokens=False) if prompts.stops_at_tool_call(self.style) else []
         self.stop_ids = {self.im_end} | ({end_call[0]} if len(end_call) == 1 else set())
-        self.stop_strings = () if len(end_call) == 1 else ("</tool_call>",)
+        self.stop_strings = ("</tool_call>",) if len(end_call) > 1 else ()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -266,6 +219,17 @@ def load_agent(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     return Agent(model, tokenizer, image_processor, **read_prompts(name_or_path))
 
 
+def model_problem(model: str) -> str | None:
+    """Why `model` cannot be loaded, when that is known without trying: a local path that does not exist.
+    A name that is not a folder is a hub id only if it looks like one (owner/name) and its first part is
+    not a local folder (runs/stage1/ckpt is a path, Qwen/Qwen2.5-VL-7B-Instruct an id)."""
+    if os.path.exists(model):
+        return None if os.path.isdir(model) else f"model {model!r} is a file; pass its folder"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.isdir(model.split("/")[0]):
+        return None
+    return f"model {model!r} not found (no such folder, and not a hub id owner/name)"
+
+
 def read_prompts(path: str) -> dict[str, str]:
     """The prompts `save_agent` wrote beside a checkpoint ({} for a hub name or a plain checkpoint)."""
     file = os.path.join(path, PROMPT_FILE)
@@ -281,7 +245,8 @@ def save_agent(agent: Agent, path: str) -> None:
     agent.tokenizer.save_pretrained(path)
     agent.image_processor.save_pretrained(path)
     with open(os.path.join(path, PROMPT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"system_prompt": agent.system_prompt, "instruction": agent.instruction}, f, indent=1)
+        json.dump({"system_prompt": agent.system_prompt, "instruction": agent.instruction, "style": agent.style}, f,
+                  indent=1)
 
 
 # ----------------------------------------------------------------------------- the rollout
@@ -340,10 +305,10 @@ def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig)
     shown = crop_tool.resize_to_budget(task.load_image(), cfg.global_min_pixels,
                                        task.max_pixels or cfg.global_max_pixels, cfg.global_resample)
     grid = agent.image_grid(shown)
-    system = agent.system_prompt if cfg.use_tool else NO_TOOL_SYSTEM_PROMPT
+    system = prompts.system(agent.style, agent.system_prompt, cfg.use_tool)
     ids = [agent.im_start] + agent.encode("system\n" + system) + [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
-    ids += agent.encode(format_question(task, shown.size, cfg.use_tool, agent.instruction)) + [agent.im_end]
+    ids += agent.encode(prompts.question(agent.style, task, shown.size, cfg.use_tool, agent.instruction)) + [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
     ep = Episode(task_index, shown_size=shown.size)
     ep.append(ids, images=[(shown, grid)])
@@ -378,12 +343,12 @@ def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logpr
     if isinstance(result, crop_tool.Crop):
         grid = agent.image_grid(result.image)
         ep.crops.append(result)
-        ep.append(_user_turn(agent, finish == "eos", ["<tool_response>", grid, "</tool_response>"]),
+        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, grid)),
                   images=[(result.image, grid)])
     else:
         reason = result if isinstance(result, str) else result.reason
         ep.tool_errors.append(reason)
-        ep.append(_user_turn(agent, finish == "eos", [f"<tool_response>Error: {reason}</tool_response>"]))
+        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, reason)))
 
 
 def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutConfig) -> crop_tool.Crop | crop_tool.CropError:
@@ -403,11 +368,18 @@ def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutCon
 
 
 def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int]]) -> list[int]:
-    """Tokens the environment appends after an assistant turn: close it, a user turn, open the next."""
+    """Tokens the environment appends after an assistant turn: close it, a user turn, open the next. Text
+    between two image blocks is encoded as one string, as a chat template renders it."""
     ids = [] if closed else [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("user\n")
-    for p in parts:
-        ids += agent.image_block(p) if isinstance(p, tuple) else agent.encode(p)
+    text = ""
+    for p in parts + [None]:
+        if isinstance(p, str):
+            text += p
+            continue
+        ids += agent.encode(text) if text else []
+        ids += agent.image_block(p) if p is not None else []
+        text = ""
     return ids + [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
 
 

@@ -191,7 +191,7 @@ def _language_model(config, lora: int):
     return lm, head
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # train.apply_lora's
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # policy.apply_lora's
 
 
 class LoRALinear(torch.nn.Module):
@@ -201,7 +201,7 @@ class LoRALinear(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Linear, r: int):
         super().__init__()
-        self.base, self.scale = base, 2.0                          # alpha = 2r, as train.apply_lora
+        self.base, self.scale = base, 2.0                          # alpha = 2r, as policy.apply_lora
         self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, dtype=torch.float32)
         self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, dtype=torch.float32)
         torch.nn.init.zeros_(self.lora_B.weight)

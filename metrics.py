@@ -38,11 +38,15 @@ def mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def episode_metrics(episodes, tasks) -> dict:
-    """The episode metrics of the module docstring; episode e belongs to tasks[e.task_index]."""
+def episode_metrics(episodes, tasks, judge=None) -> dict:
+    """The episode metrics of the module docstring; episode e belongs to tasks[e.task_index]; `judge`
+    (judge.py; default the rules of rewards.accuracy) decides what is right."""
     task = lambda e: tasks[e.task_index]
     n = len(episodes)
-    correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices) for e in episodes]
+    if judge is None:
+        correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices) for e in episodes]
+    else:
+        correct = [judge.correct(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
     m = {"acc": mean(correct)}
     by_cat = {}
     for e, c in zip(episodes, correct):
@@ -73,3 +77,34 @@ def episode_metrics(episodes, tasks) -> dict:
     m["len/response"] = mean(e.num_generated for e in episodes)
     m["len/turns"] = mean(len(e.turns) for e in episodes)
     return m
+
+
+CURVES = ("reward/mean", "acc", "tool/crop_rate", "box/iou_b1", "box/area_frac", "len/response")
+
+
+def plot_curves(runs: dict[str, list[str]], keys, png: str) -> None:
+    """Training curves as a PNG, one panel per metric, one line per name of `runs` (the mean, step by step,
+    of its metrics.jsonl files: seeds), when matplotlib is installed (an optional dependency)."""
+    import json
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (optional: pip install matplotlib): no curves")
+        return
+    series = {name: [[json.loads(line) for line in open(path)] for path in paths] for name, paths in runs.items()}
+    keys = [k for k in keys if any(row.get(k) is not None for rows in series.values() for r in rows for row in r)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for name, rows in series.items():
+        n = min(len(r) for r in rows)
+        for ax, k in zip(axes[0], keys):
+            ys = [mean(r[i][k] for r in rows if r[i].get(k) is not None) for i in range(n)]
+            ax.plot(range(1, n + 1), [float("nan") if y is None else y for y in ys], label=name)
+            ax.set_title(k, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+    if len(series) > 1:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")

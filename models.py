@@ -27,6 +27,7 @@ import torch
 
 import crop_tool
 import lfpc
+import prompts
 
 # Qwen2.5's special tokens (their ids follow this order in the tiny tokenizer, after its BPE vocabulary)
 # and the tags it keeps whole, as Qwen's keeps <tool_call> and </tool_call> whole.
@@ -61,7 +62,7 @@ def build_tiny_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int 
     rng = random.Random(0)
     boxes = [crop_tool.format_tool_call([rng.randrange(0, 900) for _ in range(4)], "object")
              for _ in range(200)]
-    corpus = [lfpc.SYSTEM_PROMPT, lfpc.INSTRUCTION, "The image is 448x448 pixels.", "Error: " * 3] * 20 + boxes
+    corpus = [prompts.SYSTEM_PROMPT, prompts.INSTRUCTION, "The image is 448x448 pixels.", "Error: " * 3] * 20 + boxes
     core.train_from_iterator(corpus + list(extra_corpus or []), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
@@ -70,8 +71,8 @@ def build_tiny_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int 
 
 
 def tiny_agent(seed: int = 0, hidden: int = 128, layers: int = 2, vision_hidden: int = 64,
-               vision_depth: int = 2, tokenizer=None, system_prompt: str = lfpc.SYSTEM_PROMPT,
-               instruction: str = lfpc.INSTRUCTION, rope_theta: float = 10000.0, mrope_section=None) -> lfpc.Agent:
+               vision_depth: int = 2, tokenizer=None, system_prompt: str = prompts.SYSTEM_PROMPT,
+               instruction: str = prompts.INSTRUCTION, rope_theta: float = 10000.0, mrope_section=None) -> lfpc.Agent:
     """A randomly initialised Qwen2.5-VL small enough for CPU tests (≈0.8M parameters by default)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
     tok = tokenizer or build_tiny_tokenizer()

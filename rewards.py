@@ -389,11 +389,13 @@ class RewardWeights:
 
 
 def outcome_reward(pred: str | None, answer: str, choices: list[str] | None, malformed_turns: int,
-                   successful_crops: int, w: RewardWeights = RewardWeights()) -> tuple[float, dict[str, float]]:
-    """Stage-1 reward (formula in the module docstring). Parts: "acc", "format", "tool", "total"."""
+                   successful_crops: int, w: RewardWeights = RewardWeights(),
+                   acc: float | None = None) -> tuple[float, dict[str, float]]:
+    """Stage-1 reward (formula in the module docstring). Parts: "acc", "format", "tool", "total".
+    `acc`: the verdict of another judge (judge.py) in place of `accuracy`'s rules."""
     if malformed_turns < 0 or successful_crops < 0:
         raise ValueError("malformed_turns and successful_crops must be >= 0")
-    acc = accuracy(pred, answer, choices)
+    acc = accuracy(pred, answer, choices) if acc is None else float(acc)
     fmt = -1.0 if malformed_turns > 0 else 0.0
     tool = 1.0 if acc > 0 and successful_crops > 0 else 0.0
     total = w.acc * acc + w.format * fmt + w.tool * tool
@@ -461,13 +463,13 @@ MODES = ("add", "geo_only")
 
 def stage2_reward(pred, answer, choices, malformed_turns, successful_crops, pred_box, gt_boxes, image_size,
                   w: RewardWeights = RewardWeights(), tau: float = 0.9, omega: float = 0.5,
-                  mode: str = "add") -> tuple[float, dict]:
+                  mode: str = "add", acc: float | None = None) -> tuple[float, dict]:
     """Stage-2 reward: "add" = outcome total + w.geo * r_geo; "geo_only" = w.geo * r_geo.
     Parts: "acc", "format", "tool", "outcome" (the stage-1 total), "coverage", "gate", "iou", "l1",
     "geo", "total". The stage-1 parts are logged in both modes."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    outcome, parts = outcome_reward(pred, answer, choices, malformed_turns, successful_crops, w)
+    outcome, parts = outcome_reward(pred, answer, choices, malformed_turns, successful_crops, w, acc)
     geo, geo_parts = grounding_reward(pred_box, gt_boxes, image_size, tau, omega)
     total = (outcome if mode == "add" else 0.0) + w.geo * geo
     parts["outcome"] = parts.pop("total")

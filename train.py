@@ -49,9 +49,8 @@ import json
 import math
 import os
 import random
-import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -64,8 +63,11 @@ import grpo
 import info_gap
 import lfpc
 import metrics
+import policy
 import presets
+import prompts
 import rewards
+from judge import Judge, RuleJudge, make_judge
 
 
 def arg(default, help: str):
@@ -97,6 +99,11 @@ class Args:
     rollout_tokens: int | None = arg(None, 'KV-cache tokens of one rollout chunk, at most: episodes x the bound '
                                             'of their length (preset; one-gpu from memory.py)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
+    prompt: str | None = arg(None, 'how turns are written (prompts.py): qwen or deepeyes (default: the model\'s own)')
+    judge: str = arg("rule", 'who decides a right answer (rewards, votes, metrics): rule or llm (judge.py)')
+    judge_url: str | None = arg(None, '--judge llm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000')
+    judge_model: str | None = arg(None, '--judge llm: the served model\'s name')
+    judge_cache: str | None = arg(None, '--judge llm: JSONL cache of verdicts (default <out>/judge_cache.jsonl)')
     engine: str = arg("cached", 'rollout engine: "cached" (KV cache across turns) or "reference" (re-prefill each turn)')
     max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
     max_new_tokens: int | None = arg(None, 'sampled tokens per turn (preset)')
@@ -141,7 +148,7 @@ def parse_args(argv=None) -> Args:
         return a                                         # the run's own settings come from its checkpoint
     if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
         p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
-    if (why := model_problem(a.model)):
+    if (why := lfpc.model_problem(a.model)):
         p.error(why + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
     if (why := presets.check_model(a.preset, a.model)):
         p.error(why)
@@ -182,6 +189,9 @@ def check_ranges(a: Args) -> list[str]:
     need(a.global_image in ("info-gap", "full"), f"--global-image is info-gap or full, got {a.global_image!r}")
     need(a.agg in grpo.AGGREGATIONS, f"--agg is one of {', '.join(grpo.AGGREGATIONS)}, got {a.agg!r}")
     need(a.engine in lfpc.ENGINES, f"--engine is one of {', '.join(lfpc.ENGINES)}, got {a.engine!r}")
+    need(a.prompt is None or a.prompt in prompts.STYLES, f"--prompt is one of {', '.join(prompts.STYLES)}")
+    need(a.judge in ("rule", "llm"), f"--judge is rule or llm, got {a.judge!r}")
+    need(a.judge != "llm" or bool(a.judge_url and a.judge_model), "--judge llm needs --judge-url and --judge-model")
     need(a.stage2_mode in rewards.MODES, f"--stage2-mode is one of {', '.join(rewards.MODES)}, got {a.stage2_mode!r}")
     for name in ("resample", "crop_resample"):
         need(getattr(a, name) in crop_tool.RESAMPLE, f"--{name.replace('_', '-')} is bicubic or box")
@@ -208,17 +218,6 @@ def check_ranges(a: Args) -> list[str]:
     if None not in (a.crop_min_tokens, a.crop_max_tokens):
         need(a.crop_min_tokens <= a.crop_max_tokens, "--crop-min-tokens must not exceed --crop-max-tokens")
     return bad
-
-
-def model_problem(model: str) -> str | None:
-    """Why `model` cannot be loaded, when that is known without trying: a local path that does not exist.
-    A name that is not a folder is a hub id only if it looks like one (owner/name) and its first part is
-    not a local folder (runs/stage1/ckpt is a path, Qwen/Qwen2.5-VL-7B-Instruct an id)."""
-    if os.path.exists(model):
-        return None if os.path.isdir(model) else f"model {model!r} is a file; pass its folder"
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.isdir(model.split("/")[0]):
-        return None
-    return f"model {model!r} not found (no such folder, and not a hub id owner/name)"
 
 
 # ----------------------------------------------------------------------------- main
@@ -251,13 +250,17 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
     tasks = read_tasks(a)                               # every data problem, before the model loads
     random.seed(a.seed)
     torch.manual_seed(a.seed)
-    agent = load_model(a, os.path.join(a.out, "ckpt") if saved else "")
+    agent = policy.load_model(a, os.path.join(a.out, "ckpt") if saved else "")
+    if a.prompt:
+        agent = replace(agent, style=a.prompt)
+    a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache)
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
-    set_budgets(a, agent, tasks)
+    set_budgets(a, agent, tasks, judge)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
-        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=base_dtype(a)).model.eval().requires_grad_(False)
+        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
                             fused=agent.device.type == "cuda")           # fused: no full-size temporaries
@@ -277,7 +280,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
         t0 = time.time()
         pos = step * a.prompts
         batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
-        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model)
+        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model, judge)
         m.update({"step": step + 1, "time/step_s": round(time.time() - t0, 2)})
         run.log(m)
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
@@ -290,7 +293,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
             run.save(lambda folder: lfpc.save_agent(agent, folder),
                      {"optimizer": opt.state_dict(), "step": step + 1, "args": asdict(a),
                       "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
-    plot_metrics(run.metrics, os.path.join(a.out, "curves.png"))
+    metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, os.path.join(a.out, "curves.png"))
 
 
 def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str]) -> tuple[Args, dict]:
@@ -320,29 +323,29 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str]) -> tuple[Ar
 # ----------------------------------------------------------------------------- one step
 
 def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-               step: int, ref_model=None) -> dict[str, float]:
+               step: int, ref_model=None, judge: Judge | None = None) -> dict[str, float]:
     """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics."""
     t0 = time.perf_counter()
-    episodes, work = collect_episodes(a, agent, tasks, cfg, step)
+    episodes, work = collect_episodes(a, agent, tasks, cfg, step, judge)
     t_rollout = time.perf_counter() - t0
-    m = update_policy(a, agent, opt, episodes, tasks, ref_model)
+    m = update_policy(a, agent, opt, episodes, tasks, ref_model, judge)
     return {**m, **work.metrics(), "time/rollout_s": t_rollout}
 
 
 def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-                     step: int) -> tuple[list[lfpc.Episode], engine.Work]:
+                     step: int, judge: Judge | None = None) -> tuple[list[lfpc.Episode], engine.Work]:
     """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts), and what the
     rollout engine did."""
     agent.model.eval()
     work = engine.Work()
-    with precision(agent):                          # sample in the precision of the update
+    with policy.precision(agent):                          # sample in the precision of the update
         episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step, work=work)
-    score(a, episodes, tasks)
+    score(a, episodes, tasks, judge or RuleJudge())
     return episodes, work
 
 
 def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode], tasks: list[lfpc.Task],
-                  ref_model=None) -> dict[str, float]:
+                  ref_model=None, judge: Judge | None = None) -> dict[str, float]:
     """Group-normalised advantages, the clipped loss over micro-batches (divided by the token count of the
     whole step), one optimizer step. Returns the step's metrics, with time/forward_s (the log-prob
     forwards) and time/update_s (all of it)."""
@@ -361,7 +364,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
         idx = [live[j] for j in mb]
         batch = engine.collate(agent, [episodes[i] for i in idx])
         t0 = time.perf_counter()
-        with precision(agent):
+        with policy.precision(agent):
             lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
             ref = None
             if ref_model is not None:
@@ -377,7 +380,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
                                    ref_logprobs=ref, beta=a.beta)
         if not torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
-            return {**step_metrics(episodes, tasks, adv_m, {}), "loss/skipped": 1.0}
+            return {**step_metrics(episodes, tasks, judge, adv_m, {}), "loss/skipped": 1.0}
         loss.backward()
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
@@ -387,7 +390,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     if not torch.isfinite(grad_norm) or grad_norm > SKIP_GRAD_NORM:
         opt.zero_grad(set_to_none=True)                                   # a step that would wreck the weights
-        return {**step_metrics(episodes, tasks, adv_m, {"grad_norm": float(grad_norm)}), "loss/skipped": 1.0}
+        return {**step_metrics(episodes, tasks, judge, adv_m, {"grad_norm": float(grad_norm)}), "loss/skipped": 1.0}
     norm_before = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
     opt.step()
     opt.zero_grad(set_to_none=True)                                       # the rollout of the next step holds no gradients
@@ -399,7 +402,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
     lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live),
               sampler_gap=gap / counted if counted else 0.0)
-    m = step_metrics(episodes, tasks, adv_m, lm)
+    m = step_metrics(episodes, tasks, judge, adv_m, lm)
     m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device)})
     return m
 
@@ -411,25 +414,26 @@ def _elapsed(t0: float, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task]) -> None:
-    """Fill episode.reward and episode.reward_parts."""
+def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task], judge: Judge) -> None:
+    """Fill episode.reward and episode.reward_parts; `judge` decides whether the answer is right."""
     w = rewards.RewardWeights(a.w_acc, a.w_format, a.w_tool, a.w_geo)
     for e in episodes:
         t = tasks[e.task_index]
+        acc = judge.correct(e.answer, t.answer, t.choices, t.question)
         if a.stage == 1:
             e.reward, e.reward_parts = rewards.outcome_reward(e.answer, t.answer, t.choices, e.malformed_turns,
-                                                              len(e.crops), w)
+                                                              len(e.crops), w, acc)
         else:
             box = e.crops[0].box_original if e.crops else None
             e.reward, e.reward_parts = rewards.stage2_reward(
                 e.answer, t.answer, t.choices, e.malformed_turns, len(e.crops), box, t.boxes,
-                t.image_size, w, a.tau, a.omega, a.stage2_mode)
+                t.image_size, w, a.tau, a.omega, a.stage2_mode, acc)
 
 
-def step_metrics(episodes, tasks, adv_metrics, loss_metrics) -> dict[str, float]:
+def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics) -> dict[str, float]:
     """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss."""
     n = len(episodes)
-    m = metrics.episode_metrics(episodes, tasks)
+    m = metrics.episode_metrics(episodes, tasks, judge)
     m["reward/mean"] = sum(e.reward for e in episodes) / n
     for part in sorted({p for e in episodes for p in e.reward_parts} - {"total"}):
         m[f"reward/{part}"] = sum(e.reward_parts.get(part, 0.0) for e in episodes) / n
@@ -454,7 +458,7 @@ def read_tasks(a: Args) -> list[lfpc.Task]:
     return tasks
 
 
-def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task]) -> None:
+def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge | None = None) -> None:
     """Each task's global budget: --full-tokens for all (--global-image full), the budgets the data carries
     (info_gap.py --out), or else the information gap, probed with the model and cached."""
     if a.global_image == "full":
@@ -463,9 +467,10 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task]) -> None:
         return
     if all(t.max_pixels for t in tasks):
         return
-    with precision(agent):
+    with policy.precision(agent):
         records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
-                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=a.rollout_batch)
+                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=a.rollout_batch,
+                                 judge=judge)
     print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]
@@ -481,91 +486,8 @@ def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
 def prober_config(a: Args) -> info_gap.ProberConfig:
     """The information-gap prober's settings from the run's flags (the same object info_gap.py's CLI builds)."""
     return info_gap.ProberConfig(full_tokens=a.full_tokens, floor_tokens=a.floor_tokens, k=a.probe_k,
-                                 temperature=a.temperature, max_new_tokens=a.probe_max_new_tokens, resample=a.resample)
-
-
-def base_dtype(a: Args) -> torch.dtype:
-    """The weights' dtype: with --lora the frozen base in bf16 (its adapters are fp32), else fp32 masters."""
-    return torch.bfloat16 if a.lora else torch.float32
-
-
-def precision(agent: lfpc.Agent):
-    """The precision of every forward, rollouts and the info-gap prober included: bf16 autocast on a GPU
-    (fp32 master weights, or a bf16 base with fp32 adapters), the weights' own dtypes on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
-
-
-def load_model(a: Args, ckpt: str = "") -> lfpc.Agent:
-    """The policy: fp32 master weights (full fine-tuning; autocast does bf16 on GPU), or with --lora a
-    frozen bf16 base and fp32 LoRA adapters (pure-bf16 AdamW at lr 1e-6 would drop most updates).
-    Loads `ckpt` (resuming) or else `a.model`. A folder of LoRA adapters (what a --lora run saves)
-    loads its base model, then the adapters: trained on with --lora, merged into the weights without."""
-    src = ckpt or a.model
-    adapter_cfg = os.path.join(src, "adapter_config.json")
-    if not os.path.isfile(adapter_cfg):
-        agent = lfpc.load_agent(src, device=a.device, dtype=base_dtype(a))
-        if a.lora:
-            agent = apply_lora(agent, a.lora)
-    else:
-        with open(adapter_cfg) as f:
-            base = json.load(f)["base_model_name_or_path"]
-        agent = lfpc.load_agent(base, device=a.device, dtype=base_dtype(a))
-        for k, v in lfpc.read_prompts(src).items():                       # the run's prompts, not the base's
-            setattr(agent, k, v)
-        agent = apply_lora(agent, a.lora, adapters=src)
-        if not a.lora:                                                       # fp32 masters for full fine-tuning
-            agent.model = agent.model.merge_and_unload().float().requires_grad_(True)     # peft froze the base
-    if a.grad_ckpt:
-        enable_grad_ckpt(agent)
-    return agent
-
-
-def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
-    """LoRA adapters (rank r, alpha 2r) on the language model's projections, everything else frozen;
-    `adapters`: a folder of saved adapters to continue from instead of fresh ones."""
-    try:
-        import peft
-    except ImportError:
-        raise SystemExit("LoRA (--lora, or a checkpoint of LoRA adapters) needs peft: pip install peft") from None
-    if adapters:                        # their own rank and targets, from their adapter_config.json
-        agent.model = peft.PeftModel.from_pretrained(agent.model, adapters, is_trainable=True)
-    else:
-        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                              target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        agent.model = peft.get_peft_model(agent.model, cfg, autocast_adapter_dtype=True)   # adapters in fp32
-    agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
-    agent.model.lm_head = agent.model.base_model.model.lm_head
-    return agent
-
-
-def enable_grad_ckpt(agent: lfpc.Agent) -> None:
-    """Gradient checkpointing, non-reentrant (renamed activation_checkpointing_enable after transformers 5.17)."""
-    if hasattr(agent.model, "activation_checkpointing_enable"):
-        agent.model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def plot_metrics(metrics_path: str, png: str) -> None:
-    """Training curves as a PNG, when matplotlib is installed (optional dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (optional: pip install matplotlib): no curves.png")
-        return
-    rows = [json.loads(l) for l in open(metrics_path)]
-    keys = ["reward/mean", "acc", "tool/crop_rate", "box/iou_b1", "box/area_frac", "len/response"]
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, k in zip(axes, keys):
-        ax.plot([r["step"] for r in rows if r.get(k) is not None], [r[k] for r in rows if r.get(k) is not None])
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+                                 temperature=a.temperature, max_new_tokens=a.probe_max_new_tokens, resample=a.resample,
+                                 judge=a.judge if a.judge == "rule" else f"llm:{a.judge_model}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import info_gap
+from judge import RuleJudge
 import data as data_module
 import lfpc
 
@@ -21,7 +22,7 @@ BOUND = math.ceil(math.log2(len(LEVELS))) + 1           # 4 probes per item, ful
 
 
 def task(i, image=BIG, choices=None, answer="right"):
-    return lfpc.Task(image, "What is it?", answer, choices, id=f"t{i}")
+    return lfpc.Task(image, f"What is it? ({i})", answer, choices, id=f"t{i}")      # distinct content per i
 
 
 class Stub:
@@ -64,18 +65,44 @@ def test_ladder_rejects_bad_input(args):
         info_gap.ladder(*args)
 
 
-def test_votes_map_option_forms_together_and_ties_go_to_the_first_sampled():
-    choices = ["red", "blue"]
-    assert [info_gap.vote_key(a, choices) for a in ["B", "(B) blue", " Blue.", "purple", None, "", 7]] == \
-        ["B", "B", "B", "purple", None, None, None]
-    assert info_gap.majority(["x", "y", "y", "x"], None) == ("x", 2)
-    assert info_gap.majority(["y", "x", "x", "y"], None) == ("y", 2)
-    assert info_gap.majority([None, None, "b"], None) == (None, 2)
-    assert info_gap.agrees("B", "B", choices) and info_gap.agrees("b", "B", choices)
-    assert not info_gap.agrees("A", "B", choices) and not info_gap.agrees(None, "B", choices)
-    assert not info_gap.agrees("purple", "B", choices)
-    assert info_gap.agrees("purple", "purple", choices)        # full names no option: exact match, no crash
-    assert info_gap.agrees("the red car", "red car", None)
+def test_votes_group_what_the_judge_calls_the_same_and_a_tie_is_no_majority():
+    from judge import RuleJudge
+    j = RuleJudge()
+    mc = task(0, choices=["red", "blue"], answer="B")
+    assert info_gap.majority(["B", "(B) blue", " Blue.", "purple"], mc, j) == ("B", 3)         # option forms: one vote
+    free = task(1, answer="yellow")
+    paraphrases = ["yellow", "Yellow.", "The umbrella is yellow.", "It is yellow", "blue"]
+    assert info_gap.majority(paraphrases, free, j) == ("yellow", 4)
+    assert info_gap.majority(["x", "y", "y", "x"], free, j) == (None, 2)                      # 2-2: no majority
+    assert info_gap.majority(["y", "x", "x", "z"], free, j) == ("x", 2)
+    assert info_gap.majority([None, None, "b"], free, j) == (None, 2)                          # "no answer" wins
+    assert info_gap.majority(["", 7, None, "b"], free, j) == (None, 3)                         # junk is no answer
+
+
+def test_free_form_paraphrases_are_a_stable_reference_not_unstable():
+    """A scripted sampler answering "yellow" in four wordings at full resolution: one majority, so the
+    item keeps its probe instead of falling to the floor as "unstable"."""
+    words = ["yellow", "Yellow.", "The umbrella is yellow.", "It is yellow"]
+
+    def answers(pairs, k):
+        return [words[:k] if b >= 256 else ["blue"] * k for _, b in pairs]
+    (rec,) = run([task(0, answer="yellow")], answers, k=4)
+    assert rec["status"] == "gap" and rec["budget_tokens"] == 128
+
+
+def test_the_cache_is_keyed_by_content_not_by_id(tmp_path):
+    """Two datasets whose items share ids (or line numbers) but differ in content never share budgets;
+    the same content under another id reuses them."""
+    cache = str(tmp_path / "c.jsonl")
+    a = Stub({"t0": 256})
+    run([task(0)], a, cache=cache)
+    other = lfpc.Task(Image.new("RGB", (896, 896), (1, 2, 3)), "What is it? (0)", "right", id="t0")   # same id
+    b = Stub({"t0": 256})
+    run([other], b, cache=cache)
+    assert b.calls > 0                                       # another image: probed again
+    c = Stub({"x": 256})
+    run([lfpc.Task(BIG, "What is it? (0)", "right", id="x")], c, cache=cache)
+    assert c.calls == 0                                      # the first item's content under a new id: cached
 
 
 def test_item_levels_skip_budgets_that_show_the_same_image():
@@ -107,7 +134,7 @@ def test_probe_bound_and_what_non_monotone_items_get(L):
     levels = [2 ** (L - i) for i in range(L)]
     for pattern in itertools.product([True, False], repeat=L - 1):
         agree = (True,) + pattern
-        s = info_gap.Search(task(0), levels, k=1)
+        s = info_gap.Search(task(0), levels, k=1, judge=RuleJudge())
         while not s.status:
             b = s.next_budget()
             s.record(b, ["right" if agree[levels.index(b)] else "wrong"])
@@ -217,9 +244,10 @@ def test_another_model_key_or_ladder_does_not_reuse_the_cache(tmp_path):
     assert other.calls > 0 and other_ladder.calls > 0 and same.calls == 0
 
 
-def test_repeated_task_ids_are_refused():
-    with pytest.raises(ValueError, match="unique"):
-        run([task(0), task(0)], Stub({"t0": 16}))
+def test_items_with_the_same_content_are_probed_once_and_share_the_record():
+    stub = Stub({"t0": 256})
+    a, b = run([task(0), task(0)], stub)
+    assert stub.per_item["t0"] == a["probes"] and a["budget_tokens"] == b["budget_tokens"] == 128
 
 
 # ----------------------------------------------------------------------------- the model and the CLI

@@ -10,7 +10,7 @@ import train
 
 def test_every_preset_key_is_a_flag_of_train_or_eval_or_a_world_key():
     train_flags = {f.name for f in train.fields(train.Args)}
-    eval_flags = set(vars(ev.parse_args(["--preset", "paper", "--model", "x", "--data", "d.jsonl"])))
+    eval_flags = set(vars(ev.parse_args(["--preset", "paper", "--model", "org/model", "--data", "d.jsonl"])))
     for name, preset in presets.PRESETS.items():
         unknown = set(preset) - train_flags - eval_flags - set(presets.WORLD_KEYS)
         assert not unknown, (name, unknown)

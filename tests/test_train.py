@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lfpc
+import policy
 import toy
 import train
 
@@ -93,13 +94,13 @@ def test_an_existing_run_is_not_overwritten_without_resume(base, tmp_path):
 
 def _one_step(base, monkeypatch, lr, **patch):
     a = train.parse_args(["--stage", "1", "--model", base, "--lr", str(lr), "--global-image", "full", *FAST])
-    agent = train.load_model(a)
+    agent = policy.load_model(a)
     cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     tasks = train.load_data(a, agent)[:2]
     for name, fn in patch.items():
         monkeypatch.setattr(train, name, fn)
     # rewards that differ inside each group, so every episode carries an advantage
-    monkeypatch.setattr(train, "score", lambda a, eps, tasks: [setattr(e, "reward", float(i % 2)) for i, e in enumerate(eps)])
+    monkeypatch.setattr(train, "score", lambda a, eps, tasks, judge: [setattr(e, "reward", float(i % 2)) for i, e in enumerate(eps)])
     before = {k: v.detach().clone() for k, v in agent.model.named_parameters()}
     opt = torch.optim.AdamW(agent.model.parameters(), lr=a.lr, weight_decay=0.0)
     m = train.train_step(a, agent, opt, tasks, cfg, step=0)
@@ -120,8 +121,8 @@ def test_one_step_at_lr_1e6_changes_the_fp32_master_weights(base, monkeypatch):
 def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, monkeypatch):
     """--lora: only the adapters train (B starts at 0, so any update shows), the base stays frozen."""
     pytest.importorskip("peft")
-    real = train.load_model
-    monkeypatch.setattr(train, "load_model", lambda a, ckpt="": real(train.Args(**{**a.__dict__, "lora": 4})))
+    real = policy.load_model
+    monkeypatch.setattr(policy, "load_model", lambda a, ckpt="": real(train.Args(**{**a.__dict__, "lora": 4})))
     m, before, after = _one_step(base, monkeypatch, 1e-6)
     assert m["loss/trained_episodes"] > 0
     lora_b = [k for k in before if "lora_B" in k]
@@ -145,7 +146,7 @@ def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp
     s1 = str(tmp_path / "s1")
     train.main(["--stage", "1", "--model", base, "--out", s1, "--steps", "1", "--lora", "4", *FAST])
     a = train.parse_args(["--stage", "2", "--model", s1 + "/ckpt", "--lora", "4", *FAST])
-    agent = train.load_model(a)
+    agent = policy.load_model(a)
     saved = _weights(s1 + "/ckpt")
     # (apply_lora's aliases model.model / model.lm_head list each tensor twice: keep peft's own names)
     live = {k: v for k, v in agent.model.state_dict().items() if "lora_" in k and k.startswith("base_model.")}
@@ -183,7 +184,7 @@ def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
     the same update (whole-step token counts), every episode trained exactly once."""
     import copy
     a = train.parse_args(["--model", base, "--global-image", "full", *FAST])
-    agent = train.load_model(a)
+    agent = policy.load_model(a)
     cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     tasks = train.load_data(a, agent)[:2]
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
@@ -206,7 +207,7 @@ def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
 # ----------------------------------------------------------------------------- bad input, crashes, resume
 
 def _no_model(monkeypatch):
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    monkeypatch.setattr(policy, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
 
 
 @pytest.mark.parametrize("row, message", [
@@ -333,7 +334,7 @@ def test_exploding_gradients_skip_the_step_and_three_in_a_row_stop_the_run(base,
 def test_with_a_kl_term_every_episode_is_trained(base, monkeypatch):
     """beta > 0: an all-equal group still has a gradient (the KL term), so no episode is skipped."""
     a = train.parse_args(["--stage", "1", "--model", base, "--global-image", "full", "--beta", "0.1", *FAST])
-    agent = train.load_model(a)
+    agent = policy.load_model(a)
     tasks = train.load_data(a, agent)[:2]
     cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
@@ -384,3 +385,19 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(base, tmp_path)
     assert m1 == m2 and w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
+
+
+def test_rewards_use_the_runs_judge():
+    """The judge decides the accuracy part of the reward (an LLM judge in --judge llm); the rules by default."""
+    class Lenient:
+        def correct(self, pred, answer, choices=None, question=""):
+            return 1.0 if pred else 0.0
+    a = train.Args(stage=1)
+    t = lfpc.Task(None, "What colour is the umbrella?", "yellow")
+    e = lfpc.Episode(0)
+    e.answer = "a kind of amber"
+    train.score(a, [e], [t], Lenient())
+    assert e.reward_parts["acc"] == 1.0 and e.reward == pytest.approx(0.8)
+    from judge import RuleJudge
+    train.score(a, [e], [t], RuleJudge())
+    assert e.reward_parts["acc"] == 0.0

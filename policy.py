@@ -1,0 +1,83 @@
+"""The policy as it trains: its weights' precision, LoRA adapters, gradient checkpointing, loading.
+
+Contract
+--------
+- Full fine-tuning: fp32 master weights; on a GPU every forward (rollouts, the info-gap prober, the
+  training forward) runs under bf16 autocast (`precision`). Pure-bf16 AdamW at lr 1e-6 would round most
+  updates away (tests/test_train.py shows the trap).
+- LoRA (`--lora R`): rank R, alpha 2R, on the language model's q, k, v, o, gate, up, down projections
+  (peft); the frozen base in bf16, the adapters and their AdamW state in fp32. A folder of adapters (what
+  a --lora run saves) loads its base, then the adapters: trained on with --lora, merged without.
+- Gradient checkpointing, non-reentrant.
+`a` is train.Args (lora, grad_ckpt, device, model).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import lfpc
+
+
+def base_dtype(a) -> torch.dtype:
+    """The weights' dtype: with --lora the frozen base in bf16 (its adapters are fp32), else fp32 masters."""
+    return torch.bfloat16 if a.lora else torch.float32
+
+
+def precision(agent: lfpc.Agent):
+    """The precision of every forward, rollouts and the info-gap prober included: bf16 autocast on a GPU
+    (fp32 master weights, or a bf16 base with fp32 adapters), the weights' own dtypes on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
+
+
+def load_model(a, ckpt: str = "") -> lfpc.Agent:
+    """The policy: fp32 master weights (full fine-tuning; autocast does bf16 on GPU), or with --lora a
+    frozen bf16 base and fp32 LoRA adapters (pure-bf16 AdamW at lr 1e-6 would drop most updates).
+    Loads `ckpt` (resuming) or else `a.model`. A folder of LoRA adapters (what a --lora run saves)
+    loads its base model, then the adapters: trained on with --lora, merged into the weights without."""
+    src = ckpt or a.model
+    adapter_cfg = os.path.join(src, "adapter_config.json")
+    if not os.path.isfile(adapter_cfg):
+        agent = lfpc.load_agent(src, device=a.device, dtype=base_dtype(a))
+        if a.lora:
+            agent = apply_lora(agent, a.lora)
+    else:
+        with open(adapter_cfg) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        agent = lfpc.load_agent(base, device=a.device, dtype=base_dtype(a))
+        for k, v in lfpc.read_prompts(src).items():                       # the run's prompts, not the base's
+            setattr(agent, k, v)
+        agent = apply_lora(agent, a.lora, adapters=src)
+        if not a.lora:                                                       # fp32 masters for full fine-tuning
+            agent.model = agent.model.merge_and_unload().float().requires_grad_(True)     # peft froze the base
+    if a.grad_ckpt:
+        enable_grad_ckpt(agent)
+    return agent
+
+
+def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
+    """LoRA adapters (rank r, alpha 2r) on the language model's projections, everything else frozen;
+    `adapters`: a folder of saved adapters to continue from instead of fresh ones."""
+    try:
+        import peft
+    except ImportError:
+        raise SystemExit("LoRA (--lora, or a checkpoint of LoRA adapters) needs peft: pip install peft") from None
+    if adapters:                        # their own rank and targets, from their adapter_config.json
+        agent.model = peft.PeftModel.from_pretrained(agent.model, adapters, is_trainable=True)
+    else:
+        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                              target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        agent.model = peft.get_peft_model(agent.model, cfg, autocast_adapter_dtype=True)   # adapters in fp32
+    agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
+    agent.model.lm_head = agent.model.base_model.model.lm_head
+    return agent
+
+
+def enable_grad_ckpt(agent: lfpc.Agent) -> None:
+    """Gradient checkpointing, non-reentrant (renamed activation_checkpointing_enable after transformers 5.17)."""
+    if hasattr(agent.model, "activation_checkpointing_enable"):
+        agent.model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,68 @@
+"""Tests for prompts.py: the DeepEyes style renders a conversation to exactly DeepEyes' token ids
+(expected strings written from its source: notes/deepeyes_prompts.md), with the REAL Qwen2.5-VL tokenizer."""
+import pytest
+
+import crop_tool
+import lfpc
+import prompts
+from conftest import noise_image, scripted
+
+# From notes/deepeyes_prompts.md (Visual-Agent/DeepEyes at 6c5e796): the system prompt and suffix are
+# prompt.py's SYSTEM_PROMPT_V2 / USER_PROMPT_V2, the question template eval/eval_vstar.py's, the tool turn
+# visual_toolbox_v2.py's.
+ASSISTANT_1 = ('<think>The umbrella is small in the image; I will zoom in on it.</think>\n<tool_call>\n'
+               '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [412, 230, 508, 330], '
+               '"label": "umbrella"}}\n</tool_call>')
+ASSISTANT_2 = '<think>The zoomed-in image shows a yellow umbrella.</think>\n<answer>A. yellow</answer>'
+
+
+def deepeyes_fixture(n: int, m: int) -> str:
+    options = "\n" + "".join(f"{chr(65 + i)}. {o}\n" for i, o in enumerate(["yellow", "blue", "red", "white"]))
+    question = "Question: What is the color of the umbrella?\nOptions: " + options + "\n" + prompts.DEEPEYES_SUFFIX
+    return ("<|im_start|>system\n" + prompts.DEEPEYES_SYSTEM + "<|im_end|>\n"
+            + "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + question
+            + "<|im_end|>\n<|im_start|>assistant\n" + ASSISTANT_1 + "<|im_end|>"
+            + "\n<|im_start|>user\n<tool_response><|vision_start|>" + "<|image_pad|>" * m + "<|vision_end|>"
+            + prompts.DEEPEYES_SUFFIX + "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+            + ASSISTANT_2 + "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def deepeyes_agent():
+    import models
+    from conftest import QWEN_TOKENIZER
+    a = models.real_shape_agent(QWEN_TOKENIZER)
+    return lfpc.Agent(a.model, a.tokenizer, a.image_processor, style="deepeyes")
+
+
+def test_deepeyes_style_gives_deepeyes_token_ids(deepeyes_agent):
+    agent = deepeyes_agent
+    t = lfpc.Task(noise_image(1000, 700), "What is the color of the umbrella?", "A", ["yellow", "blue", "red", "white"])
+    cfg = lfpc.RolloutConfig(global_max_pixels=1024 * 784, max_turns=3)
+    turns = {0: [(ASSISTANT_1, "eos"), (ASSISTANT_2, "eos")]}
+    (e,) = lfpc.rollout(agent, [t], 1, cfg, sample_fn=scripted(agent, turns))
+    assert e.answer == "A. yellow" and len(e.crops) == 1 and e.stop_reason == "answer"
+    n, m = (g[1] * g[2] // 4 for g in e.grids)
+    expected = deepeyes_fixture(n, m)
+    assert agent.tokenizer.decode(e.token_ids) == expected
+    assert e.token_ids == agent.tokenizer.encode(expected, add_special_tokens=False)
+    # the <|im_end|> that closes an assistant turn is sampled (mask 1); the environment's text is mask 0
+    sampled = agent.tokenizer.decode([t for t, k in zip(e.token_ids, e.loss_mask) if k])
+    assert sampled == ASSISTANT_1 + "<|im_end|>" + ASSISTANT_2 + "<|im_end|>"
+
+
+def test_deepeyes_turns_run_to_im_end_and_errors_are_bare(deepeyes_agent):
+    agent = deepeyes_agent
+    assert agent.stop_ids == {agent.im_end} and not agent.stop_strings
+    t = lfpc.Task(noise_image(300, 200), "Colour?", "red")
+    bad = crop_tool.format_tool_call([50, 50, 10, 10])
+    (e,) = lfpc.rollout(agent, [t], 1, lfpc.RolloutConfig(global_max_pixels=64 * 784),
+                        sample_fn=scripted(agent, {0: [(bad, "eos"), ("<answer>red</answer>", "eos")]}))
+    text = agent.tokenizer.decode(e.token_ids)
+    assert "<|im_end|>\n<|im_start|>user\nError: bbox_2d" in text and "<tool_response>Error" not in text
+
+
+def test_qwen_style_is_unchanged_by_the_styles(tiny):
+    assert tiny.style == "qwen" and len(tiny.stop_ids) == 2
+    q = prompts.question("qwen", lfpc.Task(None, "Q?", "A", ["x", "y"]), (56, 28), True, "Do it.")
+    assert q == "Q?\n(A) x\n(B) y\nThe image is 56x28 pixels. Do it."
