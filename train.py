@@ -212,7 +212,7 @@ def check_ranges(a: Args) -> list[str]:
     need(a.beta >= 0, f"--beta must be >= 0, got {a.beta}")
     need(0 <= a.tau <= 1 and 0 <= a.omega <= 1, f"--tau and --omega lie in [0, 1], got {a.tau}, {a.omega}")
     need(all(map(math.isfinite, (a.w_acc, a.w_format, a.w_tool, a.w_geo))), "reward weights must be finite")
-    if None not in (a.floor_tokens, a.full_tokens):
+    if None not in (a.floor_tokens, a.full_tokens) and a.global_image == "info-gap":
         need(a.floor_tokens < a.full_tokens, f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens "
                                              f"({a.full_tokens})")
     if None not in (a.crop_min_tokens, a.crop_max_tokens):

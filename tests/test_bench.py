@@ -52,3 +52,11 @@ def test_config_mode_rejects_a_non_square_image_and_real_sizes_on_cpu(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "7b", "--device", "cpu"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_toy_mode_times_the_two_calls_and_counts_the_work(toy_base):
+    r = bench.main(["--model", toy_base, "--prompts", "2", "--group", "2", "--repeat", "1"])
+    assert r["mode"] == "toy" and r["step_s"] > 0 and sum(r["share"].values()) == pytest.approx(1.0, abs=0.01)
+    w = r["work_per_step"]
+    assert w["work/image_encodes"] == w["distinct_images"]          # each image through the vision tower once
+    assert w["work/prefill_ratio"] <= 1.1
