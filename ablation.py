@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/ablation", help="output folder")
     p.add_argument("--base", default=toy.BASE, help="the starting checkpoint of every arm")
-    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    p.add_argument("--seeds", default=None, help="training seeds, comma-separated (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
     p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
     p.add_argument("--eval-items", type=int, default=300, help="held-out items per evaluation")
@@ -67,8 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.steps, a.eval_items = "0", a.steps or 30, min(a.eval_items, 100)
-    a.seeds = [int(s) for s in a.seeds.split(",")]
+        a.steps, a.eval_items = a.steps or 30, min(a.eval_items, 100)
+    try:
+        a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    except ValueError:
+        p.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
+    if a.steps < 0 or a.stage2_steps < 0 or a.eval_items < 1:
+        p.error("--steps and --stage2-steps must be >= 0 (0: the preset's), --eval-items >= 1")
     a.stage2_steps = a.stage2_steps or a.steps
     if not os.path.isdir(a.base):
         p.error(f"base checkpoint {a.base!r} not found (python warmup.py writes it)")

@@ -87,3 +87,9 @@ def test_mean_std_skips_missing_values():
     assert ablation.mean_std([0.5]) == (0.5, 0.0)
     m, s = ablation.mean_std([0.2, 0.4, None])
     assert m == pytest.approx(0.3) and s == pytest.approx(0.1414213, abs=1e-6)
+
+
+def test_quick_honours_seeds(base):
+    assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a", "--quick"]).seeds == [0]
+    assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a", "--quick", "--seeds", "1,2"]).seeds == [1, 2]
+    assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a"]).seeds == [0, 1, 2]
