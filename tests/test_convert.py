@@ -2,7 +2,8 @@
 skipped without it; the JSON sources run without it), converted, and the output loaded with
 data.load_tasks. Checked: clean questions, answers and choices kept (letters the judge accepts), boxes
 converted and validated, every drop counted with its reason, videos dropped with a count, the message
-without pyarrow, reruns, and that memory does not grow with the file (numbers printed; `-s` shows them)."""
+without pyarrow, reruns, that memory does not grow with the file for every source (100 vs 1,000 rows;
+numbers printed, `-s` shows them), and that a converted file trains (train.py) and evaluates (eval.py)."""
 import io
 import json
 import os
@@ -465,47 +466,152 @@ def measure(source, src, out):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_streaming_memory_does_not_grow_with_the_file(tmp_path):
-    """1,000 rows vs 100 rows of JSONL, each row carrying 4 KB of text the converter never keeps (a
-    converter that loaded the file whole would hold >= 3.6 MB more): the peak Python heap grows by less
-    than 0.5 MB (the id and file-name sets: ~250 bytes a row)."""
-    for i in range(1000):
-        write_file(tmp_path / "imgs" / f"{i}.png", img_bytes(32, 32, "PNG", i))
-    sizes, peaks = {}, {}
-    for n in (100, 1000):
-        src = write_jsonl(tmp_path / f"rows{n}.jsonl", [
-            {"image": f"imgs/{i}.png", "question": f"What is shown in picture {i}?", "answer": str(i),
-             "rationale": "x" * 4096} for i in range(n)])
-        sizes[n] = os.path.getsize(src)
-        peaks[n] = measure("jsonl", src, str(tmp_path / f"out{n}"))
-        assert peaks[n]["kept"] == n
-    print(f"\nstreaming, --from jsonl: input {sizes[100]} B (100 rows) / {sizes[1000]} B (1000 rows); "
-          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
-          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
-    assert sizes[1000] - sizes[100] > 3_600_000
-    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
+def filler(i: int, n: int = 4096) -> str:
+    """n random lowercase letters, different for every i: text no compressor or parquet dictionary
+    shrinks much, so a file of such rows is as big on disk as in memory."""
+    return np.random.default_rng(i).integers(97, 123, n, dtype=np.uint8).tobytes().decode("ascii")
 
 
-def test_streaming_memory_parquet(tmp_path):
-    """The same for DeepEyes parquet (row groups of 64 rows; a row: a ~3 KB image and 4 KB of system
-    prompt, both in columns the converter reads): from 100 to 1,000 rows the peak Python heap grows by
-    less than 0.5 MB (reading the file whole into Python objects: >= 6 MB more) and pyarrow's pool peak
-    by less than 1 MB."""
+def shared_images(folder, ext="jpg", k=4) -> list[str]:
+    """k small image files in `folder` (names 0.ext ...), reused by every row of a large file."""
+    fmt = {"jpg": "JPEG", "png": "PNG"}[ext]
+    return [write_file(os.path.join(folder, f"{j}.{ext}"), img_bytes(48, 32, fmt, j)) for j in range(k)]
+
+
+# One builder a source: (folder, n) -> a file of n rows in exactly that source's format, every row kept,
+# each carrying 3-5 KB that the converter parses but should hold only while it is on that row.
+
+def stream_deepeyes(d, n):
+    """DeepEyes' parquet (deepeyes_rows): a distinct ~3 KB image and 4 KB of system prompt a row."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+    rows = deepeyes_rows(n_extra=n - 1, pad=4096)
+    return write_deepeyes(pa, pq, d / f"de{n}.parquet", rows[:1] + rows[6:], row_group_size=64)
+
+
+def stream_pixelreasoner(d, n):
+    """Pixel-Reasoner's parquet: image paths (4 files shared), a boxed answer in a list, and 4 KB of
+    "Guidelines: ..." instruction after the question (clean_question cuts it)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    shared_images(d / "images" / "sa1b")
+    rows = [{"question": f"<image>\nHow many birds are on wire {i}?\n\nGuidelines: Understand the given visual "
+                         f"information and the user query. {filler(i)}",
+             "image": [f"images/sa1b/{i % 4}.jpg"], "answer": [f"\\boxed{{{i}}}"],
+             "is_video": None if i % 2 else False, "qid": f"sa1b_{i}"} for i in range(n)]
+    path = str(d / f"release{n}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=64)
+    return path
+
+
+def stream_thinklite(d, n):
+    """ThinkLite-VL's parquet: raw encoded bytes a row (a distinct ~5 KB PNG), a MathVista-style problem."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [{"id": f"tl_{i}", "problem": f"<image>Hint: Please answer the question requiring an integer answer."
+                                         f"\nQuestion: What is the value of x in figure {i}?",
+             "answer": str(i), "image": img_bytes(40, 40, "PNG", i)} for i in range(n)]
+    path = str(d / f"ThinkLite-VL-Hard-{n}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=64)
+    return path
+
+
+def stream_visualprobe(d, n):
+    """VisualProbe's train.json: one JSON array; image paths with the release's prefix (4 files shared
+    under data/), a 4 KB problem."""
+    shared_images(d / "data")
+    rows = [{"problem": f"<image>\n{filler(i)}\nWhat is written on sign {i}?", "solution": f"sign {i}",
+             "images": [f"VisualProbe_train/data/{i % 4}.jpg"]} for i in range(n)]
+    return write_file(d / f"train{n}.json", json.dumps(rows).encode())
+
+
+def stream_chain_of_focus(d, n):
+    """Chain-of-Focus' JSON array: image names relative to the input's folder (4 files shared), a 4 KB
+    question ending in inline options."""
+    shared_images(d)
+    rows = [{"question": f"{filler(i)} Which color is flag {i}? (A) red (B) blue", "groundtruth": "AB"[i % 2],
+             "image_name": f"{i % 4}.jpg", "data_source": "vstar"} for i in range(n)]
+    return write_file(d / f"cof_rl{n}.json", json.dumps(rows).encode())
+
+
+def stream_jsonl(d, n):
+    """Generic JSON Lines (4 PNG files shared), each row with 4 KB of a key the converter ignores."""
+    shared_images(d / "imgs", "png")
+    return write_jsonl(d / f"rows{n}.jsonl", [
+        {"image": f"imgs/{i % 4}.png", "question": f"What is shown in picture {i}?", "answer": str(i),
+         "rationale": filler(i)} for i in range(n)])
+
+
+STREAM = {"deepeyes": stream_deepeyes, "pixelreasoner": stream_pixelreasoner, "thinklite": stream_thinklite,
+          "visualprobe": stream_visualprobe, "chain-of-focus": stream_chain_of_focus, "jsonl": stream_jsonl}
+
+
+@pytest.mark.parametrize("source", list(STREAM))
+def test_streaming_memory_does_not_grow_with_the_file(tmp_path, source):
+    """Every source, 1,000 rows vs 100 rows of its own format (STREAM): the input grows by more than
+    3 MB (a converter that loaded the file whole, or kept its rows, would hold at least that much
+    more), the peak Python heap by less than 0.5 MB (what does grow: the id and file-name sets, ~250
+    bytes a row) and, for the parquet sources, pyarrow's pool peak by less than 1 MB (row groups of 64
+    rows; with pyarrow's default pre_buffer=True the pool grew by the file's size)."""
+    d = tmp_path / "in"
+    d.mkdir()
     sizes, peaks = {}, {}
     for n in (100, 1000):
-        rows = deepeyes_rows(n_extra=n, pad=4096)
-        src = write_deepeyes(pa, pq, tmp_path / f"de{n}.parquet", rows[:1] + rows[6:], row_group_size=64)
+        src = STREAM[source](d, n)
         sizes[n] = os.path.getsize(src)
-        peaks[n] = measure("deepeyes", src, str(tmp_path / f"out{n}"))
-        assert peaks[n]["kept"] == n + 1
-    print(f"\nstreaming, --from deepeyes: input {sizes[100]} B (101 rows) / {sizes[1000]} B (1001 rows); "
-          f"peak Python heap {peaks[100]['tracemalloc_peak']} / {peaks[1000]['tracemalloc_peak']} B; "
-          f"pyarrow pool peak {peaks[100]['arrow_pool_peak']} / {peaks[1000]['arrow_pool_peak']} B; "
-          f"peak RSS {peaks[100]['peak_rss_kb']} / {peaks[1000]['peak_rss_kb']} kB")
+        peaks[n] = measure(source, src, str(tmp_path / f"out{n}"))
+        assert peaks[n]["kept"] == n
+    heap = [peaks[n]["tracemalloc_peak"] for n in (100, 1000)]
+    pool = [peaks[n]["arrow_pool_peak"] for n in (100, 1000)]
+    rss = [peaks[n]["peak_rss_kb"] for n in (100, 1000)]
+    print(f"\nstreaming, --from {source}: input {sizes[100]} / {sizes[1000]} B (100 / 1000 rows); "
+          f"peak Python heap {heap[0]} / {heap[1]} B (+{heap[1] - heap[0]}); "
+          + (f"pyarrow pool peak {pool[0]} / {pool[1]} B (+{pool[1] - pool[0]}); " if pool[0] is not None else "")
+          + f"peak RSS {rss[0]} / {rss[1]} kB")
     assert sizes[1000] - sizes[100] > 3_000_000
-    assert peaks[1000]["tracemalloc_peak"] - peaks[100]["tracemalloc_peak"] < 500_000
-    # pyarrow's own buffers (outside tracemalloc): with its default pre_buffer=True this grew by the
-    # file's size (~3 MB here); convert.py turns it off
-    assert peaks[1000]["arrow_pool_peak"] - peaks[100]["arrow_pool_peak"] < 1_000_000
+    assert heap[1] - heap[0] < 500_000
+    if pool[0] is not None:
+        assert pool[1] - pool[0] < 1_000_000
+
+
+# ----------------------------------------------------------------------------- a converted file trains and evaluates
+
+def test_a_converted_file_trains_and_evaluates(tmp_path, toy_base):
+    """convert.py's output is read by train.py (stage 1, 2 steps on the toy model, info-gap probe
+    included) and eval.py as they are: both exit 0 and write their outputs."""
+    for k in range(4):
+        write_file(tmp_path / "src" / f"{k}.png", img_bytes(160, 120, "PNG", 20 + k))     # >= 112 px a side
+    rows = [{"id": "flag", "image": "0.png", "question": "What color is the flag?", "answer": "red"},
+            {"id": "bag", "image": "1.png", "question": "Which color is the bag?", "answer": "blue",
+             "choices": ["red", "blue"]},
+            {"id": "sign", "image": "2.png", "question": "What is on the sign?", "answer": "STOP",
+             "bbox": [[40, 30, 20, 10], [30, 20, 50, 40]]},
+            {"image": "3.png", "question": "How many birds are there?", "answer": 3}]
+    out = str(tmp_path / "conv")
+    src = write_jsonl(tmp_path / "src" / "set.jsonl", rows)
+    r = subprocess.run([sys.executable, "convert.py", "--from", "jsonl", src, "--out", out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data_path = os.path.join(out, "train.jsonl")
+    ids = [t.id for t in data.load_tasks(data_path)]
+    assert ids == ["jsonl:flag", "jsonl:bag", "jsonl:sign", "jsonl:set:4"]
+
+    run = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "train.py", "--stage", "1", "--data", data_path, "--model", toy_base,
+                        "--out", run, "--steps", "2", "--prompts", "2", "--group", "2", "--micro-batch", "2",
+                        "--max-new-tokens", "8", "--max-response-tokens", "16", "--max-turns", "2", "--probe-k", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    assert os.path.isfile(os.path.join(run, "ckpt", "trainer.pt"))
+    probed = [json.loads(line)["id"] for line in open(os.path.join(run, "info_gap_cache.jsonl"))]
+    assert sorted(probed) == sorted(ids)                        # the info gap probed every converted task
+
+    ev = str(tmp_path / "eval")
+    r = subprocess.run([sys.executable, "eval.py", "--data", data_path, "--model", toy_base, "--limit", "2",
+                        "--max-new-tokens", "8", "--gallery", "0", "--probes", "none", "--out", ev],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(os.path.join(ev, "results.json")))
+    assert res["metrics"]["n"] == 2
+    assert [it["id"] for it in res["items"]["normal"]] == ids[:2]
