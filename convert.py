@@ -99,7 +99,7 @@ PARQUET_BATCH_ROWS rows at a time and only the needed columns (pyarrow's default
 ahead every row group: memory then grows with the file); JSON arrays and JSONL are parsed record by
 record; each image is written as soon as its row is checked. Memory is bounded by one parquet row group
 plus one batch, plus the sets of ids and file names kept (~250 bytes a row). Measured by
-tests/test_data.py's streaming tests. pyarrow is optional: only the parquet sources import it, and
+tests/test_convert.py's streaming tests. pyarrow is optional: only the parquet sources import it, and
 without it they stop with "pip install pyarrow".
 
 Reruns: an --out folder that already holds train.jsonl, dropped.jsonl or images/ is REFUSED unless

@@ -250,22 +250,24 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
 
 def select_budgets(tasks: list[Task], answer_fn: AnswerFn, model_key: str, cache_path: str | None = None,
                    full_tokens: int = 1024, floor_tokens: int = 16, ratio: float = 0.5, k: int = 4,
-                   batch_size: int = 32, progress: bool = True, judge: Judge | None = None) -> list[dict]:
+                   batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
+                   write_path: str | None = None) -> list[dict]:
     """One record per task (format: the cache's), in task order; see the module docstring. Items with the
-    same content are probed once."""
+    same content are probed once. New records go to `write_path` (default: the cache itself)."""
     budgets = ladder(full_tokens, floor_tokens, ratio)
     if k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
     judge = judge or RuleJudge()
     keys = [item_key(t) for t in tasks]
-    done = load_cache(cache_path, model_key, budgets, k)
-    if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    done = {**load_cache(cache_path, model_key, budgets, k), **load_cache(write_path, model_key, budgets, k)}
+    write_path = write_path or cache_path
+    if write_path:
+        os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)
     todo = {key: t for key, t in zip(keys, tasks) if key not in done}           # first of each content
     queue, flight = deque(todo.items()), []
     bar = tqdm(total=len(tasks), initial=len(tasks) - sum(key in todo for key in keys), desc="info gap", unit="item",
                disable=not progress)
-    with open(cache_path, "a", encoding="utf-8") if cache_path else contextlib.nullcontext() as cache:
+    with open(write_path, "a", encoding="utf-8") if write_path else contextlib.nullcontext() as cache:
         while queue or flight:
             while queue and len(flight) < batch_size:
                 key, task = queue.popleft()
@@ -320,11 +322,23 @@ class ProberConfig:
 
 
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
-          batch_size: int = 32, progress: bool = True, judge: Judge | None = None) -> list[dict]:
+          batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
+          write_path: str | None = None) -> list[dict]:
     """`select_budgets` with the model's own direct answers: one record per task, in order."""
     answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample)
     return select_budgets(tasks, answer_fn, cfg.model_key(model), cache_path, cfg.full_tokens, cfg.floor_tokens,
-                          cfg.ratio, cfg.k, batch_size, progress, judge)
+                          cfg.ratio, cfg.k, batch_size, progress, judge, write_path)
+
+
+def merge_parts(cache_path: str, parts: list[str]) -> None:
+    """Append the finished records of cache parts (one per rank under torchrun) to the cache; drop the parts."""
+    with open(cache_path, "a", encoding="utf-8") as out:
+        for part in parts:
+            if os.path.exists(part):
+                for line in open(part, encoding="utf-8"):
+                    if line.strip():
+                        out.write(line if line.endswith("\n") else line + "\n")
+                os.remove(part)
 
 
 def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens: int = 64,

@@ -239,9 +239,10 @@ def read_prompts(path: str) -> dict[str, str]:
         return json.load(f)
 
 
-def save_agent(agent: Agent, path: str) -> None:
-    """Model, tokenizer, image processor and prompts in one folder that `load_agent` reads back."""
-    agent.model.save_pretrained(path)
+def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
+    """Model, tokenizer, image processor and prompts in one folder that `load_agent` reads back.
+    `state_dict`: the model's weights gathered whole (a sharded model's, dist.full_state)."""
+    agent.model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     agent.tokenizer.save_pretrained(path)
     agent.image_processor.save_pretrained(path)
     with open(os.path.join(path, PROMPT_FILE), "w", encoding="utf-8") as f:

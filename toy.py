@@ -168,9 +168,24 @@ def rollout_config(**kw) -> lfpc.RolloutConfig:
     return lfpc.RolloutConfig(**{**ROLLOUT, **kw})
 
 
+IMPRESSION = "<think>The {colour} box looks {pattern}.</think>"      # the base's first impression (warmup.py)
+UNCLEAR = "<think>The {colour} box is unclear.</think>"
+
+
+def impression(colour: str, pattern: str | None) -> str:
+    """The think text of a first impression: a pattern, or None for "unclear"."""
+    return UNCLEAR.format(colour=colour) if pattern is None else IMPRESSION.format(colour=colour, pattern=pattern)
+
+
+def word_ids(agent) -> set[int]:
+    """Token ids of the pattern words, as they appear in answers and impressions."""
+    return {t for p in PATTERNS for form in (p, " " + p) for t in agent.encode(form)[-1:]}
+
+
 def tokenizer():
     """The tiny tokenizer, trained also on the toy's words so each pattern name is one token."""
     words = [QUESTION.format(colour=c) for c in COLOURS] + [f"<answer>{p}</answer>" for p in PATTERNS]
+    words += [impression(c, p) for c in COLOURS for p in PATTERNS + (None,)]
     boxes = [crop_tool.format_tool_call([a, b, a + 56, b + 56], f"{c} box")
              for a in range(0, 169, 28) for b in range(0, 169, 28) for c in COLOURS]
     # every coordinate 0..224 one token, with and without the leading space (" 14" and "[14"); a real
@@ -187,7 +202,7 @@ def tokenizer():
 # steps). theta 1e3 and [1, 4, 11] give height 0.65..0.18 and width 0.12..0.0015 rad per token (the
 # low frequencies remain for long-range text attention); then a locate-only probe learns exact cell
 # boxes in ~400 steps.
-ROPE = dict(rope_theta=1000.0, mrope_section=[1, 4, 11])
+ROPE = dict(rope_theta=10.0, mrope_section=[1, 4, 11])
 
 
 def agent(seed: int = 0, **model_kw) -> lfpc.Agent:

@@ -58,6 +58,7 @@ from tqdm import tqdm
 import checkpoint
 import crop_tool
 import data
+import dist
 import engine
 import grpo
 import info_gap
@@ -230,22 +231,29 @@ RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume")   # what --
 
 
 def main(argv=None) -> None:
+    w = dist.setup()                                   # a world of one unless launched by torchrun
     a = parse_args(argv)
+    a.device = dist.device(w, a.device)
+    if a.prompts % w.size:
+        raise SystemExit(f"--prompts {a.prompts} must divide by the {w.size} ranks (whole GRPO groups per rank)")
     run = checkpoint.RunFolder(a.out)
     saved = None
     if a.resume:
-        a, saved = resume_args(a, run, given_flags(argv))
+        a, saved = resume_args(a, run, given_flags(argv), w)
     elif run.used():
         raise SystemExit(f"{a.out} already holds a run ({', '.join(run.used())}): pass --resume to continue it, "
                          f"or another --out for a new run")
-    run.lock()
+    if w.main:
+        run.lock()
+    dist.barrier(w)
     try:
-        train(a, run, saved)
+        train(a, run, saved, w)
     finally:
-        run.unlock()
+        if w.main:
+            run.unlock()
 
 
-def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
+def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World = dist.World()) -> None:
     """The run: data, model, information gap, then the steps, a checkpoint every --save-every."""
     tasks = read_tasks(a)                               # every data problem, before the model loads
     random.seed(a.seed)
@@ -253,11 +261,13 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
     agent = policy.load_model(a, os.path.join(a.out, "ckpt") if saved else "")
     if a.prompt:
         agent = replace(agent, style=a.prompt)
+    if w.distributed and not a.lora:
+        dist.shard(agent.model, w)                     # FSDP2: full fine-tuning needs the training state sharded
     a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache)
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
-    set_budgets(a, agent, tasks, judge)
+    set_budgets(a, agent, tasks, judge, w)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
         ref_model = lfpc.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
@@ -266,45 +276,56 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None) -> None:
                             fused=agent.device.type == "cuda")           # fused: no full-size temporaries
     start = 0
     if saved:
-        opt.load_state_dict(saved["optimizer"])
+        dist.load_optimizer(agent.model, opt, saved["optimizer"])
         for group in opt.param_groups:
             group["lr"] = a.lr                                           # --resume --lr applies
         start = saved["step"]
         random.setstate(saved["rng"]["python"])
         torch.set_rng_state(saved["rng"]["torch"])
-        run.truncate_metrics(start)
+        if w.main:
+            run.truncate_metrics(start)
     order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
-    bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps)
+    bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps, disable=not w.main)
     bad = 0
     for step in bar:
         t0 = time.time()
         pos = step * a.prompts
         batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
-        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model, judge)
+        m = train_step(a, agent, opt, batch_tasks, cfg, step, ref_model, judge, w)
         m.update({"step": step + 1, "time/step_s": round(time.time() - t0, 2)})
-        run.log(m)
-        bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
-        tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        if w.main:
+            run.log(m)
+            bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
+            tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         bad = bad + 1 if "loss/skipped" in m else 0
         if bad >= MAX_BAD_STEPS:
             raise SystemExit(f"{bad} steps in a row skipped (non-finite or exploding gradients): stopping; the last "
                              f"good checkpoint is in {a.out} (lower --lr?)")
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            run.save(lambda folder: lfpc.save_agent(agent, folder),
-                     {"optimizer": opt.state_dict(), "step": step + 1, "args": asdict(a),
-                      "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
-    metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, os.path.join(a.out, "curves.png"))
+            model_state, opt_state = dist.full_state(agent.model, opt, w)     # every rank: a collective
+            if w.main:
+                run.save(lambda folder: lfpc.save_agent(agent, folder, model_state),
+                         {"optimizer": opt_state, "step": step + 1, "args": asdict(a), "world_size": w.size,
+                          "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
+            dist.barrier(w)
+    if w.main:
+        metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, os.path.join(a.out, "curves.png"))
 
 
-def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str]) -> tuple[Args, dict]:
+def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.World = dist.World()) -> tuple[Args, dict]:
     """The run's own arguments from its newest complete checkpoint (recovered if a kill hit the swap),
     with the flags that may change (RESUMABLE) taken from the command line; any other flag given with a
     value the run does not have is refused. The folder's own path wins over the one the run was saved in."""
-    found = run.recover()
+    found = run.recover() if w.main else run.latest()
+    dist.barrier(w)
+    found = found if w.main else run.latest()
     if found is None:
         raise SystemExit(f"--resume: no complete checkpoint in {a.out} (a run killed before its first checkpoint "
                          f"starts over: remove the folder or pass another --out)")
     _, state = found
+    if state.get("world_size", 1) != w.size:
+        raise SystemExit(f"--resume: the run in {a.out} trained on {state.get('world_size', 1)} rank(s), this launch has "
+                         f"{w.size}: resume with the same world size (data and sampling are split by it)")
     saved = Args(**state["args"])
     clash = sorted(k for k in given - set(RESUMABLE) if getattr(a, k) != getattr(saved, k))
     if clash:
@@ -323,45 +344,55 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str]) -> tuple[Ar
 # ----------------------------------------------------------------------------- one step
 
 def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-               step: int, ref_model=None, judge: Judge | None = None) -> dict[str, float]:
-    """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics."""
+               step: int, ref_model=None, judge: Judge | None = None, w: dist.World = dist.World()) -> dict[str, float]:
+    """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics
+    (over every rank's episodes). Under torchrun each rank takes its share of `tasks`."""
     t0 = time.perf_counter()
-    episodes, work = collect_episodes(a, agent, tasks, cfg, step, judge)
+    mine, offset = dist.share(tasks, w)
+    episodes, work = collect_episodes(a, agent, mine, cfg, step, judge, offset * a.group)
     t_rollout = time.perf_counter() - t0
-    m = update_policy(a, agent, opt, episodes, tasks, ref_model, judge)
+    m = update_policy(a, agent, opt, episodes, mine, ref_model, judge, w)
+    work = engine.Work(**{k: int(dist.all_sum(v, w)) for k, v in work.__dict__.items()})
     return {**m, **work.metrics(), "time/rollout_s": t_rollout}
 
 
 def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-                     step: int, judge: Judge | None = None) -> tuple[list[lfpc.Episode], engine.Work]:
+                     step: int, judge: Judge | None = None, first: int = 0) -> tuple[list[lfpc.Episode], engine.Work]:
     """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts), and what the
-    rollout engine did."""
+    rollout engine did. Episode k samples from stream (seed, step, first + k): `first` is the index of
+    this rank's first episode in the whole step (0 alone)."""
     agent.model.eval()
     work = engine.Work()
-    with policy.precision(agent):                          # sample in the precision of the update
-        episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=a.seed * 100_003 + step, work=work)
+    seed = a.seed * 1_000_000_007 + step * 1_000_003 + first       # disjoint streams for every step and episode
+    with policy.precision(agent), dist.gathered(agent.model):     # sample in the precision of the update
+        episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=seed, work=work)
     score(a, episodes, tasks, judge or RuleJudge())
     return episodes, work
 
 
 def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode], tasks: list[lfpc.Task],
-                  ref_model=None, judge: Judge | None = None) -> dict[str, float]:
+                  ref_model=None, judge: Judge | None = None, w: dist.World = dist.World()) -> dict[str, float]:
     """Group-normalised advantages, the clipped loss over micro-batches (divided by the token count of the
-    whole step), one optimizer step. Returns the step's metrics, with time/forward_s (the log-prob
-    forwards) and time/update_s (all of it)."""
+    WHOLE step: of every rank under torchrun), one optimizer step. Returns the step's metrics, with
+    time/forward_s (the log-prob forwards) and time/update_s (all of it)."""
     t_start, t_forward = time.perf_counter(), 0.0
     model = agent.model
     adv, adv_m = grpo.group_advantages(torch.tensor([e.reward for e in episodes]), a.group)
-    num_tokens = sum(e.num_generated for e in episodes)          # the WHOLE step's token count
+    num_tokens = dist.all_sum(sum(e.num_generated for e in episodes), w)   # the WHOLE step's token count
+    num_seqs = dist.all_sum(len(episodes), w)
     # Episodes with advantage 0 have zero policy gradient: not forwarded (their tokens still count), unless a
     # KL term gives every token a gradient.
     live = [i for i in range(len(episodes)) if adv[i] != 0 or a.beta > 0]
     model.train()
     opt.zero_grad(set_to_none=True)
-    sums, counted, gap = {}, 0, 0.0
+    sums, counted, gap, skip = {}, 0, 0.0, False
     lengths = [len(episodes[i].token_ids) for i in live]
-    for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True):   # little padding
-        idx = [live[j] for j in mb]
+    batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True)]
+    batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
+    for k, idx in enumerate(batches):
+        weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
+        idx = idx if idx is not None else [0]
+        dist.sync_on_last(model, k == len(batches) - 1)
         batch = engine.collate(agent, [episodes[i] for i in idx])
         t0 = time.perf_counter()
         with policy.precision(agent):
@@ -373,38 +404,47 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
         t_forward += _elapsed(t0, agent.device)
         # One update per batch: the old policy IS the current one, so its log-probs are this forward's own,
         # detached (ratio exactly 1, in the precision of the update). The sampler's are only compared.
-        sampled = batch.loss_mask.bool()
-        gap += float((lp.detach() - batch.old_logprobs).abs()[sampled].sum())
         loss, m = grpo.policy_loss(lp, lp.detach(), adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
-                                   clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=len(episodes),
+                                   clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                    ref_logprobs=ref, beta=a.beta)
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            return {**step_metrics(episodes, tasks, judge, adv_m, {}), "loss/skipped": 1.0}
-        loss.backward()
-        for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
-        sums["policy"] = sums.get("policy", 0.0) + loss.item()
-        counted += m["num_tokens"]
+        skip = skip or not torch.isfinite(loss)
+        (loss * weight if w.distributed else loss).backward()           # every rank the same backwards (FSDP2)
+        if weight:
+            gap += float((lp.detach() - batch.old_logprobs).abs()[batch.loss_mask.bool()].sum())
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
+            sums["policy"] = sums.get("policy", 0.0) + loss.item()
+            counted += m["num_tokens"]
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    if not torch.isfinite(grad_norm) or grad_norm > SKIP_GRAD_NORM:
+    dist.average_gradients(params, w)
+    grad_norm = dist.grad_norm(params, w, 1.0) if w.distributed else float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    keys = sorted({"clip_frac", "ratio_mean", "approx_kl", "num_tokens", "policy"} | ({"kl_ref"} if a.beta > 0 else set()))
+    totals = dist.all_sum([sums.get(k, 0.0) for k in keys] + [counted, gap, len(live), float(skip)], w)  # same on every rank
+    sums = {k: v for k, v in zip(keys, totals) if k in sums or w.distributed}
+    counted, gap, trained, skip = totals[len(keys)], totals[len(keys) + 1], int(totals[len(keys) + 2]), totals[-1]
+    if skip or not math.isfinite(grad_norm) or grad_norm > SKIP_GRAD_NORM:
         opt.zero_grad(set_to_none=True)                                   # a step that would wreck the weights
-        return {**step_metrics(episodes, tasks, judge, adv_m, {"grad_norm": float(grad_norm)}), "loss/skipped": 1.0}
-    norm_before = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
+        return {**step_metrics(episodes, tasks, judge, adv_m, {"grad_norm": grad_norm}, w), "loss/skipped": 1.0}
+    norm_before = _weight_norm(params, w)
     opt.step()
     opt.zero_grad(set_to_none=True)                                       # the rollout of the next step holds no gradients
-    norm_after = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
+    norm_after = _weight_norm(params, w)
     if not math.isfinite(norm_after) or norm_after > MAX_NORM_GROWTH * norm_before:
         raise SystemExit(f"the update blew the weights up (norm {norm_before:.4g} -> {norm_after:.4g}); nothing was "
                          f"saved from this step: resume from the last checkpoint with a lower --lr")
     lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
     lm.update({k: v / counted for k, v in sums.items() if counted and k not in ("policy", "num_tokens")})
-    lm.update(policy=sums.get("policy", 0.0), grad_norm=float(grad_norm), trained_episodes=len(live),
+    lm.update(policy=sums.get("policy", 0.0), grad_norm=grad_norm, trained_episodes=trained,
               sampler_gap=gap / counted if counted else 0.0)
-    m = step_metrics(episodes, tasks, judge, adv_m, lm)
+    m = step_metrics(episodes, tasks, judge, adv_m, lm, w)
     m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device)})
     return m
+
+
+def _weight_norm(params: list, w: dist.World) -> float:
+    if w.distributed:
+        return dist.weight_norm(params, w)
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])))
 
 
 def _elapsed(t0: float, device: torch.device) -> float:
@@ -430,8 +470,16 @@ def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task], judge: 
                 t.image_size, w, a.tau, a.omega, a.stage2_mode, acc)
 
 
-def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics) -> dict[str, float]:
-    """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss."""
+def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics, w: dist.World = dist.World()) -> dict[str, float]:
+    """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss; under
+    torchrun over every rank's episodes (gathered without their tokens and images)."""
+    if w.distributed:
+        parts = dist.gather(([_light(e) for e in episodes], tasks_light(tasks), adv_metrics["frac_zero_std"]), w)
+        episodes, tasks = [], []
+        for eps, ts, _ in parts:
+            episodes += [replace(e, task_index=e.task_index + len(tasks)) for e in eps]
+            tasks += ts
+        adv_metrics = {"frac_zero_std": sum(f for _, _, f in parts) / len(parts)}
     n = len(episodes)
     m = metrics.episode_metrics(episodes, tasks, judge)
     m["reward/mean"] = sum(e.reward for e in episodes) / n
@@ -440,6 +488,18 @@ def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics) -> dict[str,
     m["adv/frac_zero_std"] = adv_metrics["frac_zero_std"]
     m.update({f"loss/{k}": v for k, v in loss_metrics.items()})
     return m
+
+
+def _light(e: lfpc.Episode) -> lfpc.Episode:
+    """An episode without its token ids, log-probs and images (what the metrics need, small to send)."""
+    return replace(e, token_ids=[], logprobs=[], images=[], grids=[],
+                   crops=[replace(c, image=None) for c in e.crops])
+
+
+def tasks_light(tasks: list[lfpc.Task]) -> list[lfpc.Task]:
+    """Tasks as the metrics need them: a path stays, an in-memory image becomes a 1-bit blank of its size."""
+    from PIL import Image
+    return [replace(t, image=t.image if isinstance(t.image, str) else Image.new("1", t.image.size)) for t in tasks]
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -458,20 +518,32 @@ def read_tasks(a: Args) -> list[lfpc.Task]:
     return tasks
 
 
-def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge | None = None) -> None:
+def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge | None = None,
+                w: dist.World = dist.World()) -> None:
     """Each task's global budget: --full-tokens for all (--global-image full), the budgets the data carries
-    (info_gap.py --out), or else the information gap, probed with the model and cached."""
+    (info_gap.py --out), or else the information gap, probed with the model and cached. Under torchrun
+    the ranks probe every w.size-th item each, each into its own part of the cache; the records are
+    merged, and rank 0 appends the parts to the cache."""
     if a.global_image == "full":
         for t in tasks:
             t.max_pixels = a.full_tokens * crop_tool.TOKEN_PIXELS
         return
     if all(t.max_pixels for t in tasks):
         return
-    with policy.precision(agent):
-        records = info_gap.probe(tasks, agent, prober_config(a), os.path.abspath(a.model),
-                                 a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl"), batch_size=a.rollout_batch,
-                                 judge=judge)
-    print("info gap:", json.dumps(info_gap.summarize(records)))
+    cache = a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl")
+    part = f"{cache}.rank{w.rank}" if w.distributed else None
+    mine = tasks[w.rank::w.size]
+    with policy.precision(agent), dist.gathered(agent.model):
+        records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
+                                 batch_size=a.rollout_batch, judge=judge, write_path=part)
+    if w.distributed:
+        merged = dist.gather(records, w)
+        records = [merged[i % w.size][i // w.size] for i in range(len(tasks))]
+        if w.main:
+            info_gap.merge_parts(cache, [f"{cache}.rank{r}" for r in range(w.size)])
+        dist.barrier(w)
+    if w.main:
+        print("info gap:", json.dumps(info_gap.summarize(records)))
     for t, r in zip(tasks, records):
         t.max_pixels = r["max_pixels"]
 

@@ -5,20 +5,24 @@ Qwen2.5-VL-7B-Instruct, which already follows the tool format and can read.
     python warmup.py                       # trains and writes checkpoints/toy_base (the shipped base)
     python warmup.py --steps 50 --out /tmp/base --eval-items 50     # a quick run
 
-What the base learns, from supervised trajectories on toy items whose global image is mostly at FULL
-resolution (so, like DeepEyes, it can answer from the global image and crops perfunctorily) and
-sometimes at 1/2 or 1/√2 (`--low-res`: an instruct model copes with any resolution, and a base that
-has never seen a small global image produces no valid tool call there at all):
-- the tool format: `<tool_call>{... "bbox_2d": [...], "label": "red box"}</tool_call>` then, after
-  the crop comes back, `<answer>pattern</answer>`;
-- to crop somewhere plausible but NOT precisely: boxes are centred on the named square's grid cell,
-  grown by 0-2 half-cells, most often too big to read (`jittered_box`), with probability
-  `--wrong-crop` around another square (or another cell) and with probability `--big-crop` any box
-  (`random_box`);
-- to read the pattern: from the full-resolution global image, and from crops (the crops in these
-  trajectories often show the target);
-- to answer directly when no tool is offered (`--direct` of the examples): the info-gap prober and
-  `eval.py --no-tool` ask that way.
+What the base learns, from supervised trajectories on toy items whose global image is at FULL
+resolution (64 tokens) 60 % of the time, at 1/√2 (32) or 1/2 (16) otherwise (`--low-res`), is the
+habit the paper diagnoses in DeepEyes, visible in the text of every episode:
+- a first impression of the global image, then a crop: `<think>The red box looks checks.</think>
+  <tool_call>{... "bbox_2d": [...], "label": "red box"}</tool_call>`. At full resolution (and at 1/√2,
+  where the model reads what it can) the impression is the truth; at 1/2 every pattern averages to the
+  solid fill, so the impression is "solid" (70 %) or "unclear" (30 %, `--unclear`): a guess;
+- perfunctory crops (`habitual_box`): mostly the square's cell grown by 56 px (168 px a side, over the
+  toy's crop cap, so it comes back downsampled and unreadable) or around another cell; only ~15 %
+  of boxes are readable (the square with a margin of 0-6 px, its cell, or the cell grown by 28 px): a
+  spread of sizes that stage 2 can select among;
+- the answer after the crop: read from the crop when the crop shows the pattern natively (`readable`),
+  otherwise the first impression repeated (a random pattern when it was "unclear"). So replacing a
+  perfunctory crop by noise changes nothing (answer-before-crop), and a readable crop (the
+  ground-truth one included) is read;
+- to answer directly when no tool is offered (`--direct` of the examples: the impression, or a guess):
+  the info-gap prober and `eval.py --no-tool` ask that way.
+The model's rotary layout is toy.ROPE (theta 10: it places boxes along both axes at 16 tokens).
 Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
 over the answer word, over the four box coordinates, over every other assistant token. A tool call
 is ~40 tokens, mostly fixed syntax; a plain token mean would give the one answer token 1/45 of the
@@ -40,52 +44,66 @@ import engine
 import lfpc
 import toy
 
-def jittered_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> list[int]:
-    """A plausible but imprecise box around a square (x, y, ...): its grid cell grown by the same
-    0, 28 or 56 px on every side (probabilities .2, .3, .5), clamped to the canvas. It is centred on
-    the square (the base learns WHERE to look), but its most likely size (168 px) is over the toy's
-    crop cap, so that crop comes back downsampled and unreadable: the base's habitual crop is
-    perfunctory, and about half of its sampled boxes are tight enough to read."""
-    cell = toy.cell_of(*square[:2])
-    out = rng.choices([0, 28, 56], [.2, .3, .5])[0]
-    return [max(0, cell[0] - out), max(0, cell[1] - out), min(canvas, cell[2] + out), min(canvas, cell[3] + out)]
+def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[list[int], str]:
+    """A box around a square (x, y, side, ...), as the base habitually draws it, and its kind: "tight"
+    (the square with a 0-6 px margin), "cell" (its 56-px grid cell), "cell+28" (112 px: the largest crop
+    the toy shows natively), "cell+56" (168 px: downsampled, unreadable) or "other" (around another
+    cell). A grown box keeps its size at the canvas border (shifted inside, not clamped)."""
+    kind = rng.choices(HABIT, HABIT_P)[0]
+    x, y, side = square[:3]
+    if kind == "tight":
+        m = [rng.randrange(0, 7, 2) for _ in range(4)]
+        return [max(0, x - m[0]), max(0, y - m[1]), min(canvas, x + side + m[2]), min(canvas, y + side + m[3])], kind
+    if kind == "other":
+        x, y = rng.choice([(cx, cy) for cx in range(0, canvas, toy.CELL) for cy in range(0, canvas, toy.CELL)
+                           if toy.cell_of(cx, cy) != toy.cell_of(x, y)])
+        kind_out = rng.choice([0, 28, 56])
+    else:
+        kind_out = {"cell": 0, "cell+28": 28, "cell+56": 56}[kind]
+    cell = toy.cell_of(x, y)
+    side = toy.CELL + 2 * kind_out                 # kept whole: a grown box is shifted inside, not clamped, so
+    x1 = min(max(0, cell[0] - kind_out), canvas - side)      # a border cell's 168-px box stays unreadable
+    y1 = min(max(0, cell[1] - kind_out), canvas - side)
+    return [x1, y1, x1 + side, y1 + side], kind
 
 
-def random_box(rng: random.Random, canvas: int = toy.CANVAS) -> list[int]:
-    """Any box of 2..8 grid half-cells a side: the base must cope with big crops RL may try."""
-    w, h = rng.randint(2, 8) * 28, rng.randint(2, 8) * 28
-    x, y = rng.randint(0, (canvas - w) // 28) * 28, rng.randint(0, (canvas - h) // 28) * 28
-    return [x, y, x + w, y + h]
+HABIT = ("tight", "cell", "cell+28", "cell+56", "other")
+HABIT_P = (0.05, 0.05, 0.05, 0.65, 0.20)
 
 
-def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, wrong_crop: float,
-                big_crop: float, low_res: float) -> lfpc.Episode:
-    """One supervised trajectory, built with the rollout's own machinery (so its loss mask too)."""
+def readable(crop: crop_tool.Crop, b1) -> bool:
+    """Does the crop show the pattern at native resolution: B1 inside the region cut, nothing downsampled?"""
+    x1, y1, x2, y2 = crop.cut
+    return (crop.image.size == (x2 - x1, y2 - y1) and x1 <= b1[0] and y1 <= b1[1] and b1[2] <= x2 and b1[3] <= y2)
+
+
+def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, low_res: float,
+                unclear: float) -> lfpc.Episode:
+    """One supervised trajectory (the module docstring), built with the rollout's own machinery (so its
+    loss mask too)."""
     it = toy.make_item(seed)
     task = lfpc.Task(it["image"], it["question"], it["answer"], None, it["bboxes"])
-    colour = it["question"].split()[-2]
+    colour, truth = it["question"].split()[-2], it["answer"]
     tokens = rng.choice([toy.FULL_TOKENS // 4, toy.FULL_TOKENS // 2]) if rng.random() < low_res else toy.FULL_TOKENS
     cfg = toy.rollout_config(use_tool=not direct, global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     ep = lfpc.start_episode(agent, task, 0, cfg)
-    answer = agent.encode(f"<answer>{it['answer']}</answer>") + [agent.im_end]
+    if tokens > toy.FULL_TOKENS // 4:
+        impression = truth                                  # read from the global image (partly, at 1/√2)
+    else:
+        impression = None if rng.random() < unclear else "solid"   # at 1/2 every pattern looks solid
+    answer = impression or rng.choice(toy.PATTERNS)
     if not direct:
-        target = next(q for q in it["squares"] if q[3] == colour)
-        u = rng.random()
-        if u < big_crop:
-            box = random_box(rng)
-        elif u < big_crop + wrong_crop:     # around another square, or another cell when the image has one square
-            others = [q for q in it["squares"] if q is not target] or [
-                (x, y) for x in range(0, toy.CANVAS, toy.CELL) for y in range(0, toy.CANVAS, toy.CELL)
-                if toy.cell_of(x, y) != toy.cell_of(*target[:2])]
-            box = jittered_box(rng.choice(others), rng)
-        else:
-            box = jittered_box(target, rng)
+        square = next(q for q in it["squares"] if q[3] == colour)
+        box, _ = habitual_box(square, rng)
         # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
-        call = agent.encode(crop_tool.format_tool_call(box, f"{colour} box"))
+        call = agent.encode(toy.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
-    ep.append(answer, [0.0] * len(answer))             # supervised: trained on, no sampling log-probs
+        if ep.crops and readable(ep.crops[0], it["bboxes"][0]):
+            answer = truth                                  # the crop shows it: read it
+    tail = agent.encode(f"<answer>{answer}</answer>") + [agent.im_end]
+    ep.append(tail, [0.0] * len(tail))                     # supervised: trained on, no sampling log-probs
     return ep
 
 
@@ -104,16 +122,19 @@ def coordinate_positions(agent: lfpc.Agent, ep: lfpc.Episode) -> list[int]:
 
 
 def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -> torch.Tensor:
-    """The warm-up's loss on the assistant's tokens (the module docstring): the mean over the answer
-    words (each episode ends `<answer> WORD </answer> <|im_end|>`; answers=False: episodes that end
-    with a tool call), plus the mean over the box coordinates (when any), plus the mean over the rest."""
+    """The warm-up's loss on the assistant's tokens (the module docstring): the mean over the pattern
+    words (the first impression's and the answer's: each episode ends `<answer> WORD </answer>
+    <|im_end|>`; answers=False: episodes that end with a tool call), plus the mean over the box
+    coordinates (when any), plus the mean over the rest."""
     batch = engine.collate(agent, eps)
     lp = lfpc.token_logprobs(agent.model, batch)                      # [B, T]
-    word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the answer word of each row
+    word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the pattern words of each row
     coord = torch.zeros_like(batch.loss_mask)                         # [B, T]: the box coordinates
+    words = toy.word_ids(agent)
     for b, e in enumerate(eps):
         if answers:
             word[b, len(e.token_ids) - 3] = 1
+        word[b, [i for i, (t, m) in enumerate(zip(e.token_ids, e.loss_mask)) if m and t in words]] = 1
         coord[b, coordinate_positions(agent, e)] = 1
     rest = batch.loss_mask - word - coord
     loss = -(lp * rest).sum() / rest.sum()
@@ -184,9 +205,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")
-    p.add_argument("--wrong-crop", type=float, default=0.2, help="fraction of tool calls around another square")
-    p.add_argument("--big-crop", type=float, default=0.1, help="fraction of tool calls with any box")
     p.add_argument("--low-res", type=float, default=0.4, help="fraction of examples with a 1/2 or 1/sqrt(2) global image")
+    p.add_argument("--unclear", type=float, default=0.3, help="at 1/2: fraction of first impressions 'unclear'")
     p.add_argument("--hidden", type=int, default=128, help="text hidden size")
     p.add_argument("--layers", type=int, default=2, help="text layers")
     p.add_argument("--vision-hidden", type=int, default=64, help="vision tower hidden size")
@@ -219,7 +239,7 @@ def main() -> None:
     bar = tqdm(range(1, a.steps + 1), desc="warm-up")
     for step in bar:
         eps = [sft_episode(agent, a.seed * 1_000_003 + (step * a.batch + i) % 900_000, rng,
-                           rng.random() < a.direct, a.wrong_crop, a.big_crop, a.low_res) for i in range(a.batch)]
+                           rng.random() < a.direct, a.low_res, a.unclear) for i in range(a.batch)]
         loss = sft_loss(agent, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()

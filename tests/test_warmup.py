@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import crop_tool
 import lfpc
 import rewards
 import toy
@@ -24,21 +25,22 @@ def test_toy_tokenizer_writes_every_coordinate_as_one_token(agent):
         assert len(agent.encode(f" {v}")) == 1 and len(agent.encode(f"[{v}")) == 2, v
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_sft_box_is_written_in_the_shown_frame_and_crops_around_the_target(agent, seed):
-    """At a low-res global image, the written box scaled back to the original is the jittered cell."""
-    rng = random.Random(seed)
-    ep = warmup.sft_episode(agent, seed, rng, direct=False, wrong_crop=0.0, big_crop=0.0, low_res=1.0)
+@pytest.mark.parametrize("seed", range(8))
+def test_sft_box_is_written_in_the_shown_frame_and_is_a_habitual_box(agent, seed):
+    """At a low-res global image, the written box scaled back to the original is one of habitual_box's."""
+    ep = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=1.0, unclear=0.5)
     assert ep.shown_size[0] < toy.CANVAS                                     # low-res global
     it = toy.make_item(seed)
     (crop,) = ep.crops
-    b2 = it["bboxes"][1]                                                     # the named square's cell
-    x1, y1, x2, y2 = crop.box_original
-    # the cell grown by the same 0, 28 or 56 px on every side, clamped to the canvas, up to the
-    # rounding of the shown frame (<= 2 original px)
-    grown = lambda out: [max(0, b2[0] - out), max(0, b2[1] - out), min(224, b2[2] + out), min(224, b2[3] + out)]
-    assert any(all(abs(u - v) <= 2 for u, v in zip(crop.box_original, grown(out))) for out in (0, 28, 56)), \
-        (crop.box_original, b2)
+    x, y, side = next(q for q in it["squares"] if q[3] == it["question"].split()[-2])[:3]
+    near = lambda box: all(abs(u - v) <= 2 for u, v in zip(crop.box_original, box))   # the shown frame's rounding
+    def grown(c, out):                                                       # shifted inside, not clamped
+        x1, y1 = min(max(0, c[0] - out), 224 - 56 - 2 * out), min(max(0, c[1] - out), 224 - 56 - 2 * out)
+        return [x1, y1, x1 + 56 + 2 * out, y1 + 56 + 2 * out]
+    cells = [toy.cell_of(cx, cy) for cx in range(0, 224, 56) for cy in range(0, 224, 56)]
+    tight = all(-8 <= d <= 0 for d in (crop.box_original[0] - x, crop.box_original[1] - y)) and all(
+        0 <= d <= 8 for d in (crop.box_original[2] - x - side, crop.box_original[3] - y - side))
+    assert tight or any(near(grown(c, out)) for c in cells for out in (0, 28, 56)), crop.box_original
     pos = warmup.coordinate_positions(agent, ep)
     written = [int(agent.tokenizer.decode([ep.token_ids[p]])) for p in pos]
     assert written == pytest.approx(list(crop.box_shown))                  # the tool read what was written
@@ -46,8 +48,37 @@ def test_sft_box_is_written_in_the_shown_frame_and_crops_around_the_target(agent
     assert all(ep.loss_mask[p] == 1 for p in pos) and len(pos) == 4
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_first_impression_then_the_crop_when_readable_else_the_impression(agent, seed):
+    """The DeepEyes habit: think what the global image shows (the truth when it is readable; "solid" or
+    "unclear" at 1/2), crop, then answer from the crop only when it shows the pattern natively."""
+    ep = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=0.5, unclear=0.3)
+    it = toy.make_item(seed)
+    turn1 = ep.turns[0]
+    low = ep.shown_size[0] * 2 <= toy.CANVAS
+    if not low:
+        assert f"looks {it['answer']}." in turn1
+    else:
+        assert "looks solid." in turn1 or "is unclear." in turn1
+    answer = agent.tokenizer.decode(ep.token_ids[-4:-1])
+    if warmup.readable(ep.crops[0], it["bboxes"][0]):
+        assert answer == f"<answer>{it['answer']}</answer>"
+    elif "looks" in turn1:
+        assert answer == "<answer>" + turn1.split("looks ")[1].split(".")[0] + "</answer>"
+
+
+def test_readable_means_native_and_holding_b1():
+    from PIL import Image
+    im = Image.new("RGB", (56, 56))
+    crop = lambda cut, size: crop_tool.Crop(Image.new("RGB", size), cut, cut, cut)
+    assert warmup.readable(crop((56, 56, 112, 112), (56, 56)), [60, 60, 100, 100])
+    assert not warmup.readable(crop((0, 0, 168, 168), (112, 112)), [60, 60, 100, 100])   # downsampled
+    assert not warmup.readable(crop((0, 0, 56, 56), (56, 56)), [60, 60, 100, 100])       # B1 outside
+    assert im.size == (56, 56)
+
+
 def test_direct_episode_trains_only_the_answer(agent):
-    ep = warmup.sft_episode(agent, 3, random.Random(0), direct=True, wrong_crop=0, big_crop=0, low_res=0)
+    ep = warmup.sft_episode(agent, 3, random.Random(0), direct=True, low_res=0, unclear=0)
     trained = [t for t, m in zip(ep.token_ids, ep.loss_mask) if m]
     assert agent.tokenizer.decode(trained) == f"<answer>{toy.make_item(3)['answer']}</answer><|im_end|>"
     assert warmup.coordinate_positions(agent, ep) == []
