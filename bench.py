@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
+    p.add_argument("--world", type=int, default=1, help="estimate: ranks under torchrun (full fine-tuning shards)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
     p.add_argument("--device", default="", help='"" = cuda if available else cpu')
@@ -287,7 +288,7 @@ def main(argv=None) -> dict:
         shape = memory.StepShape(config=a.config, lora=a.lora, visual_tokens=a.visual_tokens,
                                  response_tokens=a.response_tokens, crops=a.crops, crop_tokens=a.crop_tokens,
                                  rollout_rows=a.rollout_rows, group=a.group, train_tokens=a.train_tokens,
-                                 logprob_chunk=a.logprob_chunk)
+                                 logprob_chunk=a.logprob_chunk, world=a.world)
         t0 = time.perf_counter()
         report = {"mode": "estimate-memory", **memory.estimate(shape), "seconds": round(time.perf_counter() - t0, 1),
                   **_versions("cpu")}

@@ -4,6 +4,7 @@ allocating the weights.
     python bench.py --config 7b --estimate-memory --lora 64                   # 7B LoRA r64, 1K global images
     python bench.py --config 7b --estimate-memory --lora 64 --visual-tokens 16384 --rollout-rows 8
     python bench.py --config 3b --estimate-memory                             # 3B full fine-tuning
+    python bench.py --config 7b --estimate-memory --world 8                   # 7B full fine-tuning, a rank of 8
 
 Method: the language model runs under torch's FakeTensorMode (shapes and dtypes, no storage) inside
 `torch.distributed._tools.mem_tracker.MemTracker`, which records the bytes alive at the peak by kind
@@ -29,6 +30,9 @@ LoRA (a transient of the forward), trained under full fine-tuning (its checkpoin
 through the backward). What the estimate leaves out: the CUDA context and cuBLAS workspaces (~1 GB),
 allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
+Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
+state (FSDP2) and gathers the rest of the weights for its rollouts; the activations of the sharded
+training step are those of the unsharded one (one layer gathered at a time is not counted).
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class StepShape:
     train_tokens: int = 16384        # padded tokens per training micro-batch
     logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head
     grad_ckpt: bool = True
+    world: int = 1                   # ranks under torchrun: full fine-tuning shards its training state (dist.py)
 
     @property
     def episode_tokens(self) -> int:
@@ -77,12 +82,15 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
                   _tracked(frozen, lambda lm: _prefill_step(lm, s.rollout_rows, s.crop_tokens + 30), fake),
                   key=lambda snap: snap["activations"])
     trainable = _trainable_bytes(config, s.lora)
-    held = {"weights": weights, "optimizer": 2 * trainable}          # AdamW's moments live from step 1 on
+    shards = s.world if not s.lora else 1                             # FSDP2 shards full fine-tuning only
+    held = {"weights": weights // shards, "optimizer": 2 * trainable // shards}   # AdamW's moments: from step 1 on
     rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
+    if shards > 1:
+        rollout["gathered_weights"] = weights - weights // shards       # rollouts run on gathered shards
     per_mb = max(1, s.train_tokens // s.episode_tokens)
     policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
     step = _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
-    train = {**held, "gradients": trainable, "activations": step["activations"]}   # every gradient: a later micro-batch
+    train = {**held, "gradients": trainable // shards, "activations": step["activations"]}   # every gradient
     head = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s).head,),
                     lambda h: _head_step(h, s, config.get_text_config().hidden_size), fake)
     out = {"shape": {**asdict(s), "episode_tokens": s.episode_tokens, "episodes_per_micro_batch": per_mb},
@@ -303,7 +311,8 @@ def episode_bytes(episodes) -> dict:
 
 def format_report(r: dict) -> str:
     """The breakdown as aligned text, in GiB."""
-    lines = [f"{r['shape']['config']} {'LoRA r' + str(r['shape']['lora']) if r['shape']['lora'] else 'full fine-tuning'}, "
+    lines = [f"{r['shape']['config']} {'LoRA r' + str(r['shape']['lora']) if r['shape']['lora'] else 'full fine-tuning'}"
+             f"{', one rank of ' + str(r['shape']['world']) if r['shape']['world'] > 1 else ''}, "
              f"episodes of {r['shape']['episode_tokens']} tokens (global {r['shape']['visual_tokens']}, response "
              f"{r['shape']['response_tokens']}, {r['shape']['crops']} crops of {r['shape']['crop_tokens']})"]
     for phase in ("rollout", "training"):

@@ -9,19 +9,21 @@ What the base learns, from supervised trajectories on toy items whose global ima
 resolution (64 tokens) 60 % of the time, at 1/√2 (32) or 1/2 (16) otherwise (`--low-res`), is the
 habit the paper diagnoses in DeepEyes, visible in the text of every episode:
 - a first impression of the global image, then a crop: `<think>The red box looks checks.</think>
-  <tool_call>{... "bbox_2d": [...], "label": "red box"}</tool_call>`. At full resolution (and at 1/√2,
-  where the model reads what it can) the impression is the truth; at 1/2 every pattern averages to the
-  solid fill, so the impression is "solid" (70 %) or "unclear" (30 %, `--unclear`): a guess;
+  <tool_call>{... "bbox_2d": [...], "label": "red box"}</tool_call>`. At full resolution the impression
+  is the truth; at 1/√2 it is the model's own reading, confident (the truth as far as it can tell) or,
+  with probability `--unclear` (30 %), `<think>The red box is unclear.</think>`; at 1/2 every pattern
+  averages to the solid fill and the impression is always "unclear";
+- the answer after the crop: a confident impression is repeated WHATEVER the crop shows (answer-
+  before-crop: replacing the crop by noise changes nothing); after "unclear" the answer is read from
+  the crop when it shows the pattern natively (`readable`), else guessed;
 - perfunctory crops (`habitual_box`): mostly the square's cell grown by 56 px (168 px a side, over the
-  toy's crop cap, so it comes back downsampled and unreadable) or around another cell; only ~15 %
-  of boxes are readable (the square with a margin of 0-6 px, its cell, or the cell grown by 28 px): a
+  toy's crop cap, so it comes back downsampled and unreadable) or around another cell; a quarter of the
+  boxes are readable (the square with a margin of 0-6 px, its cell, or the cell grown by 28 px): a
   spread of sizes that stage 2 can select among;
-- the answer after the crop: read from the crop when the crop shows the pattern natively (`readable`),
-  otherwise the first impression repeated (a random pattern when it was "unclear"). So replacing a
-  perfunctory crop by noise changes nothing (answer-before-crop), and a readable crop (the
-  ground-truth one included) is read;
 - to answer directly when no tool is offered (`--direct` of the examples: the impression, or a guess):
   the info-gap prober and `eval.py --no-tool` ask that way.
+So the base reads a ground-truth crop whenever it is unsure of the global image (always at 1/2), and
+ignores the crop when it believes the global image: RL at the information gap has a habit to break.
 The model's rotary layout is toy.ROPE (theta 10: it places boxes along both axes at 16 tokens).
 Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
 over the answer word, over the four box coordinates, over every other assistant token. A tool call
@@ -68,7 +70,7 @@ def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[
 
 
 HABIT = ("tight", "cell", "cell+28", "cell+56", "other")
-HABIT_P = (0.05, 0.05, 0.05, 0.65, 0.20)
+HABIT_P = (0.08, 0.08, 0.09, 0.60, 0.15)
 
 
 def readable(crop: crop_tool.Crop, b1) -> bool:
@@ -87,11 +89,14 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     tokens = rng.choice([toy.FULL_TOKENS // 4, toy.FULL_TOKENS // 2]) if rng.random() < low_res else toy.FULL_TOKENS
     cfg = toy.rollout_config(use_tool=not direct, global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     ep = lfpc.start_episode(agent, task, 0, cfg)
-    if tokens > toy.FULL_TOKENS // 4:
-        impression = truth                                  # read from the global image (partly, at 1/√2)
+    if tokens == toy.FULL_TOKENS:
+        impression = truth                                  # read from the global image
+    elif tokens == toy.FULL_TOKENS // 2:                    # partly readable: a confident reading, or unsure
+        impression = None if rng.random() < unclear else truth
     else:
-        impression = None if rng.random() < unclear else "solid"   # at 1/2 every pattern looks solid
-    answer = impression or rng.choice(toy.PATTERNS)
+        impression = None                                   # at 1/2 every pattern averages to the solid fill
+    guess = rng.choice(toy.PATTERNS)
+    answer = impression or guess
     if not direct:
         square = next(q for q in it["squares"] if q[3] == colour)
         box, _ = habitual_box(square, rng)
@@ -100,8 +105,8 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
         call = agent.encode(toy.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
-        if ep.crops and readable(ep.crops[0], it["bboxes"][0]):
-            answer = truth                                  # the crop shows it: read it
+        if impression is None and ep.crops and readable(ep.crops[0], it["bboxes"][0]):
+            answer = truth                                  # unsure of the global image: the crop decides
     tail = agent.encode(f"<answer>{answer}</answer>") + [agent.im_end]
     ep.append(tail, [0.0] * len(tail))                     # supervised: trained on, no sampling log-probs
     return ep
@@ -206,7 +211,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")
     p.add_argument("--low-res", type=float, default=0.4, help="fraction of examples with a 1/2 or 1/sqrt(2) global image")
-    p.add_argument("--unclear", type=float, default=0.3, help="at 1/2: fraction of first impressions 'unclear'")
+    p.add_argument("--unclear", type=float, default=0.3, help="at 1/sqrt(2): fraction of first impressions 'unclear'")
     p.add_argument("--hidden", type=int, default=128, help="text hidden size")
     p.add_argument("--layers", type=int, default=2, help="text layers")
     p.add_argument("--vision-hidden", type=int, default=64, help="vision tower hidden size")

@@ -93,3 +93,13 @@ def test_host_memory_of_16_rollouts_holds_each_image_once(tiny):
         c.width * c.height for c in crops) // 16)
     print(f"host bytes, 16 rollouts: {b['images'] / 2**20:.1f} MiB of images + {b['token_lists'] / 2**20:.2f} MiB "
           f"of token lists; fp32 pixels per episode: {b['fp32_pixels_per_episode_before'] / 2**20:.1f} MiB")
+
+
+def test_ranks_shard_full_fine_tunings_training_state_and_gather_it_to_sample():
+    one = memory.estimate(memory.StepShape(**TINY, lora=0), vision=False)
+    two = memory.estimate(memory.StepShape(**TINY, lora=0, world=2), vision=False)
+    assert two["training"]["weights"] == one["training"]["weights"] // 2
+    assert two["training"]["optimizer"] == one["training"]["optimizer"] // 2
+    assert two["rollout"]["weights"] + two["rollout"]["gathered_weights"] == one["rollout"]["weights"]
+    lora = memory.estimate(memory.StepShape(**TINY, lora=4, world=2), vision=False)   # LoRA: whole on every rank
+    assert "gathered_weights" not in lora["rollout"]
