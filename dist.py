@@ -105,6 +105,24 @@ def gather(obj, w: World) -> list:
     return out
 
 
+def gather_episodes(episodes: list, tasks: list, zero_std: float, w: World) -> tuple[list, list, float]:
+    """Every rank's episodes and tasks (episodes re-indexed to the joined task list), for the step's
+    metrics: sent without token ids, log-probs and images (an in-memory image becomes a 1-bit blank of
+    its size), and the fraction of all-equal groups over all ranks."""
+    from dataclasses import replace
+    from PIL import Image
+    light = ([replace(e, token_ids=[], logprobs=[], images=[], grids=[], crops=[replace(c, image=None) for c in e.crops])
+              for e in episodes],
+             [replace(t, image=t.image if isinstance(t.image, str) else Image.new("1", t.image.size)) for t in tasks],
+             zero_std)
+    all_eps, all_tasks = [], []
+    parts = gather(light, w)
+    for eps, ts, _ in parts:
+        all_eps += [replace(e, task_index=e.task_index + len(all_tasks)) for e in eps]
+        all_tasks += ts
+    return all_eps, all_tasks, sum(z for _, _, z in parts) / len(parts)
+
+
 def barrier(w: World) -> None:
     if w.distributed:
         tdist.barrier()

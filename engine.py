@@ -46,6 +46,195 @@ SampleFn = Callable[["Agent", list["Episode"], list[int], "RolloutConfig"], list
 StepFn = Callable[["Episode", list[int], list[float], str, int], None]    # (episode, tokens, log-probs, finish, turn)
 
 
+# ----------------------------------------------------------------------------- the two engines
+
+@torch.no_grad()
+def run_cached(agent: "Agent", episodes: list["Episode"], group_size: int, cfg: "RolloutConfig", step: StepFn,
+               work: Work, script: SampleFn | None = None) -> None:
+    """Every turn of `episodes` (whole groups: rows g*G .. g*G+G-1 share one prompt) with one KV cache:
+    the prompts prefilled once, copied to their groups, only the environment's tokens prefilled after each
+    turn, ended rows dropped. `step(episode, tokens, log-probs, finish, turn)` applies a sampled turn.
+    `script` (tests) replaces decoding: its turns are then prefilled with what the environment appends."""
+    vision = Vision(agent, work)
+    kv = empty_kv(agent, len(episodes) // group_size)
+    extend(agent, kv, episodes[::group_size], vision, work)                   # each prompt once
+    kv.repeat(group_size)
+    rows = list(episodes)
+    for turn in range(cfg.max_turns):
+        budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in rows]
+        if script is None:
+            u = None if cfg.temperature <= 0 else uniforms(rows, max(budget), agent.device)
+            turns = decode(agent, kv, budget, cfg, u, work)
+        else:
+            turns = script(agent, rows, budget, cfg)
+        for e, (toks, lps, finish) in zip(rows, turns):
+            step(e, toks, lps, finish, turn)
+        keep = [i for i, e in enumerate(rows) if not e.done]
+        if not keep:
+            break
+        kv.select(keep)
+        rows = [rows[i] for i in keep]
+        extend(agent, kv, rows, vision, work)
+
+
+@torch.no_grad()
+def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[int], cfg: "RolloutConfig",
+                work: Work | None = None, script: SampleFn | None = None) -> list[tuple[list[int], list[float], str]]:
+    """The reference engine: continue every episode by one assistant turn, prefilling the WHOLE episodes
+    (left-padded, every image through the vision tower) into a fresh KV cache, then `decode` (or, in
+    tests, take the turns of `script`)."""
+    work = work if work is not None else Work()
+    batch = collate(agent, episodes, left_pad=True, share_images=False)
+    feats = batch_image_features(agent.model, batch)
+    if feats is not None:
+        work.image_encodes += batch.image_grid_thw.shape[0]
+        work.vision_patches += batch.pixel_values.shape[0]
+    h, cache = hidden_states(agent.model, batch.input_ids, batch.attention_mask, batch.position_ids, feats,
+                             use_cache=True)
+    work.prefill_tokens += int(batch.attention_mask.sum())
+    kv = KV(cache, batch.attention_mask, (batch.position_ids.amax(dim=(0, 2)) + 1).tolist(),
+            [len(e.token_ids) for e in episodes], [len(e.images) for e in episodes], agent.model.lm_head(h[:, -1]))
+    if script is not None:
+        return script(agent, episodes, max_new_tokens, cfg)
+    u = None if cfg.temperature <= 0 else uniforms(episodes, max(max_new_tokens), agent.device)
+    return decode(agent, kv, max_new_tokens, cfg, u, work)
+
+
+# ----------------------------------------------------------------------------- the KV cache and decoding
+
+@dataclass
+class KV:
+    """The KV cache of B rows and what each row holds. Slots are shared across rows; a row's unused
+    slots (left padding, rows that stopped earlier in a turn) are masked out."""
+    cache: object                 # a transformers DynamicCache
+    mask: torch.Tensor            # [B, S] 1 where the slot holds one of the row's tokens
+    next_pos: list[int]           # per row, the rotary position of its next token
+    fed: list[int]                # per row, how many of its episode's tokens are in the cache
+    images_fed: list[int]         # per row, how many of its episode's images are in the cache
+    logits: torch.Tensor | None = None   # [B, V] next-token logits after the last fed token of each row
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (cache, mask and bookkeeping), in that order."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.next_pos, self.fed, self.images_fed = ([x[r] for r in rows] for x in (self.next_pos, self.fed,
+                                                                                     self.images_fed))
+        self.logits = None if self.logits is None else self.logits[idx]
+
+    def repeat(self, n: int) -> None:
+        """Each row n times in a row (a task's prompt, copied to its n rollouts)."""
+        self.select([r for r in range(self.mask.shape[0]) for _ in range(n)])
+
+
+def empty_kv(agent: "Agent", rows: int) -> KV:
+    from transformers import DynamicCache
+    return KV(DynamicCache(), torch.zeros(rows, 0, dtype=torch.long, device=agent.device), [0] * rows, [0] * rows,
+              [0] * rows)
+
+
+@torch.no_grad()
+def extend(agent: "Agent", kv: KV, episodes: list["Episode"], vision: Vision, work: Work) -> None:
+    """Prefill, row by row, the tokens of each episode not yet in the cache (left-padded to one length),
+    their images' features from `vision`; then kv.logits are the rows' next-token logits."""
+    B = len(episodes)
+    new = [e.token_ids[f:] for e, f in zip(episodes, kv.fed)]
+    L = max(len(n) for n in new)
+    ids = torch.full((B, L), agent.pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    images = []
+    for b, (e, n) in enumerate(zip(episodes, new)):
+        ids[b, L - len(n):] = torch.tensor(n)
+        mask[b, L - len(n):] = 1
+        pos[:, b, L - len(n):], kv.next_pos[b] = segment_positions(n, e.grids[kv.images_fed[b]:], kv.next_pos[b],
+                                                                   agent.image_pad, agent.merge)
+        images += e.images[kv.images_fed[b]:]
+        kv.fed[b], kv.images_fed[b] = len(e.token_ids), len(e.images)
+    dev = agent.device
+    kv.mask = torch.cat([kv.mask, mask.to(dev)], 1)                            # [B, S+L]
+    h, kv.cache = hidden_states(agent.model, ids.to(dev), kv.mask, pos.to(dev), vision.features(images),
+                                kv.cache, use_cache=True)
+    kv.logits = agent.model.lm_head(h[:, -1])                                  # [B, V]
+    work.prefill_tokens += sum(len(n) for n in new)
+
+
+@torch.no_grad()
+def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfig", u: torch.Tensor | None,
+           work: Work) -> list[tuple[list[int], list[float], str]]:
+    """Sample one assistant turn for every row of `kv`, up to max_new_tokens[b] tokens, one device sync a
+    step; `u` [B, N]: the rows' uniforms (None when greedy). Returns per row (tokens, log-probs, finish),
+    finish "stop" (</tool_call>), "eos" (<|im_end|>, included) or "length". Every sampled token except
+    each row's last is fed back into the cache (the last one starts the next `extend`)."""
+    if cfg.decode not in ("dynamic", "static"):
+        raise ValueError(f"cfg.decode must be 'dynamic' or 'static', got {cfg.decode!r}")
+    model, B, N = agent.model, len(max_new_tokens), max(max_new_tokens)
+    S, dev = kv.mask.shape[1], kv.mask.device
+    cache, attn = kv.cache, kv.mask                                         # [B, S]
+    if cfg.decode == "static":                                              # fixed shapes for every step
+        cache = _static_copy(model, kv.cache, S + N)
+        attn = torch.cat([attn, torch.zeros(B, N, dtype=torch.long, device=dev)], 1)   # [B, S+N]: slot S+t is step t
+    logits, next_pos = env_only_masked(kv.logits, agent.env_only_ids), torch.tensor(kv.next_pos, device=dev)  # [B, V], [B]
+    out = [([], [], "length") for _ in range(B)]
+    live, fed = [True] * B, 0
+    for step in range(N):
+        tok, lp = sample(logits, cfg.temperature, cfg.top_p, None if u is None else u[:, step])   # [B], [B]
+        tok_l, lp_l = tok.tolist(), lp.tolist()                             # one device sync per step
+        if any(live[b] and not math.isfinite(lp_l[b]) for b in range(B)):
+            raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf logits): "
+                                     "its weights are damaged")
+        for b in range(B):
+            if not live[b]:
+                continue
+            toks, lps, _ = out[b]
+            toks.append(tok_l[b])
+            lps.append(lp_l[b])
+            hit = tok_l[b] in agent.stop_ids or (
+                agent.stop_strings and agent.tokenizer.decode(toks[-8:]).endswith(agent.stop_strings))
+            if hit:
+                out[b] = (toks, lps, "eos" if tok_l[b] == agent.im_end else "stop")
+            if hit or len(toks) >= max_new_tokens[b]:
+                live[b] = False
+        if not any(live):
+            break
+        alive = torch.tensor(live, device=dev)                              # [B]
+        tok = tok.masked_fill(~alive, agent.pad_id)
+        if cfg.decode == "static":
+            attn[:, S + step] = alive.long()
+        else:
+            attn = torch.cat([attn, alive.long()[:, None]], 1)              # [B, S+step+1]
+        pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)                # [3, B, 1]
+        h, cache = hidden_states(model, tok[:, None], attn, pos, cache=cache, use_cache=True)
+        logits = env_only_masked(model.lm_head(h[:, -1]), agent.env_only_ids)
+        work.decode_tokens += sum(live)
+        fed += 1
+    kv.cache = _dynamic_copy(cache, S + fed) if cfg.decode == "static" else cache
+    kv.mask = attn[:, :S + fed]
+    for b, (toks, _, _) in enumerate(out):
+        kv.next_pos[b] += len(toks) - 1
+        kv.fed[b] += len(toks) - 1
+    kv.logits = None
+    return out
+
+
+def _static_copy(model, cache, length: int):
+    """A StaticCache of `length` slots holding the dynamic `cache`'s keys and values in its first slots."""
+    from transformers import StaticCache
+    static = StaticCache(config=model.config.get_text_config(), max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys, layer.values, i)
+    return static
+
+
+def _dynamic_copy(static, length: int):
+    """A DynamicCache of the first `length` slots of a StaticCache."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for i, layer in enumerate(static.layers):
+        cache.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
+    return cache
+
+
 # ----------------------------------------------------------------------------- batches
 
 @dataclass
@@ -276,192 +465,3 @@ def uniforms(episodes: list["Episode"], n: int, device) -> torch.Tensor:
         g = torch.Generator().manual_seed(e.seed)
         out.append(torch.rand(e.num_generated + n, generator=g)[e.num_generated:])
     return torch.stack(out).to(device)
-
-
-# ----------------------------------------------------------------------------- the KV cache and decoding
-
-@dataclass
-class KV:
-    """The KV cache of B rows and what each row holds. Slots are shared across rows; a row's unused
-    slots (left padding, rows that stopped earlier in a turn) are masked out."""
-    cache: object                 # a transformers DynamicCache
-    mask: torch.Tensor            # [B, S] 1 where the slot holds one of the row's tokens
-    next_pos: list[int]           # per row, the rotary position of its next token
-    fed: list[int]                # per row, how many of its episode's tokens are in the cache
-    images_fed: list[int]         # per row, how many of its episode's images are in the cache
-    logits: torch.Tensor | None = None   # [B, V] next-token logits after the last fed token of each row
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows` (cache, mask and bookkeeping), in that order."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
-        self.mask = self.mask[idx]
-        self.next_pos, self.fed, self.images_fed = ([x[r] for r in rows] for x in (self.next_pos, self.fed,
-                                                                                     self.images_fed))
-        self.logits = None if self.logits is None else self.logits[idx]
-
-    def repeat(self, n: int) -> None:
-        """Each row n times in a row (a task's prompt, copied to its n rollouts)."""
-        self.select([r for r in range(self.mask.shape[0]) for _ in range(n)])
-
-
-def empty_kv(agent: "Agent", rows: int) -> KV:
-    from transformers import DynamicCache
-    return KV(DynamicCache(), torch.zeros(rows, 0, dtype=torch.long, device=agent.device), [0] * rows, [0] * rows,
-              [0] * rows)
-
-
-@torch.no_grad()
-def extend(agent: "Agent", kv: KV, episodes: list["Episode"], vision: Vision, work: Work) -> None:
-    """Prefill, row by row, the tokens of each episode not yet in the cache (left-padded to one length),
-    their images' features from `vision`; then kv.logits are the rows' next-token logits."""
-    B = len(episodes)
-    new = [e.token_ids[f:] for e, f in zip(episodes, kv.fed)]
-    L = max(len(n) for n in new)
-    ids = torch.full((B, L), agent.pad_id, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    pos = torch.zeros(3, B, L, dtype=torch.long)
-    images = []
-    for b, (e, n) in enumerate(zip(episodes, new)):
-        ids[b, L - len(n):] = torch.tensor(n)
-        mask[b, L - len(n):] = 1
-        pos[:, b, L - len(n):], kv.next_pos[b] = segment_positions(n, e.grids[kv.images_fed[b]:], kv.next_pos[b],
-                                                                   agent.image_pad, agent.merge)
-        images += e.images[kv.images_fed[b]:]
-        kv.fed[b], kv.images_fed[b] = len(e.token_ids), len(e.images)
-    dev = agent.device
-    kv.mask = torch.cat([kv.mask, mask.to(dev)], 1)                            # [B, S+L]
-    h, kv.cache = hidden_states(agent.model, ids.to(dev), kv.mask, pos.to(dev), vision.features(images),
-                                kv.cache, use_cache=True)
-    kv.logits = agent.model.lm_head(h[:, -1])                                  # [B, V]
-    work.prefill_tokens += sum(len(n) for n in new)
-
-
-@torch.no_grad()
-def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfig", u: torch.Tensor | None,
-           work: Work) -> list[tuple[list[int], list[float], str]]:
-    """Sample one assistant turn for every row of `kv`, up to max_new_tokens[b] tokens, one device sync a
-    step; `u` [B, N]: the rows' uniforms (None when greedy). Returns per row (tokens, log-probs, finish),
-    finish "stop" (</tool_call>), "eos" (<|im_end|>, included) or "length". Every sampled token except
-    each row's last is fed back into the cache (the last one starts the next `extend`)."""
-    if cfg.decode not in ("dynamic", "static"):
-        raise ValueError(f"cfg.decode must be 'dynamic' or 'static', got {cfg.decode!r}")
-    model, B, N = agent.model, len(max_new_tokens), max(max_new_tokens)
-    S, dev = kv.mask.shape[1], kv.mask.device
-    cache, attn = kv.cache, kv.mask                                         # [B, S]
-    if cfg.decode == "static":                                              # fixed shapes for every step
-        cache = _static_copy(model, kv.cache, S + N)
-        attn = torch.cat([attn, torch.zeros(B, N, dtype=torch.long, device=dev)], 1)   # [B, S+N]: slot S+t is step t
-    logits, next_pos = env_only_masked(kv.logits, agent.env_only_ids), torch.tensor(kv.next_pos, device=dev)  # [B, V], [B]
-    out = [([], [], "length") for _ in range(B)]
-    live, fed = [True] * B, 0
-    for step in range(N):
-        tok, lp = sample(logits, cfg.temperature, cfg.top_p, None if u is None else u[:, step])   # [B], [B]
-        tok_l, lp_l = tok.tolist(), lp.tolist()                             # one device sync per step
-        if any(live[b] and not math.isfinite(lp_l[b]) for b in range(B)):
-            raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf logits): "
-                                     "its weights are damaged")
-        for b in range(B):
-            if not live[b]:
-                continue
-            toks, lps, _ = out[b]
-            toks.append(tok_l[b])
-            lps.append(lp_l[b])
-            hit = tok_l[b] in agent.stop_ids or (
-                agent.stop_strings and agent.tokenizer.decode(toks[-8:]).endswith(agent.stop_strings))
-            if hit:
-                out[b] = (toks, lps, "eos" if tok_l[b] == agent.im_end else "stop")
-            if hit or len(toks) >= max_new_tokens[b]:
-                live[b] = False
-        if not any(live):
-            break
-        alive = torch.tensor(live, device=dev)                              # [B]
-        tok = tok.masked_fill(~alive, agent.pad_id)
-        if cfg.decode == "static":
-            attn[:, S + step] = alive.long()
-        else:
-            attn = torch.cat([attn, alive.long()[:, None]], 1)              # [B, S+step+1]
-        pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)                # [3, B, 1]
-        h, cache = hidden_states(model, tok[:, None], attn, pos, cache=cache, use_cache=True)
-        logits = env_only_masked(model.lm_head(h[:, -1]), agent.env_only_ids)
-        work.decode_tokens += sum(live)
-        fed += 1
-    kv.cache = _dynamic_copy(cache, S + fed) if cfg.decode == "static" else cache
-    kv.mask = attn[:, :S + fed]
-    for b, (toks, _, _) in enumerate(out):
-        kv.next_pos[b] += len(toks) - 1
-        kv.fed[b] += len(toks) - 1
-    kv.logits = None
-    return out
-
-
-def _static_copy(model, cache, length: int):
-    """A StaticCache of `length` slots holding the dynamic `cache`'s keys and values in its first slots."""
-    from transformers import StaticCache
-    static = StaticCache(config=model.config.get_text_config(), max_cache_len=length)
-    for i, layer in enumerate(cache.layers):
-        static.update(layer.keys, layer.values, i)
-    return static
-
-
-def _dynamic_copy(static, length: int):
-    """A DynamicCache of the first `length` slots of a StaticCache."""
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    for i, layer in enumerate(static.layers):
-        cache.update(layer.keys[:, :, :length], layer.values[:, :, :length], i)
-    return cache
-
-
-# ----------------------------------------------------------------------------- the two engines
-
-@torch.no_grad()
-def run_cached(agent: "Agent", episodes: list["Episode"], group_size: int, cfg: "RolloutConfig", step: StepFn,
-               work: Work, script: SampleFn | None = None) -> None:
-    """Every turn of `episodes` (whole groups: rows g*G .. g*G+G-1 share one prompt) with one KV cache:
-    the prompts prefilled once, copied to their groups, only the environment's tokens prefilled after each
-    turn, ended rows dropped. `step(episode, tokens, log-probs, finish, turn)` applies a sampled turn.
-    `script` (tests) replaces decoding: its turns are then prefilled with what the environment appends."""
-    vision = Vision(agent, work)
-    kv = empty_kv(agent, len(episodes) // group_size)
-    extend(agent, kv, episodes[::group_size], vision, work)                   # each prompt once
-    kv.repeat(group_size)
-    rows = list(episodes)
-    for turn in range(cfg.max_turns):
-        budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in rows]
-        if script is None:
-            u = None if cfg.temperature <= 0 else uniforms(rows, max(budget), agent.device)
-            turns = decode(agent, kv, budget, cfg, u, work)
-        else:
-            turns = script(agent, rows, budget, cfg)
-        for e, (toks, lps, finish) in zip(rows, turns):
-            step(e, toks, lps, finish, turn)
-        keep = [i for i, e in enumerate(rows) if not e.done]
-        if not keep:
-            break
-        kv.select(keep)
-        rows = [rows[i] for i in keep]
-        extend(agent, kv, rows, vision, work)
-
-
-@torch.no_grad()
-def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[int], cfg: "RolloutConfig",
-                work: Work | None = None, script: SampleFn | None = None) -> list[tuple[list[int], list[float], str]]:
-    """The reference engine: continue every episode by one assistant turn, prefilling the WHOLE episodes
-    (left-padded, every image through the vision tower) into a fresh KV cache, then `decode` (or, in
-    tests, take the turns of `script`)."""
-    work = work if work is not None else Work()
-    batch = collate(agent, episodes, left_pad=True, share_images=False)
-    feats = batch_image_features(agent.model, batch)
-    if feats is not None:
-        work.image_encodes += batch.image_grid_thw.shape[0]
-        work.vision_patches += batch.pixel_values.shape[0]
-    h, cache = hidden_states(agent.model, batch.input_ids, batch.attention_mask, batch.position_ids, feats,
-                             use_cache=True)
-    work.prefill_tokens += int(batch.attention_mask.sum())
-    kv = KV(cache, batch.attention_mask, (batch.position_ids.amax(dim=(0, 2)) + 1).tolist(),
-            [len(e.token_ids) for e in episodes], [len(e.images) for e in episodes], agent.model.lm_head(h[:, -1]))
-    if script is not None:
-        return script(agent, episodes, max_new_tokens, cfg)
-    u = None if cfg.temperature <= 0 else uniforms(episodes, max(max_new_tokens), agent.device)
-    return decode(agent, kv, max_new_tokens, cfg, u, work)

@@ -472,14 +472,10 @@ def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task], judge: 
 
 def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics, w: dist.World = dist.World()) -> dict[str, float]:
     """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss; under
-    torchrun over every rank's episodes (gathered without their tokens and images)."""
+    torchrun over every rank's episodes."""
     if w.distributed:
-        parts = dist.gather(([_light(e) for e in episodes], tasks_light(tasks), adv_metrics["frac_zero_std"]), w)
-        episodes, tasks = [], []
-        for eps, ts, _ in parts:
-            episodes += [replace(e, task_index=e.task_index + len(tasks)) for e in eps]
-            tasks += ts
-        adv_metrics = {"frac_zero_std": sum(f for _, _, f in parts) / len(parts)}
+        episodes, tasks, zero_std = dist.gather_episodes(episodes, tasks, adv_metrics["frac_zero_std"], w)
+        adv_metrics = {"frac_zero_std": zero_std}
     n = len(episodes)
     m = metrics.episode_metrics(episodes, tasks, judge)
     m["reward/mean"] = sum(e.reward for e in episodes) / n
@@ -488,18 +484,6 @@ def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics, w: dist.Worl
     m["adv/frac_zero_std"] = adv_metrics["frac_zero_std"]
     m.update({f"loss/{k}": v for k, v in loss_metrics.items()})
     return m
-
-
-def _light(e: lfpc.Episode) -> lfpc.Episode:
-    """An episode without its token ids, log-probs and images (what the metrics need, small to send)."""
-    return replace(e, token_ids=[], logprobs=[], images=[], grids=[],
-                   crops=[replace(c, image=None) for c in e.crops])
-
-
-def tasks_light(tasks: list[lfpc.Task]) -> list[lfpc.Task]:
-    """Tasks as the metrics need them: a path stays, an in-memory image becomes a 1-bit blank of its size."""
-    from PIL import Image
-    return [replace(t, image=t.image if isinstance(t.image, str) else Image.new("1", t.image.size)) for t in tasks]
 
 
 # ----------------------------------------------------------------------------- data and model

@@ -16,10 +16,10 @@ habit the paper diagnoses in DeepEyes, visible in the text of every episode:
 - the answer after the crop: a confident impression is repeated WHATEVER the crop shows (answer-
   before-crop: replacing the crop by noise changes nothing); after "unclear" the answer is read from
   the crop when it shows the pattern natively (`readable`), else guessed;
-- perfunctory crops (`habitual_box`): mostly the square's cell grown by 56 px (168 px a side, over the
-  toy's crop cap, so it comes back downsampled and unreadable) or around another cell; a quarter of the
-  boxes are readable (the square with a margin of 0-6 px, its cell, or the cell grown by 28 px): a
-  spread of sizes that stage 2 can select among;
+- perfunctory crops (`habitual_box`), always centred on the right square (the base knows WHERE to look):
+  three times in four its cell grown by 56 px (168 px a side, over the toy's crop cap, so it comes back
+  downsampled and unreadable); a quarter of the boxes are readable (the square with a margin of 0-6 px,
+  its cell, or the cell grown by 28 px): a spread of sizes that RL can select among;
 - to answer directly when no tool is offered (`--direct` of the examples: the impression, or a guess):
   the info-gap prober and `eval.py --no-tool` ask that way.
 So the base reads a ground-truth crop whenever it is unsure of the global image (always at 1/2), and
@@ -70,7 +70,7 @@ def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[
 
 
 HABIT = ("tight", "cell", "cell+28", "cell+56", "other")
-HABIT_P = (0.08, 0.08, 0.09, 0.60, 0.15)
+HABIT_P = (0.08, 0.08, 0.09, 0.75, 0.0)
 
 
 def readable(crop: crop_tool.Crop, b1) -> bool:
