@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="Qwen2.5-VL checkpoint: a folder (e.g. written by lfpc.save_agent) or hub name "
                    "(toy preset: the latest toy checkpoint)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="the project's JSONL of tasks (lfpc.load_tasks)")
+    src.add_argument("--data", help="the project's JSONL of tasks (data.load_tasks)")
     src.add_argument("--vstar", help="V* folder holding direct_attributes/ and relative_position/")
     src.add_argument("--hrbench", help="HR-Bench TSV (hr_bench_4k.tsv or hr_bench_8k.tsv)")
     p.add_argument("--image-cache", help="folder for HR-Bench's decoded images (default: <tsv stem>_images/ beside it)")

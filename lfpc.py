@@ -25,7 +25,9 @@ Contract
   the crop of the task's B1. Invalid calls go back as error turns under every probe.
 - `token_logprobs(model, batch)` recomputes, in one forward over whole episodes (all images),
   log pi(token) for every loss-mask token; at temperature T both the sampler and this function use
-  log_softmax(logits / T). Top-p truncation is not in these log-probs (as verl).
+  log_softmax(logits / T) over the policy's vocabulary (the tokens only the environment writes, such as
+  <|image_pad|>, are never sampled: -inf in both). Top-p truncation is not in these log-probs (as
+  verl). The lm_head runs a chunk of tokens at a time (no [tokens, vocabulary] logits for a batch).
 """
 from __future__ import annotations
 
