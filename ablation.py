@@ -47,7 +47,7 @@ BUDGET_NAMES = {"low": "1/2 side, the pattern unreadable", "mid": "1/√2 side, 
                 "full": "full resolution"}
 ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", "GT-crop change"),
         ("box/iou_b1", "IoU with B1"), ("box/dx_b1", "box x-centre error"), ("box/dy_b1", "box y-centre error"),
-        ("box/area_frac", "box area / image"), ("tool/crop_rate", "crop rate")]
+        ("box/area_frac", "box area / image"), ("tool/crop_rate", "crop rate"), ("format/valid_rate", "format valid")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,17 +174,28 @@ def summarize(a, evals: dict[str, dict], wall: dict[str, list[float]]) -> dict:
 
 
 def check_targets(t: dict) -> list[tuple[str, bool, str]]:
-    """The issue's three targets, from the means at the low budget; the noise-drop ratio also at the
-    mid budget when it was evaluated (the paper's 1K global is partly readable, as the toy's mid one)."""
+    """The targets, from the means: the base still reads and keeps the format (low budget); the baseline
+    answers from the global image (mid budget); stage 1 depends on its crop (noise-crop drop >= 3x the
+    baseline's) without losing accuracy (low and mid); stage 2 boxes more precisely (low budget)."""
     at = lambda row, b, k: t[row][b][k][0]
     out = []
-    for b in [b for b in ("low", "mid") if b in t["baseline"]]:
+    if "probe/gt" in t["base"]["low"] and at("base", "low", "probe/gt") is not None:
+        gt = at("base", "low", "acc") + at("base", "low", "probe/gt")
+        fmt = at("base", "low", "format/valid_rate")
+        out.append(("the base reads a ground-truth crop (>= 0.95) and keeps the format (>= 0.95), low budget",
+                    gt >= 0.95 and fmt >= 0.95, f"GT-crop accuracy {gt:.3f}, format-valid {fmt:.3f}"))
+    budgets = [b for b in ("low", "mid") if b in t["baseline"]]
+    if "mid" in budgets:
+        nb = at("baseline", "mid", "probe/noise")
+        out.append(("the baseline answers from the global image: noise-crop change >= -0.10 (mid budget)", nb >= -0.10,
+                    f"{nb:+.3f}"))
+    for b in budgets:
         nb, n1 = -at("baseline", b, "probe/noise"), -at("stage1", b, "probe/noise")
         out.append((f"noise-crop drop after stage 1 >= 3x the baseline's ({b} budget)", n1 >= 3 * max(nb, 0) and n1 > 0,
                     f"stage 1 {n1:.3f} vs baseline {nb:.3f} ({n1 / nb if nb > 0 else float('inf'):.1f}x)"))
+        a1, ab = at("stage1", b, "acc"), at("baseline", b, "acc")
+        out.append((f"stage-1 accuracy >= baseline's ({b} budget)", a1 >= ab, f"{a1:.3f} vs {ab:.3f}"))
     low = lambda row, k: at(row, "low", k)
-    out.append(("stage-1 accuracy >= baseline's (low budget)", low("stage1", "acc") >= low("baseline", "acc"),
-                f"{low('stage1', 'acc'):.3f} vs {low('baseline', 'acc'):.3f}"))
     i1, i2 = low("stage1", "box/iou_b1") or 0.0, low("stage2", "box/iou_b1") or 0.0
     ok = i2 >= i1 + 0.10 and low("stage2", "acc") >= low("stage1", "acc")
     out.append(("stage 2: IoU with B1 +0.10 over stage 1, accuracy not lower (low budget)", ok,

@@ -264,6 +264,7 @@ def run_info(agent: lfpc.Agent) -> dict:
 
 
 PRED_COLOUR, TRUE_COLOUR, GAP = (230, 30, 30), (30, 200, 60), 8
+GALLERY_HEIGHT = 448            # panels lower than this are upscaled (nearest neighbour) by a whole factor
 
 
 def _panel(ep: lfpc.Episode, task: lfpc.Task) -> Image.Image:
@@ -302,16 +303,20 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
     for j, i in enumerate(pick):
         ep, task = episodes[i], tasks[episodes[i].task_index]
         name = f"item_{j:03d}.png"
-        _panel(ep, task).save(os.path.join(out_dir, name))
+        panel = _panel(ep, task)
+        zoom = max(1, GALLERY_HEIGHT // panel.height)            # small images (the toy's) upscaled to be read
+        panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST).save(os.path.join(out_dir, name))
         ok = rewards.accuracy(ep.answer, task.answer, task.choices) > 0
         choices = "".join(f"<br>({chr(65 + k)}) {esc(c)}" for k, c in enumerate(task.choices or []))
         reward = (f"<br>reward {ep.reward:.3f} {esc(json.dumps(ep.reward_parts))}" if ep.reward_parts else "")
         errors = "".join(f"<br>tool error: {esc(r)}" for r in ep.tool_errors)
         turns = "".join(f"<p>turn {k}:</p><pre>{esc(t)}</pre>" for k, t in enumerate(ep.turns, 1))
+        think = ep.turns[0].split("<think>")[1].split("</think>")[0] if ep.turns and "<think>" in ep.turns[0] else None
+        think = f"<br><b>first impression</b> {esc(think)}" if think else ""
         parts.append(f"<hr><h2>{esc(task.id or str(i))}: <span class='{'ok' if ok else 'bad'}'>"
                      f"{'correct' if ok else 'incorrect'}</span></h2><img src='{name}'>"
                      f"<p><b>question</b> {esc(task.question)}{choices}<br><b>answer</b> {esc(task.answer)}"
-                     f"<br><b>prediction</b> {esc(str(ep.answer))} (stop: {esc(ep.stop_reason)})"
+                     f"{think}<br><b>prediction</b> {esc(str(ep.answer))} (stop: {esc(ep.stop_reason)})"
                      f"{reward}{errors}</p>{turns}")
     path = os.path.join(out_dir, "index.html")
     with open(path, "w", encoding="utf-8") as f:

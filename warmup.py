@@ -206,7 +206,7 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="checkpoints/toy_base", help="output folder (HF format + prompts)")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")

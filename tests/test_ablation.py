@@ -36,7 +36,7 @@ def test_runs_every_arm_evaluates_and_resumes_without_retraining(base, tmp_path,
         for b in ablation.BUDGETS:
             m, _ = row[b]["acc"]
             assert 0.0 <= m <= 1.0
-    assert len(s["targets"]) == 3 and all(isinstance(t["met"], bool) for t in s["targets"])
+    assert len(s["targets"]) == 4 and all(isinstance(t["met"], bool) for t in s["targets"])   # no mid budget here
     assert "| stage2 |" in open(os.path.join(out, "table.md")).read()
 
     # a second call with --resume finds every run finished and every evaluation cached
@@ -63,23 +63,28 @@ def test_refuses_a_non_empty_out_without_resume(base, tmp_path):
         ablation.parse_args(["--base", base, "--out", str(tmp_path)])
 
 
-def test_target_checks_use_the_low_budget_means_and_the_mid_budget_for_the_noise_ratio():
-    def row(acc, noise, iou, mid_noise=None):
-        r = {"low": {"acc": (acc, 0.0), "probe/noise": (noise, 0.0), "box/iou_b1": (iou, 0.0)}}
+def test_target_checks_by_hand():
+    def row(acc, noise, iou, mid_noise=None, mid_acc=0.5, gt=None, fmt=1.0):
+        r = {"low": {"acc": (acc, 0.0), "probe/noise": (noise, 0.0), "box/iou_b1": (iou, 0.0),
+                     "probe/gt": (gt, 0.0), "format/valid_rate": (fmt, 0.0)}}
         if mid_noise is not None:
-            r["mid"] = {"acc": (0.5, 0.0), "probe/noise": (mid_noise, 0.0), "box/iou_b1": (0.0, 0.0)}
+            r["mid"] = {"acc": (mid_acc, 0.0), "probe/noise": (mid_noise, 0.0), "box/iou_b1": (0.0, 0.0)}
         return r
-    t = {"baseline": row(0.40, -0.05, 0.10), "stage1": row(0.60, -0.30, 0.15), "stage2": row(0.60, -0.30, 0.26)}
-    assert [ok for _, ok, _ in ablation.check_targets(t)] == [True, True, True]
+    t = {"base": row(0.2, 0.0, 0.05, gt=0.78), "baseline": row(0.40, -0.05, 0.10), "stage1": row(0.60, -0.30, 0.15),
+         "stage2": row(0.60, -0.30, 0.26)}
+    names = [n for n, _, _ in ablation.check_targets(t)]
+    assert [ok for _, ok, _ in ablation.check_targets(t)] == [True, True, True, True]
+    assert names[0].startswith("the base reads")
+    t["base"] = row(0.2, 0.0, 0.05, gt=0.70)                          # reads only 0.90 with the GT crop
     t["stage1"] = row(0.35, -0.14, 0.15)            # drop 0.14 < 3 x 0.05; accuracy below the baseline's
     t["stage2"] = row(0.34, -0.30, 0.40)            # IoU up by 0.25 but accuracy lower
-    assert [ok for _, ok, _ in ablation.check_targets(t)] == [False, False, False]
-    # with the mid budget: one more line, its own ratio (0.31 >= 3 x 0.10 met there; low still missed)
-    t = {"baseline": row(0.40, -0.05, 0.10, mid_noise=-0.10), "stage1": row(0.35, -0.14, 0.15, mid_noise=-0.31),
-         "stage2": row(0.60, -0.30, 0.26)}
+    assert [ok for _, ok, _ in ablation.check_targets(t)] == [False, False, False, False]
+    # with the mid budget: the baseline's own target, and a ratio and an accuracy check there too
+    t = {"base": row(0.2, 0.0, 0.05, gt=0.78), "baseline": row(0.40, -0.05, 0.10, mid_noise=-0.08, mid_acc=0.5),
+         "stage1": row(0.35, -0.14, 0.15, mid_noise=-0.31, mid_acc=0.55), "stage2": row(0.60, -0.30, 0.26)}
     checks = ablation.check_targets(t)
-    assert [ok for _, ok, _ in checks] == [False, True, False, True]
-    assert "(mid budget)" in checks[1][0] and "3.1x" in checks[1][2]
+    assert [ok for _, ok, _ in checks] == [True, True, False, False, True, True, True]
+    assert "(mid budget)" in checks[1][0] and "3.9x" in checks[4][2]
 
 
 def test_mean_std_skips_missing_values():

@@ -171,7 +171,8 @@ def test_gallery_writes_pngs_and_an_html_page_that_references_them(agent, tmp_pa
     assert "&lt;b&gt;What&lt;/b&gt;" in page and "<b>What</b>" not in page   # question escaped
     assert "incorrect" in page and "&lt;tool_call&gt;" in page
     panel = Image.open(tmp_path / "g" / pngs[0])
-    assert panel.height == eps[0].images[0].height and panel.width > eps[0].images[0].width   # crop beside
+    zoom = max(1, ev.GALLERY_HEIGHT // eps[0].images[0].height)               # small panels upscaled
+    assert panel.height == zoom * eps[0].images[0].height and panel.width > zoom * eps[0].images[0].width   # crop beside
 
 
 def test_cli_runs_on_a_saved_tiny_agent_and_writes_the_json(agent, tmp_path):
