@@ -2,7 +2,7 @@
 does the grounding reward make it precise?
 
     python ablation.py             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
-    python ablation.py --quick     # 1 seed, shorter runs, fewer eval items: the direction only
+    python ablation.py --quick     # 1 seed, 100 eval items: the directions only (~5 min on 2 cores)
     python ablation.py --resume    # keep finished runs and evaluations, redo the rest
 
 Arms, each from the shipped toy base (`checkpoints/toy_base`) with `train.py`'s toy preset:
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
     p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
     p.add_argument("--eval-items", type=int, default=300, help="held-out items per evaluation")
-    p.add_argument("--quick", action="store_true", help="1 seed, 30 + 30 steps, 100 eval items")
+    p.add_argument("--quick", action="store_true", help="1 seed, 100 eval items (the preset's steps)")
     p.add_argument("--resume", action="store_true", help="keep what an earlier call finished in --out")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. \"--lr 3e-5\"")
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.eval_items = a.steps or 30, min(a.eval_items, 100)
+        a.eval_items = min(a.eval_items, 100)
     try:
         a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     except ValueError:
@@ -146,6 +146,11 @@ def evaluate_model(a, model: str, name: str) -> dict:
         print(f"   eval {name} @{tokens} tokens: acc {m['acc']:.3f} noise {m['probe/noise']:+.3f} "
               f"gt {m['probe/gt']:+.3f} iou {m['box/iou_b1'] or 0:.3f} ({m['eval_seconds']} s)", flush=True)
     if name in ("base", f"stage2-s{a.seeds[0]}"):
+        import rewards
+        for e in galleries["low"]:                       # the stage-1 reward each episode would earn
+            t = tasks[e.task_index]
+            e.reward, e.reward_parts = rewards.outcome_reward(e.answer, t.answer, t.choices, e.malformed_turns,
+                                                              len(e.crops))
         ev.write_gallery(galleries["low"], tasks, os.path.join(a.out, "gallery", name), 8, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
