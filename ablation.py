@@ -4,6 +4,7 @@ does the grounding reward make it precise?
     python ablation.py             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
     python ablation.py --quick     # 1 seed, 100 eval items: the directions only (~5 min on 2 cores)
     python ablation.py --resume    # keep finished runs and evaluations, redo the rest
+    python ablation.py --box-payoff runs/ablation/stage1-s0/ckpt   # what stage 2 can select among
 
 Arms, each from the shipped toy base (`checkpoints/toy_base`) with `train.py`'s toy preset:
     baseline  RL with the global image at full resolution, the crop's source resolution too
@@ -65,7 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
                    help="rollout engine of every training run and evaluation (the same tokens either way)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--box-payoff", metavar="CKPT", default=None,
+                   help="only print, for CKPT's sampled first boxes on the stage-2 items at the low budget, "
+                        "how often each box size covers B1 and what stage 2's reward pays it; then exit")
     a = p.parse_args(argv)
+    if a.box_payoff:
+        if not os.path.isdir(a.box_payoff):
+            p.error(f"--box-payoff: checkpoint {a.box_payoff!r} not found")
+        return a
     if a.quick:
         a.eval_items = min(a.eval_items, 100)
     try:
@@ -234,6 +242,9 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.box_payoff:
+        print(box_payoff(a.box_payoff, a.engine))
+        return
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     evals, wall = {"base": evaluate_model(a, a.base, "base")}, {}
@@ -260,6 +271,45 @@ def main(argv=None) -> None:
     metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
                         ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
     print(f"total {report['total_minutes']} min; {os.path.join(a.out, 'summary.json')}")
+
+
+# ----------------------------------------------------------------------------- a diagnostic
+
+SIDES = (("<= 56 px (the cell or tighter)", 56), ("57-112 px", 112), ("> 112 px", 10 ** 9))
+
+
+def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0) -> str:
+    """What stage 2 can select among: `model`'s first boxes, sampled as in stage-2 training
+    (temperature 1, the annotated items, `group` rollouts each) with the global image at the low
+    budget, grouped by their longest side in original pixels. For each size: its share, how often it
+    covers B1 (the coverage gate), its accuracy, IoU with B1 and mean stage-2 reward (toy preset's
+    weights). A size whose boxes land off B1 pays less than a bigger, safer one, whatever its IoU."""
+    import lfpc
+    import rewards
+    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    tasks = toy.training_tasks(2, 0)
+    cfg = toy.rollout_config(global_max_pixels=BUDGETS["low"] * crop_tool.TOKEN_PIXELS, temperature=1.0,
+                             batch_size=64, engine=engine)
+    episodes = lfpc.rollout(agent, tasks, group, cfg, seed=seed)
+    rows = {name: [] for name, _ in SIDES}
+    for k, e in enumerate(episodes):
+        if not e.crops:
+            continue
+        t, box = tasks[k // group], e.crops[0].box_original
+        total, parts = rewards.stage2_reward(e.answer, t.answer, t.choices, e.malformed_turns, len(e.crops),
+                                             box, t.boxes, t.load_image().size)
+        side = max(box[2] - box[0], box[3] - box[1])
+        name = next(n for n, limit in SIDES if side <= limit)
+        rows[name].append((parts["gate"], parts["acc"], rewards.box_iou(box, t.boxes[0]), total))
+    lines = [f"{model}: {len(episodes)} episodes ({len(tasks)} stage-2 items x {group}), global image at "
+             f"{BUDGETS['low']} visual tokens, temperature 1",
+             "| first box side | share | covers B1 | accuracy | IoU with B1 | stage-2 reward |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if r:
+            means = [sum(col) / len(r) for col in zip(*r)]
+            lines.append(f"| {name} | {len(r) / len(episodes):.3f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lines.append(f"| no crop | {sum(not e.crops for e in episodes) / len(episodes):.3f} | | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
