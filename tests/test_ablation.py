@@ -5,6 +5,7 @@ import os
 import pytest
 
 import ablation
+import toy
 import train
 
 FAST = ("--n-train 8 --prompts 2 --group 2 --micro-batch 2 --max-new-tokens 8 --max-response-tokens 16 "
@@ -98,3 +99,19 @@ def test_quick_honours_seeds(base):
     assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a", "--quick"]).seeds == [0]
     assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a", "--quick", "--seeds", "1,2"]).seeds == [1, 2]
     assert ablation.parse_args(["--base", base, "--out", "/nonexistent/a"]).seeds == [0, 1, 2]
+
+
+def test_box_payoff_groups_the_shipped_bases_boxes_by_size():
+    """The shipped base's habit, as RESULTS.md reads it: most first boxes are > 112 px and cover B1;
+    the shares of the sizes and of 'no crop' add up to one."""
+    text = ablation.box_payoff(toy.BASE, group=1)
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in text.splitlines()[3:]}
+    assert abs(sum(float(r[0]) for r in rows.values()) - 1.0) < 0.01
+    big = [float(x) for x in rows["> 112 px"]]
+    assert big[0] > 0.5 and big[1] > 0.8               # share, covers B1
+
+
+def test_box_payoff_refuses_a_missing_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--box-payoff", "/nonexistent/ckpt"])
+    assert "not found" in capsys.readouterr().err
