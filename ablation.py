@@ -283,7 +283,8 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
     (temperature 1, the annotated items, `group` rollouts each) with the global image at the low
     budget, grouped by their longest side in original pixels. For each size: its share, how often it
     covers B1 (the coverage gate), its accuracy, IoU with B1 and mean stage-2 reward (toy preset's
-    weights). A size whose boxes land off B1 pays less than a bigger, safer one, whatever its IoU."""
+    weights), and a few of the small boxes that miss B1. A size whose boxes land off B1 pays less than a
+    bigger, safer one, whatever its IoU."""
     import lfpc
     import rewards
     agent = lfpc.load_agent(model, "cpu", torch.float32)
@@ -291,7 +292,7 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
     cfg = toy.rollout_config(global_max_pixels=BUDGETS["low"] * crop_tool.TOKEN_PIXELS, temperature=1.0,
                              batch_size=64, engine=engine)
     episodes = lfpc.rollout(agent, tasks, group, cfg, seed=seed)
-    rows = {name: [] for name, _ in SIDES}
+    rows, missed = {name: [] for name, _ in SIDES}, []       # missed: small boxes off B1, as examples
     for k, e in enumerate(episodes):
         if not e.crops:
             continue
@@ -301,6 +302,8 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
         side = max(box[2] - box[0], box[3] - box[1])
         name = next(n for n, limit in SIDES if side <= limit)
         rows[name].append((parts["gate"], parts["acc"], rewards.box_iou(box, t.boxes[0]), total))
+        if side <= SIDES[0][1] and parts["gate"] == 0.0 and len(missed) < 4:
+            missed.append(f"{list(box)} for the cell {[round(v) for v in t.boxes[1]]}")
     lines = [f"{model}: {len(episodes)} episodes ({len(tasks)} stage-2 items x {group}), global image at "
              f"{BUDGETS['low']} visual tokens, temperature 1",
              "| first box side | share | covers B1 | accuracy | IoU with B1 | stage-2 reward |", "|---|---|---|---|---|---|"]
@@ -309,6 +312,8 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
             means = [sum(col) / len(r) for col in zip(*r)]
             lines.append(f"| {name} | {len(r) / len(episodes):.3f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     lines.append(f"| no crop | {sum(not e.crops for e in episodes) / len(episodes):.3f} | | | | |")
+    if missed:
+        lines.append(f"{SIDES[0][0]} boxes that miss B1, e.g.: " + "; ".join(missed))
     return "\n".join(lines)
 
 
