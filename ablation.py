@@ -258,7 +258,8 @@ def main(argv=None) -> None:
     targets = check_targets(table)
     report = {"args": vars(a), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "total_minutes": round((time.time() - t_start) / 60, 1),
+              "date": time.strftime("%Y-%m-%d"),
+              "minutes_this_call": round((time.time() - t_start) / 60, 1),   # after --resume: only this call's part
               "table": table, "targets": [{"target": n, "met": ok, "measured": m} for n, ok, m in targets],
               "evals": evals}
     with open(os.path.join(a.out, "summary.json"), "w") as f:
@@ -270,7 +271,7 @@ def main(argv=None) -> None:
     print(text)
     metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
                         ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
-    print(f"total {report['total_minutes']} min; {os.path.join(a.out, 'summary.json')}")
+    print(f"{report['minutes_this_call']} min (this call); {os.path.join(a.out, 'summary.json')}")
 
 
 # ----------------------------------------------------------------------------- a diagnostic
