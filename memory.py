@@ -31,7 +31,8 @@ through the backward). What the estimate leaves out: the CUDA context and cuBLAS
 allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
-state (FSDP2) and gathers the rest of the weights for its rollouts; the activations of the sharded
+state (FSDP2) and gathers every weight for its rollouts, in bf16 (the mixed-precision policy's
+param_dtype: the gathered copy is half the fp32 masters); the activations of the sharded
 training step are those of the unsharded one (one layer gathered at a time is not counted).
 """
 from __future__ import annotations
@@ -86,7 +87,8 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     held = {"weights": weights // shards, "optimizer": 2 * trainable // shards}   # AdamW's moments: from step 1 on
     rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
     if shards > 1:
-        rollout["gathered_weights"] = weights - weights // shards       # rollouts run on gathered shards
+        rollout["gathered_weights"] = weights // 2     # rollouts run on every shard gathered, in bf16 (FSDP2's
+                                                       # param_dtype, dist.shard), beside the rank's fp32 shard
     per_mb = max(1, s.train_tokens // s.episode_tokens)
     policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
     step = _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
