@@ -6,7 +6,8 @@ Contract
 --------
 - `setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK). Without it (a plain `python
   train.py`) there is no process group, `World(rank=0, size=1)`, and every helper below is the identity:
-  single-process runs are untouched. Backend nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU.
+  single-process runs are untouched. Backends: nccl for CUDA tensors (device cuda:LOCAL_RANK) and gloo
+  for the CPU tensors of the counts and norms; gloo alone on a CPU machine.
 - Work: each rank rolls out its own contiguous share of the step's prompts (whole GRPO groups, so
   advantages need no communication; `--prompts` must divide by the world size). Episode k of the step,
   counted over the WHOLE step, samples from the stream seeded (seed, step, k): N ranks sample exactly
@@ -18,11 +19,14 @@ Contract
     all-reduce (average) after the step's micro-batches, `average_gradients`: DDP's averaging, written
     out once per step instead of once per micro-batch because ranks hold different numbers of them;
   * full fine-tuning: FSDP2 (`torch.distributed.fsdp.fully_shard`, `shard`) on every decoder layer,
-    every vision block, the token embedding and the lm_head, each its own root (the engine calls them
-    directly); master weights fp32, compute bf16 on a GPU (MixedPrecisionPolicy). Their gradients are
-    reduce-scattered (averaged) on the step's last micro-batch only (`sync_on_last`); every rank runs the
-    same number of micro-batches (`micro_batches`: the largest any rank has; the others repeat one of
-    their own with a zero loss). Rollouts and the prober run with every shard gathered (`gathered`):
+    every vision block and the token embedding (untied), each its own root (the engine calls them
+    directly); master weights fp32, compute bf16 on a GPU (MixedPrecisionPolicy). The lm_head stays
+    whole on every rank: the chunked log-prob head calls it once per chunk of sampled tokens, a count
+    that differs between ranks, and every call of a sharded module is a collective. Sharded gradients
+    are reduce-scattered (averaged) after every micro-batch (accumulating them unsynchronised would hold
+    them unsharded, in fp32); every rank runs the same number of micro-batches (`micro_batches`: the
+    largest any rank has; the others repeat one of their own with a zero loss). Sharded and whole
+    parameters sit in separate optimizer groups (`param_groups`: fused AdamW takes one kind a call). Rollouts and the prober run with every shard gathered (`gathered`):
     ranks sample turns of different lengths, and a sharded forward would hold them in lock-step.
 - Clipping and the weight guard use norms over all ranks (`grad_norm`, `weight_norm`).
 - Checkpoints: the full state dicts are gathered (torch.distributed.checkpoint.state_dict) and rank 0
@@ -59,7 +63,8 @@ def setup() -> World:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return World()
     if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # nccl for CUDA tensors (FSDP2, gradients); gloo for the small CPU tensors of all_sum, all_max, norms
+        tdist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
     w = World(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
@@ -140,8 +145,17 @@ def shard(model, w: World) -> None:
 
 
 def sharded_modules(model) -> list:
-    inner = model.model
-    return [*inner.language_model.layers, *inner.visual.blocks, inner.language_model.embed_tokens, model.lm_head]
+    """Modules every rank calls equally often: decoder layers, vision blocks, and the token embedding
+    unless the lm_head shares its weight (tied, e.g. the 3B config). Not the lm_head (module docstring)."""
+    lm = model.model.language_model
+    tied = model.lm_head.weight is lm.embed_tokens.weight
+    return [*lm.layers, *model.model.visual.blocks] + ([] if tied else [lm.embed_tokens])
+
+
+def param_groups(params: list) -> list[dict]:
+    """AdamW groups: the sharded parameters, then the whole ones (a fused step takes one kind a call)."""
+    groups = [[p for p in params if _is_sharded(p)], [p for p in params if not _is_sharded(p)]]
+    return [{"params": g} for g in groups if g]
 
 
 def _fsdp(model) -> list:
@@ -162,12 +176,6 @@ def gathered(model):
         for m in mods:
             m.reshard()
             m.set_reshard_after_forward(True)
-
-
-def sync_on_last(model, last: bool) -> None:
-    """FSDP2 reduce-scatters gradients only on the step's last micro-batch."""
-    for m in _fsdp(model):
-        m.set_requires_gradient_sync(last)
 
 
 def _is_sharded(p) -> bool:

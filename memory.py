@@ -31,8 +31,8 @@ through the backward). What the estimate leaves out: the CUDA context and cuBLAS
 allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
-state (FSDP2) and gathers every weight for its rollouts, in bf16 (the mixed-precision policy's
-param_dtype: the gathered copy is half the fp32 masters); the activations of the sharded
+state (FSDP2) but the lm_head's, which every rank holds whole (dist.py says why), and gathers the
+sharded weights for its rollouts, in bf16 (the mixed-precision policy's param_dtype); the activations of the sharded
 training step are those of the unsharded one (one layer gathered at a time is not counted).
 """
 from __future__ import annotations
@@ -84,15 +84,17 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
                   key=lambda snap: snap["activations"])
     trainable = _trainable_bytes(config, s.lora)
     shards = s.world if not s.lora else 1                             # FSDP2 shards full fine-tuning only
-    held = {"weights": weights // shards, "optimizer": 2 * trainable // shards}   # AdamW's moments: from step 1 on
+    whole = 4 * text.vocab_size * text.hidden_size if shards > 1 else 0   # the lm_head, whole on every rank (fp32)
+    part = lambda n: (n - whole) // shards + whole                    # n bytes (the lm_head's `whole` in them)
+    held = {"weights": part(weights), "optimizer": 2 * part(trainable)}   # AdamW's moments: from step 1 on
     rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
     if shards > 1:
-        rollout["gathered_weights"] = weights // 2     # rollouts run on every shard gathered, in bf16 (FSDP2's
-                                                       # param_dtype, dist.shard), beside the rank's fp32 shard
+        rollout["gathered_weights"] = (weights - whole) // 2   # the shards gathered for rollouts, in bf16
+                                                               # (FSDP2's param_dtype, dist.shard)
     per_mb = max(1, s.train_tokens // s.episode_tokens)
     policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
     step = _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
-    train = {**held, "gradients": trainable // shards, "activations": step["activations"]}   # every gradient
+    train = {**held, "gradients": part(trainable), "activations": step["activations"]}   # every gradient
     head = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s).head,),
                     lambda h: _head_step(h, s, config.get_text_config().hidden_size), fake)
     out = {"shape": {**asdict(s), "episode_tokens": s.episode_tokens, "episodes_per_micro_batch": per_mb},

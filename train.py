@@ -272,7 +272,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
         ref_model = lfpc.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
     params = [p for p in agent.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
+    opt = torch.optim.AdamW(dist.param_groups(params), lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
                             fused=agent.device.type == "cuda")           # fused: no full-size temporaries
     start = 0
     if saved:
@@ -392,7 +392,6 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     for k, idx in enumerate(batches):
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
-        dist.sync_on_last(model, k == len(batches) - 1)
         batch = engine.collate(agent, [episodes[i] for i in idx])
         t0 = time.perf_counter()
         with policy.precision(agent):

@@ -4,6 +4,7 @@ rolling out its share; writes the updated weights (gathered whole) to OUT.
 
     python tests/dist_worker.py {lora|full} OUT
 """
+import functools
 import os
 import sys
 
@@ -12,11 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import dist  # noqa: E402
+import lfpc  # noqa: E402
 import policy  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 
 mode, out = sys.argv[1], sys.argv[2]
+# a log-prob head of 3 tokens a chunk: the ranks' chunk counts differ (they sample different lengths)
+lfpc.token_logprobs = functools.partial(lfpc.token_logprobs, chunk=3)
 w = dist.setup()
 torch.manual_seed(0)
 agent = toy.agent(seed=0)

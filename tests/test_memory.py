@@ -98,8 +98,11 @@ def test_host_memory_of_16_rollouts_holds_each_image_once(tiny):
 def test_ranks_shard_full_fine_tunings_training_state_and_gather_it_to_sample():
     one = memory.estimate(memory.StepShape(**TINY, lora=0), vision=False)
     two = memory.estimate(memory.StepShape(**TINY, lora=0, world=2), vision=False)
-    assert two["training"]["weights"] == one["training"]["weights"] // 2
-    assert two["training"]["optimizer"] == one["training"]["optimizer"] // 2
-    assert two["rollout"]["gathered_weights"] == one["rollout"]["weights"] // 2    # every weight, gathered in bf16
+    text = memory.model_config("tiny").get_text_config()
+    head = 4 * text.vocab_size * text.hidden_size              # the lm_head, fp32, whole on every rank
+    assert two["training"]["weights"] == (one["training"]["weights"] - head) // 2 + head
+    assert two["training"]["gradients"] == (one["training"]["gradients"] - head) // 2 + head
+    assert two["training"]["optimizer"] == 2 * ((one["training"]["optimizer"] // 2 - head) // 2 + head)
+    assert two["rollout"]["gathered_weights"] == (one["rollout"]["weights"] - head) // 2   # the shards, in bf16
     lora = memory.estimate(memory.StepShape(**TINY, lora=4, world=2), vision=False)   # LoRA: whole on every rank
     assert "gathered_weights" not in lora["rollout"]
