@@ -518,7 +518,8 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
     mine = tasks[w.rank::w.size]
     with policy.precision(agent), dist.gathered(agent.model):
         records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
-                                 batch_size=a.rollout_batch, judge=judge, write_path=part)
+                                 batch_size=a.rollout_batch, judge=judge, write_path=part,
+                                 batch_tokens=a.rollout_tokens)
     if w.distributed:
         merged = dist.gather(records, w)
         records = [merged[i % w.size][i // w.size] for i in range(len(tasks))]

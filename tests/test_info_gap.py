@@ -274,6 +274,22 @@ def test_model_answer_fn_returns_k_answers_per_pair_at_its_budget(agent, monkeyp
     assert seen == [([16 * 784, 4 * 784], 3, False, 1.0)]
 
 
+def test_the_prober_keeps_the_rollouts_kv_token_budget(agent, monkeypatch):
+    """train.py hands its --rollout-tokens to the prober: at the top rung (16K-token images on a real
+    model) a chunk of the prober's rollouts must stay within the KV budget as training's rollouts do."""
+    seen = []
+    real = lfpc.rollout
+
+    def spy(agent, tasks, group_size, cfg, **kw):
+        seen.append(cfg.batch_tokens)
+        return real(agent, tasks, group_size, cfg, **kw)
+
+    monkeypatch.setattr(lfpc, "rollout", spy)
+    records = info_gap.probe([task(0, Image.new("RGB", (112, 84)))], agent, info_gap.ProberConfig(16, 4, 0.5, 2, 1.0, 4),
+                             "m", None, batch_size=8, progress=False, batch_tokens=500)
+    assert len(records) == 1 and seen and set(seen) == {500}
+
+
 def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
     data, model, out = tmp_path / "data", str(tmp_path / "agent"), tmp_path / "out" / "stage1.jsonl"
     (data / "images").mkdir(parents=True)
