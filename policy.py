@@ -32,6 +32,18 @@ def precision(agent: lfpc.Agent):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
 
 
+def training_state_problem(n_params: int, lora: int, ranks: int, device_bytes: int) -> str | None:
+    """Why full fine-tuning cannot fit: its training state (fp32 weights, gradients, two AdamW moments: 16
+    bytes a parameter), shared by `ranks` devices, already exceeds one device's memory. None: it may fit."""
+    need = 16 * n_params / ranks
+    if lora or need <= device_bytes:
+        return None
+    return (f"full fine-tuning of {n_params / 1e9:.1f}B parameters holds 16 bytes a parameter of training state "
+            f"(fp32 weights, gradients, two AdamW moments): {need / 2**30:.0f} GiB a device with {ranks} "
+            f"device(s) of {device_bytes / 2**30:.0f} GiB. Use LoRA (--lora 64, or --preset one-gpu) or more "
+            f"GPUs under torchrun (README: Past one GPU)")
+
+
 def load_model(a, ckpt: str = "") -> lfpc.Agent:
     """The policy: fp32 master weights (full fine-tuning; autocast does bf16 on GPU), or with --lora a
     frozen bf16 base and fp32 LoRA adapters (pure-bf16 AdamW at lr 1e-6 would drop most updates).

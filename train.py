@@ -261,6 +261,11 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     agent = policy.load_model(a, os.path.join(a.out, "ckpt") if saved else "")
     if a.prompt:
         agent = replace(agent, style=a.prompt)
+    if agent.device.type == "cuda":                    # before hours of probing and rollouts, not at the first step
+        problem = policy.training_state_problem(sum(p.numel() for p in agent.model.parameters()), a.lora, w.size,
+                                                torch.cuda.get_device_properties(agent.device).total_memory)
+        if problem:
+            raise SystemExit(problem)
     if w.distributed and not a.lora:
         dist.shard(agent.model, w)                     # FSDP2: full fine-tuning needs the training state sharded
     a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")

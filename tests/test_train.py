@@ -401,3 +401,14 @@ def test_rewards_use_the_runs_judge():
     from judge import RuleJudge
     train.score(a, [e], [t], RuleJudge())
     assert e.reward_parts["acc"] == 0.0
+
+
+def test_full_fine_tuning_that_cannot_fit_a_gpu_is_refused_before_any_work():
+    """16 bytes a parameter: 7B (8.29B parameters) is 124 GiB of training state, over one 80 GB GPU;
+    sharded over 8 it fits, and LoRA is not concerned."""
+    n, gpu = 8_292_166_656, 80 * 10**9
+    msg = policy.training_state_problem(n, lora=0, ranks=1, device_bytes=gpu)
+    assert msg and "124 GiB" in msg and "--lora" in msg and "torchrun" in msg
+    assert policy.training_state_problem(n, lora=0, ranks=8, device_bytes=gpu) is None
+    assert policy.training_state_problem(n, lora=64, ranks=1, device_bytes=gpu) is None
+    assert policy.training_state_problem(3_754_622_976, lora=0, ranks=1, device_bytes=gpu) is None   # 3B: 56 GiB
