@@ -359,6 +359,9 @@ def hidden_states(model, input_ids, attention_mask, position_ids, image_embeds=N
     """Last-layer hidden states [B, T, H] (no lm_head) and the KV cache. `image_embeds` [n, H]: the vision
     features of the batch's images, scattered onto its n <|image_pad|> tokens in row-major order."""
     embeds = model.model.get_input_embeddings()(input_ids)                      # [B, T, H]
+    kind = embeds.device.type
+    if torch.is_autocast_enabled(kind):      # fp32 masters under autocast: the stream in the compute dtype, or
+        embeds = embeds.to(torch.get_autocast_dtype(kind))   # rotary would promote the cached keys to fp32
     if image_embeds is not None:
         mask = (input_ids == model.config.image_token_id)[..., None]            # [B, T, 1]
         if int(mask.sum()) != image_embeds.shape[0]:

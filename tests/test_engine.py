@@ -385,3 +385,14 @@ def test_rollout_chunks_by_kv_tokens_give_the_same_episodes(tiny):
     a, _ = _rollout(tiny, tasks, 2, cfg, "cached")
     b, _ = _rollout(tiny, tasks, 2, tight, "cached")
     _same_episodes(a, b, atol=1e-5)
+
+
+def test_fp32_masters_under_autocast_cache_keys_and_values_in_the_compute_dtype(tiny):
+    """Full fine-tuning samples with fp32 weights under bf16 autocast: the rotary embedding would promote
+    the keys to fp32 (1.5x the KV cache `memory.kv_bytes` counts) unless the stream enters in bf16."""
+    ids = torch.tensor([[1, 2, 3, 4, 5]])                                    # [1, 5]
+    pos = torch.arange(5)[None, None].expand(3, 1, 5)                         # [3, 1, 5]: text positions
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cache = engine.hidden_states(tiny.model, ids, torch.ones_like(ids), pos, use_cache=True)
+    assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
