@@ -26,8 +26,9 @@ Contract
     are reduce-scattered (averaged) after every micro-batch (accumulating them unsynchronised would hold
     them unsharded, in fp32); every rank runs the same number of micro-batches (`micro_batches`: the
     largest any rank has; the others repeat one of their own with a zero loss). Sharded and whole
-    parameters sit in separate optimizer groups (`param_groups`: fused AdamW takes one kind a call). Rollouts and the prober run with every shard gathered (`gathered`):
-    ranks sample turns of different lengths, and a sharded forward would hold them in lock-step.
+    parameters sit in separate optimizer groups (`param_groups`: fused AdamW takes one kind a call).
+    Rollouts and the prober run with every shard gathered (`gathered`): ranks sample turns of different
+    lengths, and a sharded forward would hold them in lock-step.
 - Clipping and the weight guard use norms over all ranks (`grad_norm`, `weight_norm`).
 - Checkpoints: the full state dicts are gathered (torch.distributed.checkpoint.state_dict) and rank 0
   writes them, atomically, as a single process does; the world size is saved and a resume under

@@ -394,7 +394,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     lengths = [len(episodes[i].token_ids) for i in live]
     batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True)]
     batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
-    for k, idx in enumerate(batches):
+    for idx in batches:
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
         batch = engine.collate(agent, [episodes[i] for i in idx])
