@@ -205,7 +205,8 @@ def check_targets(t: dict) -> list[tuple[str, bool, str]]:
     for b in budgets:
         nb, n1 = -at("baseline", b, "probe/noise"), -at("stage1", b, "probe/noise")
         out.append((f"noise-crop drop after stage 1 >= 3x the baseline's ({b} budget)", n1 >= 3 * max(nb, 0) and n1 > 0,
-                    f"stage 1 {n1:.3f} vs baseline {nb:.3f} ({n1 / nb if nb > 0 else float('inf'):.1f}x)"))
+                    f"stage 1 {n1:.3f} vs baseline {nb:.3f} "
+                    + (f"({n1 / nb:.1f}x)" if nb > 0 else "(the baseline has no drop)")))
         a1, ab = at("stage1", b, "acc"), at("baseline", b, "acc")
         out.append((f"stage-1 accuracy >= baseline's ({b} budget)", a1 >= ab, f"{a1:.3f} vs {ab:.3f}"))
     low = lambda row, k: at(row, "low", k)

@@ -86,6 +86,8 @@ def test_target_checks_by_hand():
     checks = ablation.check_targets(t)
     assert [ok for _, ok, _ in checks] == [True, True, False, False, True, True, True]
     assert "(mid budget)" in checks[1][0] and "3.9x" in checks[4][2]
+    t["baseline"] = row(0.40, +0.02, 0.10)                         # a crop of noise helps the baseline: no drop
+    assert ablation.check_targets(t)[1][2].endswith("(the baseline has no drop)")
 
 
 def test_mean_std_skips_missing_values():
