@@ -162,8 +162,7 @@ def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
 
 def config_step(a) -> dict:
     dev = a.device
-    dtype = torch.bfloat16 if a.lora else torch.float32          # as policy.base_dtype: a bf16 base under LoRA
-    agent = models.random_agent(a.config, dev, dtype)
+    agent = models.random_agent(a.config, dev, policy.base_dtype(a))   # train.py's: a bf16 base under LoRA
     if a.lora:
         agent = policy.apply_lora(agent, a.lora)
     if a.config != "tiny":

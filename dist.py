@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as tdist
@@ -115,7 +115,6 @@ def gather_episodes(episodes: list, tasks: list, zero_std: float, w: World) -> t
     """Every rank's episodes and tasks (episodes re-indexed to the joined task list), for the step's
     metrics: sent without token ids, log-probs and images (an in-memory image becomes a 1-bit blank of
     its size), and the fraction of all-equal groups over all ranks."""
-    from dataclasses import replace
     from PIL import Image
     light = ([replace(e, token_ids=[], logprobs=[], images=[], grids=[], crops=[replace(c, image=None) for c in e.crops])
               for e in episodes],

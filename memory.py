@@ -32,8 +32,9 @@ allocator fragmentation (10-20 % on long runs), and the host memory of the episo
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
 state (FSDP2) but the lm_head's, which every rank holds whole (dist.py says why), and gathers the
-sharded weights for its rollouts, in bf16 (the mixed-precision policy's param_dtype); the activations of the sharded
-training step are those of the unsharded one (one layer gathered at a time is not counted).
+sharded weights for its rollouts, in bf16 (the mixed-precision policy's param_dtype); the activations
+of the sharded training step are those of the unsharded one (one layer gathered at a time is not
+counted).
 """
 from __future__ import annotations
 

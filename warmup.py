@@ -49,19 +49,14 @@ import toy
 def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[list[int], str]:
     """A box around a square (x, y, side, ...), as the base habitually draws it, and its kind: "tight"
     (the square with a 0-6 px margin), "cell" (its 56-px grid cell), "cell+28" (112 px: the largest crop
-    the toy shows natively), "cell+56" (168 px: downsampled, unreadable) or "other" (around another
-    cell). A grown box keeps its size at the canvas border (shifted inside, not clamped)."""
+    the toy shows natively) or "cell+56" (168 px: downsampled, unreadable). A grown box keeps its size at
+    the canvas border (shifted inside, not clamped)."""
     kind = rng.choices(HABIT, HABIT_P)[0]
     x, y, side = square[:3]
     if kind == "tight":
         m = [rng.randrange(0, 7, 2) for _ in range(4)]
         return [max(0, x - m[0]), max(0, y - m[1]), min(canvas, x + side + m[2]), min(canvas, y + side + m[3])], kind
-    if kind == "other":
-        x, y = rng.choice([(cx, cy) for cx in range(0, canvas, toy.CELL) for cy in range(0, canvas, toy.CELL)
-                           if toy.cell_of(cx, cy) != toy.cell_of(x, y)])
-        kind_out = rng.choice([0, 28, 56])
-    else:
-        kind_out = {"cell": 0, "cell+28": 28, "cell+56": 56}[kind]
+    kind_out = {"cell": 0, "cell+28": 28, "cell+56": 56}[kind]
     cell = toy.cell_of(x, y)
     side = toy.CELL + 2 * kind_out                 # kept whole: a grown box is shifted inside, not clamped, so
     x1 = min(max(0, cell[0] - kind_out), canvas - side)      # a border cell's 168-px box stays unreadable
@@ -69,8 +64,8 @@ def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[
     return [x1, y1, x1 + side, y1 + side], kind
 
 
-HABIT = ("tight", "cell", "cell+28", "cell+56", "other")
-HABIT_P = (0.08, 0.08, 0.09, 0.75, 0.0)
+HABIT = ("tight", "cell", "cell+28", "cell+56")
+HABIT_P = (0.08, 0.08, 0.09, 0.75)
 
 
 def readable(crop: crop_tool.Crop, b1) -> bool:
