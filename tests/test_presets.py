@@ -32,8 +32,9 @@ def test_paper_preset_fills_the_paper_and_no_grad_ckpt_turns_it_off(tmp_path):
     assert train.parse_args(["--preset", "one-gpu", "--data", data]).lora == 64
 
 
-def test_stage2_starts_from_stage1s_run_unless_told(toy_base):
-    with pytest.raises(SystemExit):                     # runs/stage1/ckpt does not exist in the test's cwd
+def test_stage2_starts_from_stage1s_run_unless_told(toy_base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)               # no runs/stage1/ckpt here (the README's run command writes one)
+    with pytest.raises(SystemExit):
         train.parse_args(["--stage", "2", "--out", "x"])
     assert train.parse_args(["--stage", "2", "--model", toy_base]).model == toy_base
 
