@@ -270,8 +270,9 @@ def main(argv=None) -> None:
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
-                        ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
+    curves = metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
+                                 ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
+    print(f"curves: {curves}")
     print(f"{report['minutes_this_call']} min (this call); {os.path.join(a.out, 'summary.json')}")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shutil
 
@@ -122,8 +123,24 @@ class RunFolder:
         os.replace(self.metrics + ".tmp", self.metrics)
 
     def log(self, row: dict) -> None:
+        """Append one step's metrics as strict JSON: a non-finite number (a skipped step's NaN gradient
+        norm) is written as null, which every JSON reader accepts."""
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        """Every complete line of metrics.jsonl, in order."""
+        if not os.path.exists(self.metrics):
+            return []
+        rows = []
+        with open(self.metrics, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:                   # a line cut short by a kill
+                    continue
+        return rows
 
 
 def _trainer_state(path: str) -> dict | None:

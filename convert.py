@@ -99,8 +99,8 @@ PARQUET_BATCH_ROWS rows at a time and only the needed columns (pyarrow's default
 ahead every row group: memory then grows with the file); JSON arrays and JSONL are parsed record by
 record; each image is written as soon as its row is checked. Memory is bounded by one parquet row group
 plus one batch, plus the sets of ids and file names kept (~250 bytes a row). Measured by
-tests/test_convert.py's streaming tests. pyarrow is optional: only the parquet sources import it, and
-without it they stop with "pip install pyarrow".
+tests/test_convert.py's streaming tests. pyarrow (requirements.txt) is imported by the parquet sources
+only.
 
 Reruns: an --out folder that already holds train.jsonl, dropped.jsonl or images/ is REFUSED unless
 --overwrite is given; --overwrite deletes exactly those three (nothing else in DIR) and converts afresh.
@@ -470,8 +470,8 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise SystemExit("data.py: the parquet sources (--from deepeyes, pixelreasoner, thinklite) need "
-                         "pyarrow: pip install pyarrow") from None
+        raise SystemExit("convert.py: the parquet sources (--from deepeyes, pixelreasoner, thinklite) need "
+                         "pyarrow, which requirements.txt installs: pip install -r requirements.txt") from None
     return pq
 
 

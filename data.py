@@ -24,22 +24,33 @@ qwen_vl_utils' pipelines do: EXIF orientation applied, alpha composited onto WHI
 
 Benchmarks (problems raise DataError naming the file and the row):
 - V*, `load_vstar(root)`: root/direct_attributes/ and root/relative_position/, each question an image
-  (.jpg .jpeg .png .webp .bmp) and a .json of the same stem with "question" and "options" (correct
-  option FIRST) and, optionally, "bbox": [[x, y, w, h], ...] (the target objects, inside the image).
-  Options are shuffled by `shuffle_options` with random.Random("<category>/<stem>") (the same order on
-  every run and machine); answer = the letter the originally-first option lands on. B1 = the union of
-  the target boxes as (x1, y1, x2, y2), grown about its centre to >= 28 px a side (the crop tool's
-  minimum, so the gt probe can cut it) within the image; boxes = [B1]. Task.id = "<category>/<stem>".
+  (.jpg .jpeg .png .webp .bmp) and a .json of the same stem (extension in any case) with "question" and
+  "options" (correct option FIRST) and, optionally, "bbox": [[x, y, w, h], ...] (the target objects,
+  inside the image). Option order, `vstar_protocol(root)` says which:
+    "official": root/test_questions.jsonl (the benchmark's release: one line a question, "image"
+        "<category>/<file>", "text" with the options as "(A) ...\n(B) ..." in the published shuffled
+        order, "label" the right letter) gives the order, the letter and the item order; every line must
+        match a question folder's JSON (the same option texts, the label on its first option).
+    "seeded": without that file, options are shuffled by `shuffle_options` with
+        random.Random("<category>/<stem>") (the same order on every run and machine).
+  B1 = the union of the target boxes as (x1, y1, x2, y2), grown about its centre to >= 28 px a side (the
+  crop tool's minimum, so the gt probe can cut it) within the image; boxes = [B1]. Task.id =
+  "<category>/<stem>". An image with no JSON is left out with a warning (counted, the first named).
 - HR-Bench, `load_hrbench(tsv)`: tab-separated with a header holding (at least) index, question,
-  answer (letter), A, B, C, D, category (single|cross), image (base64); each index once. Each image is
-  decoded and written ONCE to a cache folder (default "<tsv stem>_images/" beside the TSV) as
-  "<index>.<format>", the decoded bytes unchanged, and kept as a path. choices = [A, B, C, D];
-  Task.id = "<category>/<index>".
+  answer (letter), A, B, C, D, category (single|cross), image (base64), and optionally cycle_category
+  (which rotation of the options a row is: HR-Bench asks each question 4 times, options rotated).
+  Each index once. Each image is decoded and written ONCE to a cache folder (default "<tsv stem>_images/"
+  beside the TSV) as "<sanitised index>-<hash of the index>.<format>" (two indices never share a file),
+  the decoded bytes unchanged, and kept as a path. choices = [A, B, C, D]; Task.id =
+  "<category>/<index>"; Task.cycle = cycle_category. Scored as VLMEvalKit's hrbench scorer
+  (`metrics.episode_metrics`): accuracy per cycle_category, then averaged over cycles (FSP: single,
+  FCP: cross), and the paper's mean (FSP + FCP) / 2; without the column, plain means.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import csv
 import io
 import json
@@ -47,7 +58,9 @@ import math
 import os
 import random
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from PIL import Image
 
@@ -224,16 +237,31 @@ def _vstar_b1(bbox, size: tuple[int, int], where: str) -> list[list[float]] | No
     return [[lo[0], lo[1], hi[0], hi[1]]]
 
 
-def load_vstar(root: str) -> list[Task]:
-    """V* questions, category by category, files in name order (format in the module docstring)."""
-    tasks = []
+VSTAR_OFFICIAL = "test_questions.jsonl"     # the release's questions in its shuffled option order
+
+
+def vstar_protocol(root: str) -> str:
+    """How `load_vstar(root)` orders the options: "official" (test_questions.jsonl) or "seeded"."""
+    return "official" if os.path.isfile(os.path.join(root, VSTAR_OFFICIAL)) else "seeded"
+
+
+def load_vstar(root: str, warn=None) -> list[Task]:
+    """V* questions (format in the module docstring): in test_questions.jsonl's order and option order when
+    the folder holds it, else category by category, files in name order, options seeded-shuffled.
+    `warn(message)` receives what was left out (default: printed)."""
+    warn = warn or _print_warning
+    questions, order = {}, []
     for cat in VSTAR_CATEGORIES:
         folder = os.path.join(root, cat)
         if not os.path.isdir(folder):
             raise DataError(f"{root}: V* folder {cat}/ not found")
         names = sorted(os.listdir(folder))
         images = {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(IMAGE_EXTS)}
-        for name in (n for n in names if n.endswith(".json")):
+        jsons = [n for n in names if n.lower().endswith(".json")]
+        orphans = sorted(set(images) - {n[:-len(".json")] for n in jsons})
+        if orphans:
+            warn(f"{folder}: {len(orphans)} image(s) without a question JSON left out, the first: {images[orphans[0]]}")
+        for name in jsons:
             where, stem = os.path.join(folder, name), name[:-len(".json")]
             try:
                 with open(where, encoding="utf-8-sig") as f:
@@ -253,10 +281,55 @@ def load_vstar(root: str) -> list[Task]:
                 raise DataError(errors[0])
             boxes = _vstar_b1(ann.get("bbox"), size, where)
             choices, letter = shuffle_options(opts, f"{cat}/{stem}")
-            tasks.append(Task(path, ann["question"], letter, choices, boxes, None, f"{cat}/{stem}"))
-    if not tasks:
+            questions[f"{cat}/{images[stem]}"] = Task(path, ann["question"], letter, choices, boxes, None, f"{cat}/{stem}")
+            order.append(f"{cat}/{images[stem]}")
+    if not questions:
         raise DataError(f"{root}: no V* questions (.json files) found")
+    if vstar_protocol(root) == "seeded":
+        return [questions[k] for k in order]
+    return _vstar_official(os.path.join(root, VSTAR_OFFICIAL), questions)
+
+
+def _vstar_official(path: str, questions: dict[str, Task]) -> list[Task]:
+    """The tasks in test_questions.jsonl's order, each with its published option order and label."""
+    tasks, seen = [], set()
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("image", "text", "label"))):
+                raise DataError(f"{where}: needs string fields 'image', 'text' and 'label'")
+            key = row["image"].replace("\\", "/").strip("/")
+            if key not in questions:
+                raise DataError(f"{where}: image {row['image']!r} has no question JSON in the category folders")
+            if key in seen:
+                raise DataError(f"{where}: image {row['image']!r} listed twice")
+            seen.add(key)
+            t = questions[key]
+            options = re.findall(r"^\(([A-Z])\) ?(.*?)\s*$", row["text"], flags=re.M)
+            letters, texts = [m[0] for m in options], [m[1] for m in options]
+            right = t.choices[ord(t.answer) - 65]                            # the JSON's first option
+            if letters != [chr(65 + k) for k in range(len(letters))] or sorted(texts) != sorted(t.choices):
+                raise DataError(f"{where}: the options in 'text' ({texts}) are not the question JSON's ({t.choices})")
+            label = row["label"].strip().strip("()").upper()
+            if label not in letters or texts[letters.index(label)] != right:
+                raise DataError(f"{where}: label {row['label']!r} does not name the question JSON's first (right) "
+                                f"option {right!r}")
+            tasks.append(replace(t, choices=texts, answer=label))
+    missing = sorted(set(questions) - seen)
+    if missing:
+        raise DataError(f"{path}: {len(missing)} question(s) of the category folders are not listed, the first: "
+                        f"{missing[0]} (a partial file would mix two option orders)")
     return tasks
+
+
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- HR-Bench
@@ -276,7 +349,8 @@ def _decode_image(b64: str, index: str, folder: str, where: str) -> str:
             im.load()
     except Exception as e:   # PIL raises several types for unreadable data
         raise DataError(f"{where}: column 'image' does not decode to an image ({e})") from None
-    path = os.path.join(folder, re.sub(r"[^\w.-]", "_", index) + "." + {"JPEG": "jpg"}.get(fmt, fmt.lower()))
+    name = re.sub(r"[^\w.-]", "_", index) + "-" + hashlib.sha1(index.encode()).hexdigest()[:10]   # a/b vs a_b
+    path = os.path.join(folder, name + "." + {"JPEG": "jpg"}.get(fmt, fmt.lower()))
     if not (os.path.isfile(path) and os.path.getsize(path) == len(raw)):
         with open(path + ".tmp", "wb") as f:
             f.write(raw)
@@ -310,7 +384,9 @@ def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[Task]:
             if letter not in ("A", "B", "C", "D"):
                 raise DataError(f"{where}: answer must be a letter A-D, got {row['answer']!r}")
             path = _decode_image(row["image"], index, image_dir, where)
-            tasks.append(Task(path, row["question"], letter, [row[c] for c in "ABCD"], None, None, f"{cat}/{index}"))
+            cycle = (row.get("cycle_category") or "").strip() or None
+            tasks.append(Task(path, row["question"], letter, [row[c] for c in "ABCD"], None, None, f"{cat}/{index}",
+                              cycle))
     if not tasks:
         raise DataError(f"{tsv_path}: no rows")
     return tasks

@@ -26,13 +26,20 @@ box/*, stop/*, len/*: one vocabulary with training) plus "n" (episodes) and time
 
 Crop-dependency diagnostic (the paper's answer-before-crop test): the same run again with
 `RolloutConfig(probe=...)`:
-    noise   every successful crop is replaced by noise of the same size
-    gt      every tool call is answered with the crop of the task's B1, whatever box was asked for;
-            needs boxes on EVERY task, otherwise skipped with a note (HR-Bench has none)
+    noise    every successful crop is replaced by noise of the same size
+    gt       every tool call is answered with the crop of the task's B1, whatever box was asked for;
+             needs boxes on EVERY task, otherwise skipped with a note (HR-Bench has none)
+    no-tool  no tool offered (one turn, the global image alone): the model's own accuracy, so the gain
+             of the tool is acc - no-tool acc (a peer practice)
 For each probe: its accuracy keys (acc, acc/<cat>, hrbench/*), tool/call_rate, and
 delta/<key> = probe - normal (the paper's "change in accuracy": a big drop under noise means the
-answer depends on the crop). --no-tool: `use_tool=False` (no tool offered, one turn): no tool/ or
-box/ metrics, no probes.
+answer depends on the crop). --no-tool: the whole evaluation with `use_tool=False`: no tool/ or box/
+metrics, no probes. OUT/probes.png draws the accuracy keys of every run as bars.
+
+Benchmark protocols (named in the "measured" record): V* in the release's shuffled option order
+(test_questions.jsonl) when the folder holds it, else a seeded shuffle (data.vstar_protocol);
+HR-Bench scored per cycle_category and averaged over cycles as VLMEvalKit does, its mean the
+paper's (FSP + FCP) / 2 (metrics.hrbench_scores).
 
 Categories: loaders put them in Task.id as "<category>/<name>"; `metrics.category(task)` is the part
 before the first "/" (None without one; the project's JSONL ids usually have none).
@@ -62,10 +69,9 @@ import lfpc
 import metrics
 import presets
 import prompts
-import rewards
-from judge import make_judge
+from judge import RuleJudge, make_judge
 
-PROBES = ("noise", "gt")
+PROBES = ("noise", "gt", "no-tool")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-cache", help="--judge llm: JSONL cache of verdicts (default: OUT/judge_cache.jsonl)")
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
                    help="rollout engine: KV cache across turns, or re-prefill every turn (same tokens)" + d)
-    p.add_argument("--probes", default="noise,gt", help="probes, comma-separated (noise, gt) or none" + d)
+    p.add_argument("--probes", default="noise,gt,no-tool", help="probes, comma-separated (noise, gt, no-tool) or "
+                   "none" + d)
     p.add_argument("--batch-size", type=int, help="tasks rolled out together" + pre)
     p.add_argument("--max-new-tokens", type=int, help="sampled tokens per turn" + pre)
     p.add_argument("--max-response-tokens", type=int, help="sampled tokens per episode, all turns" + pre)
@@ -151,13 +158,16 @@ def summarize(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], seconds: flo
     return m
 
 
-def item_records(episodes: list[lfpc.Episode], tasks: list[lfpc.Task]) -> list[dict]:
-    """One JSON-able record per episode: id, answer, prediction, correct, boxes asked for (original frame)."""
+def item_records(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], judge=None) -> list[dict]:
+    """One JSON-able record per episode: id, answer, prediction, correct (by `judge`, the one that gave `acc`;
+    default the rules), boxes asked for (original frame)."""
+    judge = judge or RuleJudge()
     records = []
     for e in episodes:
         t = tasks[e.task_index]
         records.append({"id": t.id, "answer": t.answer, "prediction": e.answer,
-                        "correct": rewards.accuracy(e.answer, t.answer, t.choices), "stop_reason": e.stop_reason,
+                        "correct": judge.correct(e.answer, t.answer, t.choices, t.question),
+                        "stop_reason": e.stop_reason,
                         "boxes": [list(c.box_original) for c in e.crops], "tool_errors": len(e.tool_errors),
                         "sampled_tokens": e.num_generated})
     return records
@@ -205,7 +215,8 @@ def evaluate(agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
         if probe == "gt" and lacking:
             out["probes"][probe] = {"skipped": f"{lacking} of {len(tasks)} tasks have no boxes (B1)"}
             continue
-        eps, secs = _run(agent, tasks, replace(cfg, probe=probe), batch_size, progress, f"probe {probe}", sample_fn)
+        probe_cfg = replace(cfg, use_tool=False) if probe == "no-tool" else replace(cfg, probe=probe)
+        eps, secs = _run(agent, tasks, probe_cfg, batch_size, progress, f"probe {probe}", sample_fn)
         m = summarize(eps, tasks, secs, judge)
         pm = _accuracy_keys(m)
         pm.update({f"delta/{k}": v - metrics[k] for k, v in list(pm.items())
@@ -241,15 +252,29 @@ def format_table(results: dict) -> str:
                                      if "skipped" in m])
 
 
-def measured(a, agent: lfpc.Agent, cfg: lfpc.RolloutConfig, items: int, judge) -> dict:
+def measured(a, agent: lfpc.Agent, cfg: lfpc.RolloutConfig, items: int, judge, tasks=()) -> dict:
     """How the numbers were measured: published numbers for one model differ by up to 7 points between
     papers over exactly these settings."""
-    return {"model": a.model, "prompt": agent.style, "judge": a.judge if a.judge == "rule" else
+    return {"model": a.model, "protocol": protocol(a, tasks), "prompt": agent.style, "judge": a.judge if a.judge == "rule" else
             f"llm {a.judge_model} at {a.judge_url} ({judge.stats})", "samples": 1, "decoding": "greedy",
             "global_max_pixels": cfg.global_max_pixels, "global_min_pixels": cfg.global_min_pixels,
             "crop_max_pixels": cfg.crop.max_pixels, "crop_min_pixels": cfg.crop.min_pixels,
             "max_turns": cfg.max_turns, "max_new_tokens": cfg.max_new_tokens, "seed": "none (greedy)",
             "items": items}
+
+
+def protocol(a, tasks) -> str:
+    """How the benchmark was scored, in words (the module docstring's protocols)."""
+    if getattr(a, "vstar", None):
+        if data.vstar_protocol(a.vstar) == "official":
+            return "V*: the release's option order (test_questions.jsonl); acc over all questions"
+        return "V*: options shuffled by random.Random('<category>/<stem>') (no test_questions.jsonl); acc over all questions"
+    if getattr(a, "hrbench", None):
+        cycles = len({t.cycle for t in tasks})
+        how = (f"per cycle_category ({cycles} cycles), averaged over cycles (VLMEvalKit)"
+               if any(t.cycle for t in tasks) else "plain means (no cycle_category column)")
+        return f"HR-Bench: FSP and FCP {how}; mean = (FSP + FCP) / 2"
+    return "the project's tasks: acc over all questions"
 
 
 def run_info(agent: lfpc.Agent) -> dict:
@@ -261,6 +286,33 @@ def run_info(agent: lfpc.Agent) -> dict:
             "transformers": transformers.__version__, "device": str(dev),
             "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                             else platform.processor() or platform.machine())}
+
+
+def plot_probes(results: dict, png: str, title: str = "") -> str:
+    """A bar chart of the table's accuracy keys (acc, acc/<cat>, hrbench/*): one group per key, one bar per
+    run (normal, then each probe that ran), the value written on each bar. Returns `png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [("normal", results["metrics"])] + [(p, m) for p, m in results["probes"].items() if "skipped" not in m]
+    keys = [k for k in _accuracy_keys(results["metrics"]) if results["metrics"][k] is not None]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(keys) * len(runs) + 1.5), 3.4))
+    width = 0.8 / len(runs)
+    for j, (name, m) in enumerate(runs):
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(keys))]
+        ys = [m.get(k) if m.get(k) is not None else 0.0 for k in keys]
+        bars = ax.bar(xs, ys, width, label=name, color=f"C{j}")
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+    ax.set_xticks(range(len(keys)), keys, fontsize=9)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("accuracy", fontsize=9)
+    ax.set_title(f"accuracy, normal and under each probe{': ' + title if title else ''}", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(runs), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 PRED_COLOUR, TRUE_COLOUR, GAP = (230, 30, 30), (30, 200, 60), 8
@@ -290,8 +342,11 @@ def _panel(ep: lfpc.Episode, task: lfpc.Task) -> Image.Image:
     return canvas
 
 
-def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir: str, n: int, seed: int = 0) -> str:
-    """PNGs of n sampled items (random.Random(seed)) and out_dir/index.html listing them; returns its path."""
+def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir: str, n: int, seed: int = 0,
+                  judge=None) -> str:
+    """PNGs of n sampled items (random.Random(seed)) and out_dir/index.html listing them, right or wrong by
+    `judge` (the one that gave `acc`; default the rules); returns its path."""
+    judge = judge or RuleJudge()
     os.makedirs(out_dir, exist_ok=True)
     esc = html.escape
     pick = sorted(random.Random(seed).sample(range(len(episodes)), min(n, len(episodes))))
@@ -306,7 +361,7 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
         panel = _panel(ep, task)
         zoom = max(1, GALLERY_HEIGHT // panel.height)            # small images (the toy's) upscaled to be read
         panel.resize((panel.width * zoom, panel.height * zoom), Image.NEAREST).save(os.path.join(out_dir, name))
-        ok = rewards.accuracy(ep.answer, task.answer, task.choices) > 0
+        ok = judge.correct(ep.answer, task.answer, task.choices, task.question) > 0
         choices = "".join(f"<br>({chr(65 + k)}) {esc(c)}" for k, c in enumerate(task.choices or []))
         reward = (f"<br>reward {ep.reward:.3f} {esc(json.dumps(ep.reward_parts))}" if ep.reward_parts else "")
         errors = "".join(f"<br>tool error: {esc(r)}" for r in ep.tool_errors)
@@ -343,16 +398,17 @@ def main(argv: list[str] | None = None) -> None:
         agent = replace(agent, style=a.prompt)
     cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
     results = evaluate(agent, tasks, cfg, a.probes, a.batch_size, judge=judge)
-    results["measured"] = measured(a, agent, cfg, len(tasks), judge)
+    results["measured"] = measured(a, agent, cfg, len(tasks), judge, tasks)
     episodes = results.pop("episodes")
     record = {"model": a.model, "data": source, "args": vars(a), **run_info(agent), **results,
-              "items": {run: item_records(eps, tasks) for run, eps in episodes.items()}}
+              "items": {run: item_records(eps, tasks, judge) for run, eps in episodes.items()}}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     print(format_table(results))
     print(f"results: {os.path.join(out, 'results.json')}")
+    print(f"chart:   {plot_probes(results, os.path.join(out, 'probes.png'), a.model)}")
     if a.gallery > 0:
-        print(f"gallery: {write_gallery(episodes['normal'], tasks, os.path.join(out, 'gallery'), a.gallery)}")
+        print(f"gallery: {write_gallery(episodes['normal'], tasks, os.path.join(out, 'gallery'), a.gallery, judge=judge)}")
 
 
 if __name__ == "__main__":

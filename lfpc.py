@@ -56,6 +56,7 @@ class Task:
     boxes: list[list[float]] | None = None  # nested B1 ⊂ B2 ⊂ ... (stage 2), B1 first
     max_pixels: int | None = None           # global-image budget for this task (stage 1: from info_gap)
     id: str = ""
+    cycle: str | None = None                # HR-Bench's cycle_category: which rotation of the options (metrics.py)
 
     def load_image(self) -> Image.Image:
         """The original as the model sees it (crop_tool.open_image: EXIF orientation, alpha on white, RGB)."""
@@ -212,12 +213,13 @@ PROMPT_FILE = "lfpc_agent.json"   # saved beside a checkpoint: the prompts it wa
 def load_agent(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
                attn_implementation: str = "sdpa") -> Agent:
     """A Qwen2.5-VL checkpoint (hub name or local folder), e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder
-    written by `save_agent` (then its prompts come back too)."""
+    written by `save_agent` (then its prompts come back too). The weights load straight onto `device`
+    (accelerate's device_map): under torchrun no rank holds a host copy of the model (33 GB for 7B in fp32)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation).to(device)
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation, device_map={"": torch.device(device)})
     return Agent(model, tokenizer, image_processor, **read_prompts(name_or_path))
 
 
@@ -244,7 +246,14 @@ def read_prompts(path: str) -> dict[str, str]:
 def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
     """Model, tokenizer, image processor and prompts in one folder that `load_agent` reads back.
     `state_dict`: the model's weights gathered whole (a sharded model's, dist.full_state)."""
-    agent.model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()                   # no bar for each checkpoint between the step lines
+    try:
+        agent.model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     agent.tokenizer.save_pretrained(path)
     agent.image_processor.save_pretrained(path)
     with open(os.path.join(path, PROMPT_FILE), "w", encoding="utf-8") as f:

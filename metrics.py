@@ -5,7 +5,8 @@ Episode metrics (`episode_metrics`), the same names in train.py's metrics.jsonl 
 results.json; a mean over an empty population is None:
     acc                    mean of rewards.accuracy(answer, task.answer, task.choices)        all episodes
     acc/<cat>, n/<cat>     accuracy and count per category (task.id "<cat>/<name>")           per category
-    hrbench/FSP, FCP, mean acc/single, acc/cross and their mean: HR-Bench's reported score
+    hrbench/FSP, FCP, mean HR-Bench's reported scores (`hrbench_scores`): single and cross accuracy per
+                           cycle_category, averaged over cycles (VLMEvalKit), and (FSP + FCP) / 2
     tool/call_rate         fraction of episodes with at least one tool call (valid or not)   all episodes
     tool/crop_rate         fraction of episodes with at least one successful crop            all episodes
     tool/crop_success_rate successful crops / executed tool calls (crops + tool errors)      all tool calls
@@ -54,8 +55,7 @@ def episode_metrics(episodes, tasks, judge=None) -> dict:
     for cat in sorted(k for k in by_cat if k is not None):
         m[f"acc/{cat}"], m[f"n/{cat}"] = mean(by_cat[cat]), len(by_cat[cat])
     if "single" in by_cat and "cross" in by_cat:
-        m["hrbench/FSP"], m["hrbench/FCP"] = m["acc/single"], m["acc/cross"]
-        m["hrbench/mean"] = (m["hrbench/FSP"] + m["hrbench/FCP"]) / 2
+        m.update(hrbench_scores(episodes, tasks, correct))
     cropped = [e for e in episodes if e.crops]
     executed = sum(len(e.crops) + len(e.tool_errors) for e in episodes)
     m["tool/call_rate"] = mean(float(e.tool_calls > 0) for e in episodes)
@@ -79,32 +79,88 @@ def episode_metrics(episodes, tasks, judge=None) -> dict:
     return m
 
 
-CURVES = ("reward/mean", "acc", "tool/crop_rate", "box/iou_b1", "box/area_frac", "len/response")
+def hrbench_scores(episodes, tasks, correct) -> dict:
+    """HR-Bench's reported scores, as VLMEvalKit's hrbench scorer computes them: accuracy of single (FSP) and
+    cross (FCP) questions within each cycle_category (a rotation of the options), averaged over the cycles;
+    hrbench/mean = (FSP + FCP) / 2 (the paper's). Tasks without a cycle form one cycle (plain means)."""
+    cells = {}
+    for e, c in zip(episodes, correct):
+        t = tasks[e.task_index]
+        cells.setdefault((t.cycle, category(t)), []).append(c)
+    cycles = sorted({cyc for cyc, _ in cells}, key=str)
+    per = lambda cat: mean(mean(cells[(cyc, cat)]) for cyc in cycles if (cyc, cat) in cells)
+    fsp, fcp = per("single"), per("cross")
+    return {"hrbench/FSP": fsp, "hrbench/FCP": fcp, "hrbench/mean": (fsp + fcp) / 2}
 
 
-def plot_curves(runs: dict[str, list[str]], keys, png: str) -> None:
-    """Training curves as a PNG, one panel per metric, one line per name of `runs` (the mean, step by step,
-    of its metrics.jsonl files: seeds), when matplotlib is installed (an optional dependency)."""
+CURVES = ("reward/mean", "acc", "tool/call_rate", "box/iou_b1", "box/area_frac", "len/response")
+LABELS = {"reward/mean": "reward (mean)", "acc": "accuracy", "tool/call_rate": "tool-call rate",
+          "tool/crop_rate": "crop rate", "box/iou_b1": "first box: IoU with B1",
+          "box/area_frac": "first box: area / image", "len/response": "sampled tokens / episode"}
+RATES = ("acc", "tool/call_rate", "tool/crop_rate", "format/valid_rate")       # drawn on [0, 1]
+
+
+def plot_curves(runs: dict[str, list[str]], keys, png: str, budgets: list[int] | None = None) -> str:
+    """Training curves as a PNG: one panel per metric of `keys` that has values, one line per name of `runs`
+    (the mean, step by step, of its metrics.jsonl files: seeds), faint step by step with a moving average
+    over a tenth of the run on top; `budgets` (stage 1: each task's information-gap budget, visual
+    tokens) adds a histogram panel. Returns `png`."""
     import json
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (optional: pip install matplotlib): no curves")
-        return
-    series = {name: [[json.loads(line) for line in open(path)] for path in paths] for name, paths in runs.items()}
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = {name: [[json.loads(line) for line in open(path) if line.strip()] for path in paths]
+              for name, paths in runs.items()}
     keys = [k for k in keys if any(row.get(k) is not None for rows in series.values() for r in rows for row in r)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for name, rows in series.items():
+    panels = len(keys) + (budgets is not None)
+    cols = min(4, max(1, panels))
+    rows_n = -(-panels // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 2.9 * rows_n), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for k_i, name in enumerate(series):
+        rows = series[name]
         n = min(len(r) for r in rows)
-        for ax, k in zip(axes[0], keys):
+        colour = f"C{k_i}"
+        for ax, k in zip(flat, keys):
             ys = [mean(r[i][k] for r in rows if r[i].get(k) is not None) for i in range(n)]
-            ax.plot(range(1, n + 1), [float("nan") if y is None else y for y in ys], label=name)
-            ax.set_title(k, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-    if len(series) > 1:
-        axes[0][0].legend(fontsize=7)
+            ys = [float("nan") if y is None else y for y in ys]
+            steps = [rows[0][i].get("step", i + 1) for i in range(n)]
+            ax.plot(steps, ys, color=colour, alpha=0.3, lw=0.8)
+            ax.plot(steps, _moving_average(ys, max(1, n // 10)), color=colour, lw=1.8,
+                    label=name if len(series) > 1 else None)
+    for ax, k in zip(flat, keys):
+        if k in RATES:
+            ax.set_ylim(0, 1.05)
+        elif k.startswith("box/"):
+            ax.set_ylim(bottom=0)
+        ax.set_title(LABELS.get(k, k), fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    if budgets is not None:
+        ax = flat[len(keys)]
+        values = sorted(set(budgets))
+        ax.bar([str(v) for v in values], [budgets.count(v) for v in values], color="C7")
+        ax.set_title("information-gap budget", fontsize=10)
+        ax.set_xlabel("global image, visual tokens", fontsize=9)
+        ax.set_ylabel("tasks", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.tick_params(axis="x", labelrotation=45 if len(values) > 6 else 0)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    if len(series) > 1 and keys:
+        flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    plt.close(fig)
+    return png
+
+
+def _moving_average(ys: list[float], window: int) -> list[float]:
+    """The mean of the last `window` values (fewer at the start) at each step, NaNs left out."""
+    out = []
+    for i in range(len(ys)):
+        w = [y for y in ys[max(0, i + 1 - window):i + 1] if y == y]
+        out.append(sum(w) / len(w) if w else float("nan"))
+    return out

@@ -76,7 +76,8 @@ def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
     try:
         import peft
     except ImportError:
-        raise SystemExit("LoRA (--lora, or a checkpoint of LoRA adapters) needs peft: pip install peft") from None
+        raise SystemExit("LoRA (--lora, or a checkpoint of LoRA adapters) needs peft, which requirements.txt installs: "
+                         "pip install -r requirements.txt") from None
     if adapters:                        # their own rank and targets, from their adapter_config.json
         agent.model = peft.PeftModel.from_pretrained(agent.model, adapters, is_trainable=True)
     else:

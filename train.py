@@ -53,8 +53,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-from tqdm import tqdm
-
 import checkpoint
 import crop_tool
 import data
@@ -126,7 +124,7 @@ class Args:
     tau: float = arg(0.9, 'stage 2 coverage gate on B1')
     omega: float = arg(0.5, 'stage 2: weight of IoU vs L1 (unpublished)')
     n_train: int | None = arg(None, 'generated training tasks, presets without --data (toy: 1024)')
-    lora: int | None = arg(None, 'LoRA rank, 0: full fine-tuning (preset; one-gpu 64); needs `pip install peft`')
+    lora: int | None = arg(None, 'LoRA rank, 0: full fine-tuning (preset; one-gpu 64; peft)')
     grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
     device: str | None = arg(None, 'torch device (default: cuda if available, else cpu)')
     save_every: int = arg(20, 'steps between checkpoints (and at the end)')
@@ -290,9 +288,10 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
         if w.main:
             run.truncate_metrics(start)
     order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
-    bar = tqdm(range(start, a.steps), desc=f"stage {a.stage}", initial=start, total=a.steps, disable=not w.main)
+    budgets = ([t.max_pixels // crop_tool.TOKEN_PIXELS for t in tasks] if a.global_image == "info-gap" else None)
+    curves = os.path.join(a.out, "curves.png")
     bad = 0
-    for step in bar:
+    for step in range(start, a.steps):
         t0 = time.time()
         pos = step * a.prompts
         batch_tasks = [tasks[order[(pos + i) % len(tasks)]] for i in range(a.prompts)]
@@ -300,8 +299,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
         m.update({"step": step + 1, "time/step_s": round(time.time() - t0, 2)})
         if w.main:
             run.log(m)
-            bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['acc']:.2f}")
-            tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+            print(console_line(m, a.steps), flush=True)        # the full record: metrics.jsonl
         bad = bad + 1 if "loss/skipped" in m else 0
         if bad >= MAX_BAD_STEPS:
             raise SystemExit(f"{bad} steps in a row skipped (non-finite or exploding gradients): stopping; the last "
@@ -312,9 +310,47 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                 run.save(lambda folder: lfpc.save_agent(agent, folder, model_state),
                          {"optimizer": opt_state, "step": step + 1, "args": asdict(a), "world_size": w.size,
                           "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
+                metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, curves, budgets)
             dist.barrier(w)
     if w.main:
-        metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, os.path.join(a.out, "curves.png"))
+        print(run_summary(a, run.read_metrics(), os.path.join(a.out, "ckpt"), curves))
+
+
+# ----------------------------------------------------------------------------- what the console says
+
+CONSOLE = (("acc", "acc", "{:.2f}"), ("reward/mean", "reward", "{:.2f}"), ("tool/call_rate", "tool", "{:.2f}"),
+           ("box/iou_b1", "iou", "{:.2f}"))
+SUMMARY = (("acc", "accuracy"), ("reward/mean", "reward"), ("tool/call_rate", "tool-call rate"),
+           ("box/iou_b1", "first box IoU with B1"))
+
+
+def console_line(m: dict, steps: int) -> str:
+    """One short line a step: step, accuracy, reward, tool-call rate, box IoU (when boxes), seconds a step."""
+    parts = [f"step {m['step']}/{steps}"]
+    parts += [f"{short} {fmt.format(m[k])}" for k, short, fmt in CONSOLE if m.get(k) is not None]
+    parts.append(f"{m['time/step_s']:.1f} s/step" + (" SKIPPED (bad gradient)" if "loss/skipped" in m else ""))
+    return "  ".join(parts)
+
+
+def run_summary(a: Args, rows: list[dict], ckpt: str, curves: str) -> str:
+    """What happened (the first and the last tenth of the run), where it is, and what to run next."""
+    n = len(rows)
+    k = max(1, n // 10)
+    head, tail = rows[:k], rows[-k:]
+    lines = [f"\nstage {a.stage}: {n} steps in {a.out} (first {k} vs last {k} step(s))"]
+    for key, name in SUMMARY:
+        first, last = metrics.mean(r[key] for r in head if r.get(key) is not None), \
+            metrics.mean(r[key] for r in tail if r.get(key) is not None)
+        if first is not None and last is not None:
+            lines.append(f"  {name:<22} {first:.3f} -> {last:.3f}")
+    lines += [f"checkpoint: {ckpt}", f"curves:     {curves}", f"metrics:    {os.path.join(a.out, 'metrics.jsonl')}"]
+    data = "" if a.preset == "toy" else " --data YOUR_EVAL.jsonl"
+    if a.stage == 1:
+        stage2 = "python train.py --stage 2" + ("" if ckpt == os.path.join("runs", "stage1", "ckpt") else f" --model {ckpt}")
+        stage2 += "" if a.preset == "toy" else f" --preset {a.preset} --data YOUR_BOXED.jsonl"
+        lines.append(f"next:       {stage2}")
+    lines.append(f"evaluate:   python eval.py --preset {a.preset} --model {ckpt}{data}")
+    return "\n".join(lines)
 
 
 def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.World = dist.World()) -> tuple[Args, dict]:

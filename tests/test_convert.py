@@ -348,7 +348,7 @@ def write_deepeyes(pa, pq, path, rows, row_group_size=None):
 
 
 def test_deepeyes_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     src = write_deepeyes(pa, pq, tmp_path / "data_0.1.2_visual_toolbox_v2.parquet", deepeyes_rows(), 4)
     out = str(tmp_path / "out")
@@ -378,7 +378,7 @@ def test_deepeyes_parquet(tmp_path):
 
 
 def test_pixelreasoner_parquet_drops_videos_with_a_count(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     root = tmp_path / "PixelReasoner-RL-Data"
     write_file(root / "images" / "sa1b" / "1.jpg", img_bytes(90, 60, "JPEG", 8))
@@ -418,7 +418,7 @@ def test_pixelreasoner_parquet_drops_videos_with_a_count(tmp_path):
 
 
 def test_thinklite_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     rows = [{"id": "tl_1", "problem": "<image>Find the perimeter of the triangle.", "answer": "12",
              "image": img_bytes(50, 50, "PNG", 10)},
@@ -483,7 +483,7 @@ def shared_images(folder, ext="jpg", k=4) -> list[str]:
 
 def stream_deepeyes(d, n):
     """DeepEyes' parquet (deepeyes_rows): a distinct ~3 KB image and 4 KB of system prompt a row."""
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     rows = deepeyes_rows(n_extra=n - 1, pad=4096)
     return write_deepeyes(pa, pq, d / f"de{n}.parquet", rows[:1] + rows[6:], row_group_size=64)
@@ -492,7 +492,7 @@ def stream_deepeyes(d, n):
 def stream_pixelreasoner(d, n):
     """Pixel-Reasoner's parquet: image paths (4 files shared), a boxed answer in a list, and 4 KB of
     "Guidelines: ..." instruction after the question (clean_question cuts it)."""
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     shared_images(d / "images" / "sa1b")
     rows = [{"question": f"<image>\nHow many birds are on wire {i}?\n\nGuidelines: Understand the given visual "
@@ -506,7 +506,7 @@ def stream_pixelreasoner(d, n):
 
 def stream_thinklite(d, n):
     """ThinkLite-VL's parquet: raw encoded bytes a row (a distinct ~5 KB PNG), a MathVista-style problem."""
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     rows = [{"id": f"tl_{i}", "problem": f"<image>Hint: Please answer the question requiring an integer answer."
                                          f"\nQuestion: What is the value of x in figure {i}?",

@@ -179,6 +179,69 @@ def test_vstar_errors_name_the_file(vstar_dir, damage, message):
         data.load_vstar(str(vstar_dir))
 
 
+def _official_line(cat, stem, ext, opts, order, label_of=None):
+    """A test_questions.jsonl line in the release's format: options in `order` (indices into opts)."""
+    q = VSTAR_ITEMS[cat][stem][1]
+    text = q + "\n" + "\n".join(f"({chr(65 + k)}) {opts[i]}" for k, i in enumerate(order))
+    text += "\nAnswer with the option's letter from the given choices directly."
+    label = label_of if label_of is not None else chr(65 + order.index(0))
+    return json.dumps({"image": f"{cat}/{stem}{ext}", "text": text, "category": cat, "question_id": "0", "label": label})
+
+
+OFFICIAL = [("relative_position", "sa_8", [1, 0]), ("direct_attributes", "sa_2", [2, 0, 1, 3]),
+            ("direct_attributes", "sa_1", [3, 2, 1, 0]), ("relative_position", "sa_7", [0, 1]),
+            ("direct_attributes", "sa_3", [1, 0, 3, 2])]
+
+
+def _write_official(root, lines):
+    (root / "test_questions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_vstar_official_order_comes_from_test_questions_jsonl(vstar_dir):
+    lines = []
+    for cat, stem, order in OFFICIAL:
+        ext, _, opts, _ = VSTAR_ITEMS[cat][stem]
+        lines.append(_official_line(cat, stem, ext, opts, order[:len(opts)]))
+    _write_official(vstar_dir, lines)
+    assert data.vstar_protocol(str(vstar_dir)) == "official"
+    tasks = data.load_vstar(str(vstar_dir))
+    assert [t.id for t in tasks] == [f"{c}/{s}" for c, s, _ in OFFICIAL]                # the file's item order
+    for t, (cat, stem, order) in zip(tasks, OFFICIAL):
+        opts = VSTAR_ITEMS[cat][stem][2]
+        assert t.choices == [opts[i] for i in order]                                    # the file's option order
+        assert t.answer == chr(65 + order.index(0)) and t.choices[ord(t.answer) - 65] == opts[0]
+        assert t.question == VSTAR_ITEMS[cat][stem][1]                                  # the JSON's clean question
+    # by hand: sa_2's options [a, b, c, d] in order [2, 0, 1, 3] -> (A) c (B) a (C) b (D) d, right = a -> "B"
+    assert (tasks[1].choices, tasks[1].answer) == ([VSTAR_ITEMS["direct_attributes"]["sa_2"][2][i] for i in (2, 0, 1, 3)], "B")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda lines: lines[:-1], r"1 question\(s\) .* not listed"),
+    (lambda lines: lines[:1] + [lines[1].replace('"label": "B"', '"label": "C"')] + lines[2:], "label 'C' does not name"),
+    (lambda lines: lines + [lines[0]], "listed twice"),
+    (lambda lines: lines[:1] + [lines[1].replace("(A) ", "(A) not ")] + lines[2:], "options in 'text'"),
+    (lambda lines: ["{oops"] + lines, r"test_questions.jsonl:1: not valid JSON"),
+])
+def test_vstar_official_file_that_disagrees_is_refused(vstar_dir, change, message):
+    lines = []
+    for cat, stem, order in OFFICIAL:
+        ext, _, opts, _ = VSTAR_ITEMS[cat][stem]
+        lines.append(_official_line(cat, stem, ext, opts, order[:len(opts)]))
+    _write_official(vstar_dir, change(lines))
+    with pytest.raises(data.DataError, match=message):
+        data.load_vstar(str(vstar_dir))
+
+
+def test_vstar_without_the_official_file_is_seeded_and_counts_orphan_images(vstar_dir):
+    noise_image(100, 80, 9).save(vstar_dir / "direct_attributes" / "lonely.jpg")
+    os.rename(vstar_dir / "direct_attributes" / "sa_1.json", vstar_dir / "direct_attributes" / "sa_1.JSON")
+    said = []
+    tasks = data.load_vstar(str(vstar_dir), warn=said.append)
+    assert data.vstar_protocol(str(vstar_dir)) == "seeded"
+    assert "direct_attributes/sa_1" in [t.id for t in tasks], "a .JSON file is a question too"
+    assert len(said) == 1 and "1 image(s) without a question JSON" in said[0] and "lonely.jpg" in said[0]
+
+
 def test_vstar_missing_category_folder(tmp_path):
     (tmp_path / "direct_attributes").mkdir()
     with pytest.raises(data.DataError, match="relative_position/ not found"):
@@ -235,7 +298,16 @@ def test_hrbench_images_are_written_once_and_reused(tmp_path):
     second = data.load_hrbench(tsv, str(cache))
     assert [t.image for t in second] == list(stamps)
     assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
-    assert sorted(os.listdir(cache)) == ["0.png", "1.png", "2.png", "3.png"]
+    assert len(os.listdir(cache)) == 4 and all(n.endswith(".png") for n in os.listdir(cache))
+
+
+def test_hrbench_indices_that_sanitise_alike_get_their_own_images(tmp_path):
+    """'a/b' and 'a_b' both sanitise to 'a_b': each row must still be scored on its OWN image."""
+    rows = [("a/b", "q1", "A", "1", "2", "3", "4", "single", (64, 48)),
+            ("a_b", "q2", "B", "1", "2", "3", "4", "cross", (48, 64))]
+    tasks = data.load_hrbench(write_hrbench(tmp_path / "hr.tsv", rows=rows))
+    assert tasks[0].image != tasks[1].image
+    assert [t.load_image().size for t in tasks] == [(64, 48), (48, 64)]
 
 
 @pytest.mark.parametrize("kw, message", [

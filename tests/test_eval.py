@@ -70,6 +70,48 @@ def test_summarize_by_hand():
     assert m["time/sec_per_question"] == pytest.approx(0.4)
 
 
+def test_hrbench_is_averaged_over_cycle_categories_as_vlmevalkit_scores_it(tmp_path):
+    """A hand-built HR-Bench TSV: 3 questions asked in 2 option rotations (cycle_category 0, 1), with a
+    skewed number of rows per cell so that the cycle average differs from the plain mean."""
+    import data
+    from test_data import write_hrbench
+    rows = [  # index, question, answer, A-D, category, size  (cycle = 0 for indices < 10, else 1)
+        ("0", "q0", "A", "red", "blue", "gold", "grey", "single", (64, 64)),
+        ("1", "q1", "B", "red", "blue", "gold", "grey", "single", (64, 64)),
+        ("2", "q2", "C", "red", "blue", "gold", "grey", "cross", (64, 64)),
+        ("10", "q0", "B", "blue", "red", "gold", "grey", "single", (64, 64)),
+        ("12", "q2", "D", "blue", "gold", "grey", "red", "cross", (64, 64)),
+        ("13", "q3", "A", "red", "blue", "gold", "grey", "cross", (64, 64))]
+    cols = data.HRBENCH_COLUMNS + ("cycle_category",)
+    path = tmp_path / "hr.tsv"
+    write_hrbench(path, rows=rows)
+    lines = path.read_text().splitlines()
+    lines = [lines[0] + "\tcycle_category"] + [ln + "\t" + ("0" if int(ln.split("\t")[0]) < 10 else "1") for ln in lines[1:]]
+    path.write_text("\n".join(lines) + "\n")
+    tasks = data.load_hrbench(str(path))
+    assert [t.cycle for t in tasks] == ["0", "0", "0", "1", "1", "1"] and cols[-1] == "cycle_category"
+    preds = ["A", "C", "C", "B", "A", "B"]          # right: 0, 2, 10; wrong: 1, 12, 13
+    m = ev.summarize([_episode(i, p) for i, p in enumerate(preds)], tasks)
+    # by hand: cycle 0: single 1/2, cross 1/1; cycle 1: single 1/1, cross 0/2
+    # FSP = (1/2 + 1) / 2 = 0.75; FCP = (1 + 0) / 2 = 0.5; mean = 0.625 (plain means: single 2/3, cross 1/3)
+    assert m["hrbench/FSP"] == pytest.approx(0.75) and m["hrbench/FCP"] == pytest.approx(0.5)
+    assert m["hrbench/mean"] == pytest.approx(0.625)
+    assert m["acc/single"] == pytest.approx(2 / 3) and m["acc"] == pytest.approx(0.5)
+
+
+def test_protocol_names_how_each_benchmark_was_scored(tmp_path):
+    import argparse
+    no_cycle = [lfpc.Task("x.png", "q", "A", ["a", "b"], None, None, "single/0")]
+    cycled = [lfpc.Task("x.png", "q", "A", ["a", "b"], None, None, f"single/{k}", str(k % 4)) for k in range(8)]
+    ns = lambda **kw: argparse.Namespace(**{"vstar": None, "hrbench": None, **kw})
+    assert "plain means" in ev.protocol(ns(hrbench="hr.tsv"), no_cycle)
+    assert "per cycle_category (4 cycles)" in ev.protocol(ns(hrbench="hr.tsv"), cycled)
+    (tmp_path / "direct_attributes").mkdir()
+    assert "random.Random" in ev.protocol(ns(vstar=str(tmp_path)), [])
+    (tmp_path / "test_questions.jsonl").write_text("")
+    assert "test_questions.jsonl" in ev.protocol(ns(vstar=str(tmp_path)), [])
+
+
 def test_summarize_without_crops_or_categories_gives_none_not_errors():
     tasks = [lfpc.Task(Image.new("RGB", (50, 50)), "q", "red", None, None, None, "toy-1")]
     m = ev.summarize([_episode(0, "red")], tasks)

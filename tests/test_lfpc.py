@@ -38,6 +38,21 @@ def test_load_agent_roundtrips_a_saved_checkpoint(agent, tmp_path):
         torch.testing.assert_close(agent.model(**kw(b1)).logits, loaded.model(**kw(b2)).logits)
 
 
+def test_load_agent_places_the_weights_while_loading(agent, tmp_path, monkeypatch):
+    """device_map: each tensor goes to its device as it is read; the model is never built on the host and
+    then moved whole (under torchrun that host copy was 33 GB a rank for 7B in fp32)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    lfpc.save_agent(agent, str(tmp_path))
+
+    def no_move(self, *a, **k):
+        raise AssertionError("the whole model was moved after loading")
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "to", no_move)
+    loaded = lfpc.load_agent(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    for (k, a), b in zip(agent.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 # ----------------------------------------------------------------------------- prompt
 
 def test_prompt_states_the_shown_size_and_holds_one_image_block(agent):

@@ -28,10 +28,25 @@ def base(toy_base):
 
 def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
     s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    said = []
     for args in (["--stage", "1", "--model", base, "--out", s1], ["--stage", "2", "--model", s1 + "/ckpt", "--out", s2]):
         r = subprocess.run([sys.executable, "train.py", *args, "--steps", "2", *FAST], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+        said.append(r.stdout)
+    # the console: one short line a step, then what happened, where it is and what to run next
+    steps = [ln for ln in said[0].splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in steps] == ["1/2", "2/2"] and all(len(ln) <= 80 for ln in steps)
+    assert re.fullmatch(r"step 1/2  acc \d\.\d\d  reward -?\d+\.\d\d  tool \d\.\d\d( {2}iou \d\.\d\d)?  \d+\.\d s/step",
+                        steps[0]), steps[0]
+    for text, stage in zip(said, (1, 2)):
+        assert f"stage {stage}: 2 steps in" in text and "accuracy" in text and "->" in text
+        assert f"curves:     {os.path.join(s1 if stage == 1 else s2, 'curves.png')}" in text
+    assert f"next:       python train.py --stage 2 --model {s1}/ckpt" in said[0]
+    assert f"evaluate:   python eval.py --preset toy --model {s2}/ckpt" in said[1]
+    for out in (s1, s2):
+        with open(os.path.join(out, "curves.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in open(os.path.join(s2, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "reward/acc", "acc", "tool/call_rate", "tool/crop_success_rate", "len/response",
@@ -57,7 +72,7 @@ def _weights(path):
 @pytest.mark.parametrize("extra", [[], ["--lora", "4"]], ids=["full", "lora"])
 def test_resume_after_a_crash_continues_exactly(base, tmp_path, monkeypatch, extra):
     if extra:
-        pytest.importorskip("peft")
+        import peft  # noqa: F401  (requirements.txt)
     common = ["--stage", "1", "--model", base, "--steps", "3", "--save-every", "1", *FAST, *extra]
     train.main(common + ["--out", str(tmp_path / "straight")])
 
@@ -120,7 +135,7 @@ def test_one_step_at_lr_1e6_changes_the_fp32_master_weights(base, monkeypatch):
 
 def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, monkeypatch):
     """--lora: only the adapters train (B starts at 0, so any update shows), the base stays frozen."""
-    pytest.importorskip("peft")
+    import peft  # noqa: F401  (requirements.txt)
     real = policy.load_model
     monkeypatch.setattr(policy, "load_model", lambda a, ckpt="": real(train.Args(**{**a.__dict__, "lora": 4})))
     m, before, after = _one_step(base, monkeypatch, 1e-6)
@@ -142,7 +157,7 @@ def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, mon
 def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp_path):
     """Stage 2 from a --lora stage-1 checkpoint (a folder of adapters): with --lora it trains the SAME
     adapters (no second layer of them); without, it merges them and fine-tunes the full model."""
-    pytest.importorskip("peft")
+    import peft  # noqa: F401  (requirements.txt)
     s1 = str(tmp_path / "s1")
     train.main(["--stage", "1", "--model", base, "--out", s1, "--steps", "1", "--lora", "4", *FAST])
     a = train.parse_args(["--stage", "2", "--model", s1 + "/ckpt", "--lora", "4", *FAST])
@@ -412,3 +427,25 @@ def test_full_fine_tuning_that_cannot_fit_a_gpu_is_refused_before_any_work():
     assert policy.training_state_problem(n, lora=0, ranks=8, device_bytes=gpu) is None
     assert policy.training_state_problem(n, lora=64, ranks=1, device_bytes=gpu) is None
     assert policy.training_state_problem(3_754_622_976, lora=0, ranks=1, device_bytes=gpu) is None   # 3B: 56 GiB
+
+
+def test_the_summary_compares_the_first_and_last_tenth_of_the_run(tmp_path):
+    rows = [{"step": i + 1, "acc": i / 10, "reward/mean": 1.0, "tool/call_rate": 0.5, "box/iou_b1": None}
+            for i in range(20)]
+    a = train.parse_args(["--stage", "1", "--out", str(tmp_path / "r")])
+    text = train.run_summary(a, rows, os.path.join("runs", "stage1", "ckpt"), "c.png")
+    # a tenth of 20 steps is 2: acc (0.0 + 0.1) / 2 = 0.050 -> (1.8 + 1.9) / 2 = 1.850; no IoU ever: no line
+    assert "first 2 vs last 2" in text and "accuracy               0.050 -> 1.850" in text
+    assert "tool-call rate         0.500 -> 0.500" in text and "IoU" not in text
+    assert "next:       python train.py --stage 2\n" in text              # the default folder: no --model needed
+
+
+def test_curves_draw_every_metric_and_the_budget_histogram(tmp_path):
+    import metrics
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "acc": 0.1 * i, "reward/mean": i, "tool/call_rate": 1.0,
+                                       "box/iou_b1": None, "len/response": 50}) + "\n" for i in range(1, 6)))
+    png = metrics.plot_curves({"run": [str(log)]}, metrics.CURVES, str(tmp_path / "c.png"), budgets=[16, 32, 32])
+    from PIL import Image
+    w, h = Image.open(png).size
+    assert w > 2 * h, "4 metrics with values + the histogram: one row of panels"
