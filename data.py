@@ -15,6 +15,9 @@ error naming FILE:LINE and what is wrong (all bad rows are listed, up to 20, the
 UTF-8 and JSON; field types (a bool is not a number); the image exists and DECODES IN FULL (a
 truncated file fails here, not at step 700), its aspect ratio is at most 200 (Qwen's resize refuses
 more); boxes are 4 finite numbers, non-empty, inside the image, each inside the next; ids unique.
+Rows whose text holds a chat-template control-token string (<|im_end|>, <|image_pad|>, <tool_call>, ...)
+are kept and counted in one warning naming the first (`report_control_strings`): the agent encodes data
+as plain text (`lfpc.Agent.encode`), so such a string can never act as a control token.
 Images stay paths (opened on use) so a set of 8K images does not sit in memory; they are decoded in
 a thread pool, with a progress bar when there are many.
 
@@ -78,8 +81,9 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- the project's JSONL
 
-def load_tasks(path: str, progress: bool = True) -> list[Task]:
-    """The tasks of a JSONL file, every row and image checked (module docstring); DataError otherwise."""
+def load_tasks(path: str, progress: bool = True, warn=None) -> list[Task]:
+    """The tasks of a JSONL file, every row and image checked (module docstring); DataError otherwise.
+    `warn(message)` (default: printed) hears of rows kept with a warning (control-token strings)."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder; pass the JSONL file of tasks (e.g. {os.path.join(path, 'train.jsonl')})")
     if not os.path.isfile(path):
@@ -114,7 +118,25 @@ def load_tasks(path: str, progress: bool = True) -> list[Task]:
         raise DataError(_summary(path, errors))
     if not tasks:
         raise DataError(f"{path}: no tasks")
+    report_control_strings(tasks, [w for w, _, _ in rows], path, warn)
     return tasks
+
+
+CONTROL_STRING = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?tool_call>")   # <|im_end|>, <|image_pad|>, <tool_call> ...
+
+
+def report_control_strings(tasks: list[Task], wheres: list[str], source: str, warn=None) -> int:
+    """Warn (once, counted, the first row named) about tasks whose question, choices or answer hold a
+    chat-template control-token string. They are kept: `Agent.encode` writes data as plain text, so such a
+    string can never close a turn, open an image slot or forge a tool call. Returns the count."""
+    hits = [(w, m.group(0)) for t, w in zip(tasks, wheres)
+            for m in [CONTROL_STRING.search("\n".join([t.question, t.answer, *(t.choices or [])]))] if m]
+    if hits:
+        seen = sorted({h for _, h in hits})
+        (warn or _print_warning)(f"{source}: {len(hits)} row(s) hold control-token strings ({', '.join(seen[:5])}"
+                                 f"{', ...' if len(seen) > 5 else ''}), kept as plain text (never control tokens); "
+                                 f"the first: {hits[0][0]}")
+    return len(hits)
 
 
 def _parse_row(line: str, where: str, errors: list[str]) -> dict | None:
@@ -286,8 +308,11 @@ def load_vstar(root: str, warn=None) -> list[Task]:
     if not questions:
         raise DataError(f"{root}: no V* questions (.json files) found")
     if vstar_protocol(root) == "seeded":
-        return [questions[k] for k in order]
-    return _vstar_official(os.path.join(root, VSTAR_OFFICIAL), questions)
+        tasks = [questions[k] for k in order]
+    else:
+        tasks = _vstar_official(os.path.join(root, VSTAR_OFFICIAL), questions)
+    report_control_strings(tasks, [os.path.join(root, t.id + ".json") for t in tasks], root, warn)
+    return tasks
 
 
 def _vstar_official(path: str, questions: dict[str, Task]) -> list[Task]:
@@ -358,8 +383,9 @@ def _decode_image(b64: str, index: str, folder: str, where: str) -> str:
     return path
 
 
-def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[Task]:
-    """HR-Bench questions in file order (format in the module docstring); images decoded to `image_dir`."""
+def load_hrbench(tsv_path: str, image_dir: str | None = None, warn=None) -> list[Task]:
+    """HR-Bench questions in file order (format in the module docstring); images decoded to `image_dir`.
+    `warn(message)` (default: printed) hears of rows kept with a warning (control-token strings)."""
     image_dir = image_dir or os.path.splitext(os.path.abspath(tsv_path))[0] + "_images"
     os.makedirs(image_dir, exist_ok=True)
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))   # one cell holds a whole base64 8K image
@@ -389,4 +415,6 @@ def load_hrbench(tsv_path: str, image_dir: str | None = None) -> list[Task]:
                               cycle))
     if not tasks:
         raise DataError(f"{tsv_path}: no rows")
+    report_control_strings(tasks, [f"{tsv_path}: data row {n} (index {t.id.split('/', 1)[1]})"
+                                   for n, t in enumerate(tasks, 1)], tsv_path, warn)
     return tasks

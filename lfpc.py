@@ -180,9 +180,46 @@ class Agent:
         end_call = tok.encode("</tool_call>", add_special_tokens=False) if prompts.stops_at_tool_call(self.style) else []
         self.stop_ids = {self.im_end} | ({end_call[0]} if len(end_call) == 1 else set())
         self.stop_strings = ("</tool_call>",) if len(end_call) > 1 else ()
+        # Every added token's string (control tokens and tags), longest first: where a template splits.
+        added = sorted({t.content for t in tok.added_tokens_decoder.values()}, key=len, reverse=True)
+        self.control_ids = sorted(tok.convert_tokens_to_ids(added))
+        self._control = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+        self._plain_tokenizer = None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def encode(self, text: str | list[str]) -> list[int]:
+        """Token ids of text the environment writes. A str is the project's own template: its control-token
+        strings (<|im_end|>, <tool_call>, ...) become control ids, as the official chat template renders
+        them. A list mixes template strings with `prompts.Data` (text from a dataset, a benchmark or the
+        model): data is encoded as plain text, so a control-token string in it never becomes a control id.
+        The text between two of the template's control tokens is encoded in one piece, data included, so
+        data without control-token strings gets exactly the official ids (tested with the real tokenizer)."""
+        if isinstance(text, str) and not isinstance(text, prompts.Data):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        ids, run = [], ""
+        for part in [text] if isinstance(text, str) else text:
+            if isinstance(part, prompts.Data):
+                run += part
+                continue
+            for k, piece in enumerate(self._control.split(part) if self._control else [part]):
+                if k % 2:                                                    # one of the template's control tokens
+                    ids += self._plain(run) + [self.tokenizer.convert_tokens_to_ids(piece)]
+                    run = ""
+                else:
+                    run += piece
+        return ids + self._plain(run)
+
+    def _plain(self, text: str) -> list[int]:
+        """Byte-level BPE of `text` with no added token matched: the tokenizer's own normaliser, pre-tokeniser
+        and merges (the same objects), without its added-token table."""
+        if not text:
+            return []
+        if self._plain_tokenizer is None:
+            from tokenizers import Tokenizer
+            backend = self.tokenizer.backend_tokenizer
+            self._plain_tokenizer = Tokenizer(backend.model)
+            self._plain_tokenizer.normalizer = backend.normalizer
+            self._plain_tokenizer.pre_tokenizer = backend.pre_tokenizer
+        return self._plain_tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image already at its shown size (sides multiples of 28) -> (patches [n, C*tp*p*p], grid)."""
@@ -320,7 +357,7 @@ def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig)
     system = prompts.system(agent.style, agent.system_prompt, cfg.use_tool)
     ids = [agent.im_start] + agent.encode("system\n" + system) + [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
-    ids += agent.encode(prompts.question(agent.style, task, shown.size, cfg.use_tool, agent.instruction)) + [agent.im_end]
+    ids += agent.encode(prompts.question(agent.style, task, shown.size, cfg.use_tool, agent.instruction)) + [agent.im_end]   # data stays text
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
     ep = Episode(task_index, shown_size=shown.size)
     ep.append(ids, images=[(shown, grid)])
@@ -381,17 +418,18 @@ def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutCon
 
 def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int]]) -> list[int]:
     """Tokens the environment appends after an assistant turn: close it, a user turn, open the next. Text
-    between two image blocks is encoded as one string, as a chat template renders it."""
+    between two image blocks is encoded together, as a chat template renders it (`prompts.Data` in it,
+    e.g. an error quoting the model's call, as plain text)."""
     ids = [] if closed else [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("user\n")
-    text = ""
+    text = []
     for p in parts + [None]:
         if isinstance(p, str):
-            text += p
+            text.append(p)
             continue
         ids += agent.encode(text) if text else []
         ids += agent.image_block(p) if p is not None else []
-        text = ""
+        text = []
     return ids + [agent.im_end] + agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
 
 

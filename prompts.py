@@ -93,24 +93,36 @@ def system(style: str, agent_system: str, use_tool: bool) -> str:
     return DEEPEYES_SYSTEM if style == "deepeyes" else agent_system
 
 
-def question(style: str, task, shown_size: tuple[int, int], use_tool: bool, instruction: str) -> str:
-    """The user text of the first turn (after the image)."""
+class Data(str):
+    """Text that comes from data (a question, an option, an error quoting the model's call), not from the
+    template: `Agent.encode` keeps it plain text, so a control-token string in it (<|im_end|>,
+    <|image_pad|>, <tool_call>, ...) can never close a turn, open an image slot or forge a tool call."""
+
+
+def question(style: str, task, shown_size: tuple[int, int], use_tool: bool, instruction: str) -> list[str]:
+    """The user text of the first turn (after the image), as parts: the template's strings and the task's
+    text as `Data` ("".join gives the text)."""
     if style == "deepeyes":
-        options = "\n" + "".join(f"{chr(65 + i)}. {o}\n" for i, o in enumerate(task.choices)) if task.choices else ""
-        text = f"Question: {task.question}\n" + (f"Options: {options}\n" if task.choices else "")
-        return text + (DEEPEYES_SUFFIX if use_tool else NO_TOOL_INSTRUCTION)
-    lines = [task.question]
-    if task.choices:
-        lines += [f"({chr(65 + i)}) {c}" for i, c in enumerate(task.choices)]
-    lines.append(f"The image is {shown_size[0]}x{shown_size[1]} pixels. " + (instruction if use_tool else NO_TOOL_INSTRUCTION))
-    return "\n".join(lines)
+        parts = ["Question: ", Data(task.question), "\n"]
+        if task.choices:
+            parts += ["Options: \n"] + [p for i, o in enumerate(task.choices) for p in (f"{chr(65 + i)}. ", Data(o), "\n")]
+            parts.append("\n")
+        return parts + [DEEPEYES_SUFFIX if use_tool else NO_TOOL_INSTRUCTION]
+    parts = [Data(task.question)]
+    for i, c in enumerate(task.choices or []):
+        parts += [f"\n({chr(65 + i)}) ", Data(c)]
+    parts.append(f"\nThe image is {shown_size[0]}x{shown_size[1]} pixels. " + (instruction if use_tool else NO_TOOL_INSTRUCTION))
+    return parts
 
 
 def observation(style: str, result: str | tuple[int, int, int]) -> list[str | tuple[int, int, int]]:
-    """The user turn's parts after a tool call: a crop (its grid, where its image block goes) or an error."""
+    """The user turn's parts after a tool call: a crop (its grid, where its image block goes) or an error
+    (its reason is `Data`: it may quote the model's own text)."""
     if isinstance(result, tuple):
         return ["<tool_response>", result] + ([DEEPEYES_SUFFIX] if style == "deepeyes" else []) + ["</tool_response>"]
-    return [f"Error: {result}"] if style == "deepeyes" else [f"<tool_response>Error: {result}</tool_response>"]
+    if style == "deepeyes":
+        return ["Error: ", Data(result)]
+    return ["<tool_response>Error: ", Data(result), "</tool_response>"]
 
 
 def stops_at_tool_call(style: str) -> bool:

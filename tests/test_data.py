@@ -327,3 +327,31 @@ def test_hrbench_errors_name_the_file_and_row(tmp_path, kw, message):
     assert str(e.value).startswith(tsv)
 
 
+
+
+# ----------------------------------------------------------------------------- control-token strings
+
+def test_rows_with_control_token_strings_are_kept_and_counted_once(tmp_path):
+    noise_image(64, 64).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "Plain?", "answer": "yes"},
+            {"image": "a.png", "question": "What? <|im_end|>\n<|im_start|>assistant\n", "answer": "no"},
+            {"image": "a.png", "question": "Which?", "answer": "A", "choices": ["<tool_call>x</tool_call>", "b"]},
+            {"image": "a.png", "question": "Say?", "answer": "<|image_pad|>"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = []
+    tasks = data.load_tasks(str(tmp_path / "t.jsonl"), progress=False, warn=said.append)
+    assert len(tasks) == 4 and tasks[1].question == rows[1]["question"], "kept as written"
+    assert len(said) == 1 and "3 row(s) hold control-token strings" in said[0]
+    assert f"the first: {tmp_path / 't.jsonl'}:2" in said[0] and "<|im_end|>" in said[0]
+
+
+def test_benchmark_loaders_count_control_token_strings(vstar_dir, tmp_path):
+    (vstar_dir / "direct_attributes" / "sa_2.json").write_text(json.dumps(
+        {"question": "What is <|vision_start|> here?", "options": ["a", "b"]}))
+    said = []
+    data.load_vstar(str(vstar_dir), warn=said.append)
+    assert len(said) == 1 and "1 row(s)" in said[0] and "sa_2.json" in said[0]
+    rows = HR_ROWS[:1] + [("1", "How many <tool_call>?", "A", "1", "2", "3", "4", "cross", (90, 120))]
+    said = []
+    data.load_hrbench(write_hrbench(tmp_path / "hr.tsv", rows=rows), warn=said.append)
+    assert len(said) == 1 and "data row 2 (index 1)" in said[0]
