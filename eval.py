@@ -69,7 +69,7 @@ import lfpc
 import metrics
 import presets
 import prompts
-from judge import RuleJudge, make_judge
+from judge import RuleJudge, make_judge, url_problem
 
 PROBES = ("noise", "gt", "no-tool")
 
@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-url", help="--judge llm: the endpoint, e.g. http://127.0.0.1:8000 (a vLLM server)")
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--judge-cache", help="--judge llm: JSONL cache of verdicts (default: OUT/judge_cache.jsonl)")
+    p.add_argument("--judge-timeout", type=float, default=10.0, help="--judge llm: seconds a request may take (an API "
+                   "key goes in the environment variable LFPC_JUDGE_API_KEY)" + d)
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
                    help="rollout engine: KV cache across turns, or re-prefill every turn (same tokens)" + d)
     p.add_argument("--probes", default="noise,gt,no-tool", help="probes, comma-separated (noise, gt, no-tool) or "
@@ -138,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--crop-snap and --gallery must be >= 0")
     if a.judge == "llm" and not (a.judge_url and a.judge_model):
         p.error("--judge llm needs --judge-url and --judge-model")
+    if a.judge_url and (why := url_problem(a.judge_url)):
+        p.error(why)
+    if not 0 < a.judge_timeout <= 600:
+        p.error(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
     if (why := lfpc.model_problem(a.model)):
         p.error(why)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -392,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache or os.path.join(out, "judge_cache.jsonl"))
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache or os.path.join(out, "judge_cache.jsonl"),
+                       **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
     if a.prompt:
         agent = replace(agent, style=a.prompt)

@@ -67,7 +67,7 @@ from tqdm import tqdm
 import crop_tool
 import data
 import lfpc
-from judge import Judge, RuleJudge, make_judge
+from judge import Judge, RuleJudge, make_judge, url_problem
 from lfpc import Task
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who groups the votes (judge.py)")
     p.add_argument("--judge-url", help="--judge llm: OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
+    p.add_argument("--judge-timeout", type=float, default=10.0, help="--judge llm: seconds a request may take (an API "
+                   "key goes in the environment variable LFPC_JUDGE_API_KEY)")
     p.add_argument("--batch-size", type=int, default=32, help="items in flight per answer call (k episodes each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
@@ -114,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--temperature must be >= 0, got {a.temperature}")
     if a.judge == "llm" and not (a.judge_url and a.judge_model):
         p.error("--judge llm needs --judge-url and --judge-model")
+    if a.judge_url and (why := url_problem(a.judge_url)):
+        p.error(why)
+    if not 0 < a.judge_timeout <= 600:
+        p.error(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
     if (why := lfpc.model_problem(a.model)):
         p.error(why)
     return a
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     except data.DataError as e:
         raise SystemExit(f"--data: {e}") from None
     cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
-    judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl")
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl",
+                       **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     agent = lfpc.load_agent(a.model, a.device, dtype)
     records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)

@@ -3,7 +3,8 @@ and the episodes it is computed over.
 
 Episode metrics (`episode_metrics`), the same names in train.py's metrics.jsonl and eval.py's
 results.json; a mean over an empty population is None:
-    acc                    mean of rewards.accuracy(answer, task.answer, task.choices)        all episodes
+    acc                    mean of judge.correct(answer, task.answer, task.choices) (default: the rules of
+                           rewards.accuracy; --judge llm: judge.py)                           all episodes
     acc/<cat>, n/<cat>     accuracy and count per category (task.id "<cat>/<name>")           per category
     hrbench/FSP, FCP, mean HR-Bench's reported scores (`hrbench_scores`): single and cross accuracy per
                            cycle_category, averaged over cycles (VLMEvalKit), and (FSP + FCP) / 2
@@ -21,7 +22,8 @@ results.json; a mean over an empty population is None:
     len/turns              mean assistant turns per episode                                  all episodes
 Training only (train.py): reward/mean and reward/<part> (means of the reward's unweighted parts),
 adv/frac_zero_std (fraction of GRPO groups whose rewards are all equal: advantage 0), loss/* (see
-train.py), work/* (what the rollout engine did, `engine.py`), time/step_s.
+train.py), work/* (what the rollout engine did, `engine.py`), time/step_s, and with --judge llm judge/calls,
+requests, cached, fallbacks, skipped (what the model judge did this step; judge.py).
 Evaluation only (eval.py): time/sec_per_question; per probe, delta/<key> = probe - normal.
 """
 from __future__ import annotations

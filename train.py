@@ -66,6 +66,7 @@ import policy
 import presets
 import prompts
 import rewards
+import judge as judge_lib
 from judge import Judge, RuleJudge, make_judge
 
 
@@ -103,6 +104,8 @@ class Args:
     judge_url: str | None = arg(None, '--judge llm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000')
     judge_model: str | None = arg(None, '--judge llm: the served model\'s name')
     judge_cache: str | None = arg(None, '--judge llm: JSONL cache of verdicts (default <out>/judge_cache.jsonl)')
+    judge_timeout: float = arg(10.0, '--judge llm: seconds a request may take before it counts as failed (an API key '
+                                     'goes in the environment variable LFPC_JUDGE_API_KEY, never in a flag)')
     engine: str = arg("cached", 'rollout engine: "cached" (KV cache across turns) or "reference" (re-prefill each turn)')
     max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
     max_new_tokens: int | None = arg(None, 'sampled tokens per turn (preset)')
@@ -191,6 +194,8 @@ def check_ranges(a: Args) -> list[str]:
     need(a.prompt is None or a.prompt in prompts.STYLES, f"--prompt is one of {', '.join(prompts.STYLES)}")
     need(a.judge in ("rule", "llm"), f"--judge is rule or llm, got {a.judge!r}")
     need(a.judge != "llm" or bool(a.judge_url and a.judge_model), "--judge llm needs --judge-url and --judge-model")
+    need(a.judge_url is None or judge_lib.url_problem(a.judge_url) is None, str(judge_lib.url_problem(a.judge_url or "")))
+    need(0 < a.judge_timeout <= 600, f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
     need(a.stage2_mode in rewards.MODES, f"--stage2-mode is one of {', '.join(rewards.MODES)}, got {a.stage2_mode!r}")
     for name in ("resample", "crop_resample"):
         need(getattr(a, name) in crop_tool.RESAMPLE, f"--{name.replace('_', '-')} is bicubic or box")
@@ -225,7 +230,7 @@ MAX_LR = 1e-2            # a higher learning rate destroys a pretrained policy i
 SKIP_GRAD_NORM = 1e3     # a step whose gradient norm (before clipping) exceeds this is skipped, not taken
 MAX_NORM_GROWTH = 10.0   # an update that multiplies the weights' norm by more stops the run, before any save
 MAX_BAD_STEPS = 3        # skipped steps in a row that stop the run
-RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume")   # what --resume may change
+RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout")   # what --resume may change
 
 
 def main(argv=None) -> None:
@@ -267,7 +272,8 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     if w.distributed and not a.lora:
         dist.shard(agent.model, w)                     # FSDP2: full fine-tuning needs the training state sharded
     a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")
-    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache)
+    judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache,
+                       **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
     set_budgets(a, agent, tasks, judge, w)
@@ -389,11 +395,15 @@ def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfp
     """One GRPO step, two calls: roll out and reward, then one optimizer step. Returns the step's metrics
     (over every rank's episodes). Under torchrun each rank takes its share of `tasks`."""
     t0 = time.perf_counter()
+    asked = dict(judge.stats) if judge is not None else {}
     mine, offset = dist.share(tasks, w)
     episodes, work = collect_episodes(a, agent, mine, cfg, step, judge, offset * a.group)
     t_rollout = time.perf_counter() - t0
     m = update_policy(a, agent, opt, episodes, mine, ref_model, judge, w)
     work = engine.Work(**{k: int(dist.all_sum(v, w)) for k, v in work.__dict__.items()})
+    if a.judge == "llm":        # what the model judge did this step (a fallback: the rules decided)
+        m.update({f"judge/{k}": int(dist.all_sum(judge.stats[k] - asked.get(k, 0), w))
+                  for k in ("calls", "requests", "cached", "fallbacks", "skipped")})
     return {**m, **work.metrics(), "time/rollout_s": t_rollout}
 
 
