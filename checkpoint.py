@@ -12,19 +12,71 @@ metrics log that resumes without duplicates.
 The swap: write ckpt.tmp (trainer.pt last), rename ckpt -> ckpt.old, rename ckpt.tmp -> ckpt, delete
 ckpt.old. A kill at any point leaves at least one complete checkpoint; `RunFolder.latest` finds the newest
 (highest step) and `recover` makes it OUT/ckpt again. A fresh run refuses a folder that holds any of
-these files (`RunFolder.used`), so a good checkpoint is never deleted by starting over.
+these files (`RunFolder.used`), so a good checkpoint is never deleted by starting over. A write that
+fails (disk full) removes its partial ckpt.tmp, keeps the previous checkpoint the newest and raises
+CheckpointError; `check_writable` and `check_space` refuse an --out that cannot hold a run before any
+work. `StopSignal`: SIGTERM / SIGINT ask the run to stop at its next safe point (train.py: after the
+step, with a checkpoint; the prober: after its batch, `Preempted`); a second signal exits at once.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 
 import torch
 
 NAMES = ("ckpt", "ckpt.tmp", "ckpt.old")
+
+
+class StopSignal:
+    """SIGTERM and SIGINT as a request to stop cleanly (a preempted job, Ctrl-C): the first sets `requested`
+    (the signal's name), and the run stops at the next safe point (after its current step, with a
+    checkpoint; in the prober, after its current batch, the cache holding every finished item); a second
+    one exits at once (SystemExit 128 + signal number): the atomic checkpoint still holds. A context
+    manager: the previous handlers come back on exit. Installed in the main thread only."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.code = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        return False
+
+    def __call__(self) -> bool:
+        return self.requested is not None
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise SystemExit(f"{name} again: stopping at once (the last complete checkpoint still holds)")
+        self.requested, self.code = name, 128 + signum
+        print(f"\n{name}: stopping after the current step, with a checkpoint ({name} again stops at once)",
+              file=sys.stderr, flush=True)
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full ...); the previous one is intact."""
+
+
+class Preempted(Exception):
+    """A stop was requested (StopSignal) where the work can resume exactly (the prober between batches)."""
 
 
 class RunFolder:
@@ -88,12 +140,50 @@ class RunFolder:
             shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
         return final, state
 
+    def check_writable(self) -> None:
+        """SystemExit with the reason when OUT cannot hold a run: a file in its place, a folder that cannot be
+        created, or one where a probe file cannot be written and read back (read-only, full, no permission)."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise SystemExit(f"--out {self.out} is a file; pass a folder for the run")
+        probe = os.path.join(self.out, f".write_probe.{os.getpid()}")
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(probe)
+            raise SystemExit(f"--out {self.out} cannot be written ({e.strerror or e}): nothing was trained; "
+                             f"pass a writable folder with free space") from None
+
+    def check_space(self, checkpoint_bytes: int) -> None:
+        """SystemExit when OUT's disk has less free space than two checkpoints (the swap holds the new one
+        beside the old) of `checkpoint_bytes`, before any work is spent."""
+        free = shutil.disk_usage(self.out).free
+        if free < 2 * checkpoint_bytes:
+            raise SystemExit(f"--out {self.out}: {free / 2**30:.2f} GiB free, a checkpoint needs "
+                             f"{checkpoint_bytes / 2**30:.2f} GiB and the swap holds two: free space first")
+
     def save(self, save_model, state: dict) -> str:
-        """Atomic: `save_model(folder)` and trainer.pt (LAST) into ckpt.tmp, then the swap. Returns OUT/ckpt."""
+        """Atomic: `save_model(folder)` and trainer.pt (LAST) into ckpt.tmp, then the swap. Returns OUT/ckpt.
+        A write that fails (disk full: OSError, or torch's RuntimeError "enforce fail ... failed writing")
+        leaves the previous checkpoint the newest complete one, removes the partial ckpt.tmp and raises
+        CheckpointError with the reason."""
         final, tmp, old = (os.path.join(self.out, n) for n in NAMES)
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(tmp)
-        torch.save(state, os.path.join(tmp, "trainer.pt.part"))
+        try:
+            save_model(tmp)
+            torch.save(state, os.path.join(tmp, "trainer.pt.part"))
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.latest()
+            raise CheckpointError(f"writing the checkpoint of step {state.get('step')} failed "
+                                  f"({str(e).splitlines()[0][:200]}; {shutil.disk_usage(self.out).free / 2**20:.0f} MiB "
+                                  f"free in {self.out}); " + (f"the checkpoint of step {kept[1]['step']} is kept: "
+                                  f"free space, then --resume" if kept else "no earlier checkpoint exists")) from None
         os.replace(os.path.join(tmp, "trainer.pt.part"), os.path.join(tmp, "trainer.pt"))
         if os.path.isdir(final):
             shutil.rmtree(old, ignore_errors=True)

@@ -92,7 +92,14 @@ dropped.jsonl), never stops the run; a file not in the source's format at all (m
 parquet, not JSON, first record without the required keys, a JSON array that breaks off) stops it AT
 ONCE, before anything is written, with a message naming the file and what was expected.
 Image paths resolve against --image-root (default: the input file's folder): the path as given, then
-ever shorter tails of it ("VisualProbe_train/data/x.jpg", "data/x.jpg", "x.jpg"); "file://" is dropped.
+ever shorter tails of it that still hold the file's folder ("VisualProbe_train/data/x.jpg",
+"data/x.jpg"; never the bare "x.jpg" of a path with a folder); "file://" is dropped. Two different
+paths that resolve to one file ("/a/data/x.jpg", "/b/data/x.jpg") are ambiguous: the later row is
+dropped ("image path ambiguous"), never scored on another row's image.
+Boxes are pixels of the original by default; `--box-units unit` reads [0, 1] fractions of the
+width/height and `--box-units thousandths` Qwen2-VL's [0, 1000] grid. Under pixels, a row whose every
+coordinate lies in [0, 1] is dropped ("box: looks normalised"), and when every boxed row (5 or more)
+lies within [0, 1000] on images over 1000 px the report says that they may be thousandths.
 
 Streaming: parquet is read with pyarrow.parquet.ParquetFile(pre_buffer=False).iter_batches,
 PARQUET_BATCH_ROWS rows at a time and only the needed columns (pyarrow's default pre_buffer=True reads
@@ -103,7 +110,9 @@ tests/test_convert.py's streaming tests. pyarrow (requirements.txt) is imported 
 only.
 
 Reruns: an --out folder that already holds train.jsonl, dropped.jsonl or images/ is REFUSED unless
---overwrite is given; --overwrite deletes exactly those three (nothing else in DIR) and converts afresh.
+--overwrite is given; --overwrite deletes exactly those three (nothing else in DIR) and converts afresh,
+and only when DIR/.lfpc-convert (written by every conversion) says convert.py wrote them: a folder of
+the user's own images/ is never deleted, and an --out whose images/ or outputs hold an input is refused.
 train.jsonl and dropped.jsonl are written as *.tmp and renamed at the end, so a crashed run never leaves
 a train.jsonl behind.
 """
@@ -165,6 +174,8 @@ class Report:
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    boxed: int = 0                  # kept rows with boxes
+    boxed_within_1000: int = 0      # of them, every coordinate <= 1000 on an image over 1000 px
 
     def summary(self) -> str:
         lines = [f"kept {self.kept} of {self.read} rows -> {os.path.join(self.out, 'train.jsonl')} "
@@ -173,6 +184,9 @@ class Report:
         lines += [f"  {reason:<40} {n}" for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0]))]
         if self.dropped:
             lines.append(f"each dropped row, with its detail: {os.path.join(self.out, 'dropped.jsonl')}")
+        if self.boxed >= 5 and self.boxed_within_1000 == self.boxed:
+            lines.append(f"warning: all {self.boxed} boxed rows have every coordinate within [0, 1000] on images over "
+                         f"1000 px: if they are Qwen2-VL's 0-1000 grid, convert again with --box-units thousandths")
         return "\n".join(lines)
 
 
@@ -240,8 +254,16 @@ def split_options(text: str) -> tuple[str, list[str] | None]:
     return text, None
 
 
-def clean_answer(raw: object) -> str:
-    """The answer as text: numbers written out, "\\boxed{x}" and "<answer>x</answer>" unwrapped."""
+def clean_answer(raw: object) -> str | Drop:
+    """The answer as text: numbers written out, a list of one answer unwrapped, "\\boxed{x}" and
+    "<answer>x</answer>" unwrapped. A list of several answers, an object or a bool is a Drop (never its
+    Python repr as the answer)."""
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            return Drop("empty answer" if not raw else "several reference answers", repr(raw)[:200])
+        raw = raw[0]
+    if isinstance(raw, (dict, list, tuple, set)):
+        return Drop("malformed answer", f"{type(raw).__name__}, not text: {raw!r}"[:200])
     if isinstance(raw, bool) or raw is None:
         return ""
     text = str(raw).strip()
@@ -311,12 +333,13 @@ def check_boxes(boxes: list[list[float]], size: tuple[int, int]) -> Drop | None:
 
 def resolve_image(ref: str, root: str) -> str | None:
     """The file `ref` names: as given (absolute, or under `root`), else the longest tail of it that
-    exists under `root`; None if none does."""
+    exists under `root` and still names the file's folder ("a/b/data/x.jpg" -> "data/x.jpg", never the
+    bare "x.jpg": "cats/1.png" and "dogs/1.png" must not both become root/1.png); None if none does."""
     ref = ref.removeprefix("file://")
     if os.path.isabs(ref) and os.path.isfile(ref):
         return ref
     parts = [p for p in ref.replace("\\", "/").split("/") if p not in ("", ".")]
-    for k in range(len(parts)):
+    for k in range(max(1, len(parts) - 1)):
         candidate = os.path.join(root, *parts[k:])
         if os.path.isfile(candidate):
             return candidate
@@ -402,7 +425,7 @@ def pixelreasoner_item(rec: dict, row: int, stem: str) -> Item | Drop:
             "empty answer" if not answer else "several reference answers", repr(answer)[:200])
     if not isinstance(answer, Drop):
         inner = clean_answer(answer)
-        if inner.startswith("[") and inner.endswith("]"):
+        if not isinstance(inner, Drop) and inner.startswith("[") and inner.endswith("]"):
             try:
                 listed = ast.literal_eval(inner)        # a literal, never code
             except (ValueError, SyntaxError):
@@ -586,12 +609,24 @@ def open_json(path: str, source: str, spec: Source):
 
 # ----------------------------------------------------------------------------- conversion
 
-def _prepare_out(out: str, overwrite: bool) -> None:
-    """Refuse a folder holding an earlier conversion, or (--overwrite) delete exactly its outputs."""
+MARKER = ".lfpc-convert"        # written into every --out: what convert.py wrote there (and may delete)
+
+
+def _prepare_out(out: str, overwrite: bool, inputs: list[str] = (), roots: list[str] = ()) -> None:
+    """Refuse a folder holding an earlier conversion, or (--overwrite) delete exactly its outputs, and
+    only those convert.py wrote (MARKER); refuse an --out whose outputs would hold an input or an image root."""
+    outputs = [os.path.realpath(os.path.join(out, p)) for p in ("train.jsonl", "dropped.jsonl", "images")]
+    for path in list(inputs) + list(roots):
+        real = os.path.realpath(path)
+        if any(real == o or real.startswith(outputs[2] + os.sep) or (real == outputs[2]) for o in outputs):
+            raise ConvertError(f"--out {out} would overwrite {path} (an input or its images): choose another --out")
     old = [p for p in ("train.jsonl", "dropped.jsonl", "images") if os.path.exists(os.path.join(out, p))]
     if old and not overwrite:
         raise ConvertError(f"{out}: already holds {', '.join(old)} from an earlier conversion; "
                            f"pass --overwrite to replace them, or choose another --out")
+    if old and not os.path.isfile(os.path.join(out, MARKER)):
+        raise ConvertError(f"{out}: holds {', '.join(old)} that convert.py did not write (no {MARKER} file): "
+                           f"--overwrite never deletes your own files; choose another --out")
     for p in old:
         full = os.path.join(out, p)
         if os.path.isdir(full):
@@ -599,6 +634,8 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         else:
             os.remove(full)
     os.makedirs(os.path.join(out, "images"))
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+        json.dump({"wrote": ["train.jsonl", "dropped.jsonl", "images/"]}, f)
 
 
 def _file_name(id: str, ext: str, taken: set[str]) -> str:
@@ -612,9 +649,14 @@ def _file_name(id: str, ext: str, taken: set[str]) -> str:
     return name
 
 
-def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
+BOX_UNITS = {"pixels": None, "unit": 1.0, "thousandths": 1000.0}    # the scale of one image side
+
+
+def _finish(item: Item, root: str, out: str, taken: set[str], claimed: dict[str, str] | None = None,
+            box_units: str = "pixels") -> dict | Drop:
     """The JSONL row of `item`: question cleaned, options split, answer as text (a letter for multiple
-    choice), boxes checked against the decoded image, image written to out/images/."""
+    choice), boxes in pixels (`box_units`) checked against the decoded image, image written to out/images/.
+    `claimed`: resolved image file -> the path that named it first (two paths, one file: ambiguous)."""
     question = clean_question(item.question)
     choices = item.choices
     if choices is None:
@@ -622,6 +664,8 @@ def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
     if not question:
         return Drop("empty question", repr(item.question)[:200])
     answer = clean_answer(item.answer)
+    if isinstance(answer, Drop):
+        return answer
     if not answer:
         return Drop("empty answer", repr(item.answer)[:200])
     if choices:
@@ -637,6 +681,9 @@ def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
         path = resolve_image(data, root)
         if path is None:
             return Drop("image file not found", f"{data} (under {root})")
+        named = "/".join(p for p in data.removeprefix("file://").replace("\\", "/").split("/") if p not in ("", "."))
+        if claimed is not None and claimed.setdefault(path, named) != named:
+            return Drop("image path ambiguous", f"{data} and {claimed[path]} both resolve to {path}")
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -647,6 +694,13 @@ def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
         return encoded
     data, ext, size = encoded
     if boxes:
+        scale = BOX_UNITS[box_units]
+        if scale is None and max(size) > 2 and all(0 <= v <= 1 for b in boxes for v in b):
+            return Drop("box: looks normalised", f"{boxes} on a {size[0]}x{size[1]} image: if they are fractions of "
+                        f"the side, pass --box-units unit")
+        if scale is not None:
+            boxes = [[b[0] * size[0] / scale, b[1] * size[1] / scale, b[2] * size[0] / scale, b[3] * size[1] / scale]
+                     for b in boxes]
         problem = check_boxes(boxes, size)
         if problem:
             return problem
@@ -658,6 +712,7 @@ def _finish(item: Item, root: str, out: str, taken: set[str]) -> dict | Drop:
         row["choices"] = choices
     if boxes:
         row["bboxes"] = boxes
+        row["_box_small"] = max(size) > 1000 and all(v <= 1000 for b in boxes for v in b)   # for the report only
     row["source"] = item.source
     return row
 
@@ -672,9 +727,9 @@ def _read_row(spec: Source, rec: object, row: int, stem: str) -> Item | Drop:
 
 
 def _convert_rows(opened, spec: Source, out: str, image_root: str | None, limit: int | None, bar,
-                  report: Report, ft, fd) -> None:
+                  report: Report, ft, fd, box_units: str = "pixels") -> None:
     """The row loop: read, clean and check each row, write its image and its line (or its drop line)."""
-    seen, taken = set(), set()
+    seen, taken, claimed = set(), set(), {}
     for path, stem, _, records in opened:
         root = image_root or os.path.dirname(os.path.abspath(path))
         for row, rec in records:
@@ -685,7 +740,7 @@ def _convert_rows(opened, spec: Source, out: str, image_root: str | None, limit:
             result = _read_row(spec, rec, row, stem)
             id = result.id if isinstance(result, Item) else None
             if isinstance(result, Item):
-                result = Drop("duplicate id", id) if id in seen else _finish(result, root, out, taken)
+                result = Drop("duplicate id", id) if id in seen else _finish(result, root, out, taken, claimed, box_units)
             if isinstance(result, Drop):
                 report.dropped[result.reason] += 1
                 fd.write(json.dumps({"file": os.path.basename(path), "row": row, "id": id, "reason": result.reason,
@@ -693,15 +748,22 @@ def _convert_rows(opened, spec: Source, out: str, image_root: str | None, limit:
             else:
                 seen.add(id)
                 report.kept += 1
+                if "_box_small" in result:
+                    report.boxed += 1
+                    report.boxed_within_1000 += result.pop("_box_small")
                 ft.write(json.dumps(result, ensure_ascii=False) + "\n")
 
 
 def convert_files(source: str, inputs: list[str], out: str, image_root: str | None = None, limit: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> Report:
+                  overwrite: bool = False, progress: bool = True, box_units: str = "pixels") -> Report:
     """Convert `inputs` (files in the format of `source`) into out/train.jsonl, out/images/ and
     out/dropped.jsonl (module docstring). Every input is opened and checked before anything is written."""
     if source not in SOURCES:
         raise ConvertError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+    if limit is not None and limit < 1:
+        raise ConvertError(f"--limit must be at least 1, got {limit}")
+    if box_units not in BOX_UNITS:
+        raise ConvertError(f"--box-units is one of {sorted(BOX_UNITS)}, got {box_units!r}")
     spec = SOURCES[source]
     for path in inputs:
         if not os.path.isfile(path):
@@ -711,7 +773,7 @@ def convert_files(source: str, inputs: list[str], out: str, image_root: str | No
         raise ConvertError(f"two inputs share a file name ({stems}); ids are made from it, rename one")
     opener = open_parquet if spec.kind == "parquet" else open_json
     opened = [(path, stem, *opener(path, source, spec)) for path, stem in zip(inputs, stems)]
-    _prepare_out(out, overwrite)
+    _prepare_out(out, overwrite, inputs, [image_root] if image_root else [os.path.dirname(os.path.abspath(p)) for p in inputs])
     totals = [total for _, _, total, _ in opened]
     total = None if None in totals else sum(totals)
     if total is not None and limit is not None:
@@ -721,7 +783,7 @@ def convert_files(source: str, inputs: list[str], out: str, image_root: str | No
     try:
         with open(train + ".tmp", "w", encoding="utf-8") as ft, open(dropped + ".tmp", "w", encoding="utf-8") as fd, \
                 tqdm(total=total, unit="row", desc=f"convert {source}", disable=not progress) as bar:
-            _convert_rows(opened, spec, out, image_root, limit, bar, report, ft, fd)
+            _convert_rows(opened, spec, out, image_root, limit, bar, report, ft, fd, box_units)
     except BaseException:                           # leave no half-written train.jsonl behind
         for tmp in (train + ".tmp", dropped + ".tmp"):
             if os.path.exists(tmp):
@@ -747,12 +809,16 @@ def main(argv: list[str] | None = None) -> Report:
     c.add_argument("--image-root", default=None, metavar="DIR",
                    help="folder relative image paths resolve against (default: each input's folder)")
     c.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N rows (all inputs)")
+    c.add_argument("--box-units", default="pixels", choices=sorted(BOX_UNITS),
+                   help="what box coordinates count: pixels of the original (default), unit ([0, 1] of a side) or "
+                        "thousandths (Qwen2-VL's [0, 1000] grid)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an earlier conversion in DIR (deletes its train.jsonl, dropped.jsonl, images/); "
                         "without it such a DIR is refused")
     args = c.parse_args(argv)
     try:
-        report = convert_files(args.source, args.inputs, args.out, args.image_root, args.limit, args.overwrite)
+        report = convert_files(args.source, args.inputs, args.out, args.image_root, args.limit, args.overwrite,
+                               box_units=args.box_units)
     except ConvertError as e:
         raise SystemExit(f"convert.py: {e}") from None
     print(report.summary())

@@ -43,8 +43,9 @@ Contract
   "item" is `item_key(task)`: a hash of the item's CONTENT (image bytes, question, answer, choices),
   so two datasets never share budgets by id or line number. A line is reused when its item, model key
   (`ProberConfig.model_key`: the model plus every setting that changes answers and votes), ladder and k
-  match, so an interrupted run resumes (items that were in flight start again) and a second run makes
-  no answer call. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
+  match, so an interrupted run resumes and a second run makes no answer call. Each probe samples from
+  streams seeded by the item's key and the budget (`probe_seed`), not by what else is in flight, so an
+  item that was in flight when a run was killed is probed again to the same answers and budget. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
   elsewhere is an error. A checkpoint folder retrained in place keeps its name: give it another cache.
 - One settings object, `ProberConfig`, is built by train.py from its flags and by this file's command
   line from its own, with the same defaults (`--preset`, presets.py).
@@ -64,6 +65,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import crop_tool
 import data
 import lfpc
@@ -257,9 +259,11 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
 def select_budgets(tasks: list[Task], answer_fn: AnswerFn, model_key: str, cache_path: str | None = None,
                    full_tokens: int = 1024, floor_tokens: int = 16, ratio: float = 0.5, k: int = 4,
                    batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
-                   write_path: str | None = None) -> list[dict]:
+                   write_path: str | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
     """One record per task (format: the cache's), in task order; see the module docstring. Items with the
-    same content are probed once. New records go to `write_path` (default: the cache itself)."""
+    same content are probed once. New records go to `write_path` (default: the cache itself). `stop()`
+    true after an answer call (a SIGTERM, checkpoint.StopSignal): the finished items are flushed to the
+    cache and checkpoint.Preempted is raised (items in flight are probed again, with the same streams)."""
     budgets = ladder(full_tokens, floor_tokens, ratio)
     if k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
@@ -292,6 +296,10 @@ def select_budgets(tasks: list[Task], answer_fn: AnswerFn, model_key: str, cache
             if cache:
                 cache.flush()
             flight = [(key, s) for key, s in flight if not s.status]
+            if stop is not None and stop() and (queue or flight):
+                bar.close()
+                raise checkpoint.Preempted(f"the information-gap probe stopped: {len(set(keys) & done.keys())} of "
+                                           f"{len(set(keys))} distinct items are in its cache")
     bar.close()
     return [{**done[key], "id": t.id} for key, t in zip(keys, tasks)]
 
@@ -329,13 +337,14 @@ class ProberConfig:
 
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
           batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
-          write_path: str | None = None, batch_tokens: int | None = None) -> list[dict]:
+          write_path: str | None = None, batch_tokens: int | None = None,
+          stop: Callable[[], bool] | None = None) -> list[dict]:
     """`select_budgets` with the model's own direct answers: one record per task, in order. batch_size:
     tasks in flight; batch_tokens: at most this many KV-cache tokens a rollout chunk (None: no limit)."""
     answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample,
                                 batch_tokens)
     return select_budgets(tasks, answer_fn, cfg.model_key(model), cache_path, cfg.full_tokens, cfg.floor_tokens,
-                          cfg.ratio, cfg.k, batch_size, progress, judge, write_path)
+                          cfg.ratio, cfg.k, batch_size, progress, judge, write_path, stop)
 
 
 def merge_parts(cache_path: str, parts: list[str]) -> None:
@@ -358,11 +367,23 @@ def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens:
                              max_response_tokens=max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens,
                              global_min_pixels=MIN_PIXELS, global_resample=resample)
 
+    keys = {}                                                  # id(task) -> (task, item_key): hashed once
+
     def answer(pairs: list[tuple[Task, int]], k: int) -> list[list[str | None]]:
         tasks = [replace(task, max_pixels=budget * TOKEN_PIXELS) for task, budget in pairs]
-        episodes = lfpc.rollout(agent, tasks, k, cfg)          # rows i*k .. i*k+k-1 belong to pair i
+        for task, _ in pairs:
+            keys.setdefault(id(task), (task, item_key(task)))
+        # each (item, budget) probe samples from its own streams: a probe redone after a kill gives the same answers
+        seeds = [probe_seed(keys[id(task)][1], budget) for task, budget in pairs]
+        episodes = lfpc.rollout(agent, tasks, k, cfg, seed=seeds)          # rows i*k .. i*k+k-1 belong to pair i
         return [[e.answer for e in episodes[i * k:(i + 1) * k]] for i in range(len(pairs))]
     return answer
+
+
+def probe_seed(item: str, budget: int) -> int:
+    """The base seed of one probe's k answer streams: a function of the item's content key and the budget
+    only, so it does not depend on what else is in flight, on the order of items or on a restart."""
+    return int(hashlib.sha1(f"{item}:{budget}".encode()).hexdigest()[:15], 16)
 
 
 def write_tasks(data_path: str, out_path: str, tasks: list[Task], records: list[dict]) -> None:

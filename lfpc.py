@@ -300,25 +300,29 @@ def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
 
 # ----------------------------------------------------------------------------- the rollout
 
-def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig, seed: int | None = None,
+def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig, seed: int | list[int] | None = None,
             sample_fn: engine.SampleFn | None = None, work: engine.Work | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
-    generator), so its tokens do not depend on batching. The model runs in chunks of whole groups of
+    generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
+    not depend on batching. The model runs in chunks of whole groups of
     at most `cfg.batch_size` episodes, through `cfg.engine`; `work` (optional) accumulates what the
     engine did (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with
     it); the engine still prefills everything else.
     """
     work = work if work is not None else engine.Work()
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    if isinstance(seed, list) and len(seed) != len(tasks):
+        raise ValueError(f"{len(seed)} seeds for {len(tasks)} tasks")
+    base = seed if isinstance(seed, list) else [seed + i * group_size for i in range(len(tasks))]
     tasks = [replace(t, image=t.load_image()) for t in tasks]   # open each image once per rollout
     episodes, prompt_len = [], []
     for i, task in enumerate(tasks):
         first = start_episode(agent, task, i, cfg)
         prompt_len.append(len(first.token_ids))
-        for _ in range(group_size):              # the G rollouts share the prompt's image objects
-            ep = Episode(i, shown_size=first.shown_size, seed=seed + len(episodes))
+        for j in range(group_size):              # the G rollouts share the prompt's image objects
+            ep = Episode(i, shown_size=first.shown_size, seed=base[i] + j)
             ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
             episodes.append(ep)
     step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)

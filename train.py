@@ -49,10 +49,12 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+
 import checkpoint
 import crop_tool
 import data
@@ -60,13 +62,13 @@ import dist
 import engine
 import grpo
 import info_gap
+import judge as judge_lib
 import lfpc
 import metrics
 import policy
 import presets
 import prompts
 import rewards
-import judge as judge_lib
 from judge import Judge, RuleJudge, make_judge
 
 
@@ -240,6 +242,8 @@ def main(argv=None) -> None:
     if a.prompts % w.size:
         raise SystemExit(f"--prompts {a.prompts} must divide by the {w.size} ranks (whole GRPO groups per rank)")
     run = checkpoint.RunFolder(a.out)
+    if w.main:
+        run.check_writable()                           # a read-only, full or misnamed --out: before any work
     saved = None
     if a.resume:
         a, saved = resume_args(a, run, given_flags(argv), w)
@@ -250,14 +254,26 @@ def main(argv=None) -> None:
         run.lock()
     dist.barrier(w)
     try:
-        train(a, run, saved, w)
+        with checkpoint.StopSignal() as stop:          # SIGTERM / SIGINT: stop cleanly at the next safe point
+            try:
+                train(a, run, saved, w, stop)
+            except checkpoint.Preempted as e:
+                print(f"{stop.requested}: {e}; run the same command again to continue (no --resume: no step was "
+                      f"taken)", file=sys.stderr)
+                raise SystemExit(stop.code) from None
+            except checkpoint.CheckpointError as e:
+                raise SystemExit(str(e)) from None
     finally:
         if w.main:
             run.unlock()
 
 
-def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World = dist.World()) -> None:
-    """The run: data, model, information gap, then the steps, a checkpoint every --save-every."""
+def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World = dist.World(),
+          stop: checkpoint.StopSignal | None = None) -> None:
+    """The run: data, model, information gap, then the steps, a checkpoint every --save-every. After `stop`
+    is requested (SIGTERM, SIGINT) the run ends after its current step with a checkpoint (in the prober:
+    checkpoint.Preempted after its current batch, the cache kept)."""
+    stop = stop or checkpoint.StopSignal()
     tasks = read_tasks(a)                               # every data problem, before the model loads
     random.seed(a.seed)
     torch.manual_seed(a.seed)
@@ -269,6 +285,10 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                                                 torch.cuda.get_device_properties(agent.device).total_memory)
         if problem:
             raise SystemExit(problem)
+    if w.main:                                         # the weights and AdamW's two moments of what trains
+        trained = sum(p.numel() * (p.element_size() + 8) for p in agent.model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * p.element_size() for p in agent.model.parameters() if not p.requires_grad)
+        run.check_space(trained + (0 if a.lora else frozen))          # a LoRA run saves its adapters only
     if w.distributed and not a.lora:
         dist.shard(agent.model, w)                     # FSDP2: full fine-tuning needs the training state sharded
     a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")
@@ -276,7 +296,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
-    set_budgets(a, agent, tasks, judge, w)
+    set_budgets(a, agent, tasks, judge, w, stop)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
         ref_model = lfpc.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
@@ -310,7 +330,8 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
         if bad >= MAX_BAD_STEPS:
             raise SystemExit(f"{bad} steps in a row skipped (non-finite or exploding gradients): stopping; the last "
                              f"good checkpoint is in {a.out} (lower --lr?)")
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+        stopping = dist.all_sum(float(stop()), w) > 0               # every rank stops after the same step
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps or stopping:
             model_state, opt_state = dist.full_state(agent.model, opt, w)     # every rank: a collective
             if w.main:
                 run.save(lambda folder: lfpc.save_agent(agent, folder, model_state),
@@ -318,6 +339,12 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                           "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
                 metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, curves, budgets)
             dist.barrier(w)
+        if stopping and step + 1 < a.steps:
+            if w.main:
+                print(f"{stop.requested or 'a signal on another rank'}: stopped after step {step + 1} of {a.steps}; "
+                      f"checkpoint {os.path.join(a.out, 'ckpt')}. Continue exactly where it stopped with:\n"
+                      f"  python train.py --resume --out {a.out}", file=sys.stderr, flush=True)
+            raise SystemExit(stop.code or 143)
     if w.main:
         print(run_summary(a, run.read_metrics(), os.path.join(a.out, "ckpt"), curves))
 
@@ -553,7 +580,7 @@ def read_tasks(a: Args) -> list[lfpc.Task]:
 
 
 def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge | None = None,
-                w: dist.World = dist.World()) -> None:
+                w: dist.World = dist.World(), stop=None) -> None:
     """Each task's global budget: --full-tokens for all (--global-image full), the budgets the data carries
     (info_gap.py --out), or else the information gap, probed with the model and cached. Under torchrun
     the ranks probe every w.size-th item each, each into its own part of the cache; the records are
@@ -570,7 +597,7 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
     with policy.precision(agent), dist.gathered(agent.model):
         records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
                                  batch_size=a.rollout_batch, judge=judge, write_path=part,
-                                 batch_tokens=a.rollout_tokens)
+                                 batch_tokens=a.rollout_tokens, stop=stop)
     if w.distributed:
         merged = dist.gather(records, w)
         records = [merged[i % w.size][i // w.size] for i in range(len(tasks))]

@@ -267,7 +267,7 @@ def test_a_file_not_in_the_format_fails_at_once_naming_it(tmp_path):
     cut.write_text('[{"problem": "a", "solution": "b", "images": ["x"]}, {"problem": "c", "solu', encoding="utf-8")
     with pytest.raises(convert.ConvertError, match=r"cut\.json: element 2 of the JSON array is not valid JSON"):
         convert.convert_files("visualprobe", [str(cut)], out, progress=False)
-    assert sorted(os.listdir(out)) == ["images"]
+    assert sorted(os.listdir(out)) == [convert.MARKER, "images"]
 
 
 def test_rerun_is_refused_and_overwrite_replaces_cleanly(tmp_path):
@@ -283,16 +283,16 @@ def test_rerun_is_refused_and_overwrite_replaces_cleanly(tmp_path):
     assert open(os.path.join(out, "train.jsonl"), "rb").read() == first       # deterministic ids and lines
     assert not os.path.exists(os.path.join(out, "images", "stale.png"))
     assert open(os.path.join(out, "notes.txt"), "rb").read() == b"mine"         # only its own outputs deleted
-    assert sorted(os.listdir(out)) == ["dropped.jsonl", "images", "notes.txt", "train.jsonl"]   # no *.tmp
+    assert sorted(os.listdir(out)) == [convert.MARKER, "dropped.jsonl", "images", "notes.txt", "train.jsonl"]   # no *.tmp
     assert len(os.listdir(os.path.join(out, "images"))) == 4
 
 
-def test_missing_pyarrow_gives_the_install_command(tmp_path, monkeypatch):
+def test_missing_pyarrow_names_requirements_txt(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)           # `import pyarrow` now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     src = write_file(tmp_path / "set.parquet", b"PAR1")
     for source in ["deepeyes", "pixelreasoner", "thinklite"]:
-        with pytest.raises(SystemExit, match="pip install pyarrow"):
+        with pytest.raises(SystemExit, match="pip install -r requirements.txt"):
             convert.convert_files(source, [src], str(tmp_path / "out"), progress=False)
     assert not os.path.exists(tmp_path / "out")
 
@@ -615,3 +615,85 @@ def test_a_converted_file_trains_and_evaluates(tmp_path, toy_base):
     res = json.load(open(os.path.join(ev, "results.json")))
     assert res["metrics"]["n"] == 2
     assert [it["id"] for it in res["items"]["normal"]] == ids[:2]
+
+
+# ----------------------------------------------------------------------------- nothing the user owns, nothing silently wrong
+
+def test_overwrite_never_deletes_the_users_own_images(tmp_path):
+    """--out equal to the input's folder, which holds the user's images/: refused, nothing deleted."""
+    write_file(tmp_path / "images" / "1.png", img_bytes(seed=1))
+    src = write_jsonl(tmp_path / "items.jsonl", [{"image": "images/1.png", "question": "What?", "answer": "red"}])
+    for overwrite in (False, True):
+        with pytest.raises(convert.ConvertError, match="never deletes your own files|--overwrite"):
+            convert.convert_files("jsonl", [src], str(tmp_path), overwrite=overwrite, progress=False)
+    assert os.listdir(tmp_path / "images") == ["1.png"] and os.path.isfile(src)
+    # an input inside the outputs is refused too
+    out = tmp_path / "conv"
+    (out / "images").mkdir(parents=True)
+    inside = write_jsonl(out / "images" / "items.jsonl", [{"image": "../../images/1.png", "question": "Q?", "answer": "a"}])
+    with pytest.raises(convert.ConvertError, match="would overwrite"):
+        convert.convert_files("jsonl", [inside], str(out), overwrite=True, progress=False)
+    assert os.path.isfile(inside)
+
+
+def test_paths_that_only_share_a_file_name_are_never_one_image(tmp_path):
+    root = tmp_path / "imgs"
+    write_file(root / "1.png", img_bytes(seed=1))
+    write_file(root / "data" / "x.png", img_bytes(seed=2))
+    rows = [{"id": "cat", "image": "cats/1.png", "question": "Q?", "answer": "a"},
+            {"id": "dog", "image": "dogs/1.png", "question": "Q?", "answer": "a"},
+            {"id": "far", "image": "/elsewhere/1.png", "question": "Q?", "answer": "a"},
+            {"id": "a", "image": "/a/data/x.png", "question": "Q?", "answer": "a"},
+            {"id": "a2", "image": "/a/data/x.png", "question": "Q2?", "answer": "b"},      # the same path: fine
+            {"id": "b", "image": "/b/data/x.png", "question": "Q?", "answer": "a"}]        # another path, one file
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    out = str(tmp_path / "out")
+    convert.convert_files("jsonl", [src], out, image_root=str(root), progress=False)
+    kept, drops = outputs(out)
+    assert [r["id"] for r in kept] == ["jsonl:a", "jsonl:a2"]
+    assert {d["id"]: d["reason"] for d in drops} == {"jsonl:cat": "image file not found", "jsonl:dog": "image file not found",
+                                                    "jsonl:far": "image file not found", "jsonl:b": "image path ambiguous"}
+
+
+def test_box_units_and_normalised_boxes(tmp_path):
+    write_file(tmp_path / "a.png", img_bytes(200, 100))
+    row = lambda id, box: {"id": id, "image": "a.png", "question": "Q?", "answer": "a", "bboxes": [box]}
+    src = write_jsonl(tmp_path / "s.jsonl", [row("unit", [0.1, 0.2, 0.5, 0.6]), row("px", [20, 20, 100, 60])])
+    kept, drops = outputs(convert.convert_files("jsonl", [src], str(tmp_path / "p"), progress=False).out)
+    assert [r["id"] for r in kept] == ["jsonl:px"] and drops[0]["reason"] == "box: looks normalised"
+    kept, _ = outputs(convert.convert_files("jsonl", [src], str(tmp_path / "u"), progress=False, box_units="unit").out)
+    # by hand: 0.1 x 200 = 20, 0.2 x 100 = 20, 0.5 x 200 = 100, 0.6 x 100 = 60 (the px row is outside [0, 1] x side)
+    assert kept[0]["bboxes"] == [[20.0, 20.0, 100.0, 60.0]]
+    src = write_jsonl(tmp_path / "t.jsonl", [row("k", [100, 200, 500, 600])])
+    kept, _ = outputs(convert.convert_files("jsonl", [src], str(tmp_path / "t"), progress=False,
+                                            box_units="thousandths").out)
+    assert kept[0]["bboxes"] == [[20.0, 20.0, 100.0, 60.0]]                  # 100/1000 x 200 ...
+
+
+def test_thousandth_boxes_on_big_images_are_reported(tmp_path):
+    for k in range(5):
+        write_file(tmp_path / f"{k}.png", img_bytes(1600, 1200, seed=k))
+    rows = [{"id": str(k), "image": f"{k}.png", "question": "Q?", "answer": "a", "bboxes": [[100, 100, 900, 800]]}
+            for k in range(5)]
+    report = convert.convert_files("jsonl", [write_jsonl(tmp_path / "s.jsonl", rows)], str(tmp_path / "o"), progress=False)
+    assert "--box-units thousandths" in report.summary()
+
+
+def test_list_and_object_answers_are_never_python_reprs(tmp_path):
+    write_file(tmp_path / "a.png", img_bytes())
+    rows = [{"id": "one", "image": "a.png", "question": "Q?", "answer": ["red"]},
+            {"id": "two", "image": "a.png", "question": "Q?", "answer": ["red", "blue"]},
+            {"id": "obj", "image": "a.png", "question": "Q?", "answer": {"text": "red"}}]
+    kept, drops = outputs(convert.convert_files("jsonl", [write_jsonl(tmp_path / "s.jsonl", rows)], str(tmp_path / "o"),
+                                                progress=False).out)
+    assert [(r["id"], r["answer"]) for r in kept] == [("jsonl:one", "red")]
+    assert {d["id"]: d["reason"] for d in drops} == {"jsonl:two": "several reference answers", "jsonl:obj": "malformed answer"}
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused(tmp_path, limit):
+    src = jsonl_box_fixture(tmp_path)
+    r = subprocess.run([sys.executable, "convert.py", "--from", "jsonl", src, "--out", str(tmp_path / "o"), "--limit", limit],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--limit must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "o")

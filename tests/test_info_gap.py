@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 import info_gap
+import torch
+from conftest import ROOT
 from judge import RuleJudge
 import data as data_module
 import lfpc
@@ -311,3 +313,26 @@ def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
     tasks = data_module.load_tasks(str(out))
     assert [t.id for t in tasks] == ["x0", "x1"] and all(t.max_pixels in (16 * 784, 8 * 784, 4 * 784) for t in tasks)
     assert len(open(str(out).replace(".jsonl", ".cache.jsonl")).readlines()) == 2
+
+
+# ----------------------------------------------------------------------------- stopped and resumed
+
+def test_a_probe_stopped_mid_way_resumes_to_the_same_budgets_and_answers(tmp_path):
+    """A stop between batches (SIGTERM: checkpoint.StopSignal) leaves the finished items in the cache and
+    raises Preempted; the items that were in flight are probed again from the same streams
+    (probe_seed), so every budget and answer equals an uninterrupted probe's."""
+    import checkpoint
+    import toy
+    agent = lfpc.load_agent(os.path.join(ROOT, "checkpoints", "toy_base"), dtype=torch.float32)
+    tasks = toy.make_tasks(12, seed=5)
+    cfg = info_gap.ProberConfig(full_tokens=64, floor_tokens=16, k=4, max_new_tokens=16, resample="box")
+    go = lambda cache, **kw: info_gap.probe(tasks, agent, cfg, "toy", str(cache), batch_size=3, progress=False, **kw)
+    straight = go(tmp_path / "straight.jsonl")
+    calls = []
+    with pytest.raises(checkpoint.Preempted, match="distinct items are in its cache"):
+        go(tmp_path / "stopped.jsonl", stop=lambda: calls.append(1) or len(calls) >= 2)
+    kept = [json.loads(line) for line in open(tmp_path / "stopped.jsonl")]
+    assert 0 < len(kept) < len(tasks)
+    resumed = go(tmp_path / "stopped.jsonl")
+    assert [(r["budget_tokens"], r["answers"]) for r in resumed] == [(r["budget_tokens"], r["answers"]) for r in straight]
+    assert len({r["budget_tokens"] for r in straight}) > 1 or len({r["status"] for r in straight}) > 1, "a probe that decides"

@@ -449,3 +449,96 @@ def test_curves_draw_every_metric_and_the_budget_histogram(tmp_path):
     from PIL import Image
     w, h = Image.open(png).size
     assert w > 2 * h, "4 metrics with values + the histogram: one row of panels"
+
+
+def test_sigterm_mid_run_stops_with_a_checkpoint_and_resume_equals_an_uninterrupted_run(base, tmp_path):
+    """A preempted job: SIGTERM while the run trains. It finishes its step, writes a checkpoint, releases
+    the lock and exits 143 saying how to continue; --resume then ends exactly where an uninterrupted run
+    does (weights and metrics)."""
+    import signal
+    import time
+    steps = ["--steps", "6", "--save-every", "100"]
+    straight = tmp_path / "straight"
+    train.main(_run(base, straight, *steps))
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "train.py", *_run(base, out, *steps)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):                                    # wait for the first step's line
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-2000:]
+    assert f"python train.py --resume --out {out}" in err and not (out / "lock").exists()
+    import checkpoint
+    step = checkpoint.RunFolder(str(out)).latest()[1]["step"]
+    assert 1 <= step < 6 and len((out / "metrics.jsonl").read_text().splitlines()) == step
+    train.main(["--resume", "--out", str(out)])
+    (w1, m1), (w2, m2) = _final(straight), _final(out)
+    assert m1 == m2 and w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_second_signal_stops_at_once():
+    import os
+    import signal
+    import checkpoint
+    with checkpoint.StopSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and stop.requested == "SIGINT" and stop.code == 130
+        with pytest.raises(SystemExit, match="again: stopping at once"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_an_out_that_cannot_be_written_stops_before_any_work(base, tmp_path, monkeypatch):
+    import errno
+    import checkpoint
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "cannot be written")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(_run(base, out, "--steps", "1"))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(SystemExit, match="cannot be written .No space left on device"):
+        train.main(_run(base, tmp_path / "full", "--steps", "1"))
+    assert os.listdir(tmp_path / "full") == [], "not even a probe file is left"
+
+
+def test_too_little_free_space_for_a_checkpoint_stops_after_the_model_loads(base, tmp_path, monkeypatch):
+    import collections
+    import checkpoint
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit, match="GiB free, a checkpoint needs"):
+        train.main(_run(base, tmp_path / "r", "--steps", "1"))
+    assert not (tmp_path / "r" / "info_gap_cache.jsonl").exists(), "stopped before the probe"
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_newest(base, tmp_path, monkeypatch):
+    """Disk full in the middle of the second checkpoint (torch's own error): a one-line stop, no partial
+    ckpt.tmp, the step-1 checkpoint is the newest complete one, and --resume continues from it."""
+    import checkpoint
+    real, calls = checkpoint.torch.save, []
+
+    def failing(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+        return real(obj, path, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit, match=r"step 2 failed \(\[enforce fail.*the checkpoint of step 1 is kept"):
+        train.main(_run(base, out, "--steps", "3"))
+    assert not (out / "ckpt.tmp").exists() and not (out / "lock").exists()
+    assert checkpoint.RunFolder(str(out)).latest()[1]["step"] == 1
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    train.main(["--resume", "--out", str(out)])
+    assert checkpoint.RunFolder(str(out)).latest()[1]["step"] == 3
