@@ -1,8 +1,11 @@
 """A training run's folder: one run at a time, checkpoints that survive a kill at any instant, and a
 metrics log that resumes without duplicates.
 
-    OUT/lock            the PID of the live run: a second run into OUT refuses while that process lives
-                        (a lock whose process is gone, e.g. after kill -9, is taken over)
+    OUT/run.json        the run's settings, written when it starts (a run killed before its first
+                        checkpoint resumes from step 0 with them, its caches kept)
+    OUT/lock            {"host", "pid", "start"} of the live run: a second run into OUT refuses while that
+                        process lives (a lock whose process is gone, e.g. after kill -9, or whose PID now
+                        belongs to a process started at another time, is taken over)
     OUT/ckpt/           the latest checkpoint: the model (lfpc.save_agent) and trainer.pt (optimizer, step,
                         arguments, RNG states), trainer.pt written LAST: a folder without it is incomplete
     OUT/ckpt.tmp/       a checkpoint being written
@@ -27,12 +30,14 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 
 import torch
 
 NAMES = ("ckpt", "ckpt.tmp", "ckpt.old")
+RUN_FILE = "run.json"
 
 
 class StopSignal:
@@ -88,33 +93,65 @@ class RunFolder:
     # ------------------------------------------------------------------------- one run at a time
 
     def lock(self) -> None:
-        """Take OUT/lock for this process, or SystemExit naming the live run that holds it."""
+        """Take OUT/lock for this process, or SystemExit naming the live run that holds it. The lock holds
+        {"host", "pid", "start"} (start: the process's start time, so a PID reused after a restart, e.g. 1
+        in a container, is not mistaken for the run); a lock of this host whose process is gone or started
+        at another time is stale and taken over; one of another host is refused with how to remove it."""
         os.makedirs(self.out, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                pid = _read_pid(self.lock_path)
-                if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise SystemExit(f"{self.out} is in use by a running training (PID {pid}); wait for it, stop it, "
-                                     f"or pass another --out") from None
-                os.remove(self.lock_path)                      # its process is gone (killed): take it over
+                holder, written = _read_lock(self.lock_path), None
+                with contextlib.suppress(OSError):
+                    written = os.path.getmtime(self.lock_path)
+                if holder is not None and _holder_alive(holder, written) and holder != _me():
+                    where = "" if holder.get("host") == socket.gethostname() else f" on host {holder.get('host')}"
+                    raise SystemExit(f"{self.out} is in use by a running training (PID {holder['pid']}{where}); wait "
+                                     f"for it, stop it, or pass another --out" + (
+                                         f" (if it is not running, delete {self.lock_path})" if where else "")) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.lock_path)                  # its process is gone (killed): take it over
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                json.dump(_me(), f)
             atexit.register(self.unlock)
             return
         raise SystemExit(f"{self.out}: could not take the lock {self.lock_path}")
 
     def unlock(self) -> None:
-        if _read_pid(self.lock_path) == os.getpid():
+        if _read_lock(self.lock_path) == _me():
             os.remove(self.lock_path)
 
     # ------------------------------------------------------------------------- checkpoints
 
     def used(self) -> list[str]:
-        """What in OUT a fresh run would overwrite: checkpoints and the metrics log."""
-        return [n for n in NAMES + ("metrics.jsonl",) if os.path.exists(os.path.join(self.out, n))]
+        """What in OUT a fresh run would overwrite: the run's settings, checkpoints and the metrics log."""
+        return [n for n in (RUN_FILE,) + NAMES + ("metrics.jsonl",) if os.path.exists(os.path.join(self.out, n))]
+
+    def write_run(self, state: dict) -> None:
+        """OUT/run.json, written when a run starts (atomically): its settings, so --resume can start it over
+        from step 0 when it was killed before its first complete checkpoint."""
+        path = os.path.join(self.out, RUN_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def read_run(self) -> dict | None:
+        path = os.path.join(self.out, RUN_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def start_over(self) -> None:
+        """Before a run restarts from step 0 in OUT: drop incomplete checkpoints and the metrics of steps that
+        no checkpoint holds; everything else (the info-gap and judge caches) is kept."""
+        for name in NAMES:
+            if _trainer_state(os.path.join(self.out, name)) is None:
+                shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+        self.truncate_metrics(0)
 
     def latest(self) -> tuple[str, dict] | None:
         """(path, trainer state) of the newest complete checkpoint in OUT, or None."""
@@ -243,11 +280,57 @@ def _trainer_state(path: str) -> dict | None:
         return None
 
 
-def _read_pid(path: str) -> int | None:
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _read_lock(path: str) -> dict | None:
+    """The lock's holder: {"host", "pid", "start"}; a lock of the older format (a bare PID) as this host's."""
     try:
         with open(path) as f:
-            return int(f.read().strip() or -1)
-    except (OSError, ValueError):
+            text = f.read().strip()
+    except OSError:
+        return None
+    try:
+        holder = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if isinstance(holder, int):
+        return {"host": socket.gethostname(), "pid": holder, "start": None}
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _holder_alive(holder: dict, written: float | None = None) -> bool:
+    """Is the run that wrote the lock still running? Another host's: assumed so (it cannot be checked). A
+    lock without a start time (the older format) is stale when its PID's process started after the lock
+    was `written` (a reused PID)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    if not _alive(holder["pid"]):
+        return False
+    if holder.get("start") is not None:
+        return holder["start"] == _start_time(holder["pid"])
+    started = _start_epoch(holder["pid"])
+    return started is None or written is None or started <= written + 1.0
+
+
+def _start_epoch(pid: int) -> float | None:
+    """The process's start as a Unix time (boot time + its start ticks), None where unknown."""
+    ticks = _start_time(pid)
+    try:
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + int(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, TypeError, ValueError):
         return None
 
 

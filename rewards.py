@@ -293,8 +293,13 @@ def choice_index(pred: str, choices: list[str]) -> int | None:
        blue: no, "B. purple": no). Two different letters ("A or (B)") name nothing.
     2. A prediction with no letter, or whose only letter is weak and fails rule 1 ("A red car": article),
        is read by its text: `_option_by_text`.
-    Before both: a prediction equal to an option's text (normalised) names that option, even when it
-    could be read as a letter ("x" among the options "x", "y")."""
+    Before both: a bare letter within range is that position, as `answer_index` reads the answer (options
+    that are themselves letters, ["B", "A"]: "A" names the first); otherwise a prediction equal to an
+    option's text (normalised) names that option, even when it could be read as a letter ("x" among the
+    options "x", "y")."""
+    bare = _parse_letter(pred)
+    if bare is not None and not bare[1] and bare[0] < len(choices) and re.fullmatch(r"\(?[A-Za-z]\)?\.?", pred.strip()):
+        return bare[0]
     exact = [k for k, o in enumerate(choices) if normalize_answer(pred) and normalize_answer(pred) == normalize_answer(o)]
     if exact:
         return exact[0]

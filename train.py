@@ -232,6 +232,8 @@ MAX_LR = 1e-2            # a higher learning rate destroys a pretrained policy i
 SKIP_GRAD_NORM = 1e3     # a step whose gradient norm (before clipping) exceeds this is skipped, not taken
 MAX_NORM_GROWTH = 10.0   # an update that multiplies the weights' norm by more stops the run, before any save
 MAX_BAD_STEPS = 3        # skipped steps in a row that stop the run
+COLLAPSE_DROP = 0.5      # a format-valid rate this far below the run's best, and below it, stops the run: the
+                         # weights look sane (the norm guard passes) but the policy no longer writes turns
 RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout")   # what --resume may change
 
 
@@ -252,6 +254,8 @@ def main(argv=None) -> None:
                          f"or another --out for a new run")
     if w.main:
         run.lock()
+        if not a.resume:
+            run.write_run({"args": asdict(a), "world_size": w.size})
     dist.barrier(w)
     try:
         with checkpoint.StopSignal() as stop:          # SIGTERM / SIGINT: stop cleanly at the next safe point
@@ -316,7 +320,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     order = random.Random(a.seed).sample(range(len(tasks)), len(tasks))   # data order, epoch after epoch
     budgets = ([t.max_pixels // crop_tool.TOKEN_PIXELS for t in tasks] if a.global_image == "info-gap" else None)
     curves = os.path.join(a.out, "curves.png")
-    bad = 0
+    bad, best_valid = 0, 0.0
     for step in range(start, a.steps):
         t0 = time.time()
         pos = step * a.prompts
@@ -326,6 +330,13 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
         if w.main:
             run.log(m)
             print(console_line(m, a.steps), flush=True)        # the full record: metrics.jsonl
+        valid = m.get("format/valid_rate")
+        if valid is not None and best_valid - valid >= COLLAPSE_DROP and valid < COLLAPSE_DROP:
+            raise SystemExit(f"format-valid rate fell from {best_valid:.2f} to {valid:.2f} at step {step + 1}: the "
+                             f"update of step {step} destroyed the policy (--lr {a.lr:g} too high?); nothing was saved "
+                             f"from this step and a checkpoint of step {step} (if --save-every wrote one) holds the "
+                             f"damage: continue from an earlier checkpoint with a lower --lr")
+        best_valid = max(best_valid, valid or 0.0)
         bad = bad + 1 if "loss/skipped" in m else 0
         if bad >= MAX_BAD_STEPS:
             raise SystemExit(f"{bad} steps in a row skipped (non-finite or exploding gradients): stopping; the last "
@@ -394,9 +405,17 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
     dist.barrier(w)
     found = found if w.main else run.latest()
     if found is None:
-        raise SystemExit(f"--resume: no complete checkpoint in {a.out} (a run killed before its first checkpoint "
-                         f"starts over: remove the folder or pass another --out)")
-    _, state = found
+        begun = run.read_run()
+        if begun is None:
+            raise SystemExit(f"--resume: no run in {a.out} (no checkpoint and no run.json): start one without --resume")
+        if w.main:                             # killed before its first checkpoint: from step 0, caches kept
+            run.start_over()
+            print(f"--resume: no complete checkpoint in {a.out}: starting over from step 0 with the run's own "
+                  f"settings (its information-gap cache is kept)", file=sys.stderr)
+        dist.barrier(w)
+        state = {**begun, "step": 0}
+    else:
+        _, state = found
     if state.get("world_size", 1) != w.size:
         raise SystemExit(f"--resume: the run in {a.out} trained on {state.get('world_size', 1)} rank(s), this launch has "
                          f"{w.size}: resume with the same world size (data and sampling are split by it)")
@@ -409,6 +428,8 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
             f"for the rest")
     changes = {k: getattr(a, k) for k in given & set(RESUMABLE)}
     resumed = Args(**{**state["args"], **changes, "out": a.out, "resume": True})
+    if found is None:
+        return resumed, None
     if resumed.steps <= state["step"]:
         raise SystemExit(f"--resume: the run in {a.out} already did {state['step']} of {resumed.steps} steps; "
                          f"pass --steps N (N > {state['step']}) to go on")
@@ -581,15 +602,19 @@ def read_tasks(a: Args) -> list[lfpc.Task]:
 
 def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge | None = None,
                 w: dist.World = dist.World(), stop=None) -> None:
-    """Each task's global budget: --full-tokens for all (--global-image full), the budgets the data carries
-    (info_gap.py --out), or else the information gap, probed with the model and cached. Under torchrun
+    """Each task's global budget: --full-tokens for all (--global-image full), the budget a row carries
+    (info_gap.py --out writes it; kept), or else the information gap, probed with the model and cached. Under torchrun
     the ranks probe every w.size-th item each, each into its own part of the cache; the records are
     merged, and rank 0 appends the parts to the cache."""
     if a.global_image == "full":
         for t in tasks:
             t.max_pixels = a.full_tokens * crop_tool.TOKEN_PIXELS
         return
-    if all(t.max_pixels for t in tasks):
+    given = [t for t in tasks if t.max_pixels]
+    tasks = [t for t in tasks if not t.max_pixels]          # rows that carry a budget keep it; only the rest are probed
+    if given and w.main:
+        print(f"info gap: {len(given)} task(s) carry their budget (max_pixels), kept; {len(tasks)} to probe")
+    if not tasks:
         return
     cache = a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl")
     part = f"{cache}.rank{w.rank}" if w.distributed else None

@@ -549,3 +549,12 @@ def test_stage2_reward_unknown_mode():
 def test_an_options_exact_text_wins_over_an_out_of_range_letter():
     assert rewards.choice_index("x", ["x", "y"]) == 0 and rewards.accuracy("x", "A", ["x", "y"]) == 1.0
     assert rewards.choice_index("y.", ["x", "y"]) == 1 and rewards.accuracy("B", "B", ["x", "y"]) == 1.0
+
+
+def test_options_that_are_letters_read_a_bare_letter_as_a_position():
+    """["B", "A"] with answer "A" (the letter, as answer_index reads it: the first option): the exact
+    prediction "A" is right and "B" wrong, as the answer itself is read."""
+    assert rewards.answer_index("A", ["B", "A"]) == 0
+    assert rewards.accuracy("A", "A", ["B", "A"]) == 1.0 and rewards.accuracy("(A)", "A", ["B", "A"]) == 1.0
+    assert rewards.accuracy("B", "A", ["B", "A"]) == 0.0
+    assert rewards.accuracy("x", "A", ["x", "y"]) == 1.0          # out of letter range: the text still names it

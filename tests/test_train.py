@@ -542,3 +542,92 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_newest(base, tmp_path,
     monkeypatch.setattr(checkpoint.torch, "save", real)
     train.main(["--resume", "--out", str(out)])
     assert checkpoint.RunFolder(str(out)).latest()[1]["step"] == 3
+
+
+def test_rows_that_carry_a_budget_keep_it_and_only_the_rest_are_probed(base, tmp_path, monkeypatch):
+    import info_gap
+    a = train.parse_args(_run(base, tmp_path / "r"))
+    tasks = toy.make_tasks(4, seed=1)
+    tasks[0].max_pixels, tasks[2].max_pixels = 40 * 784, 20 * 784
+    probed = []
+
+    def fake_probe(mine, agent, cfg, model, cache, **kw):
+        probed.extend(mine)
+        return [{"max_pixels": 16 * 784, "budget_tokens": 16, "status": "gap", "probes": 1} for _ in mine]
+    monkeypatch.setattr(info_gap, "probe", fake_probe)
+    train.set_budgets(a, lfpc.load_agent(base, dtype=torch.float32), tasks)
+    assert probed == [tasks[1], tasks[3]]
+    assert [t.max_pixels // 784 for t in tasks] == [40, 16, 20, 16]
+
+
+def test_a_lock_whose_pid_was_reused_or_of_another_host(base, tmp_path):
+    """The lock holds host, PID and the process's start time: a live PID that started at another time (a
+    container's PID 1 after a restart) is stale and taken over; an old bare-PID lock written before its
+    PID's process started too; another host's lock is refused, saying how to remove it."""
+    import socket
+    import time
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "start": "1"}))
+    train.main(_run(base, out, "--steps", "1"))
+    assert not (out / "lock").exists()
+    out2 = tmp_path / "r2"
+    out2.mkdir()
+    (out2 / "lock").write_text("1")
+    os.utime(out2 / "lock", (0, 0))                                  # written in 1970: before PID 1 started
+    train.main(_run(base, out2, "--steps", "1"))
+    out3 = tmp_path / "r3"
+    out3.mkdir()
+    (out3 / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 4242, "start": "7"}))
+    with pytest.raises(SystemExit, match=r"PID 4242 on host elsewhere.*delete .*lock"):
+        train.main(_run(base, out3, "--steps", "1"))
+
+
+def test_metrics_lines_are_strict_json():
+    import checkpoint
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        run = checkpoint.RunFolder(d)
+        run.log({"step": 1, "loss/grad_norm": float("nan"), "x": float("inf"), "acc": 0.5})
+        line = open(os.path.join(d, "metrics.jsonl")).read()
+        row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+        assert row == {"step": 1, "loss/grad_norm": None, "x": None, "acc": 0.5}
+
+
+def test_a_kill_during_the_first_checkpoint_write_resumes_from_step_0(base, tmp_path, monkeypatch):
+    """Killed while its FIRST checkpoint was being written: no complete checkpoint, a partial ckpt.tmp,
+    metrics of steps no checkpoint holds. A fresh run refuses the folder (it holds a run); --resume starts
+    that run over from step 0 with its own settings (run.json), keeping the information-gap cache, and
+    ends where an uninterrupted run does."""
+    straight = tmp_path / "straight"
+    train.main(_run(base, straight, "--steps", "2"))
+    out = tmp_path / "r"
+    real = lfpc.save_agent
+
+    def killed(agent, folder, state=None):
+        real(agent, folder, state)
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(lfpc, "save_agent", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_run(base, out, "--steps", "2"))
+    monkeypatch.setattr(lfpc, "save_agent", real)
+    assert (out / "ckpt.tmp").exists() and not (out / "ckpt").exists() and (out / "info_gap_cache.jsonl").exists()
+    cache = (out / "info_gap_cache.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(_run(base, out, "--steps", "2"))
+    train.main(["--resume", "--out", str(out)])
+    assert (out / "info_gap_cache.jsonl").read_text() == cache, "the cache was kept, not probed again"
+    (w1, m1), (w2, m2) = _final(straight), _final(out)
+    assert m1 == m2
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_learning_rate_that_destroys_the_policy_stops_the_run_unsaved(tmp_path):
+    """--lr 1e-2 (the accepted maximum) on the shipped base: the policy stops writing valid turns after one
+    update while the weight norm barely moves; the run stops with the reason instead of saving it."""
+    out = tmp_path / "r"
+    r = subprocess.run([sys.executable, "train.py", "--stage", "1", "--out", str(out), "--steps", "4", "--lr", "1e-2",
+                        "--n-train", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "format-valid rate fell from" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "ckpt").exists()
