@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only print, for CKPT's sampled first boxes on the stage-2 items at the low budget, "
                         "how often each box size covers B1 and what stage 2's reward pays it; then exit")
     a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error(f"--threads must be >= 0 (0: torch's default), got {a.threads}")
     if a.box_payoff:
         if not os.path.isdir(a.box_payoff):
             p.error(f"--box-payoff: checkpoint {a.box_payoff!r} not found")

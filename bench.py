@@ -79,8 +79,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="", help='"" = cuda if available else cpu')
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
+    for name in ("prompts", "group", "budget", "repeat", "batch", "prompt_tokens", "visual_tokens", "response_tokens",
+                 "rollout_rows", "train_tokens", "crop_tokens", "logprob_chunk", "world"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name in ("micro_batch", "lora", "crops", "threads"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if not a.peak_tflops > 0:
+        p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not a.estimate_memory and (why := policy.device_problem(a.device)):
+        p.error(why)
     if a.estimate_memory and not a.config:
         p.error("--estimate-memory needs --config 7b, 3b or tiny")
     if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not a.estimate_memory:

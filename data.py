@@ -12,7 +12,9 @@ Contract
      "max_pixels": int (optional, >= 784: the global image's budget; info_gap.py writes it)}
 other keys are kept out of the way (e.g. "source"). Checked, row by row, each failure a line of the
 error naming FILE:LINE and what is wrong (all bad rows are listed, up to 20, then a count): valid
-UTF-8 and JSON; field types (a bool is not a number); the image exists and DECODES IN FULL (a
+UTF-8 and JSON; field types (a bool is not a number); at most 26 choices and 20,000 characters of
+question, answer and choices (a longer prompt is a data bug that would exhaust memory in the prober);
+the image exists and DECODES IN FULL (a
 truncated file fails here, not at step 700), its aspect ratio is at most 200 (Qwen's resize refuses
 more); boxes are 4 finite numbers, non-empty, inside the image, each inside the next; ids unique.
 Rows whose text holds a chat-template control-token string (<|im_end|>, <|image_pad|>, <tool_call>, ...)
@@ -73,6 +75,8 @@ from lfpc import Task
 
 MAX_ERRORS = 20
 MAX_ASPECT = 200                   # smart_resize refuses more
+MAX_CHOICES = 26                   # options are lettered A-Z
+MAX_TEXT_CHARS = 20_000            # question + answer + choices of one row
 
 
 class DataError(ValueError):
@@ -158,13 +162,20 @@ def _parse_row(line: str, where: str, errors: list[str]) -> dict | None:
     choices = row.get("choices")
     if choices is not None:
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c.strip() for c in choices)):
-            errors.append(f"{where}: 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+            errors.append(f"{where}: 'choices' must be a list of at least 2 non-empty strings, got {repr(choices)[:200]}")
+        elif len(choices) > MAX_CHOICES:
+            errors.append(f"{where}: {len(choices)} choices; at most {MAX_CHOICES} (they are lettered A-Z)")
         elif isinstance(row.get("answer"), str):
             try:
                 rewards.answer_index(row["answer"], choices)
             except ValueError:
                 errors.append(f"{where}: answer {row['answer']!r} is neither a letter A-{chr(64 + len(choices))} "
                               f"nor the text of one of the choices")
+    text = sum(len(v) for v in [row.get("question"), row.get("answer"), *(choices if isinstance(choices, list) else [])]
+               if isinstance(v, str))
+    if text > MAX_TEXT_CHARS:
+        errors.append(f"{where}: question, answer and choices hold {text:,} characters; at most {MAX_TEXT_CHARS:,} (a "
+                      f"prompt this long cannot be a question about an image; the model's positions run out)")
     mp = row.get("max_pixels")
     if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < crop_tool.TOKEN_PIXELS):
         errors.append(f"{where}: 'max_pixels' must be an integer >= {crop_tool.TOKEN_PIXELS} (one visual token), "

@@ -67,6 +67,7 @@ import crop_tool
 import data
 import lfpc
 import metrics
+import policy
 import presets
 import prompts
 from judge import RuleJudge, make_judge, url_problem
@@ -138,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if a.crop_snap < 0 or a.gallery < 0:
         p.error("--crop-snap and --gallery must be >= 0")
+    if a.crop_min_tokens > a.crop_max_tokens:
+        p.error(f"--crop-min-tokens ({a.crop_min_tokens}) must not exceed --crop-max-tokens ({a.crop_max_tokens})")
+    if (why := policy.device_problem(a.device)):
+        p.error(why)
     if a.judge == "llm" and not (a.judge_url and a.judge_model):
         p.error("--judge llm needs --judge-url and --judge-model")
     if a.judge_url and (why := url_problem(a.judge_url)):
@@ -387,23 +392,34 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    if a.data:
-        tasks, source = data.load_tasks(a.data), os.path.abspath(a.data)
-    elif a.vstar:
-        tasks, source = data.load_vstar(a.vstar), os.path.abspath(a.vstar)
-    elif a.hrbench:
-        tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
-    else:
-        tasks, source = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
+    try:                                                   # every data problem: one message, before the model loads
+        if a.data:
+            tasks, source = data.load_tasks(a.data), os.path.abspath(a.data)
+        elif a.vstar:
+            tasks, source = data.load_vstar(a.vstar), os.path.abspath(a.vstar)
+        elif a.hrbench:
+            tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
+        else:
+            tasks, source = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
+    except (data.DataError, OSError) as e:
+        raise SystemExit(f"eval.py: {e}") from None
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_probe"), "w") as f:
+            f.write("x")
+        os.remove(os.path.join(out, ".write_probe"))
+    except OSError as e:
+        raise SystemExit(f"eval.py: --out {out} cannot be written ({e.strerror or e})") from None
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache or os.path.join(out, "judge_cache.jsonl"),
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
     if a.prompt:
         agent = replace(agent, style=a.prompt)
     cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)
+    if (why := lfpc.prompt_problem(agent, tasks, cfg)):
+        raise SystemExit(f"eval.py: {why}")
     results = evaluate(agent, tasks, cfg, a.probes, a.batch_size, judge=judge)
     results["measured"] = measured(a, agent, cfg, len(tasks), judge, tasks)
     episodes = results.pop("episodes")

@@ -75,10 +75,15 @@ from lfpc import Task
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
 MIN_PIXELS = TOKEN_PIXELS               # the prober shows every budget down to one token
 STATUSES = ("gap", "no_gap", "unstable")
+class CacheError(ValueError):
+    """A cache file that cannot be trusted (a corrupt line that is not the last, a damaged value)."""
+
+
 AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (task, budget tokens) pairs, k
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import policy
     import presets
     p = argparse.ArgumentParser(description="Per-item global-image budgets for LFPC stage 1 (information gap).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,8 +119,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.floor_tokens >= a.full_tokens:
+        p.error(f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens ({a.full_tokens})")
+    if not 0 < a.ratio < 1:
+        p.error(f"--ratio must lie in (0, 1) (each rung a fraction of the one above), got {a.ratio}")
+    if not 0 <= a.temperature <= 10:
+        p.error(f"--temperature must lie in [0, 10], got {a.temperature}")
+    same = lambda x, y: x and y and os.path.abspath(x) == os.path.abspath(y)
+    if same(a.out, a.data) or same(a.cache, a.data) or same(a.cache, a.out):
+        p.error("--out, --cache and --data must be three different files (--out is rewritten; --data is yours)")
+    if a.cache and os.path.isdir(a.cache):
+        p.error(f"--cache {a.cache} is a folder; pass a file (JSONL)")
+    if os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a folder; pass the JSONL file to write")
+    if (why := policy.device_problem(a.device)):
+        p.error(why)
     if a.judge == "llm" and not (a.judge_url and a.judge_model):
         p.error("--judge llm needs --judge-url and --judge-model")
     if a.judge_url and (why := url_problem(a.judge_url)):
@@ -242,12 +260,16 @@ def load_cache(path: str | None, model_key: str, budgets: list[int], k: int) -> 
                 raise ValueError("not a cache record")
         except ValueError as e:             # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if any(rest.strip() for rest in lines[n:]):
-                raise ValueError(f"{path}:{n}: corrupt cache line ({e}); only the last may be cut short") from None
+                raise CacheError(f"{path}:{n}: corrupt cache line ({e}); only the last may be cut short") from None
             warnings.warn(f"{path}:{n}: dropping a corrupt last line (a write cut short by a kill?)")
             with open(path, "r+b") as f:
                 f.truncate(start)
             return found
         if rec and rec["model"] == model_key and rec["ladder"] == budgets and rec["k"] == k:
+            mp, bt = rec.get("max_pixels"), rec.get("budget_tokens")
+            if not (isinstance(bt, int) and not isinstance(bt, bool) and bt in budgets and mp == bt * TOKEN_PIXELS):
+                raise CacheError(f"{path}:{n}: damaged cache record (budget_tokens {bt!r}, max_pixels {mp!r}: a rung "
+                                 f"of the ladder {budgets} and 784 x that); delete the line or the cache")
             found[rec["item"]] = rec
         start += len(line) + 1
     if data and not data.endswith(b"\n"):  # a whole last record whose newline never made it to disk
@@ -414,7 +436,10 @@ def main(argv: list[str] | None = None) -> None:
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     agent = lfpc.load_agent(a.model, a.device, dtype)
-    records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)
+    try:
+        records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)
+    except CacheError as e:
+        raise SystemExit(f"--cache: {e}") from None
     write_tasks(a.data, a.out, tasks, records)
     s = summarize(records)
     bound = (len(budgets) - 1).bit_length() + 1                  # ceil(log2 L) + 1

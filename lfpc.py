@@ -353,6 +353,24 @@ def episode_bound(prompt_tokens: int, cfg: RolloutConfig) -> int:
     return prompt_tokens + cfg.max_response_tokens + (cfg.max_turns - 1) * (crop_tokens + 64)
 
 
+def prompt_problem(agent: Agent, tasks: list[Task], cfg: RolloutConfig, limit: int | None = None) -> str | None:
+    """Why an episode of some task could outgrow the model's positions, before any rollout: its system and
+    question text, the global image at its budget (or the config's), the response and every crop
+    (`episode_bound`), counted in tokens (more than the positions M-RoPE uses, so safe) against the text
+    model's max_position_embeddings (`limit`). The first such task, or None. Tokenises each question once."""
+    limit = limit or agent.model.config.get_text_config().max_position_embeddings
+    system = len(agent.encode(prompts.system(agent.style, agent.system_prompt, cfg.use_tool))) + 16   # + turn tags
+    for t in tasks:
+        text = len(agent.encode(prompts.question(agent.style, t, (99999, 99999), cfg.use_tool, agent.instruction)))
+        image = (t.max_pixels or cfg.global_max_pixels) // crop_tool.TOKEN_PIXELS + 2
+        bound = episode_bound(system + text + image, cfg)
+        if bound > limit:
+            return (f"task {t.id!r}: its prompt is {text:,} tokens of text and {image:,} of image; with the response "
+                    f"and crop budgets an episode can reach {bound:,} tokens, over the model's {limit:,} positions "
+                    f"(shorten the question, or lower --max-response-tokens / --max-turns / the budgets)")
+    return None
+
+
 def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig) -> Episode:
     """The prompt of a new episode: system turn, user turn with the global image at its budget."""
     shown = crop_tool.resize_to_budget(task.load_image(), cfg.global_min_pixels,

@@ -33,6 +33,22 @@ def precision(agent: lfpc.Agent):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot hold the model, or None: a name torch does not know, a GPU asked for where
+    there is none, or an index past the last GPU."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {device!r} is not a torch device ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N"
+    if d.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: only cpu and cuda are supported"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device!r}: no CUDA device is available on this machine (use --device cpu)"
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def training_state_problem(n_params: int, lora: int, ranks: int, device_bytes: int) -> str | None:
     """Why full fine-tuning cannot fit: its training state (fp32 weights, gradients, two AdamW moments: 16
     bytes a parameter), shared by `ranks` devices, already exceeds one device's memory. None: it may fit."""

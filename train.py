@@ -144,6 +144,8 @@ def parse_args(argv=None) -> Args:
     if a.stage == 2 and a.model is None:
         a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
     presets.fill(a, a.preset)
+    if a.out is not None and not a.out.strip():
+        p.error("--out is empty: pass a folder (default runs/stage<N>)")
     a.out = a.out or f"runs/stage{a.stage}"
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for why in check_ranges(a):
@@ -215,7 +217,13 @@ def check_ranges(a: Args) -> list[str]:
     need(a.temperature > 0, f"--temperature must be > 0 for RL rollouts (0 makes every rollout of a group equal), "
                             f"got {a.temperature}")
     need(0 < a.clip < 1, f"--clip must lie in (0, 1), got {a.clip}")
-    need(a.beta >= 0, f"--beta must be >= 0, got {a.beta}")
+    need(0 <= a.beta <= MAX_BETA, f"--beta must lie in [0, {MAX_BETA:g}] (paper: 0), got {a.beta}")
+    need(a.temperature <= MAX_TEMPERATURE, f"--temperature must be at most {MAX_TEMPERATURE:g} (1.0 samples the "
+                                           f"policy as it is), got {a.temperature}")
+    need(0 <= a.seed < 2**32, f"--seed must lie in [0, 2**32), got {a.seed}")
+    need(a.gap_cache is None or not os.path.isdir(a.gap_cache), f"--gap-cache {a.gap_cache} is a folder; pass a file "
+                                                                f"(JSONL)")
+    need(a.device is None or policy.device_problem(a.device) is None, str(policy.device_problem(a.device or "cpu")))
     need(0 <= a.tau <= 1 and 0 <= a.omega <= 1, f"--tau and --omega lie in [0, 1], got {a.tau}, {a.omega}")
     need(all(map(math.isfinite, (a.w_acc, a.w_format, a.w_tool, a.w_geo))), "reward weights must be finite")
     if None not in (a.floor_tokens, a.full_tokens) and a.global_image == "info-gap":
@@ -228,6 +236,8 @@ def check_ranges(a: Args) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 
+MAX_BETA = 10.0          # a KL weight beyond this freezes the policy at the reference
+MAX_TEMPERATURE = 10.0   # beyond this the samples are noise: nothing to learn from
 MAX_LR = 1e-2            # a higher learning rate destroys a pretrained policy in a step or two
 SKIP_GRAD_NORM = 1e3     # a step whose gradient norm (before clipping) exceeds this is skipped, not taken
 MAX_NORM_GROWTH = 10.0   # an update that multiplies the weights' norm by more stops the run, before any save
@@ -300,6 +310,8 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine)
+    if (why := lfpc.prompt_problem(agent, tasks, cfg)):             # before hours of probing
+        raise SystemExit(f"--data: {why}")
     set_budgets(a, agent, tasks, judge, w, stop)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
@@ -620,9 +632,12 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
     part = f"{cache}.rank{w.rank}" if w.distributed else None
     mine = tasks[w.rank::w.size]
     with policy.precision(agent), dist.gathered(agent.model):
-        records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
-                                 batch_size=a.rollout_batch, judge=judge, write_path=part,
-                                 batch_tokens=a.rollout_tokens, stop=stop)
+        try:
+            records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
+                                     batch_size=a.rollout_batch, judge=judge, write_path=part,
+                                     batch_tokens=a.rollout_tokens, stop=stop)
+        except info_gap.CacheError as e:
+            raise SystemExit(f"--gap-cache: {e}") from None
     if w.distributed:
         merged = dist.gather(records, w)
         records = [merged[i % w.size][i // w.size] for i in range(len(tasks))]

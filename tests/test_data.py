@@ -355,3 +355,14 @@ def test_benchmark_loaders_count_control_token_strings(vstar_dir, tmp_path):
     said = []
     data.load_hrbench(write_hrbench(tmp_path / "hr.tsv", rows=rows), warn=said.append)
     assert len(said) == 1 and "data row 2 (index 1)" in said[0]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "What? " + "x" * 100_000}, r"100,0\d\d characters; at most 20,000"),
+    ({"answer": "A", "choices": [f"option {k}" for k in range(5000)]}, "5000 choices; at most 26"),
+])
+def test_rows_that_would_exhaust_memory_are_refused(tmp_path, row, message):
+    noise_image(64, 64).save(tmp_path / "a.png")
+    (tmp_path / "t.jsonl").write_text(json.dumps({**GOOD, "image": "a.png", **row}) + "\n")
+    with pytest.raises(data.DataError, match=message):
+        data.load_tasks(str(tmp_path / "t.jsonl"), progress=False)

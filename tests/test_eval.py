@@ -1,6 +1,7 @@
 """Tests for eval.py: benchmark loaders on generated fixtures in the official formats, metrics by hand,
 the 8K frame mapping, evaluate end to end, the gallery and the command line."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -285,3 +286,37 @@ def test_a_model_writing_invalid_boxes_is_evaluated_under_every_probe(agent, tmp
     assert "acc" in r["probes"]["noise"] and "acc" in r["probes"]["gt"]
     assert all(e.tool_errors for e in r["episodes"]["noise"])
     json.dumps({k: v for k, v in r.items() if k != "episodes"})
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("eval", ["--crop-min-tokens", "100", "--crop-max-tokens", "4"], "must not exceed --crop-max-tokens"),
+    ("eval", ["--device", "tpu"], "not a torch device|only cpu and cuda"),
+    ("eval", ["--judge-url", "http://h:1/v1?key=SECRET", "--judge", "llm", "--judge-model", "m"], "no credentials"),
+    ("info_gap", ["--ratio", "0"], "--ratio must lie in"),
+    ("info_gap", ["--ratio", "1.5"], "--ratio must lie in"),
+    ("info_gap", ["--out", "SAME", "--data", "SAME"], "three different files"),
+    ("bench", ["--repeat", "0"], "--repeat must be at least 1"),
+    ("bench", ["--world", "0"], "--world must be at least 1"),
+    ("ablation", ["--threads", "-1"], "--threads must be >= 0"),
+])
+def test_other_scripts_refuse_bad_flags_in_one_line(script, argv, message, capsys, tmp_path):
+    import importlib
+    mod = importlib.import_module(script)
+    model = os.path.join(ROOT, "checkpoints", "toy_base")
+    base = {"eval": ["--model", model], "info_gap": ["--model", model, "--data", str(tmp_path / "d.jsonl"),
+                                                     "--out", str(tmp_path / "o.jsonl")]}.get(script, [])
+    argv = [str(tmp_path / "x.jsonl") if a == "SAME" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(base + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+
+
+def test_eval_data_errors_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "t.jsonl").write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
+    monkeypatch.setattr(lfpc, "load_agent", lambda *a, **k: pytest.fail("the model must not load"))
+    for argv, message in ((["--preset", "toy", "--data", str(tmp_path / "t.jsonl")], r"(?s)eval.py: .*t.jsonl:1: image file not found"),
+                          (["--preset", "paper", "--hrbench", str(tmp_path / "none.tsv")], "eval.py: .*none.tsv"),
+                          (["--preset", "paper", "--vstar", str(tmp_path)], "eval.py: .*V\\* folder direct_attributes/ not found")):
+        with pytest.raises(SystemExit, match=message):
+            ev.main(["--model", os.path.join(ROOT, "checkpoints", "toy_base"), *argv, "--out", str(tmp_path / "o")])

@@ -631,3 +631,50 @@ def test_a_learning_rate_that_destroys_the_policy_stops_the_run_unsaved(tmp_path
                         "--n-train", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "format-valid rate fell from" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- flags and inputs that never pass silently
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", ""], "--out is empty"),
+    (["--temperature", "1e6"], "--temperature must be at most"),
+    (["--beta", "inf"], "--beta must lie in"),
+    (["--judge-url", "not a url"], "not an http"),
+    (["--seed", str(2**40)], "--seed must lie in"),
+    (["--device", "tpu:0"], "is not a torch device|only cpu and cuda"),
+    (["--device", "cuda:3"], "no CUDA device|CUDA device\\(s\\)"),
+])
+def test_bad_flags_are_one_line_errors_at_parse_time(base, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--model", base, *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_a_gap_cache_that_is_a_folder_or_damaged_is_refused(base, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", base, "--gap-cache", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+    out = tmp_path / "r"
+    train.main(_run(base, out, "--steps", "1"))
+    cache = out / "info_gap_cache.jsonl"
+    lines = cache.read_text().splitlines()
+    for bad in ("huge", -100, 1):
+        rec = json.loads(lines[0])
+        rec["max_pixels"] = bad
+        (tmp_path / "c.jsonl").write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
+        with pytest.raises(SystemExit, match=r"--gap-cache: .*c.jsonl:1: damaged cache record"):
+            train.main(_run(base, tmp_path / f"r{bad}", "--steps", "1", "--gap-cache", str(tmp_path / "c.jsonl")))
+
+
+def test_a_question_too_long_for_the_models_positions_stops_before_the_probe(base, tmp_path):
+    """Under the data's 20,000-character limit but over the toy model's 8,192 positions once tokenised."""
+    from conftest import noise_image
+    noise_image(64, 64).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "What is it?", "answer": "x"},
+            {"id": "long", "image": "a.png", "question": "zq " * 6000 + "?", "answer": "x"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"task 'long': its prompt is .* over the model's 8,192 positions"):
+        train.main(_run(base, tmp_path / "r", "--steps", "1", "--data", str(tmp_path / "t.jsonl")))
+    assert not (tmp_path / "r" / "info_gap_cache.jsonl").exists()
