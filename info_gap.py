@@ -43,7 +43,8 @@ Contract
   "item" is `item_key(task)`: a hash of the item's CONTENT (image bytes, question, answer, choices),
   so two datasets never share budgets by id or line number. A line is reused when its item, model key
   (`ProberConfig.model_key`: the model plus every setting that changes answers and votes), ladder and k
-  match, so an interrupted run resumes and a second run makes no answer call. Each probe samples from
+  match (the model key holds the prompt style, the direct-answer prompt, the precision and the judge too),
+  so an interrupted run resumes and a second run makes no answer call. Each probe samples from
   streams seeded by the item's key and the budget (`probe_seed`), not by what else is in flight, so an
   item that was in flight when a run was killed is probed again to the same answers and budget. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
   elsewhere is an error. A checkpoint folder retrained in place keeps its name: give it another cache.
@@ -69,6 +70,7 @@ import checkpoint
 import crop_tool
 import data
 import lfpc
+import prompts
 from judge import Judge, RuleJudge, make_judge, url_problem
 from lfpc import Task
 
@@ -351,10 +353,22 @@ class ProberConfig:
     resample: str = "bicubic"       # how the global image is downsampled (match training)
     judge: str = "rule"             # how votes are grouped: the judge that scores the rewards (its description)
 
-    def model_key(self, model: str) -> str:
-        """The cache's model key: the model plus the settings that change its answers and their votes."""
-        return (f"{model} T={self.temperature} max_new_tokens={self.max_new_tokens} resample={self.resample} "
-                f"judge={self.judge}")
+    def model_key(self, model: str, agent: lfpc.Agent | None = None) -> str:
+        """The cache's model key: the model plus every setting that changes its answers and their votes:
+        sampling, resampling, the judge, and with `agent` its prompt style, the direct-answer prompt's text
+        (a hash of the system prompt and both instructions) and the precision its forward runs in."""
+        key = (f"{model} T={self.temperature} max_new_tokens={self.max_new_tokens} resample={self.resample} "
+               f"judge={self.judge}")
+        if agent is None:
+            return key
+        texts = [prompts.NO_TOOL_SYSTEM_PROMPT, agent.direct_instruction or "", prompts.DIRECT_INSTRUCTION,
+                 prompts.DIRECT_CHOICE_INSTRUCTION]
+        prompt = hashlib.sha1(json.dumps(texts).encode()).hexdigest()[:12]
+        dev = agent.device.type
+        dtype = str(next(agent.model.parameters()).dtype).removeprefix("torch.")
+        if torch.is_autocast_enabled(dev):
+            dtype += "+autocast-" + str(torch.get_autocast_dtype(dev)).removeprefix("torch.")
+        return f"{key} style={agent.style} direct={prompt} precision={dtype}"
 
 
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
@@ -365,7 +379,7 @@ def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, c
     tasks in flight; batch_tokens: at most this many KV-cache tokens a rollout chunk (None: no limit)."""
     answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample,
                                 batch_tokens)
-    return select_budgets(tasks, answer_fn, cfg.model_key(model), cache_path, cfg.full_tokens, cfg.floor_tokens,
+    return select_budgets(tasks, answer_fn, cfg.model_key(model, agent), cache_path, cfg.full_tokens, cfg.floor_tokens,
                           cfg.ratio, cfg.k, batch_size, progress, judge, write_path, stop)
 
 

@@ -199,7 +199,7 @@ class RuleJudge(Judge):
 
     def correct(self, pred, answer, choices=None, question=""):
         self.stats["rule"] += 1
-        return rewards.accuracy(pred, answer, choices)
+        return rewards.accuracy(pred, answer, choices, question)
 
     def same(self, a, b, choices=None, question=""):
         self.stats["rule"] += 1
@@ -236,7 +236,7 @@ class LLMJudge(Judge):
         if pred is None or not rewards.normalize_answer(pred):
             self.stats["rule"] += 1
             return 0.0
-        if self.rule_first and rewards.accuracy(pred, answer, choices) == 1.0:
+        if self.rule_first and rewards.accuracy(pred, answer, choices, question) == 1.0:
             self.stats["rule"] += 1
             return 1.0
         reference = answer
@@ -245,7 +245,7 @@ class LLMJudge(Judge):
             reference = f"{chr(65 + k)}. {choices[k]}"
         verdict = self._ask("correct", question, reference, pred, choices)
         if verdict is None:
-            return rewards.accuracy(pred, answer, choices)
+            return rewards.accuracy(pred, answer, choices, question)
         return float(verdict)
 
     def same(self, a, b, choices=None, question=""):

@@ -156,6 +156,8 @@ class Agent:
     system_prompt: str = prompts.SYSTEM_PROMPT
     instruction: str = prompts.INSTRUCTION   # appended to the first user turn when the tool is offered
     style: str = "qwen"                       # how turns are written (prompts.py): "qwen" or "deepeyes"
+    direct_instruction: str | None = None     # the instruction when no tool is offered (None: prompts.direct's
+                                              # short answer); the toy keeps the one its base learned
 
     def __post_init__(self):
         if self.style not in prompts.STYLES:
@@ -294,7 +296,8 @@ def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
     agent.tokenizer.save_pretrained(path)
     agent.image_processor.save_pretrained(path)
     with open(os.path.join(path, PROMPT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"system_prompt": agent.system_prompt, "instruction": agent.instruction, "style": agent.style}, f,
+        json.dump({"system_prompt": agent.system_prompt, "instruction": agent.instruction, "style": agent.style,
+                   "direct_instruction": agent.direct_instruction}, f,
                   indent=1)
 
 
@@ -361,7 +364,8 @@ def prompt_problem(agent: Agent, tasks: list[Task], cfg: RolloutConfig, limit: i
     limit = limit or agent.model.config.get_text_config().max_position_embeddings
     system = len(agent.encode(prompts.system(agent.style, agent.system_prompt, cfg.use_tool))) + 16   # + turn tags
     for t in tasks:
-        text = len(agent.encode(prompts.question(agent.style, t, (99999, 99999), cfg.use_tool, agent.instruction)))
+        text = len(agent.encode(prompts.question(agent.style, t, (99999, 99999), cfg.use_tool, agent.instruction,
+                                                 agent.direct_instruction)))
         image = (t.max_pixels or cfg.global_max_pixels) // crop_tool.TOKEN_PIXELS + 2
         bound = episode_bound(system + text + image, cfg)
         if bound > limit:
@@ -379,7 +383,8 @@ def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig)
     system = prompts.system(agent.style, agent.system_prompt, cfg.use_tool)
     ids = [agent.im_start] + agent.encode("system\n" + system) + [agent.im_end]
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("user\n") + agent.image_block(grid)
-    ids += agent.encode(prompts.question(agent.style, task, shown.size, cfg.use_tool, agent.instruction)) + [agent.im_end]   # data stays text
+    ids += agent.encode(prompts.question(agent.style, task, shown.size, cfg.use_tool, agent.instruction,
+                                         agent.direct_instruction)) + [agent.im_end]                  # data stays text
     ids += agent.encode("\n") + [agent.im_start] + agent.encode("assistant\n")
     ep = Episode(task_index, shown_size=shown.size)
     ep.append(ids, images=[(shown, grid)])

@@ -47,7 +47,7 @@ def episode_metrics(episodes, tasks, judge=None) -> dict:
     task = lambda e: tasks[e.task_index]
     n = len(episodes)
     if judge is None:
-        correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices) for e in episodes]
+        correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
     else:
         correct = [judge.correct(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
     m = {"acc": mean(correct)}

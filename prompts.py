@@ -63,7 +63,11 @@ INSTRUCTION = (
     "Format: <think>...</think> <tool_call>...</tool_call> (if needed) <answer>...</answer>"
 )
 NO_TOOL_SYSTEM_PROMPT = "You are a helpful assistant."
-NO_TOOL_INSTRUCTION = "Answer with <answer>...</answer>."
+# With no tool (the information-gap prober, eval --no-tool): a short answer, as the benchmarks' official
+# prompts ask (LLaVA's and V*'s "single word or phrase", "the option's letter ... directly").
+DIRECT_INSTRUCTION = "Answer the question using a single word or phrase, in <answer>...</answer>."
+DIRECT_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly, in <answer>...</answer>."
+NO_TOOL_INSTRUCTION = "Answer with <answer>...</answer>."   # the toy's direct prompt (its base learned this one)
 
 # ----------------------------------------------------------------------------- deepeyes (verbatim)
 
@@ -99,19 +103,29 @@ class Data(str):
     <|image_pad|>, <tool_call>, ...) can never close a turn, open an image slot or forge a tool call."""
 
 
-def question(style: str, task, shown_size: tuple[int, int], use_tool: bool, instruction: str) -> list[str]:
+def direct(task, direct_instruction: str | None = None) -> str:
+    """The instruction of a turn with no tool: the agent's own (`Agent.direct_instruction`), else a short
+    answer (the option's letter when the task has choices)."""
+    if direct_instruction:
+        return direct_instruction
+    return DIRECT_CHOICE_INSTRUCTION if task.choices else DIRECT_INSTRUCTION
+
+
+def question(style: str, task, shown_size: tuple[int, int], use_tool: bool, instruction: str,
+             direct_instruction: str | None = None) -> list[str]:
     """The user text of the first turn (after the image), as parts: the template's strings and the task's
-    text as `Data` ("".join gives the text)."""
+    text as `Data` ("".join gives the text). Without the tool it ends with `direct(...)`."""
     if style == "deepeyes":
         parts = ["Question: ", Data(task.question), "\n"]
         if task.choices:
             parts += ["Options: \n"] + [p for i, o in enumerate(task.choices) for p in (f"{chr(65 + i)}. ", Data(o), "\n")]
             parts.append("\n")
-        return parts + [DEEPEYES_SUFFIX if use_tool else NO_TOOL_INSTRUCTION]
+        return parts + [DEEPEYES_SUFFIX if use_tool else direct(task, direct_instruction)]
     parts = [Data(task.question)]
     for i, c in enumerate(task.choices or []):
         parts += [f"\n({chr(65 + i)}) ", Data(c)]
-    parts.append(f"\nThe image is {shown_size[0]}x{shown_size[1]} pixels. " + (instruction if use_tool else NO_TOOL_INSTRUCTION))
+    parts.append(f"\nThe image is {shown_size[0]}x{shown_size[1]} pixels. "
+                 + (instruction if use_tool else direct(task, direct_instruction)))
     return parts
 
 

@@ -32,6 +32,11 @@ Answer judging (accuracy; pure rules, judge.py adds an optional model judge besi
     SHORT at 1..15 words; a reference is SHORT at 1..4 words. NEGATION words: not, no, never, none,
     nothing, nobody, nowhere, neither, nor, cannot, without, any "...n't". LISTING words: or, and, nor,
     either, neither, both, versus, vs, '/', '&'.
+    Before every rule the prediction is read for its claim (`claim`): full-width forms made ASCII; one
+    \\boxed{x} or **x** that holds the answer unwrapped; hedges ("appears to be", "seems to be", "looks
+    (like)", "probably", "likely") read as "is", " in color" dropped; a corrected negation ("It is not
+    red; it is yellow.", "Not A, but B") read as its last clause, only when every earlier clause negates
+    and the last does not.
     Free form (no choices): pred is right if, in order,
       1. normalize_answer(pred) == normalize_answer(answer);
       2. answer is one number (digits, "1,000", "3.50"; a '%' sign is dropped, so "50%" = 50 but 0.5 !=
@@ -50,18 +55,38 @@ Answer judging (accuracy; pure rules, judge.py adds an optional model judge besi
          yellow", "red, yellow", "the yellow one", "it 3 yellow": wrong. The end anchor is the
          anti-hacking rule: a sentence ends with at most one of several one-word answers;
       5. answer is a one-sentence "... is/are/was/were P" and pred states P by 1-4 ("tan" = "The
-         countertop is tan.").
+         countertop is tan.");
+      6. answer is one position word (left, right, top, bottom, above, below, front, behind, inside,
+         outside ...; "on the left", "left side"): pred is one sentence with no negation, listing word or
+         number, names that word once and no other of its group (left/right, above/below ...), and after
+         it only fillers and words of the question ("The cup is to the left of the laptop." = "left";
+         "..., which is on the right", "not on the left": wrong);
+      7. answer is a number with an optional unit ("2.5 m", "2.5", "50%"): pred is one sentence whose
+         answer phrase states one number, equal by value, its unit the same (m = meter = meters, km =
+         kilometers, % = percent ...) or given on one side only ("2.5" = "2.5 m" = "The door is 2.5
+         meters tall."; "2.5 km", "12.5 m": wrong);
+      8. answer is "no": pred is one sentence that negates and says no "yes" and lists nothing ("There is
+         no dog in the picture."), unless the question itself negates ("Is the sign not red?");
+      9. answer is a list of 2+ items joined by "and", "," or "&": pred's answer phrase is such a list of
+         the same items in any order ("red and white" = "The flag is white and red."; "or", a negation or
+         a missing item: wrong);
+     10. answer holds Chinese: pred's claim after its last 是/为 (a final 的 dropped), or all of it, equals
+         the answer, and pred holds no 不, 没 or 非 ("伞是黄色的" = "黄色"; "伞不是黄色的": wrong).
     Multiple choice: right if choice_index(pred) is the correct option (answer_index: the answer is a
     letter or an option's text). Letters count wherever they are explicit: "B", "B.", "(B) blue",
     "Answer: (B)", "The answer is B", "I choose B". Two different letters, a letter out of range, or a
-    letter followed by text that names another option or none ("(B) red", "B. purple") -> wrong. With no
+    letter followed by text that names another option or none ("(B) red", "B. purple") -> wrong. Chinese
+    keywords name letters too ("答案是B", "答案：(B)", "选B"). With no
     letter, the text names the option it equals; else the options it states by 2-5 (the longest if
     several); else the option that alone contains its short answer phrase ('yellow' -> "The color of the
     umbrella is yellow.").
-    Votes: vote_key(pred, choices) -> "option:B" | "number:3" | "text:yes" | "text:<answer phrase>", and
-    same_answer(a, b) = equal keys (see vote_key).
+    Votes: vote_key(pred, choices) -> "option:B" | "number:3" | "text:yes" | "list:<sorted items>" |
+    "text:<answer phrase>", of the prediction's claim, and same_answer(a, b) = equal keys (see vote_key):
+    one answer phrased several ways ("yellow", "It appears to be yellow in color.", "\\boxed{yellow}") is
+    one vote.
 """
 import re
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -213,15 +238,173 @@ def _states(pred: str, ref: str) -> bool:
     return phrase != rtoks and not _blocked(phrase) and _states(pred, " ".join(phrase))
 
 
+# ----------------------------------------------------------------------------- what a prediction claims
+
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
+_HEDGE = re.compile(r"\b(?:appears|appear|seems|seem)\s+to\s+be\b|\b(?:looks|look)\s+like(?:\s+it\s+is)?\b|"
+                    r"\b(?:looks|appears|seems)\b", re.IGNORECASE)
+_HEDGE_ADVERB = re.compile(r"\b(?:most\s+likely|probably|likely|apparently)\b,?\s*", re.IGNORECASE)
+_IN_COLOUR = re.compile(r"\s+in\s+(?:colou?r|shade|hue)\b", re.IGNORECASE)
+_CLAUSE = re.compile(r"\s*(?:[;,]|\.(?=\s)|\s+but\s+|\s+rather\s+|\s+-\s+|\u2014)\s*", re.IGNORECASE)
+_WIDE = str.maketrans({"\u3002": ".", "\uff0c": ",", "\uff1b": ";", "\u3001": ","})
+
+
+def _unwrap(text: str) -> str:
+    """`text` with full-width forms made ASCII (NFKC; the ideographic full stop and comma too) and ONE
+    \\boxed{x} (or **x**) that holds the whole answer unwrapped: "The answer is \\boxed{B}." -> "B"."""
+    text = unicodedata.normalize("NFKC", text).translate(_WIDE)
+    for rx in (_BOXED, _BOLD):
+        found = rx.findall(text)
+        if len(found) == 1 and found[0].strip():
+            return found[0].strip()
+    return text
+
+
+def claim(pred: str) -> str:
+    """What a prediction claims, before the rules judge it:
+    1. `_unwrap`: full-width forms, one \\boxed{x} or **x**;
+    2. hedges say "is": "appears to be", "seems to be", "looks like (it is)", "looks", "seems" -> "is";
+       "probably", "likely", "most likely", "apparently" dropped; " in color" dropped after a word
+       ("The umbrella appears to be yellow in color." -> "The umbrella is yellow.");
+    3. a correction: when the prediction is several clauses (split at ; , ". " but rather - and an em
+       dash), the last one holds no negation and EVERY earlier one does, the last clause alone is the
+       claim ("It is not red; it is blue." -> "it is blue"; "Not A, but B" -> "B"). A negation that is
+       not corrected stays, and the rules then judge it wrong ("It is not blue.")."""
+    text = _unwrap(pred)
+    text = _IN_COLOUR.sub("", _HEDGE_ADVERB.sub("", _HEDGE.sub("is", text)))
+    text = re.sub(r"\bis\s+is\b", "is", text)
+    clauses = [c for c in _CLAUSE.split(text.strip().rstrip(".!? ")) if c.strip()]
+    if len(clauses) >= 2 and not _negates(clauses[-1]) and all(_negates(c) for c in clauses[:-1]):
+        return clauses[-1].strip()
+    return text
+
+
+def _negates(text: str) -> bool:
+    return any(t in _NEGATIONS or t.endswith("n't") for t in _tokens(text)) or bool(re.search("[\u4e0d\u6ca1\u975e]", text))
+
+
+_POSITION_GROUPS = (frozenset("left right".split()), frozenset("top bottom above below upper lower over under beneath".split()),
+                    frozenset("front behind back".split()), frozenset("inside outside".split()))
+_POSITION_FILLER = frozenset("on the to in at of side hand part corner".split())
+_UNITS = {**{u: "m" for u in ("m", "meter", "meters", "metre", "metres")},
+          **{u: "cm" for u in ("cm", "centimeter", "centimeters", "centimetre", "centimetres")},
+          **{u: "mm" for u in ("mm", "millimeter", "millimeters", "millimetre", "millimetres")},
+          **{u: "km" for u in ("km", "kilometer", "kilometers", "kilometre", "kilometres")},
+          **{u: "ft" for u in ("ft", "foot", "feet")}, **{u: "in" for u in ("inch", "inches")},
+          **{u: "kg" for u in ("kg", "kilogram", "kilograms", "kilo", "kilos")},
+          **{u: "g" for u in ("g", "gram", "grams")}, **{u: "lb" for u in ("lb", "lbs", "pound", "pounds")},
+          **{u: "%" for u in ("percent", "per cent")}, **{u: "mph" for u in ("mph",)},
+          **{u: "s" for u in ("s", "sec", "secs", "second", "seconds")},
+          **{u: "min" for u in ("min", "mins", "minute", "minutes")}, **{u: "h" for u in ("h", "hr", "hrs", "hour", "hours")},
+          **{u: "year" for u in ("year", "years", "yr", "yrs")}, **{u: "deg" for u in ("degree", "degrees", "deg")}}
+
+
+def _states_more(pred: str, ref: str, question: str = "") -> bool:
+    """The free-form rules 6-10 (module docstring), each as strict as rules 1-5: positions, quantities
+    with units, a negative sentence for "no", unordered lists, Chinese."""
+    p, r = normalize_answer(pred), normalize_answer(ref)
+    ptoks, rtoks = _tokens(pred), _tokens(ref)
+    if not ptoks or not rtoks:
+        return _cjk_states(pred, ref)
+    one = _one_sentence(pred, ptoks)
+    # 6. a position word
+    words = [t for t in rtoks if t not in _POSITION_FILLER]
+    group = next((g for g in _POSITION_GROUPS if len(words) == 1 and words[0] in g), None)
+    if group is not None and one and not _blocked(ptoks) and ptoks.count(words[0]) == 1 \
+            and not any(t in group and t != words[0] for t in ptoks) and not any(_number(t) for t in ptoks):
+        named = set(_tokens(question)) | _POSITION_FILLER | {"hand"}
+        if all(t in named for t in ptoks[ptoks.index(words[0]) + 1:]):    # nothing after it but the question's words
+            return True
+    # 7. a quantity: the same number, the same unit or a unit on one side only
+    want = _quantity(rtoks)
+    if want is not None and one:
+        got = _quantity(_answer_phrase(pred), sentence=True)
+        if got is not None and got[0] == want[0] and (got[1] is None or want[1] is None or got[1] == want[1]) \
+                and not (want[1] is not None and got[2]):
+            return True
+    # 8. "no" stated by a negative sentence (not when the question itself negates)
+    if r == "no" and one and _negates(pred) and "yes" not in ptoks and not _negates(question) \
+            and not any(t in _LISTING for t in ptoks):
+        return True
+    # 9. an unordered list: the same items in any order
+    items = _list_items(rtoks)
+    if items and one:
+        got = _list_items(_answer_phrase(pred))
+        if got and sorted(map(tuple, got)) == sorted(map(tuple, items)):
+            return True
+    return _cjk_states(pred, ref)
+
+
+def _quantity(toks: list[str], sentence: bool = False) -> tuple[Decimal, str | None, bool] | None:
+    """(value, canonical unit or None, other words follow the number) of the one number `toks` state
+    (`_sole_number`); without `sentence`, toks must be exactly [number] or [number, unit]."""
+    nums = [i for i, t in enumerate(toks) if _number(t, alone=len(toks) == 1) is not None]
+    if len(nums) != 1:
+        return None
+    i = nums[0]
+    after = toks[i + 1:]
+    unit = _UNITS.get(" ".join(after[:2])) or (_UNITS.get(after[0]) if after else None)
+    if toks[i].endswith("%"):
+        unit = "%"
+    if not sentence:
+        return (_number(toks[i], alone=True), unit, False) if (not after or (unit and len(after) == 1)) and i == 0 else None
+    value = _sole_number(toks)
+    if value is None:
+        return None
+    rest = after[1:] if unit and after and after[0] in _UNITS else after
+    return value, unit, bool([t for t in rest if t not in _MARKS])
+
+
+def _list_items(toks: list[str]) -> list[list[str]] | None:
+    """The items of a list answer ("red and white", "red, white and blue", "red & white"): two or more
+    items of 1..3 words joined by "and", "," or "&"; None for anything else (an "or" is never a list)."""
+    if not toks or any(t in ("or", "either", "neither", "nor", "versus", "vs", "/") for t in toks) or _negates(" ".join(toks)):
+        return None
+    items, cur = [], []
+    for t in toks:
+        if t in ("and", ",", "&"):
+            if cur:
+                items.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    items.append(cur)
+    if len(items) < 2 or not all(1 <= len(i) <= 3 for i in items):
+        return None
+    return items
+
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_CJK_COPULA = re.compile(r"(?:答案)?(?:是|为|為)\s*[:：]?\s*(.+)$")
+
+
+def _cjk_claim(pred: str) -> str | None:
+    """A Chinese prediction's answer: the text after its last 是/为 ("伞是黄色的" -> "黄色"; a final 的 and marks
+    dropped), or the whole of it; None when it holds no Chinese or negates (不, 没, 非)."""
+    text = normalize_answer(_unwrap(pred)).rstrip("的")
+    if not _CJK.search(text) or re.search("[\u4e0d\u6ca1\u975e]", text):
+        return None
+    m = _CJK_COPULA.search(text)
+    return (m.group(1) if m else text).strip().rstrip("的").strip()
+
+
+def _cjk_states(pred: str, ref: str) -> bool:
+    """10. a Chinese answer: the prediction's claim (`_cjk_claim`) equals the reference."""
+    r = normalize_answer(_unwrap(ref))
+    return bool(_CJK.search(r)) and _cjk_claim(pred) == r
+
+
 def _contains(hay: list[str], needle: list[str]) -> bool:
     n = len(needle)
     return any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
 
 
-def _option_by_text(text: str, choices: list[str]) -> int | None:
+def _option_by_text(text: str, choices: list[str], question: str = "") -> int | None:
     """The option a prediction names by its text (no letter), or None:
     1. its normalised text equals an option's: the first such option;
-    2. else the options it states (`_states`: number, yes/no, sentence ending, reference sentence): the
+    2. else the options it states (free-form rules 1-10: number, yes/no, sentence ending, reference
+       sentence, position, quantity, "no", list, Chinese; `question` for rules 6 and 8): the
        one with the most tokens if exactly one has that many ("It is dark red" names "dark red", not "red");
     3. else its answer phrase (`_answer_phrase`, 1..SHORT_WORDS words, no negation or listing word) is a
        whole-word phrase of exactly one option ('yellow' names "The color of the umbrella is yellow.")."""
@@ -231,7 +414,7 @@ def _option_by_text(text: str, choices: list[str]) -> int | None:
     for k, option in enumerate(choices):
         if p == normalize_answer(option):
             return k
-    stated = [k for k, option in enumerate(choices) if _states(text, option)]
+    stated = [k for k, option in enumerate(choices) if _states(text, option) or _states_more(text, option, question)]
     if stated:
         size = {k: len(_tokens(choices[k])) for k in stated}
         top = [k for k in stated if size[k] == max(size.values())]
@@ -252,6 +435,7 @@ _LETTER = re.compile(r"(?:option\s+)?(?:\(([a-z])\)|\[([a-z])\]|([a-z])(?=[\s.:)
 # B", "Answer: B", "I choose B", "option b."), upper case, or lower case when a mark or the end follows
 # ("the answer is a dog" names no letter).
 _BRACKETED = re.compile(r"[(\[]([A-Za-z])[)\]]")
+_KEYWORD_ZH = re.compile(r"(?:答案(?:是|为|為|应为|應為)?|选择|選擇|选项|選項|选|選)\s*[:：]?\s*[(（]?([A-Za-z])(?![A-Za-z])")
 _KEYWORD = re.compile(r"(?i:\b(?:answer|option|choice|choose|select|pick)\b(?:\s+(?:is|would\s+be|should\s+be|"
                       r"will\s+be))?)\s*:?\s*(?:([A-Z])\b|([a-z])(?=[.,;:!?)]|\s*$))")
 
@@ -282,10 +466,12 @@ def _letter_mentions(pred: str) -> list[tuple[int, str, bool]]:
         out.append((ord(m.group(1).lower()) - ord("a"), s[m.end():], False))
     for m in _KEYWORD.finditer(s):
         out.append((ord((m.group(1) or m.group(2)).lower()) - ord("a"), s[m.end():], False))
+    for m in _KEYWORD_ZH.finditer(s):
+        out.append((ord(m.group(1).lower()) - ord("a"), s[m.end():], False))
     return out
 
 
-def choice_index(pred: str, choices: list[str]) -> int | None:
+def choice_index(pred: str, choices: list[str], question: str = "") -> int | None:
     """Which option `pred` names (0-based), or None.
     1. Letters (`_letter_mentions`; the strong ones if any, else the weak one): the prediction names
        option k if every letter it names is k, k < len(choices), and the text after each letter (leading
@@ -310,12 +496,12 @@ def choice_index(pred: str, choices: list[str]) -> int | None:
         letters = {k for k, _, _ in used}
         if len(letters) == 1:
             k = letters.pop()
-            if k < len(choices) and all(_option_by_text(rest.lstrip(" .,:;)-"), choices) == k
+            if k < len(choices) and all(_option_by_text(rest.lstrip(" .,:;)-"), choices, question) == k
                                         for _, rest, _ in used if normalize_answer(rest.lstrip(" .,:;)-"))):
                 return k
         if strong:
             return None
-    return _option_by_text(pred, choices)
+    return _option_by_text(pred, choices, question)
 
 
 def answer_index(answer: str, choices: list[str]) -> int:
@@ -331,17 +517,22 @@ def answer_index(answer: str, choices: list[str]) -> int:
     raise ValueError(f"answer {answer!r} is neither an option letter nor an option of {choices!r}")
 
 
-def accuracy(pred: str | None, answer: str, choices: list[str] | None = None) -> float:
+def accuracy(pred: str | None, answer: str, choices: list[str] | None = None, question: str = "") -> float:
     """1.0 if `pred` is right, else 0.0. None (no answer) -> 0.0; an empty prediction is never right.
-    Without choices: `pred` states `answer` (the free-form rules in the module docstring).
+    The prediction is first read as `claim` reads it (wrappers, hedges, a corrected negation).
+    Without choices: `pred` states `answer` (the free-form rules in the module docstring; `question`
+    only decides whether a negative sentence may answer "no").
     With choices: choice_index(pred) is the correct option; a prediction that names no letter is also
     right if it equals the correct option's text after normalisation (duplicate option texts)."""
     if pred is None or not normalize_answer(pred):
         return 0.0
+    pred, answer = claim(pred), _unwrap(answer)
+    if not normalize_answer(pred):
+        return 0.0
     if not choices:
-        return float(_states(pred, answer))
+        return float(_states(pred, answer) or _states_more(pred, answer, question))
     correct = answer_index(answer, choices)
-    if choice_index(pred, choices) == correct:
+    if choice_index(pred, choices, question) == correct:
         return 1.0
     return float(not _letter_mentions(pred) and normalize_answer(pred) == normalize_answer(choices[correct]))
 
@@ -360,6 +551,9 @@ def vote_key(pred, choices: list[str] | None = None) -> str | None:
                    "text:not yellow")."""
     if not isinstance(pred, str) or not normalize_answer(pred):
         return None
+    pred = claim(pred)
+    if not normalize_answer(pred):
+        return None
     if choices:
         k = choice_index(pred, choices)
         if k is not None:
@@ -373,6 +567,12 @@ def vote_key(pred, choices: list[str] | None = None) -> str | None:
     for word, other in zip(_YES_NO, reversed(_YES_NO)):
         if toks[0] == word and (len(toks) == 1 or toks[1] in _OPENER_MARKS) and other not in toks:
             return f"text:{word}"
+    items = _list_items(phrase) if _one_sentence(pred, toks) else None
+    if items:
+        return "list:" + " | ".join(sorted(" ".join(i) for i in items))
+    cjk = _cjk_claim(pred)
+    if cjk is not None:
+        return "text:" + cjk
     return "text:" + " ".join(phrase)
 
 

@@ -50,6 +50,7 @@ from PIL import Image
 import crop_tool
 import lfpc
 import models
+import prompts
 
 CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
@@ -207,8 +208,10 @@ ROPE = dict(rope_theta=10.0, mrope_section=[1, 4, 11])
 
 def agent(seed: int = 0, **model_kw) -> lfpc.Agent:
     """A fresh (random) toy model: the tiny Qwen2.5-VL with the toy's tokenizer, prompts and rotary layout."""
-    return models.tiny_agent(seed=seed, tokenizer=tokenizer(), system_prompt=SYSTEM_PROMPT,
-                             instruction=INSTRUCTION, **{**ROPE, **model_kw})
+    agent = models.tiny_agent(seed=seed, tokenizer=tokenizer(), system_prompt=SYSTEM_PROMPT,
+                              instruction=INSTRUCTION, **{**ROPE, **model_kw})
+    agent.direct_instruction = prompts.NO_TOOL_INSTRUCTION       # the direct prompt the shipped base learned
+    return agent
 
 
 def demo(model: str, n: int, tokens: int, seed: int) -> None:

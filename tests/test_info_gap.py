@@ -336,3 +336,26 @@ def test_a_probe_stopped_mid_way_resumes_to_the_same_budgets_and_answers(tmp_pat
     resumed = go(tmp_path / "stopped.jsonl")
     assert [(r["budget_tokens"], r["answers"]) for r in resumed] == [(r["budget_tokens"], r["answers"]) for r in straight]
     assert len({r["budget_tokens"] for r in straight}) > 1 or len({r["status"] for r in straight}) > 1, "a probe that decides"
+
+
+def test_every_setting_that_changes_an_answer_is_in_the_cache_key(agent, tmp_path, monkeypatch):
+    """Prompt style, the direct-answer prompt's text, the precision and the judge: changing any of them
+    probes again; the same settings reuse the cache (no answer call)."""
+    from dataclasses import replace
+    import copy
+    calls = []
+    real = lfpc.rollout
+    monkeypatch.setattr(lfpc, "rollout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tasks = [task(0, Image.new("RGB", (112, 84))), task(1, Image.new("RGB", (84, 112)))]
+    cfg = info_gap.ProberConfig(16, 4, 0.5, 2, 1.0, 4)
+    cache = str(tmp_path / "c.jsonl")
+    go = lambda ag, c=cfg: info_gap.probe(tasks, ag, c, "m", cache, batch_size=8, progress=False)
+    go(agent)
+    assert calls
+    for changed, why in ((agent, "same settings"), (replace(agent, style="deepeyes"), "style"),
+                         (replace(agent, direct_instruction="Reply in <answer></answer>."), "direct prompt"),
+                         (replace(agent, model=copy.deepcopy(agent.model).to(torch.bfloat16)), "precision"),
+                         (agent, "judge")):
+        calls.clear()
+        go(changed, replace(cfg, judge="llm:other") if why == "judge" else cfg)
+        assert bool(calls) == (why != "same settings"), why

@@ -136,3 +136,13 @@ def test_a_forged_row_rolls_out_trains_and_evaluates(deepeyes_agent):
     agent.model.load_state_dict(before)                                # leave the shared fixture as it was
     r = ev.evaluate(agent, tasks, cfg, probes=("noise",), batch_size=2, progress=False)
     assert r["metrics"]["n"] == len(tasks) and r["metrics"]["acc"] is not None
+
+
+def test_the_direct_answer_prompt_asks_for_a_short_answer(tiny, toy_model):
+    free = lfpc.Task(None, "What colour is it?", "red")
+    mc = lfpc.Task(None, "What colour is it?", "A", ["red", "blue"])
+    text = lambda agent, t: "".join(prompts.question(agent.style, t, (56, 56), False, agent.instruction,
+                                                     agent.direct_instruction))
+    assert text(tiny, free).endswith("Answer the question using a single word or phrase, in <answer>...</answer>.")
+    assert text(tiny, mc).endswith("Answer with the option's letter from the given choices directly, in <answer>...</answer>.")
+    assert text(toy_model, free).endswith(prompts.NO_TOOL_INSTRUCTION), "the toy keeps the prompt its base learned"

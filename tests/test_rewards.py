@@ -265,7 +265,7 @@ def test_answer_judging_never_raises_random():
         ref = rng.choice(["yes", "No, it is.", "3", "yellow", "The countertop is tan.", "%"])
         assert accuracy(pred, ref) in (0.0, 1.0)
         assert accuracy(pred, rng.choice("ABCD"), VSTAR) in (0.0, 1.0)
-        assert vote_key(pred) is None or vote_key(pred).startswith(("text:", "number:"))
+        assert vote_key(pred) is None or vote_key(pred).startswith(("text:", "number:", "list:"))
         assert vote_key(pred, CHOICES) is None or isinstance(vote_key(pred, CHOICES), str)
 
 
@@ -558,3 +558,108 @@ def test_options_that_are_letters_read_a_bare_letter_as_a_position():
     assert rewards.accuracy("A", "A", ["B", "A"]) == 1.0 and rewards.accuracy("(A)", "A", ["B", "A"]) == 1.0
     assert rewards.accuracy("B", "A", ["B", "A"]) == 0.0
     assert rewards.accuracy("x", "A", ["x", "y"]) == 1.0          # out of letter range: the text still names it
+
+
+# ----------------------------------------------------------------------------- as a careful person judges (issue 28)
+
+VSTAR_Q = "What is the color of the woman's umbrella?"
+PEOPLE_RIGHT = [   # (prediction, answer, choices, question): a careful person calls each right
+    # corrected negations name the right option
+    ("It is not red; it is yellow.", "yellow", None, VSTAR_Q),
+    ("Not red, but yellow.", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),
+    ("The umbrella isn't blue - it is yellow", "yellow", None, VSTAR_Q),
+    ("It's not A, it's (B)", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),
+    # boxed and bold answers
+    (r"\boxed{B}", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),
+    (r"The answer is $\boxed{yellow}$.", "yellow", None, VSTAR_Q),
+    (r"\boxed{42}", "42", None, "How many chairs are there?"),
+    ("**B**", "B", ["red", "yellow"], VSTAR_Q),
+    # hedged sentences
+    ("The umbrella appears to be yellow in color.", "yellow", None, VSTAR_Q),
+    ("It seems to be yellow.", "yellow", None, VSTAR_Q),
+    ("The umbrella looks yellow.", "yellow", None, VSTAR_Q),
+    ("It is probably yellow.", "yellow", None, VSTAR_Q),
+    ("It looks like it is yellow.", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),
+    # a short positional answer inside a longer sentence
+    ("The cup is on the left side.", "left", None, "Is the cup on the left or right side of the laptop?"),
+    ("The cup is to the left of the laptop.", "left", None, "Is the cup on the left or right side of the laptop?"),
+    ("The dog is on the right of the car.", "right", None, "Is the dog on the left or right of the car?"),
+    ("The lamp is above the sofa.", "above", None, "Is the lamp above or below the sofa?"),
+    ("The cup is to the left of the laptop.", "A", ["left", "right"], "Is the cup left or right of the laptop?"),
+    # units against bare numbers, both ways; unit words against abbreviations
+    ("2.5 meters", "2.5 m", None, "How tall is the door?"),
+    ("2.5", "2.5 m", None, "How tall is the door?"),
+    ("The door is 2.5 m tall.", "2.5", None, "How tall is the door?"),
+    ("It is 30 km", "30 kilometers", None, "How far is the town?"),
+    ("50 percent", "50%", None, "What is the discount?"),
+    ("The speed limit is 65 mph.", "65", None, "What is the speed limit?"),
+    # "no" answered by a negative sentence
+    ("There is no dog in the picture.", "no", None, "Is there a dog in the picture?"),
+    ("The man is not wearing a hat.", "No", None, "Is the man wearing a hat?"),
+    ("The light isn't on.", "no", None, "Is the light on?"),
+    # unordered lists
+    ("red and white", "white and red", None, "What colors is the flag?"),
+    ("The flag is red and white.", "white and red", None, "What colors is the flag?"),
+    ("blue, red and white", "red, white and blue", None, "What colors is the flag?"),
+    ("cat & dog", "dog and cat", None, "Which animals are there?"),
+    # Chinese
+    ("答案是B", "B", ["红色", "黄色", "蓝色"], "伞是什么颜色?"),
+    ("答案：(B)", "B", ["红色", "黄色", "蓝色"], "伞是什么颜色?"),
+    ("选B", "B", ["红色", "黄色"], "伞是什么颜色?"),
+    ("黄色。", "黄色", None, "伞是什么颜色?"),
+    ("伞是黄色的", "黄色", None, "伞是什么颜色?"),
+    ("答案是黄色", "黄色", None, "伞是什么颜色?"),
+    ("Ｂ", "B", ["红色", "黄色"], "伞是什么颜色?"),
+]
+PEOPLE_WRONG = [   # the traps that strictness protects against: each stays wrong
+    ("It is not yellow.", "yellow", None, VSTAR_Q),                                  # a negation of the answer
+    ("It is not B.", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),              # the right option, negated
+    ("Not yellow; it is red.", "yellow", None, VSTAR_Q),                             # corrected away from it
+    ("It is not red; it is blue.", "B", ["red", "yellow", "blue", "green"], VSTAR_Q),
+    ("red or yellow", "yellow", None, VSTAR_Q),                                      # two options named
+    ("A or B", "B", ["red", "yellow"], VSTAR_Q),
+    ("The umbrella is red and yellow.", "yellow", None, VSTAR_Q),
+    (r"\boxed{A}", "B", ["red", "yellow"], VSTAR_Q),
+    (r"\boxed{A} or \boxed{B}", "B", ["red", "yellow"], VSTAR_Q),
+    ("It appears to be red.", "yellow", None, VSTAR_Q),
+    ("It is not yellow in color.", "yellow", None, VSTAR_Q),
+    ("The cup is to the left of the laptop, which is on the right.", "left", None, "Is the cup left or right of the laptop?"),
+    ("The cup is not on the left.", "left", None, "Is the cup left or right of the laptop?"),
+    ("The cup is on the right side.", "left", None, "Is the cup left or right of the laptop?"),
+    ("The cup is to the right of the laptop.", "A", ["left", "right"], "Is the cup left or right of the laptop?"),
+    ("12.5 m", "2.5 m", None, "How tall is the door?"),                              # a number inside a longer one
+    ("2.5 km", "2.5 m", None, "How tall is the door?"),                              # another unit
+    ("25", "2.5", None, "How tall is the door?"),
+    ("There are 12 dogs.", "2", None, "How many dogs?"),
+    ("There is a dog in the picture.", "no", None, "Is there a dog in the picture?"),
+    ("No, there is a dog. Yes.", "no", None, "Is there a dog?"),
+    ("The sign is not red.", "no", None, "Is the sign not red?"),                    # the question itself negates
+    ("red and white", "red, white and blue", None, "What colors is the flag?"),      # a list missing an item
+    ("red or white", "white and red", None, "What colors is the flag?"),
+    ("not red and white", "white and red", None, "What colors is the flag?"),
+    ("答案是A", "B", ["红色", "黄色"], "伞是什么颜色?"),
+    ("伞不是黄色的", "黄色", None, "伞是什么颜色?"),
+    ("红色", "黄色", None, "伞是什么颜色?"),
+    ("答案是A或B", "B", ["红色", "黄色"], "伞是什么颜色?"),
+]
+
+
+@pytest.mark.parametrize("pred, answer, choices, question", PEOPLE_RIGHT)
+def test_what_a_careful_person_calls_right(pred, answer, choices, question):
+    assert accuracy(pred, answer, choices, question) == 1.0
+
+
+@pytest.mark.parametrize("pred, answer, choices, question", PEOPLE_WRONG)
+def test_the_traps_stay_wrong(pred, answer, choices, question):
+    assert accuracy(pred, answer, choices, question) == 0.0
+
+
+def test_one_answer_phrased_four_ways_is_one_vote():
+    """The prober's votes: paraphrases of one full-resolution answer are one group (a majority), by the
+    same rules that judge the rewards."""
+    from judge import RuleJudge
+    for paraphrases in (["yellow", "The umbrella appears to be yellow in color.", r"\\boxed{yellow}", "It is not red; it is yellow."],
+                        ["2.5", "The door is 2.5 m tall.", "2.5 meters", r"\\boxed{2.5}"],
+                        ["red and white", "The flag is white and red.", "white, red", "**red and white**"]):
+        assert len({vote_key(p) for p in paraphrases}) == 1, [vote_key(p) for p in paraphrases]
+        assert RuleJudge().groups(paraphrases) == [0, 0, 0, 0]
