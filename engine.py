@@ -26,8 +26,9 @@ Contract
 - Sampling randomness belongs to the episode, not the batch: token j of an episode is drawn by
   inverse CDF with the j-th uniform of a stream seeded by `Episode.seed` (`uniforms`), so the tokens
   do not depend on how episodes are batched, chunked or dropped.
-- `Work` counts what the engines did (image encodes, vision patches, prefill and decode tokens):
-  counts, unlike times, are the same on every machine.
+- `Work` counts what the engines did (image encodes, vision patches, prefill and decode positions,
+  padding included, and how many of them were padding): counts, unlike times, are the same on every
+  machine, and they are what the model computed (tested against a hook on the language model).
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[
         work.vision_patches += batch.pixel_values.shape[0]
     h, cache = hidden_states(agent.model, batch.input_ids, batch.attention_mask, batch.position_ids, feats,
                              use_cache=True)
-    work.prefill_tokens += int(batch.attention_mask.sum())
+    work.prefill_tokens += batch.input_ids.numel()                          # every position computed, padding too
+    work.padding_tokens += batch.input_ids.numel() - int(batch.attention_mask.sum())
     kv = KV(cache, batch.attention_mask, (batch.position_ids.amax(dim=(0, 2)) + 1).tolist(),
             [len(e.token_ids) for e in episodes], [len(e.images) for e in episodes], agent.model.lm_head(h[:, -1]))
     if script is not None:
@@ -156,7 +158,8 @@ def extend(agent: "Agent", kv: KV, episodes: list["Episode"], vision: Vision, wo
     h, kv.cache = hidden_states(agent.model, ids.to(dev), kv.mask, pos.to(dev), vision.features(images),
                                 kv.cache, use_cache=True)
     kv.logits = agent.model.lm_head(h[:, -1])                                  # [B, V]
-    work.prefill_tokens += sum(len(n) for n in new)
+    work.prefill_tokens += B * L                                               # every position computed, padding too
+    work.padding_tokens += B * L - sum(len(n) for n in new)
 
 
 @torch.no_grad()
@@ -206,7 +209,8 @@ def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfi
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)                # [3, B, 1]
         h, cache = hidden_states(model, tok[:, None], attn, pos, cache=cache, use_cache=True)
         logits = env_only_masked(model.lm_head(h[:, -1]), agent.env_only_ids)
-        work.decode_tokens += sum(live)
+        work.decode_tokens += B                                             # finished rows are computed too
+        work.padding_tokens += B - sum(live)
         fed += 1
     kv.cache = _dynamic_copy(cache, S + fed) if cfg.decode == "static" else cache
     kv.mask = attn[:, :S + fed]
@@ -394,12 +398,14 @@ class Work:
     """Counts of the work of one or more rollouts (each a sum over the model calls)."""
     image_encodes: int = 0     # images through the vision tower
     vision_patches: int = 0    # 14-px patches through the vision tower
-    prefill_tokens: int = 0    # tokens prefilled (several at a time per row), padding excluded
-    decode_tokens: int = 0     # tokens fed one at a time while decoding, padding excluded
+    prefill_tokens: int = 0    # positions prefilled (several at a time per row), padding included: the compute
+    decode_tokens: int = 0     # positions fed one at a time while decoding, rows that already stopped included
+    padding_tokens: int = 0    # of those, positions that held no token of an episode (padding, stopped rows)
     context_tokens: int = 0    # the distinct context: each task's prompt once + every episode's own tokens after it
 
     def metrics(self) -> dict[str, float]:
-        """As the work/* metrics, with work/prefill_ratio = prefill tokens / distinct context tokens."""
+        """As the work/* metrics, with work/prefill_ratio = prefill positions (padding included) / distinct
+        context tokens."""
         m = {f"work/{k}": v for k, v in self.__dict__.items()}
         m["work/prefill_ratio"] = self.prefill_tokens / self.context_tokens if self.context_tokens else None
         return m

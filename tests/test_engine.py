@@ -311,8 +311,9 @@ def _count_model_work(agent):
         seen["patches"] += int(grid.prod(-1).sum())
 
     def language(_, args, kwargs):
-        L = kwargs["inputs_embeds"].shape[1]
-        seen["tokens"] += int(kwargs["attention_mask"][:, -L:].sum())
+        B, L = kwargs["inputs_embeds"].shape[:2]
+        seen["tokens"] += B * L                                                # every position computed
+        seen["real"] = seen.get("real", 0) + int(kwargs["attention_mask"][:, -L:].sum())   # of them, episode tokens
     hooks = [agent.model.model.visual.register_forward_pre_hook(vision, with_kwargs=True),
              agent.model.model.language_model.register_forward_pre_hook(language, with_kwargs=True)]
     return seen, hooks
@@ -341,6 +342,7 @@ def test_real_shape_model_one_task_16_rollouts_4_turns_encodes_each_image_once(t
         assert all(len(e.crops) == 3 and e.answer == "red" for e in eps)
         assert (work.image_encodes, work.vision_patches) == (seen["encodes"], seen["patches"])
         assert work.prefill_tokens + work.decode_tokens == seen["tokens"]
+        assert work.padding_tokens == seen["tokens"] - seen["real"]
         out[name] = (eps, work)
     _same_episodes(out["cached"][0], out["reference"][0], atol=0)
     cached, ref = out["cached"][1], out["reference"][1]
@@ -396,3 +398,30 @@ def test_fp32_masters_under_autocast_cache_keys_and_values_in_the_compute_dtype(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, cache = engine.hidden_states(tiny.model, ids, torch.ones_like(ids), pos, use_cache=True)
     assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("engine_name", ["cached", "reference"])
+def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, engine_name):
+    """Ragged turns (scripted: tasks with different turn counts and lengths, so prefills are padded) and
+    ragged decoding (a tenth of the vocabulary stops a turn, so rows stop at different steps and are
+    still computed): prefill + decode positions = what a hook on the language model saw, and
+    padding_tokens = those positions that held no episode token."""
+    from conftest import scripted
+    from dataclasses import replace
+    agent = replace(tiny)
+    agent.stop_ids = set(agent.stop_ids) | set(range(100, 220))            # rows stop at random steps
+    tasks = [task(seed=k) for k in range(3)]
+    seen, hooks = _count_model_work(agent)
+    try:
+        eps, work = _rollout(agent, tasks, 4, replace(SMALL, max_new_tokens=16), engine_name)
+        calls = [crop_tool.format_tool_call(b) for b in ([0, 0, 56, 56], [28, 28, 140, 112])]
+        turns = {0: [(calls[0], "stop"), ("<answer>red</answer>", "eos")], 1: [("<answer>no idea at all</answer>", "eos")],
+                 2: [(calls[1], "stop"), (calls[0], "stop"), ("<answer>x</answer>", "eos")]}
+        eps2 = lfpc.rollout(agent, tasks, 2, replace(SMALL, engine=engine_name), seed=1, work=work,
+                            sample_fn=scripted(agent, turns))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len({len(e.token_ids) for e in eps}) > 1 and len({len(e.turns) for e in eps2}) > 1, "ragged"
+    assert work.prefill_tokens + work.decode_tokens == seen["tokens"]
+    assert work.padding_tokens == seen["tokens"] - seen["real"] > 0
