@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -45,38 +45,359 @@ if TYPE_CHECKING:
 
 SampleFn = Callable[["Agent", list["Episode"], list[int], "RolloutConfig"], list[tuple[list[int], list[float], str]]]
 StepFn = Callable[["Episode", list[int], list[float], str, int], None]    # (episode, tokens, log-probs, finish, turn)
+ForceFn = Callable[["Episode", list[int]], "int | None"]                  # (episode, turn so far) -> a token or None
 
 
 # ----------------------------------------------------------------------------- the two engines
 
 @torch.no_grad()
-def run_cached(agent: "Agent", episodes: list["Episode"], group_size: int, cfg: "RolloutConfig", step: StepFn,
-               work: Work, script: SampleFn | None = None) -> None:
-    """Every turn of `episodes` (whole groups: rows g*G .. g*G+G-1 share one prompt) with one KV cache:
-    the prompts prefilled once, copied to their groups, only the environment's tokens prefilled after each
-    turn, ended rows dropped. `step(episode, tokens, log-probs, finish, turn)` applies a sampled turn.
-    `script` (tests) replaces decoding: its turns are then prefilled with what the environment appends."""
-    vision = Vision(agent, work)
-    kv = empty_kv(agent, len(episodes) // group_size)
-    extend(agent, kv, episodes[::group_size], vision, work)                   # each prompt once
-    kv.repeat(group_size)
-    rows = list(episodes)
-    for turn in range(cfg.max_turns):
-        budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in rows]
-        if script is None:
-            u = None if cfg.temperature <= 0 else uniforms(rows, max(budget), agent.device)
-            turns = decode(agent, kv, budget, cfg, u, work)
-        else:
-            turns = script(agent, rows, budget, cfg)
-        for e, (toks, lps, finish) in zip(rows, turns):
-            step(e, toks, lps, finish, turn)
-        keep = [i for i, e in enumerate(rows) if not e.done]
-        if not keep:
-            break
-        kv.select(keep)
-        rows = [rows[i] for i in keep]
-        extend(agent, kv, rows, vision, work)
+def run_slots(agent: "Agent", episodes: list["Episode"], cfg: "RolloutConfig", step: StepFn, work: Work,
+              bound: int, script: SampleFn | None = None, force: ForceFn | None = None) -> None:
+    """Every turn of `episodes` with continuous batching: `slot_count` slots of one preallocated KV cache
+    (`SlotKV`), each holding one episode. A pass of the loop: free slots take the next episodes of the
+    queue; the slots with tokens to prefill (a new episode's prompt, the environment's answer to a turn)
+    are extended in one forward; every live slot decodes (`cfg.sync_every` steps, then one host sync);
+    a slot whose turn ended is stepped (`step`: parse, run the tool, append the observation) and extended
+    in the next pass while the others keep decoding; a slot whose episode ended is freed and never
+    computed again. The episodes of one task (consecutive rows) share its prompt: prefilled once, its
+    cache copied. cfg.schedule "turns": the per-turn barrier instead (a slot whose turn ended waits, still
+    computed, until every slot's turn has ended; new episodes only once every slot is free), kept to
+    measure against. `script` (tests) replaces decoding: a slot's whole turn comes from it.
+    `force(episode, turn tokens)` (benchmarks) may replace a sampled token (its log-prob is the model's).
+    `bound`: the most tokens an episode can reach (`lfpc.episode_bound`)."""
+    k = max(1, cfg.sync_every)
+    if force is not None and k != 1:
+        raise ValueError("force needs sync_every 1: the host must see each token before the next is fed")
+    S = slot_count(cfg, bound, len(episodes))
+    run = _SlotRun(agent, cfg, SlotKV(S, bound + k + 1, cfg.decode == "static"), work, step, episodes, S, k)
+    barrier = cfg.schedule == "turns"
+    while run.queue or run.live:
+        if run.queue and (len(run.live) < S if not barrier else not run.live):
+            run.admit()
+        run.extend()
+        ended = run.scripted(script) if script is not None else run.decode(force)
+        for s, toks, lps, finish in ended:
+            run.end_turn(s, toks, lps, finish, barrier)
+        if barrier and all(s.mode in ("wait", "done") for s in run.live):      # the barrier: every turn ended
+            for s in run.live:
+                s.mode = "done" if s.ep.done else ("extend" if s.mode == "wait" else s.mode)
+        run.release()
 
+
+def slot_count(cfg: "RolloutConfig", bound: int, episodes: int) -> int:
+    """Slots of the KV cache: cfg.batch_size, at most cfg.batch_tokens // bound (a slot holds an episode's
+    bound), at most the number of episodes. A KV budget under one episode's bound is a ValueError."""
+    S = min(cfg.batch_size, episodes)
+    if cfg.batch_tokens is not None:
+        if cfg.batch_tokens < bound:
+            raise ValueError(f"a KV budget of {cfg.batch_tokens:,} tokens cannot hold one episode of up to {bound:,}")
+        S = min(S, cfg.batch_tokens // bound)
+    return max(1, S)
+
+
+@dataclass
+class Slot:
+    """One live episode. Its sequence is the episode's tokens, then the turn sampled so far; the cache holds
+    the first `length` of them, and the next one (`pending`) is fed by the next decode step."""
+    ep: "Episode"
+    length: int = 0               # tokens of the sequence in the cache
+    pos: int = 0                  # rotary position of the next token fed
+    images: int = 0               # the episode's images in the cache
+    turn: int = 0                 # assistant turns done
+    toks: list = field(default_factory=list)        # this turn's sampled tokens
+    lps: list = field(default_factory=list)         # their sampling log-probs
+    budget: int = 0               # this turn's token limit
+    mode: str = "extend"          # "extend" (tokens to prefill) | "decode" | "wait" (barrier) | "done"
+    share: int | None = None      # "copy": the task whose saved prompt cache this slot takes
+
+    @property
+    def pending(self) -> int:
+        n = len(self.ep.token_ids)
+        return self.ep.token_ids[self.length] if self.length < n else self.toks[self.length - n]
+
+
+class _SlotRun:
+    """The state of one `run_slots` call: the live slots [0, A) of the cache (compacted: a freed slot takes
+    the last live one), the queue, the saved prompt caches of tasks whose episodes are still queued."""
+
+    def __init__(self, agent, cfg, kv, work, step, episodes, S, k):
+        self.agent, self.cfg, self.kv, self.work, self.step, self.episodes, self.S, self.k = \
+            agent, cfg, kv, work, step, episodes, S, k
+        self.queue = list(range(len(episodes)))[::-1]          # popped from the end: episodes in order
+        self.live: list[Slot] = []
+        self.saved: dict[int, tuple] = {}                      # task -> (length, pos, images, cache copy)
+        self.vision = Vision(agent, work)
+        self.dtype = compute_dtype(agent.model)
+        self.u = None if cfg.temperature <= 0 else torch.zeros(S, cfg.max_response_tokens + k, device=agent.device)
+        self.stop_text = StopText(agent) if agent.stop_strings else None
+
+    def admit(self) -> None:
+        """Free slots take the next queued episodes. A task's first episode prefills the prompt (minus its
+        last token, the pending one); its other episodes copy that cache once it is there."""
+        first = {}
+        while self.queue and len(self.live) < self.S:
+            ep = self.episodes[self.queue.pop()]
+            s = Slot(ep)
+            if self.u is not None:                              # the episode's own stream: token j, uniform j
+                self.u[len(self.live)] = torch.rand(self.u.shape[1], generator=torch.Generator().manual_seed(ep.seed))
+            if ep.task_index in self.saved or ep.task_index in first:
+                s.mode, s.share = "copy", ep.task_index
+            else:
+                first[ep.task_index] = s
+            self.live.append(s)
+        for task, s in first.items():                           # save it if the task has more episodes
+            s.share = task if any(self.episodes[i].task_index == task for i in self.queue[-1:]) or \
+                any(o.mode == "copy" and o.share == task for o in self.live) else None
+
+    def extend(self) -> None:
+        """One forward over the slots in mode "extend" (right-padded to the longest): each prefills its
+        sequence from `length` to its pending token; then shared prompts are saved and copied."""
+        rows = [i for i, s in enumerate(self.live) if s.mode == "extend"]
+        if rows:
+            agent, kv = self.agent, self.kv
+            new = [self.live[i].ep.token_ids[self.live[i].length:-1] for i in rows]
+            n = max(len(t) for t in new)
+            ids = torch.full((len(rows), n), agent.pad_id, dtype=torch.long)
+            pos = torch.zeros(3, len(rows), n, dtype=torch.long)
+            images = []
+            for r, (i, toks) in enumerate(zip(rows, new)):
+                s = self.live[i]
+                ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+                pos[:, r, :len(toks)], s.pos = segment_positions(toks, s.ep.grids[s.images:], s.pos, agent.image_pad,
+                                                                 agent.merge)
+                images += s.ep.images[s.images:]
+            start = torch.tensor([self.live[i].length for i in rows])
+            self._forward(ids, pos, start, torch.tensor(rows), self.vision.features(images),
+                          torch.tensor([len(t) for t in new]))
+            for i, toks in zip(rows, new):
+                s = self.live[i]
+                s.length, s.images, s.mode = s.length + len(toks), len(s.ep.images), "decode"
+                self._start_turn(s)
+            self.work.prefill_tokens += len(rows) * n
+            self.work.padding_tokens += len(rows) * n - sum(len(t) for t in new)
+        for i, s in enumerate(self.live):
+            if s.mode == "decode" and s.share is not None and s.turn == 0 and s.share not in self.saved:
+                self.saved[s.share] = (s.length, s.pos, s.images, self.kv.save(i, s.length))
+        for i, s in enumerate(self.live):
+            if s.mode == "copy":
+                s.length, s.pos, s.images, cache = self.saved[s.share]
+                self.kv.restore(cache, i)
+                s.mode, s.share = "decode", None
+                self._start_turn(s)
+        queued = {self.episodes[j].task_index for j in self.queue[-1:]}
+        for task in [t for t in self.saved if t not in queued]:
+            del self.saved[task]                                # no episode of it is queued any more
+
+    def decode(self, force) -> list[tuple]:
+        """`k` decode steps of every live slot (a "wait" slot feeds padding in place: computed, kept out),
+        one host sync; returns (slot, turn tokens, log-probs, finish) of each slot whose turn ended."""
+        agent, A, k = self.agent, len(self.live), self.k
+        go = torch.tensor([s.mode == "decode" for s in self.live])                  # [A]
+        ids = torch.tensor([s.pending if s.mode == "decode" else agent.pad_id for s in self.live])
+        pos = torch.tensor([s.pos for s in self.live])
+        start = torch.tensor([s.length for s in self.live])
+        gen = torch.tensor([s.ep.num_generated + len(s.toks) for s in self.live])
+        dev = agent.device
+        ids, pos, start, go, gen = ids.to(dev), pos.to(dev), start.to(dev), go.to(dev), gen.to(dev)
+        out_t, out_l, logits = [], [], None
+        for j in range(k):
+            h = self._forward(ids[:, None], pos.view(1, A, 1).expand(3, A, 1), start, None, None)
+            logits = env_only_masked(agent.model.lm_head(h[:, -1]), agent.env_only_ids)          # [A, V]
+            u = None if self.u is None else self.u[torch.arange(A, device=dev), (gen + j).clamp(max=self.u.shape[1] - 1)]
+            tok, lp = sample(logits, self.cfg.temperature, self.cfg.top_p, u)                  # [A], [A]
+            out_t.append(tok)
+            out_l.append(lp)
+            ids = torch.where(go, tok, ids)
+            pos, start = pos + go.long(), start + go.long()
+        toks, lps = torch.stack(out_t, 1).tolist(), torch.stack(out_l, 1).tolist()          # the one sync
+        w = self.work
+        w.host_syncs += 1
+        w.decode_steps += k
+        w.slot_steps += k * self.S
+        w.decode_tokens += k * A
+        ended = []
+        for r, s in enumerate(self.live):
+            if s.mode != "decode":
+                w.padding_tokens += k
+                continue
+            for j in range(k):
+                t, lp = toks[r][j], lps[r][j]
+                if force is not None and (f := force(s.ep, s.toks)) is not None and f != t:
+                    t = f
+                    lp = float(_logprobs(logits[r], self.cfg.temperature)[f])
+                if not math.isfinite(lp):
+                    raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf "
+                                             "logits): its weights are damaged")
+                s.toks.append(t)
+                s.lps.append(lp)
+                s.length, s.pos = s.length + 1, s.pos + 1        # the pending token went in
+                w.useful_tokens += 1
+                finish = self._finish(t, s)
+                if finish:
+                    ended.append((s, s.toks, s.lps, finish))
+                    w.padding_tokens += k - 1 - j
+                    break
+        return ended
+
+    def scripted(self, script) -> list[tuple]:
+        """Tests: every live decoding slot's whole turn from `script` (its tokens prefilled afterwards)."""
+        out = []
+        for s in self.live:
+            if s.mode == "decode":
+                toks, lps, finish = script(self.agent, [s.ep], [s.budget], self.cfg)[0]
+                out.append((s, toks, lps, finish))
+        return out
+
+    def end_turn(self, s: Slot, toks, lps, finish, barrier: bool) -> None:
+        """Apply the turn (`step`); the slot then has the environment's tokens to prefill, or is done."""
+        self.step(s.ep, list(toks), list(lps), finish, s.turn)
+        s.toks, s.lps, s.turn = [], [], s.turn + 1
+        if barrier:
+            s.mode = "wait"
+        else:
+            s.mode = "done" if s.ep.done else "extend"
+
+    def release(self) -> None:
+        """Free the slots of ended episodes: the last live slot moves into each hole (its cache copied), so
+        the live slots stay [0, A) and a decode step reads the cache without gathering it."""
+        for i in sorted((i for i, s in enumerate(self.live) if s.mode == "done"), reverse=True):
+            last = len(self.live) - 1
+            if i != last:
+                self.kv.copy(last, i, self.live[last].length)
+                if self.u is not None:
+                    self.u[i] = self.u[last]
+                self.live[i] = self.live[last]
+            self.live.pop()
+
+    # ------------------------------------------------------------------------- pieces
+
+    def _start_turn(self, s: Slot) -> None:
+        s.budget = max(1, min(self.cfg.max_new_tokens, self.cfg.max_response_tokens - s.ep.num_generated))
+
+    def _finish(self, t: int, s: Slot) -> str:
+        """"eos" (<|im_end|>), "stop" (</tool_call>: a stop id, or a stop string's ids ending the turn),
+        "length" (the turn's limit), or "" while the turn goes on."""
+        if t in self.agent.stop_ids:
+            return "eos" if t == self.agent.im_end else "stop"
+        if self.stop_text is not None and self.stop_text.ends(s.toks):
+            return "stop"
+        return "length" if len(s.toks) >= s.budget else ""
+
+    def _forward(self, ids, pos, start, rows, image_embeds, counts=None) -> torch.Tensor:
+        """Last-layer hidden states [b, n, H] of ids [b, n] written into the cache at `start` [b] (rows: the
+        slots, None = [0, b); counts [b]: each row's real tokens, the rest padding); a row attends to its
+        own cache and, causally, to its new tokens."""
+        dev = self.agent.device
+        b, n = ids.shape
+        counts = torch.full((b,), n) if counts is None else counts
+        self.kv.ensure(int((start.cpu() + counts).max()))                 # the real tokens always fit
+        start, counts = start.to(dev), counts.to(dev)
+        T = self.kv.capacity if self.kv.static else int((start + counts).max())
+        keys = torch.arange(T, device=dev)
+        allowed = keys[None, None, :] <= (start[:, None] + torch.arange(n, device=dev)[None, :])[:, :, None]   # [b, n, T]
+        mask = allowed[:, None]                                                              # [b, 1, n, T]
+        if self.agent.model.config.get_text_config()._attn_implementation == "eager":            # eager adds masks
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill(~mask, torch.finfo(self.dtype).min)
+        self.kv.begin(None if rows is None else rows.to(dev), start, counts, n, T)
+        h, _ = hidden_states(self.agent.model, ids.to(dev), {"full_attention": mask}, pos.to(dev), image_embeds,
+                             self.kv, use_cache=True)
+        return h
+
+
+class SlotKV:
+    """The slot engine's KV cache: per layer, keys and values [slots, kv heads, capacity + 1, head dim] in
+    the compute dtype, allocated at the first forward and written in place (no growth by concatenation
+    per step; a token past the capacity, which `lfpc.episode_bound` should make impossible, grows it
+    once). Position `capacity` is scratch: padding is written there. A forward over slots [0, b) reads
+    views of it; one over other slots (an extension) reads a gathered copy of theirs. Duck-types the
+    `update` of a transformers Cache, which the attention layers call."""
+
+    def __init__(self, slots: int, capacity: int, static: bool = False):
+        self.slots, self.capacity, self.static = slots, capacity, static
+        self.k, self.v = {}, {}
+        self.rows, self.at, self.T = None, None, 0
+
+    def ensure(self, length: int) -> None:
+        """Room for `length` real tokens a slot."""
+        if length <= self.capacity:
+            return
+        grow = max(length, self.capacity + self.capacity // 4) - self.capacity
+        for c in (self.k, self.v):
+            for l, t in c.items():
+                c[l] = torch.cat([t[:, :, :self.capacity], t.new_zeros(*t.shape[:2], grow + 1, t.shape[3])], 2)
+        self.capacity += grow
+
+    def begin(self, rows: torch.Tensor | None, start: torch.Tensor, counts: torch.Tensor, n: int, T: int) -> None:
+        """The next forward writes the counts[r] real tokens of each row at start[r].. and its padding into
+        the scratch position (rows None: slots [0, b))."""
+        steps = torch.arange(n, device=start.device)
+        self.rows, self.T = rows, T
+        at = start[:, None] + steps[None, :]                                                  # [b, n]
+        self.at = torch.where(steps[None, :] < counts[:, None], at, self.capacity)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key, value [b, heads, n, dim] -> the rows' keys and values [b, heads, T, dim] after writing them."""
+        if layer_idx not in self.k:
+            shape = (self.slots, key.shape[1], self.capacity + 1, key.shape[3])
+            self.k[layer_idx] = key.new_zeros(shape)
+            self.v[layer_idx] = value.new_zeros(shape)
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        b = key.shape[0]
+        rows = self.rows if self.rows is not None else torch.arange(b, device=key.device)
+        K[rows[:, None], :, self.at] = key.permute(0, 2, 1, 3).to(K.dtype)                 # [b, n, heads, dim]
+        V[rows[:, None], :, self.at] = value.permute(0, 2, 1, 3).to(V.dtype)
+        if self.rows is None:
+            return K[:b, :, :self.T], V[:b, :, :self.T]
+        return K[:, :, :self.T].index_select(0, rows), V[:, :, :self.T].index_select(0, rows)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.T
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        for c in (self.k, self.v):
+            for t in c.values():
+                t[dst, :, :length] = t[src, :, :length]
+
+    def save(self, i: int, length: int) -> list:
+        return [(self.k[l][i, :, :length].clone(), self.v[l][i, :, :length].clone()) for l in sorted(self.k)]
+
+    def restore(self, saved: list, i: int) -> None:
+        for l, (k, v) in zip(sorted(self.k), saved):
+            self.k[l][i, :, :k.shape[1]] = k
+            self.v[l][i, :, :v.shape[1]] = v
+
+
+class StopText:
+    """Stop strings made of several tokens, checked on token ids: each id's text, decoded once for the whole
+    vocabulary, so the decode loop never calls the tokenizer."""
+
+    def __init__(self, agent: "Agent"):
+        self.strings = tuple(agent.stop_strings)
+        vocab = len(agent.tokenizer)
+        self.text = agent.tokenizer.batch_decode([[i] for i in range(vocab)])
+        self.longest = max(len(s) for s in self.strings)
+
+    def ends(self, toks: list[int]) -> bool:
+        tail = ""
+        for t in reversed(toks):
+            tail = (self.text[t] if t < len(self.text) else "") + tail
+            if len(tail) >= self.longest:
+                break
+        return tail.endswith(self.strings)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype of the hidden states: the autocast dtype when autocast is on, else the embeddings'."""
+    dev = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return model.model.get_input_embeddings().weight.dtype
+
+
+def _logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) of one row (T <= 0: of the logits), as `sample` computes it."""
+    logits = logits.float()
+    return torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
 
 @torch.no_grad()
 def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[int], cfg: "RolloutConfig",
@@ -129,39 +450,6 @@ class KV:
         self.select([r for r in range(self.mask.shape[0]) for _ in range(n)])
 
 
-def empty_kv(agent: "Agent", rows: int) -> KV:
-    from transformers import DynamicCache
-    return KV(DynamicCache(), torch.zeros(rows, 0, dtype=torch.long, device=agent.device), [0] * rows, [0] * rows,
-              [0] * rows)
-
-
-@torch.no_grad()
-def extend(agent: "Agent", kv: KV, episodes: list["Episode"], vision: Vision, work: Work) -> None:
-    """Prefill, row by row, the tokens of each episode not yet in the cache (left-padded to one length),
-    their images' features from `vision`; then kv.logits are the rows' next-token logits."""
-    B = len(episodes)
-    new = [e.token_ids[f:] for e, f in zip(episodes, kv.fed)]
-    L = max(len(n) for n in new)
-    ids = torch.full((B, L), agent.pad_id, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    pos = torch.zeros(3, B, L, dtype=torch.long)
-    images = []
-    for b, (e, n) in enumerate(zip(episodes, new)):
-        ids[b, L - len(n):] = torch.tensor(n)
-        mask[b, L - len(n):] = 1
-        pos[:, b, L - len(n):], kv.next_pos[b] = segment_positions(n, e.grids[kv.images_fed[b]:], kv.next_pos[b],
-                                                                   agent.image_pad, agent.merge)
-        images += e.images[kv.images_fed[b]:]
-        kv.fed[b], kv.images_fed[b] = len(e.token_ids), len(e.images)
-    dev = agent.device
-    kv.mask = torch.cat([kv.mask, mask.to(dev)], 1)                            # [B, S+L]
-    h, kv.cache = hidden_states(agent.model, ids.to(dev), kv.mask, pos.to(dev), vision.features(images),
-                                kv.cache, use_cache=True)
-    kv.logits = agent.model.lm_head(h[:, -1])                                  # [B, V]
-    work.prefill_tokens += B * L                                               # every position computed, padding too
-    work.padding_tokens += B * L - sum(len(n) for n in new)
-
-
 @torch.no_grad()
 def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfig", u: torch.Tensor | None,
            work: Work) -> list[tuple[list[int], list[float], str]]:
@@ -183,6 +471,10 @@ def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfi
     for step in range(N):
         tok, lp = sample(logits, cfg.temperature, cfg.top_p, None if u is None else u[:, step])   # [B], [B]
         tok_l, lp_l = tok.tolist(), lp.tolist()                             # one device sync per step
+        work.host_syncs += 1
+        work.decode_steps += 1
+        work.slot_steps += B
+        work.useful_tokens += sum(live)
         if any(live[b] and not math.isfinite(lp_l[b]) for b in range(B)):
             raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf logits): "
                                      "its weights are damaged")
@@ -401,6 +693,10 @@ class Work:
     prefill_tokens: int = 0    # positions prefilled (several at a time per row), padding included: the compute
     decode_tokens: int = 0     # positions fed one at a time while decoding, rows that already stopped included
     padding_tokens: int = 0    # of those, positions that held no token of an episode (padding, stopped rows)
+    decode_steps: int = 0      # decode forwards (one token a row each)
+    slot_steps: int = 0        # slots x decode steps: what the decode could have sampled
+    useful_tokens: int = 0     # sampled tokens the episodes kept
+    host_syncs: int = 0        # device -> host transfers of sampled tokens
     context_tokens: int = 0    # the distinct context: each task's prompt once + every episode's own tokens after it
 
     def metrics(self) -> dict[str, float]:
@@ -408,6 +704,7 @@ class Work:
         context tokens."""
         m = {f"work/{k}": v for k, v in self.__dict__.items()}
         m["work/prefill_ratio"] = self.prefill_tokens / self.context_tokens if self.context_tokens else None
+        m["work/slot_utilisation"] = self.useful_tokens / self.slot_steps if self.slot_steps else None
         return m
 
 

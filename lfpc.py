@@ -130,21 +130,27 @@ class RolloutConfig:
                                               # bound of an episode's length (`episode_bound`); None: no limit
     use_tool: bool = True                     # False: no tool in the prompt, one turn, answer directly
     probe: str = "none"                       # crop-dependency diagnostic (module docstring): "none", "noise", "gt"
-    decode: str = "dynamic"                   # KV cache while decoding: "dynamic" (grows by one token a step) or
-                                              # "static" (preallocated, fixed shapes: what CUDA graphs need)
-    engine: str = "cached"                    # "cached": prompts prefilled once, KV cache kept across turns;
-                                              # "reference": every turn re-prefilled from scratch (engine.py).
-                                              # Same tokens in every combination (tested)
+    decode: str = "dynamic"                   # attention while decoding: "dynamic" (over the cache's used length)
+                                              # or "static" (over its whole capacity: the same shapes every step)
+    engine: str = "cached"                    # "cached": slots of one preallocated KV cache, continuous batching
+                                              # (engine.run_slots); "reference": every turn re-prefilled from
+                                              # scratch (engine.sample_turn). Same tokens in every combination (tested)
+    schedule: str = "continuous"              # cached engine: "continuous" (a slot's turn and episode end on
+                                              # their own) or "turns" (the per-turn barrier, to measure against)
+    sync_every: int = 1                       # cached engine: decode steps between two host syncs
 
     def __post_init__(self):
         for name, value, allowed in (("probe", self.probe, PROBES), ("decode", self.decode, ("dynamic", "static")),
-                                     ("engine", self.engine, ENGINES)):
+                                     ("engine", self.engine, ENGINES), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {allowed}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1, got {self.sync_every}")
 
 
 PROBES = ("none", "noise", "gt")
 ENGINES = ("cached", "reference")
+SCHEDULES = ("continuous", "turns")
 
 # ----------------------------------------------------------------------------- the agent and loading
 
@@ -304,15 +310,17 @@ def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
 # ----------------------------------------------------------------------------- the rollout
 
 def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig, seed: int | list[int] | None = None,
-            sample_fn: engine.SampleFn | None = None, work: engine.Work | None = None) -> list[Episode]:
+            sample_fn: engine.SampleFn | None = None, work: engine.Work | None = None,
+            force: engine.ForceFn | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
     generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
-    not depend on batching. The model runs in chunks of whole groups of
-    at most `cfg.batch_size` episodes, through `cfg.engine`; `work` (optional) accumulates what the
-    engine did (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with
-    it); the engine still prefills everything else.
+    not depend on batching. The model runs through `cfg.engine`: "cached", at most `cfg.batch_size`
+    episodes at a time (and `cfg.batch_tokens` KV-cache tokens) in the slots of `engine.run_slots`;
+    "reference", turn by turn in chunks of as many. `work` (optional) accumulates what the engine did
+    (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with it); the
+    engine still prefills everything else. `force` (benchmarks, cached engine): engine.run_slots.
     """
     work = work if work is not None else engine.Work()
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
@@ -329,11 +337,9 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
             episodes.append(ep)
     step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
-    if cfg.engine == "cached":                   # chunks of whole groups, within the row and KV budgets
-        bound = [episode_bound(n, cfg) for n in prompt_len]
-        for chunk in engine.pack(bound, max(cfg.batch_size, group_size), cfg.batch_tokens, [group_size] * len(tasks)):
-            rows = [e for i in chunk for e in episodes[i * group_size:(i + 1) * group_size]]
-            engine.run_cached(agent, rows, group_size, cfg, step, work, sample_fn)
+    if cfg.engine == "cached":                   # slots within the row and KV budgets, refilled as episodes end
+        bound = max(episode_bound(n, cfg) for n in prompt_len)
+        engine.run_slots(agent, episodes, cfg, step, work, bound, sample_fn, force)
     else:
         for turn in range(cfg.max_turns):
             live = [e for e in episodes if not e.done]
@@ -349,11 +355,15 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     return episodes
 
 
+MAX_ERROR_CHARS = 200    # an error turn shows at most this much of its reason (it may quote the model's call)
+
+
 def episode_bound(prompt_tokens: int, cfg: RolloutConfig) -> int:
-    """The most tokens an episode can reach: its prompt, every sampled token, and a tool response of the
-    largest crop (with its turn's tags, up to 64 tokens) after every turn but the last."""
+    """The most tokens an episode can reach: its prompt, every sampled token, and after every turn but the
+    last a tool response: the largest crop, or an error of up to MAX_ERROR_CHARS characters (a token a
+    character at worst), with its turn's tags (up to 64 tokens)."""
     crop_tokens = cfg.crop.max_pixels // crop_tool.TOKEN_PIXELS
-    return prompt_tokens + cfg.max_response_tokens + (cfg.max_turns - 1) * (crop_tokens + 64)
+    return prompt_tokens + cfg.max_response_tokens + (cfg.max_turns - 1) * (max(crop_tokens, MAX_ERROR_CHARS + 16) + 64)
 
 
 def prompt_problem(agent: Agent, tasks: list[Task], cfg: RolloutConfig, limit: int | None = None) -> str | None:
@@ -424,7 +434,8 @@ def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logpr
     else:
         reason = result if isinstance(result, str) else result.reason
         ep.tool_errors.append(reason)
-        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, reason)))
+        shown = reason if len(reason) <= MAX_ERROR_CHARS else reason[:MAX_ERROR_CHARS] + "..."   # it may quote the call
+        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, shown)))
 
 
 def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutConfig) -> crop_tool.Crop | crop_tool.CropError:
