@@ -6,6 +6,7 @@
     python bench.py --config 3b --batch 64                     # 3B, full fine-tuning, fp32 master weights
     python bench.py --config tiny --batch 4 --visual-tokens 16 --prompt-tokens 40 --response-tokens 8
     python bench.py --config 7b --estimate-memory --lora 64 --response-tokens 2048 --group 16   # CPU, no GPU
+    python bench.py --schedule-bench --prompts 8 --group 8 --batch 16 --repeat 3   # slots vs the turn barrier
 
 Memory mode (--estimate-memory) prints the peak memory of one stage-1 step of the real config by kind,
 estimated on a CPU without allocating the weights (memory.py: fake tensors and torch's MemTracker).
@@ -20,12 +21,22 @@ for exactly `--response-tokens` tokens (a random model never stops or calls the 
 length is fixed: the crop turns' images are not in it), then the log-prob recompute, backward and
 AdamW step of train.py (`policy.load_model`'s settings: fp32 master weights with bf16 autocast on GPU;
 `--lora R`: a bf16 base with fp32 adapters via peft; gradient checkpointing on; fused AdamW on GPU). Reported:
-- decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed sampling runs;
+- decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed rollouts of the
+  slot engine (train.py's), beside decode_ms_bandwidth_bound (weights and KV cache read once a step
+  over --hbm-gbs) and the rollout's slot_utilisation;
 - rollout_tokens_per_s = batch x N / (time of N tokens), prefill included;
 - train_tflops and mfu: model FLOPs of the log-prob forward + backward (`model_flops`: 3 x the
   forward's matmul and attention FLOPs, the recompute of checkpointing not counted) over the
   measured time, against --peak-tflops;
+- aten_ops_per_decode_step_per_layer of the trained model and of the rollout's (policy.sampler: under
+  LoRA the adapters merged, so the rollout's equals the plain model's);
 - peak_memory_gb (GPU: torch.cuda.max_memory_allocated), the phase shares, the versions.
+Schedule mode (--schedule-bench) runs one workload with a realistic spread of lengths (--lengths MIN
+MAX tokens a turn, log-uniform; --turns MIN MAX turns an episode) on the real-shape two-layer
+Qwen2.5-VL: the cached engine with continuous batching, the same engine with today's per-turn barrier
+(RolloutConfig.schedule "turns"), and transformers' model.generate on the same prompts; a planned
+policy (`plan_policy`) chooses the emitted tokens while the model computes every step. Reports sampled
+tokens/s (best and median of --repeat), work/slot_utilisation and the decode steps of each.
 Numbers measured with it live in README.md with the machine, command and date.
 """
 from __future__ import annotations
@@ -35,9 +46,11 @@ import json
 import math
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
+import crop_tool
 import engine
 import grpo
 import lfpc
@@ -74,10 +87,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
     p.add_argument("--world", type=int, default=1, help="estimate: ranks under torchrun (full fine-tuning shards)")
+    p.add_argument("--hbm-gbs", type=float, default=3350.0, help="config mode: GPU memory bandwidth, GB/s, for the "
+                   "decode bound (H100 SXM: 3350)")
+    p.add_argument("--sync-every", type=int, default=1, help="config mode: decode steps between host syncs")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
     p.add_argument("--device", default="", help='"" = cuda if available else cpu')
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--schedule-bench", action="store_true", help="schedule mode: continuous batching vs the per-turn "
+                   "barrier vs model.generate on the real-shape two-layer model (--prompts x --group episodes in "
+                   "--batch slots, --visual-tokens, --lengths, --turns, --repeat)")
+    p.add_argument("--lengths", type=int, nargs=2, default=[20, 1024], metavar=("MIN", "MAX"),
+                   help="schedule mode: each turn's free text, tokens, log-uniform between MIN and MAX")
+    p.add_argument("--turns", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"),
+                   help="schedule mode: turns an episode takes, uniform between MIN and MAX")
     a = p.parse_args(argv)
     for name in ("prompts", "group", "budget", "repeat", "batch", "prompt_tokens", "visual_tokens", "response_tokens",
                  "rollout_rows", "train_tokens", "crop_tokens", "logprob_chunk", "world"):
@@ -86,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("micro_batch", "lora", "crops", "threads"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
+        p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
     if not a.peak_tflops > 0:
         p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
@@ -171,6 +196,19 @@ def synthetic_episodes(agent: lfpc.Agent, a) -> list[lfpc.Episode]:
     return episodes
 
 
+def synthetic_tasks(agent: lfpc.Agent, a) -> list[lfpc.Task]:
+    """One task whose prompt is `a.prompt_tokens` long: a random square image of `a.visual_tokens` tokens
+    and a question padded with filler words (config mode rolls it out `a.batch` times)."""
+    from PIL import Image
+    import numpy as np
+    side = math.isqrt(a.visual_tokens) * 28
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    plain = lfpc.Task(img, "Zoom", "x")
+    cfg = lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * crop_tool.TOKEN_PIXELS, use_tool=False)
+    words = max(0, a.prompt_tokens - len(lfpc.start_episode(agent, plain, 0, cfg).token_ids))
+    return [lfpc.Task(img, "Zoom" + " in" * words, "x")]
+
+
 def config_step(a) -> dict:
     dev = a.device
     agent = models.random_agent(a.config, dev, policy.base_dtype(a))   # train.py's: a bf16 base under LoRA
@@ -181,23 +219,26 @@ def config_step(a) -> dict:
     agent.stop_ids, agent.stop_strings = set(), ()               # fixed-length turns
     params = [q for q in agent.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, fused=dev.startswith("cuda"))
-    cfg = lfpc.RolloutConfig(temperature=1.0, decode=a.decode, batch_size=a.batch)
-    autocast = policy.precision(agent)                             # train.py's precision, rollouts included
     N = a.response_tokens
+    tasks = synthetic_tasks(agent, a)
+    cfg = lambda n: lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * crop_tool.TOKEN_PIXELS, use_tool=False,
+                                       temperature=1.0, decode=a.decode, batch_size=a.batch, max_turns=1,
+                                       max_new_tokens=n, max_response_tokens=n, sync_every=a.sync_every)
+    autocast = policy.precision(agent)                             # train.py's precision, rollouts included
     steps = []
     for i in range(a.repeat + 1):
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        eps = synthetic_episodes(agent, a)
         agent.model.eval()
-        with autocast:
+        work = engine.Work()
+        with autocast:                                             # the slot engine, as train.py's rollouts
             _sync(dev); t0 = time.perf_counter()
-            engine.sample_turn(agent, eps, [1] * len(eps), cfg)
+            with policy.sampler(agent) as sampler:                 # under LoRA: merged (built in the timing)
+                lfpc.rollout(sampler, tasks, a.batch, cfg(1), seed=i)
             _sync(dev); t1 = time.perf_counter()
-            turns = engine.sample_turn(agent, eps, [N] * len(eps), cfg)
+            with policy.sampler(agent) as sampler:
+                eps = lfpc.rollout(sampler, tasks, a.batch, cfg(N), seed=i, work=work)
             _sync(dev); t2 = time.perf_counter()
-        for e, (toks, lps, _) in zip(eps, turns):
-            e.append(toks, lps)
         agent.model.train()
         opt.zero_grad(set_to_none=True)
         n_tok = sum(e.num_generated for e in eps)
@@ -222,14 +263,23 @@ def config_step(a) -> dict:
         total = (t2 - t1) + (t4 - t3)                       # the 1-token run only times the prefill
         steps.append({"total_s": total, "rollout_s": t2 - t1, "logprob_forward_s": t_fwd,
                       "backward_and_optimizer_s": (t4 - t3) - t_fwd,
-                      "decode_ms_per_step": 1000 * ((t2 - t1) - (t1 - t0)) / (N - 1),
+                      "decode_ms_per_step": 1000 * ((t2 - t1) - (t1 - t0)) / max(1, N - 1),
                       "rollout_tokens_per_s": len(eps) * N / (t2 - t1), "train_tflops": flops / (t4 - t3) / 1e12,
+                      "slot_utilisation": work.metrics()["work/slot_utilisation"],
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None})
     mean = {k: (sum(s[k] for s in steps) / len(steps) if steps[0][k] is not None else None) for k in steps[0]}
     n_params = sum(q.numel() for q in agent.model.parameters())
-    return {"mode": "config", "args": vars(a), "parameters": n_params, "prompt_tokens": len(eps[0].token_ids) - N,
+    prompt = len(eps[0].token_ids) - N
+    bound_ms = decode_bound_ms(agent.model, a.batch, prompt + N // 2, a.hbm_gbs)
+    layers = agent.model.config.get_text_config().num_hidden_layers
+    with policy.sampler(agent) as sampler:
+        ops = {"trained model": policy.count_ops(agent.model) / layers, "rollout": policy.count_ops(sampler.model) / layers}
+    return {"mode": "config", "args": vars(a), "parameters": n_params, "prompt_tokens": prompt,
+            "aten_ops_per_decode_step_per_layer": {k: round(v, 1) for k, v in ops.items()},
             "trainable": sum(q.numel() for q in params),
             "decode_ms_per_step": round(mean["decode_ms_per_step"], 3),
+            "decode_ms_bandwidth_bound": round(bound_ms, 3),
+            "slot_utilisation": round(mean["slot_utilisation"], 4),
             "rollout_tokens_per_s": round(mean["rollout_tokens_per_s"], 1),
             "train_tflops": round(mean["train_tflops"], 4),
             "mfu": round(mean["train_tflops"] / a.peak_tflops, 4),
@@ -238,6 +288,17 @@ def config_step(a) -> dict:
             "share": {k: round(mean[k + "_s"] / mean["total_s"], 3)
                       for k in ("rollout", "logprob_forward", "backward_and_optimizer")},
             "steps": steps, **_versions(dev)}
+
+
+def decode_bound_ms(model, rows: int, context: int, hbm_gbs: float) -> float:
+    """The fastest a decode step can be on a GPU whose memory moves `hbm_gbs` GB/s: every weight read once
+    (at its stored size; a bf16 rollout copy halves fp32 masters) plus the KV cache of `rows` rows of
+    `context` tokens (bf16 keys and values of every layer)."""
+    c = model.config.get_text_config()
+    weights = sum(p.numel() * min(p.element_size(), 2) for p in model.parameters())
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = rows * context * c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2
+    return 1000 * (weights + kv) / (hbm_gbs * 1e9)
 
 
 def _versions(dev: str) -> dict:
@@ -290,6 +351,97 @@ def toy_step(a) -> dict:
             "steps": steps, **_versions("cpu")}
 
 
+# ----------------------------------------------------------------------------- schedule mode
+
+def length_plan(n_episodes: int, lengths: tuple[int, int], turns: tuple[int, int], seed: int = 0) -> list[list[int]]:
+    """Per episode, the length of each turn's free text: 1-4 turns (`turns`), each drawn log-uniform in
+    `lengths` (real responses run from ~20 to ~2,048 tokens; the spread is what scheduling is about)."""
+    import random
+    rng = random.Random(seed)
+    lo, hi = lengths
+    return [[round(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for _ in range(rng.randint(*turns))]
+            for _ in range(n_episodes)]
+
+
+def plan_policy(agent: lfpc.Agent, plan: list[list[int]], seed: int):
+    """A `force` for lfpc.rollout that makes episode k follow plan[k]: each turn writes its planned number
+    of filler tokens, then a tool call (every turn but the last) or an answer that closes the turn. The
+    model still computes every step; only the token it emits is chosen."""
+    call = agent.encode(crop_tool.format_tool_call([0, 0, 56, 56]))
+    answer = agent.encode("<answer>red</answer>") + [agent.im_end]
+    filler = agent.encode(" x")[0]
+
+    def force(ep: lfpc.Episode, toks: list[int]) -> int | None:
+        turns = plan[ep.seed - seed]
+        n, text = turns[len(ep.turns)], call if len(ep.turns) + 1 < len(turns) else answer
+        if len(toks) < n:
+            return filler
+        return text[len(toks) - n] if len(toks) < n + len(text) else None
+    return force
+
+
+def schedule_bench(a) -> dict:
+    """The schedules side by side on one workload (--lengths, --turns) on the real-shape two-layer
+    Qwen2.5-VL (the real vocabulary and image processor, models.real_shape_agent): the cached engine
+    with continuous batching, the same engine with today's per-turn barrier, and transformers'
+    `model.generate` on the same first prompts for as many tokens a row as the plan's mean turn. Each
+    `--repeat` times; reports sampled tokens/s (min and median), slot utilisation and decode steps."""
+    import os
+    import statistics
+    agent = models.real_shape_agent(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures",
+                                                 "qwen2-tokenizer"))
+    from PIL import Image
+    import numpy as np
+    side = math.isqrt(a.visual_tokens) * 28
+    tasks = [lfpc.Task(Image.fromarray(np.random.default_rng(k).integers(0, 255, (side, side, 3), dtype=np.uint8)),
+                       "What is written on the small sign?", "red") for k in range(a.prompts)]
+    n = a.prompts * a.group
+    seed = 1000
+    plan = length_plan(n, tuple(a.lengths), tuple(a.turns))
+    longest = max(max(p) for p in plan)
+    cfg = lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * crop_tool.TOKEN_PIXELS, batch_size=a.batch,
+                             max_turns=max(len(p) for p in plan), max_new_tokens=longest + 64,
+                             max_response_tokens=max(sum(p) + 64 * len(p) for p in plan), temperature=1.0)
+    out = {}
+    for schedule in ("continuous", "turns"):
+        times, work = [], None
+        for _ in range(a.repeat):
+            work = engine.Work()
+            t0 = time.perf_counter()
+            eps = lfpc.rollout(agent, tasks, a.group, replace(cfg, schedule=schedule), seed=seed, work=work,
+                               force=plan_policy(agent, plan, seed))
+            times.append(time.perf_counter() - t0)
+        tokens = sum(e.num_generated for e in eps)
+        out[schedule] = {"sampled_tokens": tokens, "seconds_min": round(min(times), 3),
+                         "seconds_median": round(statistics.median(times), 3),
+                         "tokens_per_s_max": round(tokens / min(times), 1),
+                         "tokens_per_s_median": round(tokens / statistics.median(times), 1),
+                         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in work.metrics().items()}}
+    mean_turn = round(sum(map(sum, plan)) / sum(map(len, plan)))
+    times = []
+    prompts = [lfpc.start_episode(agent, t, i, cfg) for i, t in enumerate(tasks)][:max(1, a.batch // a.group)]
+    batch = engine.collate(agent, prompts, left_pad=True)
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        agent.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                             max_new_tokens=mean_turn, min_new_tokens=mean_turn, do_sample=True,
+                             num_return_sequences=a.group, pad_token_id=agent.pad_id)
+        times.append(time.perf_counter() - t0)
+    rows = len(prompts) * a.group
+    out["generate"] = {"rows": rows, "new_tokens_a_row": mean_turn, "seconds_min": round(min(times), 3),
+                       "tokens_per_s_max": round(rows * mean_turn / min(times), 1),
+                       "tokens_per_s_median": round(rows * mean_turn / statistics.median(times), 1)}
+    c, t = out["continuous"], out["turns"]
+    return {"mode": "schedule", "args": vars(a), "episodes": n, "slots": a.batch,
+            "turn_lengths": {"min": min(min(p) for p in plan), "median": statistics.median(x for p in plan for x in p),
+                             "max": longest, "turns_per_episode": round(sum(map(len, plan)) / n, 2)},
+            **out, "ratio_tokens_per_s_continuous_over_turns": round(c["tokens_per_s_median"] / t["tokens_per_s_median"], 2),
+            "ratio_tokens_per_s_continuous_over_generate": round(c["tokens_per_s_median"] /
+                                                                  out["generate"]["tokens_per_s_median"], 2),
+            **_versions("cpu")}
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
@@ -306,7 +458,7 @@ def main(argv=None) -> dict:
         print(json.dumps(report, indent=1))
         print(memory.format_report(report))
         return report
-    report = config_step(a) if a.config else toy_step(a)
+    report = schedule_bench(a) if a.schedule_bench else config_step(a) if a.config else toy_step(a)
     print(json.dumps(report, indent=1))
     return report
 

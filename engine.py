@@ -12,16 +12,20 @@ Contract
 - `forward(model, batch)` is the one forward pass of training: token embeddings, the vision tower on
   the batch's images, their features scattered onto the <|image_pad|> tokens, the language model;
   last-layer hidden states [B, T, H], no lm_head. Sampling runs the same `hidden_states`.
-- Two engines continue episodes turn by turn; both decode one token per step for every live row
-  from a KV cache (`decode`: "dynamic" grows the cache a step at a time, "static" preallocates it so
-  every step has the same shapes) with ONE device sync per step, and sample with the same `sample`:
+- Two engines continue episodes turn by turn and sample with the same `sample`:
+    "cached" (`run_slots`, the default): continuous batching. A fixed number of slots (`slot_count`)
+        of one KV cache allocated once in the compute dtype (`SlotKV`, written in place), one episode
+        a slot, the rest queued. A loop pass: free slots take queued episodes (a task's prompt
+        prefilled once, its cache copied to its other rollouts); the slots with tokens to prefill
+        (a prompt, or what the environment appended after a turn) are extended in one forward; every
+        live slot decodes one token (`sync_every` steps between host syncs). A slot whose turn ended
+        is stepped at once and extended in the next pass while the others decode; a slot whose
+        episode ended is freed (the last live slot moves into it, so decode reads the cache as views)
+        and never computed again. Stop strings are checked on token ids. `schedule="turns"` keeps the
+        per-turn barrier of the engine before it, to measure against.
     "reference" (`sample_turn`): every turn re-collates the whole episodes and prefills them from
-        scratch, images through the vision tower again: plain, obviously right, slow.
-    "cached" (`run_cached`, the default): each task's prompt is prefilled ONCE and its KV cache
-        copied to the task's G rollouts; the cache lives across turns, so after a turn only what the
-        environment appended (the turn's last sampled token, the tool response, the crop's image
-        tokens, the next assistant header) is prefilled; rows whose episode ended are dropped from
-        the cache; each distinct image (by content) goes through the vision tower once per call.
+        scratch, images through the vision tower again, then `decode` (a KV cache that grows a step
+        at a time, or a StaticCache under decode="static"): plain, obviously right, slow.
   Tested against each other: the same tokens, greedy and sampled, log-probs equal to float noise.
 - Sampling randomness belongs to the episode, not the batch: token j of an episode is drawn by
   inverse CDF with the j-th uniform of a stream seeded by `Episode.seed` (`uniforms`), so the tokens
@@ -618,21 +622,28 @@ def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, grids
 
 def segment_positions(ids: list[int], grids, start: int, image_token_id: int, merge: int) -> tuple[torch.Tensor, int]:
     """The positions [3, len(ids)] of a run of tokens whose first text position is `start` (the rules of
-    `mrope_positions`; `grids` yields the grid of each image block met), and the next text position."""
-    row = torch.zeros(3, len(ids), dtype=torch.long)
-    grids = iter(grids)
-    i, nxt = 0, start
-    while i < len(ids):
-        if ids[i] != image_token_id:
-            row[:, i] = nxt
-            i, nxt = i + 1, nxt + 1
-            continue
-        t, h, w = next(grids)
-        h, w = h // merge, w // merge
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        row[:, i:i + t * h * w] = torch.stack([tt, hh, ww]).reshape(3, -1) + nxt
-        i, nxt = i + t * h * w, nxt + max(t, h, w)
-    return row, nxt
+    `mrope_positions`; `grids` yields the grid of each image block met), and the next text position.
+    Tensor ops, a Python step per image block only: each token advances the text position by `adv` (a
+    text token 1; an image block max(t, h, w), on its last token), a token's base position is the
+    exclusive cumulative sum, and an image token adds its (t, h, w) offset inside its block."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    image = ids == image_token_id                                                         # [n]
+    adv = (~image).long()                                                                 # [n]
+    offset = torch.zeros(3, len(ids), dtype=torch.long)                                   # [3, n]
+    if bool(image.any()):
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), image.long(), torch.zeros(1, dtype=torch.long)]))
+        grids = iter(grids)
+        for a, b in zip(edges.eq(1).nonzero()[:, 0].tolist(), edges.eq(-1).nonzero()[:, 0].tolist()):
+            while a < b:                                                  # a run may hold adjacent blocks
+                t, h, w = next(grids)
+                h, w = h // merge, w // merge
+                n = t * h * w
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                offset[:, a:a + n] = torch.stack([tt, hh, ww]).reshape(3, -1)
+                adv[a + n - 1] = max(t, h, w)
+                a += n
+    base = start + torch.cumsum(adv, 0) - adv                                             # [n] exclusive sum
+    return base[None, :] + offset, start + int(adv.sum())
 
 
 # ----------------------------------------------------------------------------- the forward pass

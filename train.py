@@ -108,7 +108,10 @@ class Args:
     judge_cache: str | None = arg(None, '--judge llm: JSONL cache of verdicts (default <out>/judge_cache.jsonl)')
     judge_timeout: float = arg(10.0, '--judge llm: seconds a request may take before it counts as failed (an API key '
                                      'goes in the environment variable LFPC_JUDGE_API_KEY, never in a flag)')
-    engine: str = arg("cached", 'rollout engine: "cached" (KV cache across turns) or "reference" (re-prefill each turn)')
+    engine: str = arg("cached", 'rollout engine: "cached" (slots of one KV cache, continuous batching) or "reference" '
+                                '(re-prefill each turn)')
+    sync_every: int = arg(1, 'cached engine: decode steps between two host syncs (a GPU may gain from 4-8; a turn '
+                             'that ends inside the window costs its remaining steps)')
     max_turns: int | None = arg(None, 'assistant turns per episode (preset; 5 as DeepEyes)')
     max_new_tokens: int | None = arg(None, 'sampled tokens per turn (preset)')
     max_response_tokens: int | None = arg(None, 'sampled tokens per episode (preset; paper 2048)')
@@ -231,7 +234,23 @@ def check_ranges(a: Args) -> list[str]:
                                              f"({a.full_tokens})")
     if None not in (a.crop_min_tokens, a.crop_max_tokens):
         need(a.crop_min_tokens <= a.crop_max_tokens, "--crop-min-tokens must not exceed --crop-max-tokens")
+    need(1 <= a.sync_every <= 64, f"--sync-every lies in [1, 64], got {a.sync_every}")
+    if None not in (a.rollout_tokens, a.full_tokens, a.max_response_tokens, a.max_turns, a.crop_max_tokens):
+        episode = episode_tokens(a)
+        need(a.rollout_tokens >= episode, f"--rollout-tokens {a.rollout_tokens:,} cannot hold one episode: up to "
+                                          f"~{episode:,} tokens (the global image, its text, the sampled tokens and "
+                                          f"every tool response); pass at least {episode:,} (each slot of the "
+                                          f"rollout's KV cache holds one episode)")
     return bad
+
+
+def episode_tokens(a: Args) -> int:
+    """The most tokens one episode can reach, estimated before any data is read: the full global image, 256
+    tokens of text (lfpc.episode_bound counts the real prompt later), the response and the tool responses."""
+    px = crop_tool.TOKEN_PIXELS
+    cfg = lfpc.RolloutConfig(max_turns=a.max_turns, max_response_tokens=a.max_response_tokens,
+                             crop=crop_tool.CropConfig(max_pixels=a.crop_max_tokens * px, min_pixels=px))
+    return lfpc.episode_bound(a.full_tokens + 256, cfg)
 
 
 # ----------------------------------------------------------------------------- main
@@ -309,7 +328,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache,
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
-                                 batch_tokens=a.rollout_tokens, engine=a.engine)
+                                 batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every)
     if (why := lfpc.prompt_problem(agent, tasks, cfg)):             # before hours of probing
         raise SystemExit(f"--data: {why}")
     set_budgets(a, agent, tasks, judge, w, stop)
@@ -475,8 +494,8 @@ def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lf
     agent.model.eval()
     work = engine.Work()
     seed = a.seed * 1_000_000_007 + step * 1_000_003 + first       # disjoint streams for every step and episode
-    with policy.precision(agent), dist.gathered(agent.model):     # sample in the precision of the update
-        episodes = lfpc.rollout(agent, tasks, a.group, cfg, seed=seed, work=work)
+    with policy.precision(agent), dist.gathered(agent.model), policy.sampler(agent) as sampler:   # LoRA: merged
+        episodes = lfpc.rollout(sampler, tasks, a.group, cfg, seed=seed, work=work)   # in the update's precision
     score(a, episodes, tasks, judge or RuleJudge())
     return episodes, work
 
@@ -631,9 +650,9 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
     cache = a.gap_cache or os.path.join(a.out, "info_gap_cache.jsonl")
     part = f"{cache}.rank{w.rank}" if w.distributed else None
     mine = tasks[w.rank::w.size]
-    with policy.precision(agent), dist.gathered(agent.model):
+    with policy.precision(agent), dist.gathered(agent.model), policy.sampler(agent) as sampler:
         try:
-            records = info_gap.probe(mine, agent, prober_config(a), os.path.abspath(a.model), cache,
+            records = info_gap.probe(mine, sampler, prober_config(a), os.path.abspath(a.model), cache,
                                      batch_size=a.rollout_batch, judge=judge, write_path=part,
                                      batch_tokens=a.rollout_tokens, stop=stop)
         except info_gap.CacheError as e:

@@ -39,7 +39,10 @@ def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
 def test_config_mode_reports_a_consistent_step_on_cpu():
     r = bench.main(["--config", "tiny", "--batch", "4", "--micro-batch", "2", "--visual-tokens", "16",
                     "--prompt-tokens", "40", "--response-tokens", "6", "--repeat", "1", "--device", "cpu"])
-    assert r["mode"] == "config" and r["parameters"] == r["trainable"] > 0 and r["prompt_tokens"] == 40
+    assert r["mode"] == "config" and r["parameters"] == r["trainable"] > 0 and r["prompt_tokens"] >= 40
+    assert r["slot_utilisation"] == 1.0 and r["decode_ms_bandwidth_bound"] > 0   # fixed-length turns fill every slot
+    ops = r["aten_ops_per_decode_step_per_layer"]
+    assert ops["rollout"] == ops["trained model"] > 0                # no adapters: the same model
     assert sum(r["share"].values()) == pytest.approx(1.0, abs=0.01)
     assert math.isfinite(r["decode_ms_per_step"])                   # a difference of two timings: may be noisy
     assert r["rollout_tokens_per_s"] > 0 and r["train_tflops"] > 0 and r["step_s"] > 0
@@ -60,3 +63,23 @@ def test_toy_mode_times_the_two_calls_and_counts_the_work(toy_base):
     w = r["work_per_step"]
     assert w["work/image_encodes"] == w["distinct_images"]          # each image through the vision tower once
     assert w["work/prefill_ratio"] <= 1.1
+
+
+def test_schedule_mode_compares_continuous_batching_with_the_barrier_and_generate():
+    r = bench.main(["--schedule-bench", "--prompts", "1", "--group", "4", "--batch", "2", "--repeat", "1",
+                    "--lengths", "3", "12", "--turns", "1", "3", "--visual-tokens", "16"])
+    c, t = r["continuous"], r["turns"]
+    assert r["mode"] == "schedule" and c["sampled_tokens"] == t["sampled_tokens"] > 0
+    assert c["work/decode_steps"] <= t["work/decode_steps"]
+    assert c["work/slot_utilisation"] >= t["work/slot_utilisation"]
+    assert r["generate"]["tokens_per_s_median"] > 0 and r["ratio_tokens_per_s_continuous_over_turns"] > 0
+
+
+def test_config_mode_with_lora_rolls_out_with_the_plain_models_ops():
+    r = bench.main(["--config", "tiny", "--batch", "2", "--micro-batch", "2", "--visual-tokens", "16", "--lora", "4",
+                    "--prompt-tokens", "40", "--response-tokens", "4", "--repeat", "1", "--device", "cpu"])
+    ops = r["aten_ops_per_decode_step_per_layer"]
+    import policy
+    plain = models.random_agent("tiny", "cpu", torch.bfloat16)       # the same base (bf16 under LoRA), no adapters
+    layers = plain.model.config.get_text_config().num_hidden_layers
+    assert ops["rollout"] == policy.count_ops(plain.model) / layers < ops["trained model"]

@@ -643,6 +643,8 @@ def test_a_learning_rate_that_destroys_the_policy_stops_the_run_unsaved(tmp_path
     (["--seed", str(2**40)], "--seed must lie in"),
     (["--device", "tpu:0"], "is not a torch device|only cpu and cuda"),
     (["--device", "cuda:3"], "no CUDA device|CUDA device\\(s\\)"),
+    (["--rollout-tokens", "500"], "--rollout-tokens 500 cannot hold one episode: up to ~1,040 tokens.*at least 1,040"),
+    (["--sync-every", "0"], "--sync-every lies in"),
 ])
 def test_bad_flags_are_one_line_errors_at_parse_time(base, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -678,3 +680,28 @@ def test_a_question_too_long_for_the_models_positions_stops_before_the_probe(bas
     with pytest.raises(SystemExit, match=r"task 'long': its prompt is .* over the model's 8,192 positions"):
         train.main(_run(base, tmp_path / "r", "--steps", "1", "--data", str(tmp_path / "t.jsonl")))
     assert not (tmp_path / "r" / "info_gap_cache.jsonl").exists()
+
+
+def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
+    """Under LoRA the rollout samples from a copy with the adapters merged: a decode step is the plain
+    model's ops (peft unmerged adds ~35 a layer), and its sampling log-probs equal the training forward's
+    (unmerged adapters) within 1e-4 in fp32."""
+    import models
+    import engine
+    from conftest import noise_image
+    plain = models.tiny_agent(seed=0)
+    agent = policy.apply_lora(models.tiny_agent(seed=0), 4)
+    for name, p in agent.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)                     # adapters that change the policy
+    with policy.sampler(agent) as sampler:
+        assert policy.count_ops(sampler.model) == policy.count_ops(plain.model) < policy.count_ops(agent.model)
+        tasks = [lfpc.Task(noise_image(120, 90, k), "What colour?", "red") for k in range(2)]
+        cfg = lfpc.RolloutConfig(global_max_pixels=16 * 784, max_new_tokens=10, max_turns=1, use_tool=False)
+        eps = lfpc.rollout(sampler, tasks, 2, cfg, seed=3)
+    batch = engine.collate(agent, eps)
+    with torch.no_grad():
+        lp = lfpc.token_logprobs(agent.model, batch)
+    mask = batch.loss_mask.bool()
+    torch.testing.assert_close(lp[mask], batch.old_logprobs[mask], rtol=0, atol=1e-4)
+    assert any("lora_A" in n for n, _ in agent.model.named_parameters()), "the trained model keeps its adapters"
