@@ -56,7 +56,8 @@ ForceFn = Callable[["Episode", list[int]], "int | None"]                  # (epi
 
 @torch.no_grad()
 def run_slots(agent: "Agent", episodes: list["Episode"], cfg: "RolloutConfig", step: StepFn, work: Work,
-              bound: int, script: SampleFn | None = None, force: ForceFn | None = None) -> None:
+              bound: int, script: SampleFn | None = None, force: ForceFn | None = None,
+              store: "FeatureStore | None" = None) -> None:
     """Every turn of `episodes` with continuous batching: `slot_count` slots of one preallocated KV cache
     (`SlotKV`), each holding one episode. A pass of the loop: free slots take the next episodes of the
     queue; the slots with tokens to prefill (a new episode's prompt, the environment's answer to a turn)
@@ -68,12 +69,13 @@ def run_slots(agent: "Agent", episodes: list["Episode"], cfg: "RolloutConfig", s
     computed, until every slot's turn has ended; new episodes only once every slot is free), kept to
     measure against. `script` (tests) replaces decoding: a slot's whole turn comes from it.
     `force(episode, turn tokens)` (benchmarks) may replace a sampled token (its log-prob is the model's).
-    `bound`: the most tokens an episode can reach (`lfpc.episode_bound`)."""
+    `bound`: the most tokens an episode can reach (`lfpc.episode_bound`). `store`: keeps the images'
+    features for the training forward (FeatureStore)."""
     k = max(1, cfg.sync_every)
     if force is not None and k != 1:
         raise ValueError("force needs sync_every 1: the host must see each token before the next is fed")
     S = slot_count(cfg, bound, len(episodes))
-    run = _SlotRun(agent, cfg, SlotKV(S, bound + k + 1, cfg.decode == "static"), work, step, episodes, S, k)
+    run = _SlotRun(agent, cfg, SlotKV(S, bound + k + 1, cfg.decode == "static"), work, step, episodes, S, k, store)
     barrier = cfg.schedule == "turns"
     while run.queue or run.live:
         if run.queue and (len(run.live) < S if not barrier else not run.live):
@@ -124,13 +126,13 @@ class _SlotRun:
     """The state of one `run_slots` call: the live slots [0, A) of the cache (compacted: a freed slot takes
     the last live one), the queue, the saved prompt caches of tasks whose episodes are still queued."""
 
-    def __init__(self, agent, cfg, kv, work, step, episodes, S, k):
+    def __init__(self, agent, cfg, kv, work, step, episodes, S, k, store=None):
         self.agent, self.cfg, self.kv, self.work, self.step, self.episodes, self.S, self.k = \
             agent, cfg, kv, work, step, episodes, S, k
         self.queue = list(range(len(episodes)))[::-1]          # popped from the end: episodes in order
         self.live: list[Slot] = []
         self.saved: dict[int, tuple] = {}                      # task -> (length, pos, images, cache copy)
-        self.vision = Vision(agent, work)
+        self.vision = Vision(agent, work, store)
         self.dtype = compute_dtype(agent.model)
         self.u = None if cfg.temperature <= 0 else torch.zeros(S, cfg.max_response_tokens + k, device=agent.device)
         self.stop_text = StopText(agent) if agent.stop_strings else None
@@ -549,12 +551,18 @@ class Batch:
     loss_mask: torch.Tensor             # [B, T] 1 where the token was sampled
     old_logprobs: torch.Tensor          # [B, T] sampling-time log-probs (0 where loss_mask is 0)
     env_only_ids: list[int]             # tokens the policy never emits (Agent.env_only_ids)
+    features: torch.Tensor | None = None  # [distinct tokens, H]: the distinct images' features, taken from a
+                                          # FeatureStore (then pixel_values is None and no vision tower runs)
+    image_encodes: int = 0              # distinct images this batch's forward runs through the vision tower
 
 
-def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, share_images: bool = True) -> Batch:
+def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, share_images: bool = True,
+            store: "FeatureStore | None" = None) -> Batch:
     """Pad episodes to one length (right by default; left for sampling) and gather their images. Each
     distinct image object is processed, and goes through the vision tower, once per batch (the G
-    episodes of a task share their global image); share_images=False gives every block its own copy."""
+    episodes of a task share their global image); share_images=False gives every block its own copy.
+    `store` (a frozen vision tower: LoRA): when it holds every image's features (the rollout put them
+    there), the batch carries those and no pixels: its forward runs no vision tower."""
     T = max(len(e.token_ids) for e in episodes)
     B = len(episodes)
     ids = torch.full((B, T), agent.pad_id, dtype=torch.long)
@@ -574,13 +582,16 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, s
         key = id if share_images else (lambda im, c=iter(range(len(images))): next(c))
         keys = [key(im) for im in images]
         distinct = {k: (im, g) for k, im, g in zip(keys, images, grids)}      # first occurrence, in order
-        pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
         thw = torch.tensor([g for _, g in distinct.values()], dtype=torch.long)
         index = torch.tensor([list(distinct).index(k) for k in keys], dtype=torch.long)
+        feats = store.get([im for im, _ in distinct.values()], agent.device) if store is not None else None
+        if feats is None:
+            pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
     pos = mrope_positions(ids, attn, grids, agent.image_pad, agent.merge)
     dev = agent.device
     to = lambda x: None if x is None else x.to(dev)
-    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids)
+    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids,
+                 feats if images else None, 0 if pix is None else len(thw))
 
 
 def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows: list[int] | None = None,
@@ -655,9 +666,10 @@ def forward(model, batch: Batch) -> torch.Tensor:
 
 def batch_image_features(model, batch: Batch) -> torch.Tensor | None:
     """[n image tokens, H]: the vision tower once on each distinct image, its features for every block."""
-    if batch.pixel_values is None:
+    if batch.pixel_values is None and batch.features is None:
         return None
-    feats = image_features(model, batch.pixel_values, batch.image_grid_thw)            # [distinct tokens, H]
+    feats = batch.features if batch.features is not None else \
+        image_features(model, batch.pixel_values, batch.image_grid_thw)                 # [distinct tokens, H]
     per_image = feats.split((batch.image_grid_thw.prod(-1) // model.model.visual.spatial_merge_size**2).tolist())
     return torch.cat([per_image[i] for i in batch.image_index.tolist()])
 
@@ -720,10 +732,11 @@ class Work:
 
 
 class Vision:
-    """The vision tower for one rollout call: features of each distinct image (by content), computed once."""
+    """The vision tower for one rollout call: features of each distinct image (by content), computed once;
+    with a `store`, also kept there for the training forward of the step."""
 
-    def __init__(self, agent: "Agent", work: Work):
-        self.agent, self.work, self.seen = agent, work, {}
+    def __init__(self, agent: "Agent", work: Work, store: "FeatureStore | None" = None):
+        self.agent, self.work, self.seen, self.store = agent, work, {}, store
 
     def features(self, images: list) -> torch.Tensor | None:
         """[sum of merged tokens, H] for `images` in order; new contents encoded together in one call."""
@@ -737,13 +750,41 @@ class Vision:
             thw = torch.tensor([g for _, g in enc], dtype=torch.long, device=self.agent.device)
             feats = image_features(self.agent.model, pix, thw).split((thw.prod(-1) // self.agent.merge**2).tolist())
             self.seen.update(zip(new, feats))
+            if self.store is not None:
+                for k, f in zip(new, feats):
+                    self.store.put(k, f)
             self.work.image_encodes += len(new)
             self.work.vision_patches += pix.shape[0]
         return torch.cat([self.seen[k] for k in keys])
 
 
+class FeatureStore:
+    """One step's vision features by image content, on the host: with the vision tower frozen (LoRA), the
+    rollout's features are the training forward's (the same weights in the same precision), so training
+    takes them instead of encoding every image again in every micro-batch (~16,600 encodes a paper step)."""
+
+    def __init__(self):
+        self.features: dict[tuple, torch.Tensor] = {}
+
+    def put(self, key: tuple, features: torch.Tensor) -> None:
+        self.features[key] = features.detach().to("cpu")
+
+    def get(self, images: list, device) -> torch.Tensor | None:
+        """[sum of merged tokens, H] of `images` in order, on `device`; None unless every one is stored."""
+        keys = [_content_key(im) for im in images]
+        if not all(k in self.features for k in keys):
+            return None
+        return torch.cat([self.features[k] for k in keys]).to(device)
+
+
 def _content_key(image) -> tuple:
-    return image.size, image.mode, hashlib.sha1(image.tobytes()).hexdigest()
+    """(size, mode, sha1 of the pixels), computed once per image object (kept in its `info`)."""
+    key = image.info.get("lfpc_content_key") if hasattr(image, "info") else None
+    if key is None:
+        key = (image.size, image.mode, hashlib.sha1(image.tobytes()).hexdigest())
+        if hasattr(image, "info"):
+            image.info["lfpc_content_key"] = key
+    return key
 
 
 # ----------------------------------------------------------------------------- sampling

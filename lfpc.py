@@ -311,7 +311,7 @@ def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
 
 def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig, seed: int | list[int] | None = None,
             sample_fn: engine.SampleFn | None = None, work: engine.Work | None = None,
-            force: engine.ForceFn | None = None) -> list[Episode]:
+            force: engine.ForceFn | None = None, store: engine.FeatureStore | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
@@ -320,7 +320,8 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     episodes at a time (and `cfg.batch_tokens` KV-cache tokens) in the slots of `engine.run_slots`;
     "reference", turn by turn in chunks of as many. `work` (optional) accumulates what the engine did
     (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with it); the
-    engine still prefills everything else. `force` (benchmarks, cached engine): engine.run_slots.
+    engine still prefills everything else. `force` (benchmarks) and `store` (the images' features, kept for
+    the training forward): engine.run_slots, cached engine only.
     """
     work = work if work is not None else engine.Work()
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
@@ -339,7 +340,7 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
     if cfg.engine == "cached":                   # slots within the row and KV budgets, refilled as episodes end
         bound = max(episode_bound(n, cfg) for n in prompt_len)
-        engine.run_slots(agent, episodes, cfg, step, work, bound, sample_fn, force)
+        engine.run_slots(agent, episodes, cfg, step, work, bound, sample_fn, force, store)
     else:
         for turn in range(cfg.max_turns):
             live = [e for e in episodes if not e.done]

@@ -22,7 +22,10 @@ results.json; a mean over an empty population is None:
     len/turns              mean assistant turns per episode                                  all episodes
 Training only (train.py): reward/mean and reward/<part> (means of the reward's unweighted parts),
 adv/frac_zero_std (fraction of GRPO groups whose rewards are all equal: advantage 0), loss/* (see
-train.py), work/* (what the rollout engine did, `engine.py`), time/step_s, and with --judge llm judge/calls,
+train.py), work/* (what the rollout engine did, `engine.Work`: image encodes, vision patches, prefill and
+decode positions with padding_tokens among them, decode_steps, slot_steps, useful_tokens, slot_utilisation
+= useful_tokens / slot_steps, host_syncs; and the training forward's train_image_encodes, 0 when LoRA
+reuses the rollout's image features), time/step_s, and with --judge llm judge/calls,
 requests, cached, fallbacks, skipped (what the model judge did this step; judge.py).
 Evaluation only (eval.py): time/sec_per_question; per probe, delta/<key> = probe - normal.
 """

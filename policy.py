@@ -54,6 +54,12 @@ def sampler(agent: lfpc.Agent):
         del merged
 
 
+def vision_frozen(agent: lfpc.Agent) -> bool:
+    """Is the vision tower frozen (LoRA on the language model)? Then the rollout's image features are the
+    training forward's (engine.FeatureStore)."""
+    return not any(p.requires_grad for p in agent.model.model.visual.parameters())
+
+
 def _is_lora(model) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 

@@ -476,9 +476,10 @@ def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfp
     t0 = time.perf_counter()
     asked = dict(judge.stats) if judge is not None else {}
     mine, offset = dist.share(tasks, w)
-    episodes, work = collect_episodes(a, agent, mine, cfg, step, judge, offset * a.group)
+    store = engine.FeatureStore() if policy.vision_frozen(agent) else None    # LoRA: training reuses the features
+    episodes, work = collect_episodes(a, agent, mine, cfg, step, judge, offset * a.group, store)
     t_rollout = time.perf_counter() - t0
-    m = update_policy(a, agent, opt, episodes, mine, ref_model, judge, w)
+    m = update_policy(a, agent, opt, episodes, mine, ref_model, judge, w, store)
     work = engine.Work(**{k: int(dist.all_sum(v, w)) for k, v in work.__dict__.items()})
     if a.judge == "llm":        # what the model judge did this step (a fallback: the rules decided)
         m.update({f"judge/{k}": int(dist.all_sum(judge.stats[k] - asked.get(k, 0), w))
@@ -487,7 +488,8 @@ def train_step(a: Args, agent: lfpc.Agent, opt, tasks: list[lfpc.Task], cfg: lfp
 
 
 def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
-                     step: int, judge: Judge | None = None, first: int = 0) -> tuple[list[lfpc.Episode], engine.Work]:
+                     step: int, judge: Judge | None = None, first: int = 0,
+                     store: engine.FeatureStore | None = None) -> tuple[list[lfpc.Episode], engine.Work]:
     """`a.group` rollouts of each task, rewarded (episode.reward, episode.reward_parts), and what the
     rollout engine did. Episode k samples from stream (seed, step, first + k): `first` is the index of
     this rank's first episode in the whole step (0 alone)."""
@@ -495,13 +497,14 @@ def collect_episodes(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lf
     work = engine.Work()
     seed = a.seed * 1_000_000_007 + step * 1_000_003 + first       # disjoint streams for every step and episode
     with policy.precision(agent), dist.gathered(agent.model), policy.sampler(agent) as sampler:   # LoRA: merged
-        episodes = lfpc.rollout(sampler, tasks, a.group, cfg, seed=seed, work=work)   # in the update's precision
+        episodes = lfpc.rollout(sampler, tasks, a.group, cfg, seed=seed, work=work, store=store)   # update's precision
     score(a, episodes, tasks, judge or RuleJudge())
     return episodes, work
 
 
 def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode], tasks: list[lfpc.Task],
-                  ref_model=None, judge: Judge | None = None, w: dist.World = dist.World()) -> dict[str, float]:
+                  ref_model=None, judge: Judge | None = None, w: dist.World = dist.World(),
+                  store: engine.FeatureStore | None = None) -> dict[str, float]:
     """Group-normalised advantages, the clipped loss over micro-batches (divided by the token count of the
     WHOLE step: of every rank under torchrun), one optimizer step. Returns the step's metrics, with
     time/forward_s (the log-prob forwards) and time/update_s (all of it)."""
@@ -515,14 +518,15 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     live = [i for i in range(len(episodes)) if adv[i] != 0 or a.beta > 0]
     model.train()
     opt.zero_grad(set_to_none=True)
-    sums, counted, gap, skip = {}, 0, 0.0, False
+    sums, counted, gap, skip, encodes = {}, 0, 0.0, False, 0
     lengths = [len(episodes[i].token_ids) for i in live]
     batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True)]
     batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
     for idx in batches:
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
-        batch = engine.collate(agent, [episodes[i] for i in idx])
+        batch = engine.collate(agent, [episodes[i] for i in idx], store=store)   # store: no vision tower
+        encodes += batch.image_encodes
         t0 = time.perf_counter()
         with policy.precision(agent):
             lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
@@ -566,7 +570,8 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     lm.update(policy=sums.get("policy", 0.0), grad_norm=grad_norm, trained_episodes=trained,
               sampler_gap=gap / counted if counted else 0.0)
     m = step_metrics(episodes, tasks, judge, adv_m, lm, w)
-    m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device)})
+    m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device),
+              "work/train_image_encodes": int(dist.all_sum(encodes, w))})
     return m
 
 

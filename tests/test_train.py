@@ -705,3 +705,35 @@ def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
     mask = batch.loss_mask.bool()
     torch.testing.assert_close(lp[mask], batch.old_logprobs[mask], rtol=0, atol=1e-4)
     assert any("lora_A" in n for n, _ in agent.model.named_parameters()), "the trained model keeps its adapters"
+
+
+def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradients(base):
+    """The vision tower is frozen under LoRA: the rollout keeps each distinct image's features
+    (engine.FeatureStore) and the training forward takes them (work/train_image_encodes 0) instead of
+    encoding every image again; the adapters' gradients equal those of the forward that encodes."""
+    import engine
+    a = train.parse_args(["--stage", "1", "--model", base, "--lora", "4", "--global-image", "full", *FAST])
+    agent = policy.load_model(a)
+    for name, p in agent.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert policy.vision_frozen(agent)
+    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    tasks = train.load_data(a, agent)[:2]
+    store = engine.FeatureStore()
+    episodes, _ = train.collect_episodes(a, agent, tasks, cfg, 0, store=store)
+    assert store.features
+    for i, e in enumerate(episodes):
+        e.reward = float(i % 2)
+    grads, encodes = [], []
+    for s in (None, store):
+        opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
+        m = train.update_policy(a, agent, opt, episodes, tasks, store=s)
+        encodes.append(m["work/train_image_encodes"])
+        batch = engine.collate(agent, episodes, store=s)
+        agent.model.zero_grad(set_to_none=True)
+        lfpc.token_logprobs(agent.model, batch).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in agent.model.named_parameters() if p.requires_grad})
+    assert encodes[0] > 0 and encodes[1] == 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
