@@ -554,15 +554,34 @@ class Batch:
     features: torch.Tensor | None = None  # [distinct tokens, H]: the distinct images' features, taken from a
                                           # FeatureStore (then pixel_values is None and no vision tower runs)
     image_encodes: int = 0              # distinct images this batch's forward runs through the vision tower
+    lengths: list[int] | None = None    # packed: the episodes' lengths in the one row (B = 1, no padding,
+                                        # position_ids [4, 1, N]: text positions restart at each episode)
+
+    def unpacked(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N] of a packed batch -> [episodes, longest] (zeros after each episode's end); padded: x."""
+        if self.lengths is None:
+            return x
+        out = x.new_zeros(len(self.lengths), max(self.lengths))
+        for b, part in enumerate(x[0].split(self.lengths)):
+            out[b, :len(part)] = part
+        return out
+
+    @property
+    def padding(self) -> int:
+        """Positions of the forward that hold no token."""
+        return self.input_ids.numel() - (sum(self.lengths) if self.lengths is not None else int(self.attention_mask.sum()))
 
 
 def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, share_images: bool = True,
-            store: "FeatureStore | None" = None) -> Batch:
+            store: "FeatureStore | None" = None, packed: bool = False) -> Batch:
     """Pad episodes to one length (right by default; left for sampling) and gather their images. Each
     distinct image object is processed, and goes through the vision tower, once per batch (the G
     episodes of a task share their global image); share_images=False gives every block its own copy.
     `store` (a frozen vision tower: LoRA): when it holds every image's features (the rollout put them
-    there), the batch carries those and no pixels: its forward runs no vision tower."""
+    there), the batch carries those and no pixels: its forward runs no vision tower. `packed` (training):
+    the episodes one after the other in ONE row, no padding; each keeps its own M-RoPE positions and the
+    attention is block-diagonal (transformers reads the sequences from the text positions that restart
+    at 0: flash attention's varlen path on a GPU, a block mask under SDPA)."""
     T = max(len(e.token_ids) for e in episodes)
     B = len(episodes)
     ids = torch.full((B, T), agent.pad_id, dtype=torch.long)
@@ -588,28 +607,40 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, s
         if feats is None:
             pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
     pos = mrope_positions(ids, attn, grids, agent.image_pad, agent.merge)
+    lengths = None
+    if packed:                                       # [B, T] right-padded -> one row of the real tokens
+        if left_pad:
+            raise ValueError("packed batches are for training (right padding)")
+        real = attn.bool()
+        lengths = [len(e.token_ids) for e in episodes]
+        text = torch.cat([torch.arange(n) for n in lengths])
+        ids, lmask, old = ids[real][None], lmask[real][None], old[real][None]
+        pos = torch.cat([text[None], pos[:, real]])[:, None]                         # [4, 1, N]
+        attn = torch.ones_like(ids)
     dev = agent.device
     to = lambda x: None if x is None else x.to(dev)
     return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids,
-                 feats if images else None, 0 if pix is None else len(thw))
+                 feats if images else None, 0 if pix is None else len(thw), lengths)
 
 
 def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows: list[int] | None = None,
-         longest_first: bool = False) -> list[list[int]]:
-    """Item indices grouped into batches: each batch holds at most `max_rows` rows and, padded, at most
-    `max_tokens` tokens (its rows x its longest length); an item over the token budget alone gets a batch
-    of its own. Item i is rows[i] rows (default 1) of length lengths[i] (a GRPO group: G rows). In item
-    order, or longest first (less padding); every item in exactly one batch."""
+         longest_first: bool = False, packed: bool = False) -> list[list[int]]:
+    """Item indices grouped into batches: each batch holds at most `max_rows` rows and at most `max_tokens`
+    tokens: padded, its rows x its longest length; `packed` (one padding-free row, `collate(packed=True)`),
+    the sum of its lengths. An item over the token budget alone gets a batch of its own. Item i is rows[i]
+    rows (default 1) of length lengths[i] (a GRPO group: G rows). In item order, or longest first (less
+    padding); every item in exactly one batch."""
     rows = rows or [1] * len(lengths)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else range(len(lengths))
-    batches, cur, n, longest = [], [], 0, 0
+    batches, cur, n, longest, total = [], [], 0, 0, 0
     for i in order:
-        grow_n, grow_len = n + rows[i], max(longest, lengths[i])
-        if cur and (grow_n > max_rows or (max_tokens is not None and grow_n * grow_len > max_tokens)):
+        grow_n, grow_len, grow_total = n + rows[i], max(longest, lengths[i]), total + rows[i] * lengths[i]
+        cost = grow_total if packed else grow_n * grow_len
+        if cur and (grow_n > max_rows or (max_tokens is not None and cost > max_tokens)):
             batches.append(cur)
-            cur, grow_n, grow_len = [], rows[i], lengths[i]
+            cur, grow_n, grow_len, grow_total = [], rows[i], lengths[i], rows[i] * lengths[i]
         cur.append(i)
-        n, longest = grow_n, grow_len
+        n, longest, total = grow_n, grow_len, grow_total
     return batches + ([cur] if cur else [])
 
 
@@ -660,8 +691,10 @@ def segment_positions(ids: list[int], grids, start: int, image_token_id: int, me
 # ----------------------------------------------------------------------------- the forward pass
 
 def forward(model, batch: Batch) -> torch.Tensor:
-    """Last-layer hidden states [B, T, H] of a whole batch (no cache): the training forward."""
-    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch_image_features(model, batch))[0]
+    """Last-layer hidden states [B, T, H] of a whole batch (no cache): the training forward. A packed batch
+    passes no attention mask, so transformers builds the block-diagonal one from its text positions."""
+    mask = None if batch.lengths is not None else batch.attention_mask
+    return hidden_states(model, batch.input_ids, mask, batch.position_ids, batch_image_features(model, batch))[0]
 
 
 def batch_image_features(model, batch: Batch) -> torch.Tensor | None:

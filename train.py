@@ -134,6 +134,8 @@ class Args:
     n_train: int | None = arg(None, 'generated training tasks, presets without --data (toy: 1024)')
     lora: int | None = arg(None, 'LoRA rank, 0: full fine-tuning (preset; one-gpu 64; peft)')
     grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
+    padded: bool = arg(False, 'train on right-padded micro-batches (the path before) instead of one packed, '
+                              'padding-free row each (engine.collate(packed=True))')
     device: str | None = arg(None, 'torch device (default: cuda if available, else cpu)')
     save_every: int = arg(20, 'steps between checkpoints (and at the end)')
     seed: int = arg(0, 'data order, sampling, init')
@@ -518,32 +520,36 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     live = [i for i in range(len(episodes)) if adv[i] != 0 or a.beta > 0]
     model.train()
     opt.zero_grad(set_to_none=True)
-    sums, counted, gap, skip, encodes = {}, 0, 0.0, False, 0
+    sums, counted, gap, skip, encodes, positions, padding = {}, 0, 0.0, False, 0, 0, 0
     lengths = [len(episodes[i].token_ids) for i in live]
-    batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True)]
+    packed = not a.padded                      # each micro-batch one padding-free row (engine.collate)
+    batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True,
+                                                             packed=packed)]
     batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
     for idx in batches:
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
-        batch = engine.collate(agent, [episodes[i] for i in idx], store=store)   # store: no vision tower
+        batch = engine.collate(agent, [episodes[i] for i in idx], store=store, packed=packed)   # store: no vision tower
         encodes += batch.image_encodes
+        positions, padding = positions + batch.input_ids.numel(), padding + batch.padding
         t0 = time.perf_counter()
         with policy.precision(agent):
-            lp = lfpc.token_logprobs(model, batch, a.temperature)                       # [b, T]
+            lp = batch.unpacked(lfpc.token_logprobs(model, batch, a.temperature))       # [b, T]
             ref = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref = lfpc.token_logprobs(ref_model, batch, a.temperature)          # [b, T]
+                    ref = batch.unpacked(lfpc.token_logprobs(ref_model, batch, a.temperature))   # [b, T]
         t_forward += _elapsed(t0, agent.device)
+        mask, old = batch.unpacked(batch.loss_mask), batch.unpacked(batch.old_logprobs)   # [b, T]
         # One update per batch: the old policy IS the current one, so its log-probs are this forward's own,
         # detached (ratio exactly 1, in the precision of the update). The sampler's are only compared.
-        loss, m = grpo.policy_loss(lp, lp.detach(), adv[idx].to(lp.device), batch.loss_mask, clip_low=a.clip,
+        loss, m = grpo.policy_loss(lp, lp.detach(), adv[idx].to(lp.device), mask, clip_low=a.clip,
                                    clip_high=a.clip, agg=a.agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                    ref_logprobs=ref, beta=a.beta)
         skip = skip or not torch.isfinite(loss)
         (loss * weight if w.distributed else loss).backward()           # every rank the same backwards (FSDP2)
         if weight:
-            gap += float((lp.detach() - batch.old_logprobs).abs()[batch.loss_mask.bool()].sum())
+            gap += float((lp.detach() - old).abs()[mask.bool()].sum())
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v * m["num_tokens"]
             sums["policy"] = sums.get("policy", 0.0) + loss.item()
@@ -571,7 +577,8 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
               sampler_gap=gap / counted if counted else 0.0)
     m = step_metrics(episodes, tasks, judge, adv_m, lm, w)
     m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device),
-              "work/train_image_encodes": int(dist.all_sum(encodes, w))})
+              "work/train_image_encodes": int(dist.all_sum(encodes, w)),
+              "work/train_padding_frac": dist.all_sum(padding, w) / max(1, dist.all_sum(positions, w))})
     return m
 
 

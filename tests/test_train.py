@@ -737,3 +737,43 @@ def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradient
     assert encodes[0] > 0 and encodes[1] == 0
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["toy", "real-shape"])
+def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, name):
+    """Training micro-batches packed into one padding-free row (text positions restart at each episode;
+    transformers builds the block-diagonal mask) give the padded path's log-probs and gradients, with
+    work/train_padding_frac 0 (the padded path's is what its padding was)."""
+    import engine
+    import models
+    from conftest import QWEN_TOKENIZER, noise_image
+    if name == "toy":                                                   # the shipped base: ragged episodes
+        a = train.parse_args(["--stage", "1", "--model", os.path.join(ROOT, "checkpoints", "toy_base"),
+                              "--global-image", "full", "--n-train", "8", "--prompts", "4", "--group", "2"])
+        agent = policy.load_model(a)
+        tasks = train.load_data(a, agent)[:4]
+        episodes, _ = train.collect_episodes(a, agent, tasks, toy.rollout_config(temperature=1.5), 0)
+    else:
+        agent = models.real_shape_agent(QWEN_TOKENIZER)
+        tasks = [lfpc.Task(noise_image(300 + 120 * k, 200, k), "What colour is the sign?", "red") for k in range(3)]
+        cfg = lfpc.RolloutConfig(global_max_pixels=64 * 784, max_new_tokens=6, max_turns=1, use_tool=False)
+        episodes = lfpc.rollout(agent, tasks, 2, cfg, seed=1)
+        a = train.parse_args(["--stage", "1", "--model", base, "--global-image", "full", "--group", "2",
+                              "--micro-batch", "6"])
+    assert len({len(e.token_ids) for e in episodes}) > 1, "ragged"
+    for i, e in enumerate(episodes):
+        e.reward = float(i % 2)
+    out = {}
+    for padded in (True, False):
+        a.padded = padded
+        agent.model.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
+        real = opt.zero_grad
+        opt.zero_grad = lambda set_to_none=True: None                      # keep the gradients to compare
+        m = train.update_policy(a, agent, opt, episodes, tasks)
+        opt.zero_grad = real
+        out[padded] = (m["work/train_padding_frac"], {n: p.grad.clone() for n, p in agent.model.named_parameters()
+                                                       if p.grad is not None})
+    assert out[False][0] == 0.0 < out[True][0]
+    for n, g in out[True][1].items():
+        torch.testing.assert_close(out[False][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
