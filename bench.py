@@ -31,6 +31,13 @@ AdamW step of train.py (`policy.load_model`'s settings: fp32 master weights with
 - aten_ops_per_decode_step_per_layer of the trained model and of the rollout's (policy.sampler: under
   LoRA the adapters merged, so the rollout's equals the plain model's);
 - peak_memory_gb (GPU: torch.cuda.max_memory_allocated), the phase shares, the versions.
+Estimate mode (--estimate-time --config 7b|3b) prints the wall time of one paper-scale (256 x 16) and
+one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decode steps and slot
+utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
+step (counted on the tiny model, merged LoRA), weights and KV bytes read a step, prefill, vision and
+training FLOPs, the image processor's ms an image measured here; every assumption is printed beside
+the figures, with a vLLM-like and a roofline figure. An estimate, not a measurement.
+
 Schedule mode (--schedule-bench) runs one workload with a realistic spread of lengths (--lengths MIN
 MAX tokens a turn, log-uniform; --turns MIN MAX turns an episode) on the real-shape two-layer
 Qwen2.5-VL: the cached engine with continuous batching, the same engine with today's per-turn barrier
@@ -97,6 +104,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule-bench", action="store_true", help="schedule mode: continuous batching vs the per-turn "
                    "barrier vs model.generate on the real-shape two-layer model (--prompts x --group episodes in "
                    "--batch slots, --visual-tokens, --lengths, --turns, --repeat)")
+    p.add_argument("--estimate-time", action="store_true", help="estimate mode (with --config 7b|3b): the wall time "
+                   "of a paper-scale and a one-gpu step on --gpu from counted work (decode steps simulated over "
+                   "--lengths/--turns in --batch slots, ops a decode step, bytes read, FLOPs, host ms an image)")
+    p.add_argument("--gpu", default="h100-sxm", choices=sorted(GPUS), help="estimate mode: the GPU (published peaks)")
+    p.add_argument("--mfu", type=float, default=0.4, help="estimate mode: the fraction of peak FLOP/s that prefill, "
+                   "vision and training reach")
+    p.add_argument("--bandwidth-eff", type=float, default=0.8, help="estimate mode: the fraction of HBM bandwidth a "
+                   "decode step reaches")
+    p.add_argument("--op-us", type=float, default=10.0, help="estimate mode: host microseconds to launch one aten op "
+                   "eagerly")
+    p.add_argument("--cuda-graphs", action="store_true", help="estimate mode: decode steps replayed as CUDA graphs "
+                   "(no host launch cost)")
     p.add_argument("--lengths", type=int, nargs=2, default=[20, 1024], metavar=("MIN", "MAX"),
                    help="schedule mode: each turn's free text, tokens, log-uniform between MIN and MAX")
     p.add_argument("--turns", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"),
@@ -117,9 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not a.estimate_memory and (why := policy.device_problem(a.device)):
         p.error(why)
+    if a.estimate_time and a.config not in ("3b", "7b"):
+        p.error("--estimate-time needs --config 7b or 3b")
+    if not (0 < a.mfu <= 1 and 0 < a.bandwidth_eff <= 1 and a.op_us >= 0):
+        p.error("--mfu and --bandwidth-eff lie in (0, 1], --op-us >= 0")
     if a.estimate_memory and not a.config:
         p.error("--estimate-memory needs --config 7b, 3b or tiny")
-    if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not a.estimate_memory:
+    if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not (a.estimate_memory or a.estimate_time):
         p.error(f"--config {a.config} needs a CUDA GPU (its fp32 weights alone are "
                 f"{ {'3b': 15, '7b': 33}[a.config] } GB); --config tiny runs the same path on CPU")
     side = math.isqrt(a.visual_tokens)
@@ -442,6 +465,144 @@ def schedule_bench(a) -> dict:
             **_versions("cpu")}
 
 
+# ----------------------------------------------------------------------------- estimate mode
+
+GPUS = {"h100-sxm": (989e12, 3.35e12), "h100-pcie": (756e12, 2.0e12), "h200": (989e12, 4.8e12),
+        "a100-80gb": (312e12, 2.0e12)}            # bf16 dense FLOP/s, HBM bytes/s (published)
+
+
+def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool) -> tuple[int, int]:
+    """(decode steps, useful tokens) of the slot engine on `plan` (each episode's turn lengths), counted
+    without a model: continuous batching refills a slot as soon as its episode ends and lets each turn
+    end on its own; the barrier waits for the longest turn of its chunk and starts a chunk when the last
+    one is done. A decode step samples one token for every busy slot."""
+    steps = useful = 0
+    if barrier:
+        for c in range(0, len(plan), slots):
+            chunk = [list(p) for p in plan[c:c + slots]]
+            while any(chunk):
+                n = max(p[0] for p in chunk if p)
+                steps, useful = steps + n, useful + sum(p[0] for p in chunk if p)
+                chunk = [p[1:] for p in chunk]
+        return steps, useful
+    queue = [list(p) for p in plan][::-1]
+    live = []                                            # [tokens left in this turn, turns after it]
+    while queue or live:
+        while queue and len(live) < slots:
+            p = queue.pop()
+            live.append([p[0], p[1:]])
+        n = min(s[0] for s in live)                      # every live slot decodes until the next turn ends
+        steps, useful = steps + n, useful + n * len(live)
+        nxt = []
+        for left, rest in live:
+            left -= n
+            if left > 0:
+                nxt.append([left, rest])
+            elif rest:
+                nxt.append([rest[0], rest[1:]])
+        live = nxt
+    return steps, useful
+
+
+def estimate_time(a) -> dict:
+    """The wall time of one stage-1 step on a GPU, from counted work (module docstring of this mode). Prints
+    every assumption; returns the table."""
+    import statistics
+    peak, hbm = GPUS[a.gpu]
+    px = crop_tool.TOKEN_PIXELS
+    agent = models.random_agent("tiny", "cpu", torch.bfloat16)
+    ops_layer = policy.count_ops(agent.model) / agent.model.config.get_text_config().num_hidden_layers
+    img_ms = _image_processor_ms(agent, a.visual_tokens)
+    crop_ms = _image_processor_ms(agent, a.crop_tokens)
+    config = models.real_config(a.config, models.build_tiny_tokenizer())
+    c = config.get_text_config()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2             # bf16 bytes a token
+    rows = []
+    for name, prompts, group, slots in (("paper scale (256 x 16)", 256, 16, a.batch),
+                                        ("one-gpu preset (32 x 16)", 32, 16, a.batch)):
+        gpus = 1                                                        # one GPU, as the goal states it
+        plan = length_plan(prompts * group, tuple(a.lengths), tuple(a.turns))
+        per_gpu = plan[: len(plan) // gpus]
+        tokens = sum(map(sum, per_gpu))
+        crops = sum(len(p) - 1 for p in per_gpu)
+        prompt = a.visual_tokens + 200
+        context = prompt + statistics.mean(sum(p) for p in per_gpu) / 2 + a.crop_tokens * crops / len(per_gpu) / 2
+        out = {}
+        for sched, barrier in (("ours (slots)", False), ("per-turn barrier", True)):
+            steps, useful = simulate_schedule(per_gpu, slots, barrier)
+            busy = useful / steps                                       # live rows a step, on average
+            read = 2 * n_params + busy * context * kv_token             # bytes a step: bf16 weights + KV
+            t_bw = read / (hbm * a.bandwidth_eff)
+            t_host = 0.0 if a.cuda_graphs else ops_layer * c.num_hidden_layers * a.op_us * 1e-6
+            out[sched] = {"decode_steps": steps, "slot_utilisation": round(useful / (steps * slots), 3),
+                          "ms_per_step": round(1000 * max(t_bw, t_host), 2),
+                          "decode_s": steps * max(t_bw, t_host)}
+        prefill_tokens = prompts * prompt / gpus + crops * (a.crop_tokens + 30)
+        fwd = lambda t: 2 * n_params * t
+        vision = (prompts / gpus) * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.visual_tokens),
+                                                                        2 * math.isqrt(a.visual_tokens)))
+        vision += crops * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.crop_tokens), 2 * math.isqrt(a.crop_tokens)))
+        train_tokens = len(per_gpu) * prompt + tokens + crops * (a.crop_tokens + 30)
+        t_prefill = (fwd(prefill_tokens) + vision) / (peak * a.mfu)
+        t_train = 4 * fwd(train_tokens) / (peak * a.mfu)                # forward, checkpoint recompute, backward x 2
+        t_host_img = (prompts / gpus + crops) * (img_ms + crop_ms) / 2 / 1000
+        ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
+        barrier = out["per-turn barrier"]["decode_s"] + t_prefill + t_train + t_host_img
+        roofline = (tokens / slots) * (2 * n_params + slots * context * kv_token) / hbm + (fwd(prefill_tokens) + vision
+                                                                                           + 4 * fwd(train_tokens)) / peak
+        vllm = (tokens / (slots * 0.95)) * (2 * n_params + slots * context * kv_token) / (hbm * 0.7) + t_prefill + t_train
+        rows.append({"setting": name, "sampled_tokens_per_gpu": tokens, "crops_per_gpu": crops,
+                     "schedules": out, "prefill_s": round(t_prefill, 1), "train_s": round(t_train, 1),
+                     "host_images_s": round(t_host_img, 1), "step_s": {"ours": round(ours), "per-turn barrier":
+                                                                        round(barrier), "vLLM-like": round(vllm),
+                                                                        "roofline": round(roofline)},
+                     "80_steps_h": {"ours": round(80 * ours / 3600, 1), "per-turn barrier": round(80 * barrier / 3600, 1),
+                                    "vLLM-like": round(80 * vllm / 3600, 1), "roofline": round(80 * roofline / 3600, 1)},
+                     "largest_term": max((("decode", out["ours (slots)"]["decode_s"]), ("prefill", t_prefill),
+                                          ("training", t_train), ("host images", t_host_img)), key=lambda x: x[1])[0]})
+    assumptions = {"gpu": f"{a.gpu}: {peak / 1e12:g} TFLOP/s bf16, {hbm / 1e12:g} TB/s",
+                   "model": f"Qwen2.5-VL-{a.config.upper()} ({n_params / 1e9:.2f}B), LoRA merged for rollouts (bf16)",
+                   "lengths": f"turns {a.turns[0]}-{a.turns[1]}, free text {a.lengths[0]}-{a.lengths[1]} tokens a turn "
+                              f"(log-uniform), a crop of {a.crop_tokens} tokens after every turn but the last",
+                   "global image": f"{a.visual_tokens} tokens + 200 of text, prefilled once a task",
+                   "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch {ops_layer:.0f} aten ops a layer "
+                             f"x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
+                   "prefill, vision, training": f"counted FLOPs at {a.mfu:g} MFU; training 4 forwards (checkpointing)",
+                   "host": f"image processor {img_ms:.1f} ms (global), {crop_ms:.1f} ms (crop) here, serial",
+                   "vLLM-like": "utilisation 0.95, decode at 0.7 of HBM bandwidth, no host overhead",
+                   "roofline": "every byte and FLOP at the GPU's peak"}
+    return {"mode": "estimate-time", "assumptions": assumptions, "settings": rows, **_versions("cpu")}
+
+
+def format_estimate(report: dict) -> str:
+    """The estimate as a table: hours for 80 steps per setting and schedule, the largest term, assumptions."""
+    lines = ["| setting | ours (slots) | per-turn barrier | vLLM-like | roofline | slot utilisation (ours / barrier) | "
+             "largest term |", "|---|---|---|---|---|---|---|"]
+    for r in report["settings"]:
+        h, s = r["80_steps_h"], r["schedules"]
+        lines.append(f"| {r['setting']} | {h['ours']} h | {h['per-turn barrier']} h | {h['vLLM-like']} h | "
+                     f"{h['roofline']} h | {s['ours (slots)']['slot_utilisation']} / {s['per-turn barrier']['slot_utilisation']}"
+                     f" | {r['largest_term']} |")
+    return "\n".join(lines + [f"- {k}: {v}" for k, v in report["assumptions"].items()])
+
+
+def _image_processor_ms(agent, tokens: int) -> float:
+    """Milliseconds of the image processor on one image of `tokens` visual tokens, measured here."""
+    from PIL import Image
+    import numpy as np
+    side = math.isqrt(tokens) * 28
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    agent.encode_image(img)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        agent.encode_image(img)
+    return (time.perf_counter() - t0) / 3 * 1000
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
@@ -457,6 +618,11 @@ def main(argv=None) -> dict:
                   **_versions("cpu")}
         print(json.dumps(report, indent=1))
         print(memory.format_report(report))
+        return report
+    if a.estimate_time:
+        report = estimate_time(a)
+        print(json.dumps(report, indent=1))
+        print(format_estimate(report))
         return report
     report = schedule_bench(a) if a.schedule_bench else config_step(a) if a.config else toy_step(a)
     print(json.dumps(report, indent=1))

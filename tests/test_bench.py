@@ -83,3 +83,26 @@ def test_config_mode_with_lora_rolls_out_with_the_plain_models_ops():
     plain = models.random_agent("tiny", "cpu", torch.bfloat16)       # the same base (bf16 under LoRA), no adapters
     layers = plain.model.config.get_text_config().num_hidden_layers
     assert ops["rollout"] == policy.count_ops(plain.model) / layers < ops["trained model"]
+
+
+def test_the_schedule_simulation_by_hand():
+    # two episodes: one turn of 3 tokens; two turns of 1 token each
+    plan = [[3], [1, 1]]
+    # 2 slots, continuous: step 1 both (ep1's first turn ends), step 2 both (ep1 ends), step 3 ep0 alone
+    assert bench.simulate_schedule(plan, 2, barrier=False) == (3, 5)
+    # 2 slots, barrier: turn 1 waits for the longest (3 steps, 4 tokens), turn 2 is ep1 alone (1 step)
+    assert bench.simulate_schedule(plan, 2, barrier=True) == (4, 5)
+    # 1 slot: the same either way, one episode after the other
+    assert bench.simulate_schedule(plan, 1, barrier=False) == bench.simulate_schedule(plan, 1, barrier=True) == (5, 5)
+
+
+def test_estimate_mode_prints_every_term_and_assumption(capsys):
+    r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "20", "512", "--batch", "32"])
+    assert r["mode"] == "estimate-time" and len(r["settings"]) == 2
+    for s in r["settings"]:
+        ours, barrier = s["schedules"]["ours (slots)"], s["schedules"]["per-turn barrier"]
+        assert ours["decode_steps"] < barrier["decode_steps"] and ours["slot_utilisation"] > barrier["slot_utilisation"]
+        assert s["step_s"]["roofline"] <= s["step_s"]["vLLM-like"] <= s["step_s"]["per-turn barrier"]
+        assert s["largest_term"] in ("decode", "prefill", "training", "host images")
+    out = capsys.readouterr().out
+    assert "| paper scale (256 x 16) |" in out and "- decode:" in out and "- roofline:" in out
