@@ -200,9 +200,10 @@ def tokenizer():
 # (temporal, height, width) sections: with the tiny head (16 frequencies, theta 1e4, [4, 6, 6]) the
 # width axis gets only rotations of <= 0.003 rad per visual token (height 0.1..0.006), and a
 # 1M-parameter model never learns to say WHERE a square is (x1 stayed at its marginal loss for 2000
-# steps). theta 1e3 and [1, 4, 11] give height 0.65..0.18 and width 0.12..0.0015 rad per token (the
-# low frequencies remain for long-range text attention); then a locate-only probe learns exact cell
-# boxes in ~400 steps.
+# steps). [1, 4, 11] puts most frequencies on the width axis, and theta 10 makes them turn fast enough
+# to tell neighbouring cells apart along both axes at 16 visual tokens (a toy context of a few hundred
+# tokens needs no slow frequencies); then a locate-only probe learns exact cell boxes (`python warmup.py
+# --locate-probe 800`: x error 0.009, y 0.007, README).
 ROPE = dict(rope_theta=10.0, mrope_section=[1, 4, 11])
 
 
@@ -215,8 +216,9 @@ def agent(seed: int = 0, **model_kw) -> lfpc.Agent:
 
 
 def demo(model: str, n: int, tokens: int, seed: int) -> None:
-    """Roll out `model` on `n` held-out items (sampled, temperature 1) and print every turn, its loss
-    mask and the stop reasons: the machinery of one rollout, on a model that has learned the format."""
+    """Roll out `model` twice on each of `n` held-out items (sampled, temperature 1) and print every turn,
+    the stop reason, the answer, the crops' boxes and how many of the episode's tokens were sampled (the
+    loss mask's ones): the machinery of one rollout, on a model that has learned the format."""
     import torch
     agent = lfpc.load_agent(model, "cpu", torch.float32)
     eps = lfpc.rollout(agent, eval_tasks(n), 2, rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS),

@@ -121,7 +121,11 @@ class Args:
     crop_min_tokens: int | None = arg(None, 'smallest crop, visual tokens (preset)')
     crop_snap: int | None = arg(None, 'grow each cut region to multiples of this many px, 0: off (preset; toy 28)')
     crop_resample: str | None = arg(None, 'how a crop over budget is downsampled: bicubic or box (preset)')
-    clip: float = arg(0.2, 'PPO clip range')
+    clip: float = arg(0.2, 'PPO clip range (inert with one update per batch: the ratio is exactly 1; kept for forks '
+                           'that take several updates)')
+    top_p: float = arg(1.0, 'nucleus sampling of the rollouts, 1: off (the log-probs stay untruncated, as verl)')
+    decode: str = arg("dynamic", 'attention while decoding: "dynamic" (the used length) or "static" (the whole '
+                                 'capacity: the same shapes every step, for CUDA graphs or torch.compile)')
     agg: str = arg("token-mean", '"token-mean" (DeepEyes) or "seq-mean" (original GRPO)')
     beta: float = arg(0.0, 'k3 KL weight; 0 loads no reference model (paper: no KL)')
     w_acc: float = arg(0.8, 'reward weight of accuracy (DeepEyes 0.8)')
@@ -222,6 +226,8 @@ def check_ranges(a: Args) -> list[str]:
     need(a.temperature > 0, f"--temperature must be > 0 for RL rollouts (0 makes every rollout of a group equal), "
                             f"got {a.temperature}")
     need(0 < a.clip < 1, f"--clip must lie in (0, 1), got {a.clip}")
+    need(0 < a.top_p <= 1, f"--top-p must lie in (0, 1], got {a.top_p}")
+    need(a.decode in ("dynamic", "static"), f"--decode is dynamic or static, got {a.decode!r}")
     need(0 <= a.beta <= MAX_BETA, f"--beta must lie in [0, {MAX_BETA:g}] (paper: 0), got {a.beta}")
     need(a.temperature <= MAX_TEMPERATURE, f"--temperature must be at most {MAX_TEMPERATURE:g} (1.0 samples the "
                                            f"policy as it is), got {a.temperature}")
@@ -330,7 +336,8 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache,
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
-                                 batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every)
+                                 batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every,
+                                 top_p=a.top_p, decode=a.decode)
     if (why := lfpc.prompt_problem(agent, tasks, cfg)):             # before hours of probing
         raise SystemExit(f"--data: {why}")
     set_budgets(a, agent, tasks, judge, w, stop)

@@ -169,7 +169,7 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
     plus mean over the call's other tokens), `steps` steps of `batch`; then greedy on `eval_items`
     held-out items: box centre errors along x and y and IoU with B1 (`eval.summarize`; an exact
     cell box scores IoU ~0.47 with B1, a random cell gives centre errors ~0.31). `model_kw` goes to
-    `toy_agent` (e.g. rope_theta, mrope_section)."""
+    `toy.agent` (e.g. rope_theta, mrope_section)."""
     import eval as ev
     agent = toy.agent(seed, **model_kw)
     model = agent.model.train()
