@@ -765,7 +765,7 @@ def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, nam
         e.reward = float(i % 2)
     out = {}
     for padded in (True, False):
-        a.padded = padded
+        a.pack = "off" if padded else "on"
         agent.model.zero_grad(set_to_none=True)
         opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
         real = opt.zero_grad
