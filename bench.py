@@ -93,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
+    p.add_argument("--ckpt-fraction", type=float, default=1.0, help="config and estimate modes: fraction of the "
+                   "decoder layers under gradient checkpointing (train.py --ckpt-fraction; 1: all)")
+    p.add_argument("--ckpt-sweep", action="store_true", help="estimate mode (with --estimate-memory): the training "
+                   "phase's peak and the recomputed forwards for each --ckpt-fraction in 1, 3/4, 1/2, 1/4, 0")
     p.add_argument("--world", type=int, default=1, help="estimate: ranks under torchrun (full fine-tuning shards)")
     p.add_argument("--hbm-gbs", type=float, default=3350.0, help="config mode: GPU memory bandwidth, GB/s, for the "
                    "decode bound (H100 SXM: 3350)")
@@ -130,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
         p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
+    if not 0 < a.ckpt_fraction <= 1:
+        p.error(f"--ckpt-fraction lies in (0, 1], got {a.ckpt_fraction}")
+    if a.ckpt_sweep and not a.estimate_memory:
+        p.error("--ckpt-sweep is a mode of --estimate-memory: add --estimate-memory --config 7b")
     if not a.peak_tflops > 0:
         p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
@@ -238,7 +246,7 @@ def config_step(a) -> dict:
     if a.lora:
         agent = policy.apply_lora(agent, a.lora)
     if a.config != "tiny":
-        policy.enable_grad_ckpt(agent)
+        policy.enable_grad_ckpt(agent.model, a.ckpt_fraction)
     agent.stop_ids, agent.stop_strings = set(), ()               # fixed-length turns
     params = [q for q in agent.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, fused=dev.startswith("cuda"))
@@ -521,6 +529,9 @@ def estimate_time(a) -> dict:
         n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
     head_dim = c.hidden_size // c.num_attention_heads
     kv_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2             # bf16 bytes a token
+    # a training token: forward 1, the checkpoint recompute (--ckpt-fraction of the layers), backward 2 (1 under
+    # LoRA: the frozen weights get no weight gradients, only the activations' gradients flow)
+    train_forwards = 1 + a.ckpt_fraction + (1 if a.lora else 2)
     rows = []
     for name, prompts, group, slots in (("paper scale (256 x 16)", 256, 16, a.batch),
                                         ("one-gpu preset (32 x 16)", 32, 16, a.batch)):
@@ -548,12 +559,12 @@ def estimate_time(a) -> dict:
         vision += crops * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.crop_tokens), 2 * math.isqrt(a.crop_tokens)))
         train_tokens = len(per_gpu) * prompt + tokens + crops * (a.crop_tokens + 30)
         t_prefill = (fwd(prefill_tokens) + vision) / (peak * a.mfu)
-        t_train = 4 * fwd(train_tokens) / (peak * a.mfu)                # forward, checkpoint recompute, backward x 2
+        t_train = train_forwards * fwd(train_tokens) / (peak * a.mfu)
         t_host_img = (prompts / gpus + crops) * (img_ms + crop_ms) / 2 / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
         barrier = out["per-turn barrier"]["decode_s"] + t_prefill + t_train + t_host_img
         roofline = (tokens / slots) * (2 * n_params + slots * context * kv_token) / hbm + (fwd(prefill_tokens) + vision
-                                                                                           + 4 * fwd(train_tokens)) / peak
+                                                                                           + train_forwards * fwd(train_tokens)) / peak
         vllm = (tokens / (slots * 0.95)) * (2 * n_params + slots * context * kv_token) / (hbm * 0.7) + t_prefill + t_train
         rows.append({"setting": name, "sampled_tokens_per_gpu": tokens, "crops_per_gpu": crops,
                      "schedules": out, "prefill_s": round(t_prefill, 1), "train_s": round(t_train, 1),
@@ -571,7 +582,9 @@ def estimate_time(a) -> dict:
                    "global image": f"{a.visual_tokens} tokens + 200 of text, prefilled once a task",
                    "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch {ops_layer:.0f} aten ops a layer "
                              f"x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
-                   "prefill, vision, training": f"counted FLOPs at {a.mfu:g} MFU; training 4 forwards (checkpointing)",
+                   "prefill, vision, training": f"counted FLOPs at {a.mfu:g} MFU; training {train_forwards:g} "
+                                                f"forwards a token (1, checkpoint recompute {a.ckpt_fraction:g}, "
+                                                f"backward {1 if a.lora else 2}{' under LoRA' if a.lora else ''})",
                    "host": f"image processor {img_ms:.1f} ms (global), {crop_ms:.1f} ms (crop) here, serial",
                    "vLLM-like": "utilisation 0.95, decode at 0.7 of HBM bandwidth, no host overhead",
                    "roofline": "every byte and FLOP at the GPU's peak"}
@@ -612,7 +625,12 @@ def main(argv=None) -> dict:
         shape = memory.StepShape(config=a.config, lora=a.lora, visual_tokens=a.visual_tokens,
                                  response_tokens=a.response_tokens, crops=a.crops, crop_tokens=a.crop_tokens,
                                  rollout_rows=a.rollout_rows, group=a.group, train_tokens=a.train_tokens,
-                                 logprob_chunk=a.logprob_chunk, world=a.world)
+                                 logprob_chunk=a.logprob_chunk, world=a.world, ckpt_fraction=a.ckpt_fraction)
+        if a.ckpt_sweep:
+            report = memory.ckpt_sweep(shape)
+            print(json.dumps(report, indent=1))
+            print(memory.format_sweep(report))
+            return report
         t0 = time.perf_counter()
         report = {"mode": "estimate-memory", **memory.estimate(shape), "seconds": round(time.perf_counter() - t0, 1),
                   **_versions("cpu")}

@@ -39,7 +39,7 @@ counted).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -63,6 +63,7 @@ class StepShape:
     train_tokens: int = 16384        # padded tokens per training micro-batch
     logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head
     grad_ckpt: bool = True
+    ckpt_fraction: float = 1.0       # of the decoder layers checkpointed (policy.enable_grad_ckpt)
     world: int = 1                   # ranks under torchrun: full fine-tuning shards its training state (dist.py)
 
     @property
@@ -93,8 +94,7 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
         rollout["gathered_weights"] = (weights - whole) // 2   # the shards gathered for rollouts, in bf16
                                                                # (FSDP2's param_dtype, dist.shard)
     per_mb = max(1, s.train_tokens // s.episode_tokens)
-    policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
-    step = _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
+    step = _training_step(config, s, fake)
     train = {**held, "gradients": part(trainable), "activations": step["activations"]}   # every gradient
     head = _tracked(lambda: (_Policy(*_language_model(config, s.lora), s).head,),
                     lambda h: _head_step(h, s, config.get_text_config().hidden_size), fake)
@@ -109,6 +109,56 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
         out[phase]["total"] = sum(v for k, v in out[phase].items() if k != "total")
     out["peak"] = max(out["rollout"]["total"], out["training"]["total"])
     return out
+
+
+def _training_step(config, s: StepShape, fake: bool = True) -> dict:
+    """The tracked forward and backward of one micro-batch (the training phase's activations)."""
+    per_mb = max(1, s.train_tokens // s.episode_tokens)
+    policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
+    return _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
+
+
+CKPT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)     # 0: no checkpointing
+
+
+def ckpt_sweep(s: StepShape, device_gib: float = 80.0) -> dict:
+    """The training phase's peak for each fraction of checkpointed decoder layers, beside its cost in
+    forward-equivalents a training token (forward 1, the recompute `fraction`, backward 2 under full
+    fine-tuning or 1 under LoRA: frozen weights get no weight gradients), and the cheapest fraction whose
+    step fits `device_gib` less the CUDA context (1 GiB) and 10 % for fragmentation."""
+    full = estimate(replace(s, ckpt_fraction=1.0, grad_ckpt=True))
+    config = model_config(s.config)
+    usable = (0.9 * device_gib - 1) * GiB
+    rows = []
+    for f in CKPT_FRACTIONS:
+        if f == 1.0:
+            train = full["training"]
+        else:
+            step = _training_step(config, replace(s, ckpt_fraction=f or 1.0, grad_ckpt=f > 0))
+            train = {**full["training"], "activations": step["activations"]}
+            train["total"] = sum(v for k, v in train.items() if k != "total")
+        peak = max(full["rollout"]["total"], train["total"])
+        rows.append({"ckpt_fraction": f, "activations_bytes": train["activations"],
+                     "training_gib": round(train["total"] / GiB, 2),
+                     "activations_gib": round(train["activations"] / GiB, 2), "step_peak_gib": round(peak / GiB, 2),
+                     "forwards_per_token": 1 + f + (1 if s.lora else 2), "fits": peak <= usable})
+    fitting = [r for r in rows if r["fits"]]
+    best = min(fitting, key=lambda r: r["forwards_per_token"]) if fitting else None
+    return {"mode": "ckpt-sweep", "shape": full["shape"], "rollout_gib": round(full["rollout"]["total"] / GiB, 2),
+            "device_gib": device_gib, "usable_gib": round(usable / GiB, 2), "rows": rows,
+            "choice": best and best["ckpt_fraction"]}
+
+
+def format_sweep(r: dict) -> str:
+    """The sweep as a table, and the choice."""
+    lines = [f"rollout phase {r['rollout_gib']} GiB; usable of {r['device_gib']:g} GiB: {r['usable_gib']} GiB",
+             "| ckpt fraction | activations GiB | training GiB | step peak GiB | forwards a token | fits |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {x['ckpt_fraction']:g} | {x['activations_gib']} | {x['training_gib']} | {x['step_peak_gib']} | "
+              f"{x['forwards_per_token']:g} | {'yes' if x['fits'] else 'no'} |" for x in r["rows"]]
+    lines.append(f"cheapest that fits: --ckpt-fraction {r['choice']:g}" if r["choice"] is not None
+                 else "none fits: lower --train-tokens")
+    return "\n".join(lines)
 
 
 def model_config(name: str):
@@ -252,8 +302,9 @@ class _Policy(torch.nn.Module):
 def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     """One micro-batch: forward (gradient checkpointing), the chunked log-prob head over the response
     tokens, backward. Mirrors train.update_policy with a static response slice."""
+    import policy as policy_lib
     if s.grad_ckpt:
-        policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy_lib.enable_grad_ckpt(policy.lm, s.ckpt_fraction)
     policy.train()
     x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
                     dtype=torch.bfloat16 if s.lora else torch.float32)

@@ -9,8 +9,12 @@ Contract
 - LoRA (`--lora R`): rank R, alpha 2R, on the language model's q, k, v, o, gate, up, down projections
   (peft); the frozen base in bf16, the adapters and their AdamW state in fp32. A folder of adapters (what
   a --lora run saves) loads its base, then the adapters: trained on with --lora, merged without.
-- Gradient checkpointing, non-reentrant.
-`a` is train.Args (lora, grad_ckpt, device, model).
+- Gradient checkpointing, non-reentrant, of a fraction of the language model's decoder layers
+  (`--ckpt-fraction`, evenly spread; the vision blocks, trained only under full fine-tuning, are all
+  checkpointed). A checkpointed layer keeps only its input and runs its forward again in the backward; a
+  layer left out keeps its activations and saves that recompute (`python bench.py --ckpt-sweep` measures
+  the trade on the real config).
+`a` is train.Args (lora, grad_ckpt, ckpt_fraction, device, model).
 """
 from __future__ import annotations
 
@@ -133,7 +137,7 @@ def load_model(a, ckpt: str = "") -> lfpc.Agent:
         if not a.lora:                                                       # fp32 masters for full fine-tuning
             agent.model = agent.model.merge_and_unload().float().requires_grad_(True)     # peft froze the base
     if a.grad_ckpt:
-        enable_grad_ckpt(agent)
+        enable_grad_ckpt(agent.model, a.ckpt_fraction or 1.0)
     return agent
 
 
@@ -156,9 +160,29 @@ def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
     return agent
 
 
-def enable_grad_ckpt(agent: lfpc.Agent) -> None:
-    """Gradient checkpointing, non-reentrant (renamed activation_checkpointing_enable after transformers 5.17)."""
-    if hasattr(agent.model, "activation_checkpointing_enable"):
-        agent.model.activation_checkpointing_enable({"use_reentrant": False})
+def enable_grad_ckpt(model: torch.nn.Module, fraction: float = 1.0) -> list[int]:
+    """Gradient checkpointing, non-reentrant (renamed activation_checkpointing_enable after transformers 5.17),
+    on `fraction` of the language model's decoder layers (`checkpointed_layers`); the indices checkpointed."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
     else:
-        agent.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    chosen = checkpointed_layers(len(layers), fraction)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen       # transformers' per-layer switch (GradientCheckpointingLayer)
+    return chosen
+
+
+def checkpointed_layers(n: int, fraction: float) -> list[int]:
+    """round(fraction x n) of n layers (at least one), evenly spread: 0.5 of 28 checkpoints every other layer."""
+    k = min(n, max(1, round(fraction * n)))
+    return sorted({j * n // k for j in range(k)})
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's decoder layers in order (not the vision blocks), for a full model, a peft
+    wrapper or a bare text model."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for name, m in model.named_modules()
+            if isinstance(m, GradientCheckpointingLayer) and "visual" not in name.split(".")]

@@ -26,7 +26,7 @@ TOY = dict(
     # world
     tasks=toy.training_tasks, eval_tasks=toy.eval_tasks, checkpoints=toy.CHECKPOINTS, system_prompt=toy.SYSTEM_PROMPT,
     # model and run
-    model=toy.BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False,
+    model=toy.BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False, ckpt_fraction=1.0,
     rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20,                 # toy episodes are short
     # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
     max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
@@ -37,10 +37,13 @@ TOY = dict(
     budget=16, limit=500, batch_size=64,
 )
 
+# ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
+# GiB usable of 80, measured by `bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
+# training peak (every layer: 43.8 at the rollout's; 1/4: 82.0).
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
     model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
-    lora=0, grad_ckpt=True, rollout_batch=64, rollout_tokens=64 * 8512, train_tokens=16384,
+    lora=0, grad_ckpt=True, ckpt_fraction=0.5, rollout_batch=64, rollout_tokens=64 * 8512, train_tokens=16384,
     max_turns=5, max_new_tokens=1024, max_response_tokens=2048, min_tokens=4, resample="bicubic",
     crop_max_tokens=1280, crop_min_tokens=4, crop_snap=0, crop_resample="bicubic",
     full_tokens=16384, floor_tokens=256, probe_max_new_tokens=64,
@@ -49,8 +52,10 @@ PAPER = dict(
 
 # From `python bench.py --config 7b --estimate-memory` (README): 32 rows of 8,512-token episodes (1K global,
 # 2,048 response tokens, 4 crops of 1,280) peak at ~42 GiB; at the 16K global budget the same token budget
-# admits one group of 16 rows a chunk (~46 GiB). Micro-batches of 32K padded tokens.
-ONE_GPU = {**PAPER, "lora": 64, "prompts": 32, "rollout_batch": 32, "rollout_tokens": 32 * 8512,
+# admits one group of 16 rows a chunk (~46 GiB). Micro-batches of 32K padded tokens, every decoder layer
+# checkpointed: `bench.py --estimate-memory --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of
+# them, over the 71 GiB usable of 80.
+ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 1.0, "prompts": 32, "rollout_batch": 32, "rollout_tokens": 32 * 8512,
            "train_tokens": 32768, "micro_batch": 8}
 
 PRESETS = {"toy": TOY, "paper": PAPER, "one-gpu": ONE_GPU}

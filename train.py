@@ -138,6 +138,10 @@ class Args:
     n_train: int | None = arg(None, 'generated training tasks, presets without --data (toy: 1024)')
     lora: int | None = arg(None, 'LoRA rank, 0: full fine-tuning (preset; one-gpu 64; peft)')
     grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
+    ckpt_fraction: float | None = arg(None, 'with --grad-ckpt: the fraction of decoder layers checkpointed, evenly '
+                                            'spread (1: all, the least memory; a layer left out keeps its '
+                                            'activations and saves its recompute). Preset: measured by `bench.py '
+                                            '--estimate-memory --ckpt-sweep` (README)')
     pack: str = arg("auto", 'training micro-batches: "on" packs each into one padding-free row (engine.collate('
                             'packed=True)), "off" right-pads them, "auto" packs when the attention has a varlen path '
                             '(flash_attention_2; SDPA builds a block mask of the whole row: 2.4x slower on the toy)')
@@ -153,7 +157,11 @@ def parse_args(argv=None) -> Args:
         p.error(f"--preset must be one of {', '.join(presets.PRESETS)}, got {a.preset!r}")
     if a.stage == 2 and a.model is None:
         a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
+    ckpt_fraction_given = a.ckpt_fraction is not None
     presets.fill(a, a.preset)
+    if ckpt_fraction_given and not a.grad_ckpt:
+        p.error(f"--ckpt-fraction needs gradient checkpointing, which is off (preset {a.preset}"
+                f"{' or --no-grad-ckpt' if a.preset != 'toy' else ''}): add --grad-ckpt")
     if a.out is not None and not a.out.strip():
         p.error("--out is empty: pass a folder (default runs/stage<N>)")
     a.out = a.out or f"runs/stage{a.stage}"
@@ -227,6 +235,8 @@ def check_ranges(a: Args) -> list[str]:
     need(a.temperature > 0, f"--temperature must be > 0 for RL rollouts (0 makes every rollout of a group equal), "
                             f"got {a.temperature}")
     need(0 < a.clip < 1, f"--clip must lie in (0, 1), got {a.clip}")
+    need(a.ckpt_fraction is None or 0 < a.ckpt_fraction <= 1, f"--ckpt-fraction lies in (0, 1] (--no-grad-ckpt: "
+                                                              f"none), got {a.ckpt_fraction}")
     need(0 < a.top_p <= 1, f"--top-p must lie in (0, 1], got {a.top_p}")
     need(a.decode in ("dynamic", "static"), f"--decode is dynamic or static, got {a.decode!r}")
     need(a.pack in ("auto", "on", "off"), f"--pack is auto, on or off, got {a.pack!r}")
@@ -273,7 +283,7 @@ MAX_NORM_GROWTH = 10.0   # an update that multiplies the weights' norm by more s
 MAX_BAD_STEPS = 3        # skipped steps in a row that stop the run
 COLLAPSE_DROP = 0.5      # a format-valid rate this far below the run's best, and below it, stops the run: the
                          # weights look sane (the norm guard passes) but the policy no longer writes turns
-RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout")   # what --resume may change
+RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout", "ckpt_fraction")   # what --resume may change
 
 
 def main(argv=None) -> None:
