@@ -10,8 +10,8 @@ benchmarks (V*, HR-Bench) and a picture gallery.
 Prints a table and writes OUT/results.json (every number, the rollout config, model and data paths,
 date, machine, one record per item and run) and OUT/gallery/index.html (default OUT: runs/eval/<time>).
 
-`--preset` (presets.py; default toy) fills every flag left unset. The toy preset: --model is the
-latest toy checkpoint (runs/stage2/ckpt, else runs/stage1/ckpt, else checkpoints/toy_base); without a
+`--preset` (support/presets.py; default toy) fills every flag left unset. The toy preset: --model is the
+latest toy checkpoint (runs/stage2/ckpt, else runs/stage1/ckpt, else toy/base); without a
 data flag, `--limit` (500) held-out toy items (item stream seed 3, disjoint from warm-up and
 training), the toy's rollout settings (native crops, box downsampling) and --budget 16 (half the
 canvas side). V* and HR-Bench need a real model and `--preset paper`.
@@ -20,7 +20,7 @@ Decoding: greedy (temperature 0), one rollout per task, `--batch-size` tasks at 
 `lfpc.rollout`. The global image gets `--budget` visual tokens (max_pixels = budget*28*28; the CLI
 drops any per-task `max_pixels`, so one budget holds for all); crops are always cut from the original.
 
-Metrics of each run: the episode metrics of metrics.py (acc, acc/<cat>, hrbench/*, tool/*, format/*,
+Metrics of each run: the episode metrics of support/metrics.py (acc, acc/<cat>, hrbench/*, tool/*, format/*,
 box/*, stop/*, len/*: one vocabulary with training) plus "n" (episodes) and time/sec_per_question
 (wall-clock seconds of the run / questions; batched, so below one-at-a-time latency).
 
@@ -45,7 +45,7 @@ Categories: loaders put them in Task.id as "<category>/<name>"; `metrics.categor
 before the first "/" (None without one; the project's JSONL ids usually have none).
 
 Benchmark files: `data.load_vstar` (V*) and `data.load_hrbench` (HR-Bench); the project's JSONL:
-`data.load_tasks`. Their formats and checks are in data.py's docstring.
+`data.load_tasks`. Their formats and checks are in support/data.py's docstring.
 """
 from __future__ import annotations
 
@@ -64,13 +64,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import crop_tool
-import data
 import lfpc
-import metrics
-import policy
-import presets
-import prompts
-from judge import RuleJudge, make_judge, url_problem
+from support import data, metrics, policy, presets, prompts
+from support.judge import RuleJudge, make_judge, url_problem
 
 PROBES = ("noise", "gt", "no-tool")
 
@@ -79,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate an LFPC checkpoint (see the module docstring).")
     d = " (default: %(default)s)"
     pre = " (default: the preset's)"
-    p.add_argument("--preset", default="toy", choices=sorted(presets.PRESETS), help="named settings" + d)
+    p.add_argument("--preset", default="toy", choices=sorted(presets.NAMES), help="named settings" + d)
     p.add_argument("--model", help="Qwen2.5-VL checkpoint: a folder (e.g. written by lfpc.save_agent) or hub name "
                    "(toy preset: the latest toy checkpoint)")
     src = p.add_mutually_exclusive_group()
@@ -95,11 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-snap", type=int, help="grow each cut region to multiples of this many px, 0: off" + pre)
     p.add_argument("--crop-resample", choices=["bicubic", "box"], help="how a crop over budget is downsampled" + pre)
     p.add_argument("--no-tool", action="store_true", help="offer no tool: answer from the global image alone")
-    p.add_argument("--prompt", choices=list(prompts.STYLES), help="how turns are written (prompts.py): qwen, or "
+    p.add_argument("--prompt", choices=list(prompts.STYLES), help="how turns are written (support/prompts.py): qwen, or "
                    "deepeyes to evaluate a DeepEyes checkpoint as it was trained (default: the model's own, saved "
                    "beside it; else qwen)")
     p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who decides what is right: the rules "
-                   "of rewards.py, or a model behind an OpenAI-compatible endpoint (judge.py)" + d)
+                   "of rewards.py, or a model behind an OpenAI-compatible endpoint (support/judge.py)" + d)
     p.add_argument("--judge-url", help="--judge llm: the endpoint, e.g. http://127.0.0.1:8000 (a vLLM server)")
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--judge-cache", help="--judge llm: JSONL cache of verdicts (default: OUT/judge_cache.jsonl)")
@@ -120,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     a = p.parse_args(argv)
-    world = presets.PRESETS[a.preset]
+    world = presets.get(a.preset)
     if not (a.data or a.vstar or a.hrbench) and world["eval_tasks"] is None:
         p.error(f"--preset {a.preset}: pass the tasks (--data, --vstar or --hrbench)")
     if (a.vstar or a.hrbench) and world["system_prompt"] is not None:
@@ -209,7 +205,7 @@ def evaluate(agent: lfpc.Agent, tasks: list[lfpc.Task], cfg: lfpc.RolloutConfig,
     dict, "metrics": summarize(...), "probes": {name: metrics or {"skipped": why}}, "episodes":
     {"normal" | probe: [Episode]}} ("episodes" is the one value that is not JSON).
     `sample_fn` replaces the model's sampler (tests script turns with it; see lfpc.rollout); `judge`
-    (judge.py; default the rules) decides what is right."""
+    (support/judge.py; default the rules) decides what is right."""
     if set(probes) - set(PROBES):
         raise ValueError(f"unknown probe(s) {sorted(set(probes) - set(PROBES))}; use {PROBES}")
     cfg = replace(cfg, temperature=0.0, batch_size=batch_size, probe="none")
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         elif a.hrbench:
             tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
         else:
-            tasks, source = presets.PRESETS[a.preset]["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
+            tasks, source = presets.get(a.preset)["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
     except (data.DataError, OSError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task

@@ -16,7 +16,7 @@ Contract
   toy image is native at 1024..64 tokens, so its levels are 1024, 32, 16. Budgets are honoured down to
   one token (the answer function's min_pixels is 784); stage-1 training should not clamp them higher.
 - Probe: k sampled DIRECT answers (no tool, one turn) at one budget. Votes are cast with the judge that
-  scores the rewards (`judge.Judge.groups`; the rule judge groups by `rewards.vote_key`: "yellow", "The
+  scores the rewards (`judge.Judge.groups`; the rule judge groups by `answers.vote_key`: "yellow", "The
   umbrella is yellow." and "It is yellow" are one vote): answers the judge calls the same are one
   group, "no answer" (None) a group of its own. Majority: the largest group, represented by its first
   sampled answer; a TIE for the largest is no majority (None): at full resolution the item is then
@@ -49,7 +49,7 @@ Contract
   item that was in flight when a run was killed is probed again to the same answers and budget. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
   elsewhere is an error. A checkpoint folder retrained in place keeps its name: give it another cache.
 - One settings object, `ProberConfig`, is built by train.py from its flags and by this file's command
-  line from its own, with the same defaults (`--preset`, presets.py).
+  line from its own, with the same defaults (`--preset`, support/presets.py).
 """
 from __future__ import annotations
 
@@ -66,13 +66,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-import checkpoint
 import crop_tool
-import data
 import lfpc
-import prompts
-from judge import Judge, RuleJudge, make_judge, url_problem
 from lfpc import Task
+from support import checkpoint, data, prompts
+from support.judge import Judge, RuleJudge, make_judge, url_problem
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
 MIN_PIXELS = TOKEN_PIXELS               # the prober shows every budget down to one token
@@ -85,15 +83,15 @@ AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    import policy
-    import presets
+    from support import policy
+    from support import presets
     p = argparse.ArgumentParser(description="Per-item global-image budgets for LFPC stage 1 (information gap).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pre = " (default: the preset's, as train.py)"
     p.add_argument("--data", required=True, help="training items, JSONL in the data.load_tasks schema")
     p.add_argument("--model", required=True, help="Qwen2.5-VL checkpoint that answers (hub name or folder)")
     p.add_argument("--out", required=True, help="output JSONL: the rows of --data with 'max_pixels' added")
-    p.add_argument("--preset", default="paper", choices=sorted(presets.PRESETS),
+    p.add_argument("--preset", default="paper", choices=sorted(presets.NAMES),
                    help="fills the ladder, answer length and resampling exactly as train.py's --preset does")
     p.add_argument("--cache", default=None, help="probe cache JSONL (None: --out with .cache.jsonl)")
     p.add_argument("--full-tokens", type=int, help="full-resolution budget, visual tokens of 28x28 px" + pre)
@@ -104,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")
     p.add_argument("--max-new-tokens", type=int, help="tokens sampled per direct answer" + pre)
     p.add_argument("--resample", choices=sorted(crop_tool.RESAMPLE), help="how the global image is downsampled" + pre)
-    p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who groups the votes (judge.py)")
+    p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who groups the votes (support/judge.py)")
     p.add_argument("--judge-url", help="--judge llm: OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--judge-timeout", type=float, default=10.0, help="--judge llm: seconds a request may take (an API "
@@ -113,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
     a = p.parse_args(argv)
-    preset = presets.PRESETS[a.preset]
+    preset = presets.get(a.preset)
     a.full_tokens = a.full_tokens or preset["full_tokens"]
     a.floor_tokens = a.floor_tokens or preset["floor_tokens"]
     a.max_new_tokens = a.max_new_tokens or preset["probe_max_new_tokens"]

@@ -5,13 +5,13 @@ Contract
 - Records. `Task`: one question about one ORIGINAL image (boxes in its pixels). `Episode`: one rollout,
   whose `token_ids`, `loss_mask` and `logprobs` are aligned; `Episode.append` is the only way they grow.
   `RolloutConfig`: budgets, turn limits, sampling, probes.
-- The turns' text around the model's own (system prompt, question, tool responses) is prompts.py's,
+- The turns' text around the model's own (system prompt, question, tool responses) is support/prompts.py's,
   in the agent's style (`Agent.style`: "qwen" or "deepeyes").
 - Frames: the global image is resized to a pixel budget (`crop_tool.resize_to_budget`); that
   resized image is what the model is SHOWN, its size is stated in the question, and every box the
   model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
-  task i are rows i*G .. i*G+G-1), turn by turn in batches (`engine.py` runs the model). Each turn is
+  task i are rows i*G .. i*G+G-1), turn by turn in batches (`support/engine.py` runs the model). Each turn is
   sampled until `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
   is built while generating: sampled tokens get 1, everything the environment appends (prompt, tool
   responses, the `<|im_end|>` that closes a turn stopped at `</tool_call>`) gets 0.
@@ -41,8 +41,7 @@ import torch.utils.checkpoint
 from PIL import Image
 
 import crop_tool
-import engine
-import prompts
+from support import engine, prompts
 
 # ----------------------------------------------------------------------------- records
 
@@ -56,7 +55,7 @@ class Task:
     boxes: list[list[float]] | None = None  # nested B1 ⊂ B2 ⊂ ... (stage 2), B1 first
     max_pixels: int | None = None           # global-image budget for this task (stage 1: from info_gap)
     id: str = ""
-    cycle: str | None = None                # HR-Bench's cycle_category: which rotation of the options (metrics.py)
+    cycle: str | None = None                # HR-Bench's cycle_category: which rotation of the options (support/metrics.py)
 
     def load_image(self) -> Image.Image:
         """The original as the model sees it (crop_tool.open_image: EXIF orientation, alpha on white, RGB)."""
@@ -161,7 +160,7 @@ class Agent:
     image_processor: object       # Qwen2VLImageProcessorPil
     system_prompt: str = prompts.SYSTEM_PROMPT
     instruction: str = prompts.INSTRUCTION   # appended to the first user turn when the tool is offered
-    style: str = "qwen"                       # how turns are written (prompts.py): "qwen" or "deepeyes"
+    style: str = "qwen"                       # how turns are written (support/prompts.py): "qwen" or "deepeyes"
     direct_instruction: str | None = None     # the instruction when no tool is offered (None: prompts.direct's
                                               # short answer); the toy keeps the one its base learned
 

@@ -9,7 +9,7 @@
 Each step: sample `prompts` tasks, roll out `group` episodes each (multi-turn, crop tool),
 reward them, group-normalise the advantages, and take ONE optimizer step on the clipped token
 loss, in micro-batches whose losses are divided by the token count of the whole step.
-`--preset` (presets.py) fills every flag left unset; flags always win.
+`--preset` (support/presets.py) fills every flag left unset; flags always win.
 
 Stage 1 shows each task's global image at its information-gap budget (`info_gap.py`: the highest
 budget at which the model's direct answer stops agreeing with its full-resolution answer; probed
@@ -17,7 +17,7 @@ once and cached); crops always come from the original. `--global-image full` sho
 instead: the DeepEyes-style baseline. Stage 2 adds LFPC's grounding reward on tasks with nested
 boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stage2-mode`).
 
-Metrics (one line a step in <out>/metrics.jsonl; names and populations in metrics.py): the
+Metrics (one line a step in <out>/metrics.jsonl; names and populations in support/metrics.py): the
 episode metrics (acc, tool/*, box/*, format/*, stop/*, len/*), reward/mean and reward/<part>,
 adv/frac_zero_std, loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
 loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes, loss/sampler_gap; work/* (the
@@ -55,21 +55,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-import checkpoint
 import crop_tool
-import data
-import dist
-import engine
 import grpo
 import info_gap
-import judge as judge_lib
 import lfpc
-import metrics
-import policy
-import presets
-import prompts
 import rewards
-from judge import Judge, RuleJudge, make_judge
+from support import checkpoint, data, dist, engine, metrics, policy, presets, prompts
+from support import judge as judge_lib
+from support.judge import Judge, RuleJudge, make_judge
 
 
 def arg(default, help: str):
@@ -80,7 +73,7 @@ def arg(default, help: str):
 @dataclass
 class Args:
     stage: int = arg(1, '1: information gap; 2: + grounding reward')
-    preset: str = arg("toy", 'named settings for every flag left unset: ' + " | ".join(presets.PRESETS))
+    preset: str = arg("toy", 'named settings for every flag left unset: ' + " | ".join(presets.NAMES))
     model: str | None = arg(None, 'checkpoint to start from (preset; stage 2: runs/stage1/ckpt)')
     data: str | None = arg(None, 'JSONL tasks (data.load_tasks); the toy preset generates its own without it')
     out: str | None = arg(None, 'run folder (default runs/stage<N>)')
@@ -96,13 +89,13 @@ class Args:
     group: int | None = arg(None, 'rollouts per task, the GRPO group (preset)')
     lr: float | None = arg(None, 'AdamW learning rate (preset: toy 1e-4, paper 1e-6)')
     micro_batch: int | None = arg(None, 'episodes per forward/backward, at most (preset)')
-    train_tokens: int | None = arg(None, 'padded tokens per forward/backward, at most (preset; one-gpu from memory.py)')
+    train_tokens: int | None = arg(None, 'padded tokens per forward/backward, at most (preset; one-gpu from support/memory.py)')
     rollout_batch: int | None = arg(None, 'episodes sampled together, at most (preset)')
     rollout_tokens: int | None = arg(None, 'KV-cache tokens of one rollout chunk, at most: episodes x the bound '
-                                            'of their length (preset; one-gpu from memory.py)')
+                                            'of their length (preset; one-gpu from support/memory.py)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
-    prompt: str | None = arg(None, 'how turns are written (prompts.py): qwen or deepeyes (default: the model\'s own)')
-    judge: str = arg("rule", 'who decides a right answer (rewards, votes, metrics): rule or llm (judge.py)')
+    prompt: str | None = arg(None, 'how turns are written (support/prompts.py): qwen or deepeyes (default: the model\'s own)')
+    judge: str = arg("rule", 'who decides a right answer (rewards, votes, metrics): rule or llm (support/judge.py)')
     judge_url: str | None = arg(None, '--judge llm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000')
     judge_model: str | None = arg(None, '--judge llm: the served model\'s name')
     judge_cache: str | None = arg(None, '--judge llm: JSONL cache of verdicts (default <out>/judge_cache.jsonl)')
@@ -140,7 +133,7 @@ class Args:
     grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
     ckpt_fraction: float | None = arg(None, 'with --grad-ckpt: the fraction of decoder layers checkpointed, evenly '
                                             'spread (1: all, the least memory; a layer left out keeps its '
-                                            'activations and saves its recompute). Preset: measured by `bench.py '
+                                            'activations and saves its recompute). Preset: measured by `support/bench.py '
                                             '--estimate-memory --ckpt-sweep` (README)')
     pack: str = arg("auto", 'training micro-batches: "on" packs each into one padding-free row (engine.collate('
                             'packed=True)), "off" right-pads them, "auto" packs when the attention has a varlen path '
@@ -153,8 +146,8 @@ class Args:
 def parse_args(argv=None) -> Args:
     p = _parser()
     a = Args(**vars(p.parse_args(argv)))
-    if a.preset not in presets.PRESETS:
-        p.error(f"--preset must be one of {', '.join(presets.PRESETS)}, got {a.preset!r}")
+    if a.preset not in presets.NAMES:
+        p.error(f"--preset must be one of {', '.join(presets.NAMES)}, got {a.preset!r}")
     if a.stage == 2 and a.model is None:
         a.model = "runs/stage1/ckpt"                      # stage 2 continues stage 1's run
     ckpt_fraction_given = a.ckpt_fraction is not None
@@ -170,7 +163,7 @@ def parse_args(argv=None) -> Args:
         p.error(why)
     if a.resume:
         return a                                         # the run's own settings come from its checkpoint
-    if not a.data and presets.PRESETS[a.preset]["tasks"] is None:
+    if not a.data and presets.get(a.preset)["tasks"] is None:
         p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
     if (why := lfpc.model_problem(a.model)):
         p.error(why + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
@@ -638,7 +631,7 @@ def score(a: Args, episodes: list[lfpc.Episode], tasks: list[lfpc.Task], judge: 
 
 
 def step_metrics(episodes, tasks, judge, adv_metrics, loss_metrics, w: dist.World = dist.World()) -> dict[str, float]:
-    """The step's line of metrics.jsonl (metrics.py): episode metrics, rewards, advantages, loss; under
+    """The step's line of metrics.jsonl (support/metrics.py): episode metrics, rewards, advantages, loss; under
     torchrun over every rank's episodes."""
     if w.distributed:
         episodes, tasks, zero_std = dist.gather_episodes(episodes, tasks, adv_metrics["frac_zero_std"], w)
@@ -663,7 +656,7 @@ def read_tasks(a: Args) -> list[lfpc.Task]:
         except data.DataError as e:
             raise SystemExit(f"--data: {e}") from None
     else:       # a preset that generates its world's tasks (toy: stage 2 gets a small, disjoint annotated set)
-        tasks = presets.PRESETS[a.preset]["tasks"](a.stage, a.n_train)
+        tasks = presets.get(a.preset)["tasks"](a.stage, a.n_train)
     if a.stage == 2 and any(not t.boxes for t in tasks):
         raise SystemExit(f"stage 2 needs 'bboxes' on every task; {sum(not t.boxes for t in tasks)} lack them")
     return tasks
@@ -708,7 +701,7 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
 
 
 def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
-    """read_tasks, then set_budgets (bench.py and tests: one call)."""
+    """read_tasks, then set_budgets (support/bench.py and tests: one call)."""
     tasks = read_tasks(a)
     set_budgets(a, agent, tasks)
     return tasks

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import lfpc
-import models
-import toy
+from support import models
+import toy.world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN_TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "qwen2-tokenizer")
@@ -22,13 +22,13 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def toy_model():
-    """A fresh toy model (toy.agent, seed 0): the toy's tokenizer, prompts and rotary layout."""
-    return toy.agent(seed=0)
+    """A fresh toy model (toy.world.agent, seed 0): the toy's tokenizer, prompts and rotary layout."""
+    return toy.world.agent(seed=0)
 
 
 @pytest.fixture(scope="session")
 def toy_base(tmp_path_factory, toy_model):
-    """`toy_model` saved as a checkpoint folder: a stand-in for checkpoints/toy_base."""
+    """`toy_model` saved as a checkpoint folder: a stand-in for toy/base."""
     path = str(tmp_path_factory.mktemp("toy_base"))
     lfpc.save_agent(toy_model, path)
     return path

@@ -12,18 +12,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import dist  # noqa: E402
 import lfpc  # noqa: E402
-import policy  # noqa: E402
-import toy  # noqa: E402
 import train  # noqa: E402
+from support import dist  # noqa: E402
+from support import policy  # noqa: E402
+import toy.world  # noqa: E402
 
 mode, out = sys.argv[1], sys.argv[2]
 # a log-prob head of 3 tokens a chunk: the ranks' chunk counts differ (they sample different lengths)
 lfpc.token_logprobs = functools.partial(lfpc.token_logprobs, chunk=3)
 w = dist.setup()
 torch.manual_seed(0)
-agent = toy.agent(seed=0)
+agent = toy.world.agent(seed=0)
 a = train.Args(lr=1.0, lora=4 if mode == "lora" else 0, group=4, micro_batch=2, train_tokens=1 << 20, temperature=1.0,
                max_turns=2, max_new_tokens=8, max_response_tokens=16)
 if a.lora:
@@ -34,8 +34,8 @@ if a.lora:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
 elif w.distributed:
     dist.shard(agent.model, w)
-tasks = toy.eval_tasks(2)
-cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2, temperature=1.0)
+tasks = toy.world.eval_tasks(2)
+cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2, temperature=1.0)
 mine, first = dist.share(tasks, w)
 episodes, _ = train.collect_episodes(a, agent, mine, cfg, step=0, first=first * a.group)
 for i, e in enumerate(episodes):                          # rewards that differ inside each group

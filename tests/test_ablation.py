@@ -1,12 +1,12 @@
-"""Tests for ablation.py: the whole pipeline on a random tiny base (seconds), resume, the target checks."""
+"""Tests for toy/ablation.py: the whole pipeline on a random tiny base (seconds), resume, the target checks."""
 import json
 import os
 
 import pytest
 
-import ablation
-import toy
 import train
+from toy import ablation
+import toy.world
 
 FAST = ("--n-train 8 --prompts 2 --group 2 --micro-batch 2 --max-new-tokens 8 --max-response-tokens 16 "
         "--max-turns 2 --probe-k 2")
@@ -106,7 +106,7 @@ def test_quick_honours_seeds(base):
 def test_box_payoff_groups_the_shipped_bases_boxes_by_size():
     """The shipped base's habit, as RESULTS.md reads it: most first boxes are > 112 px and cover B1;
     the shares of the sizes and of 'no crop' add up to one."""
-    text = ablation.box_payoff(toy.BASE, group=1)
+    text = ablation.box_payoff(toy.world.BASE, group=1)
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
             for line in text.splitlines()[3:] if line.startswith("|")}
     assert abs(sum(float(r[0]) for r in rows.values()) - 1.0) < 0.01

@@ -1,14 +1,12 @@
-"""Tests for bench.py: the FLOP count against torch's counter, a config-mode run."""
+"""Tests for support/bench.py: the FLOP count against torch's counter, a config-mode run."""
 import math
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-import engine
 import lfpc
-import models
+from support import bench, engine, models
 
 
 @pytest.mark.parametrize("visual_tokens", [16, 64])       # 64: 16x16 patches, four 8x8 attention windows
@@ -79,7 +77,7 @@ def test_config_mode_with_lora_rolls_out_with_the_plain_models_ops():
     r = bench.main(["--config", "tiny", "--batch", "2", "--micro-batch", "2", "--visual-tokens", "16", "--lora", "4",
                     "--prompt-tokens", "40", "--response-tokens", "4", "--repeat", "1", "--device", "cpu"])
     ops = r["aten_ops_per_decode_step_per_layer"]
-    import policy
+    from support import policy
     plain = models.random_agent("tiny", "cpu", torch.bfloat16)       # the same base (bf16 under LoRA), no adapters
     layers = plain.model.config.get_text_config().num_hidden_layers
     assert ops["rollout"] == policy.count_ops(plain.model) / layers < ops["trained model"]

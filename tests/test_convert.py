@@ -1,4 +1,4 @@
-"""Tests for convert.py. Each source's format is built inside the test (parquet with pyarrow: those tests are
+"""Tests for support/convert.py. Each source's format is built inside the test (parquet with pyarrow: those tests are
 skipped without it; the JSON sources run without it), converted, and the output loaded with
 data.load_tasks. Checked: clean questions, answers and choices kept (letters the judge accepts), boxes
 converted and validated, every drop counted with its reason, videos dropped with a count, the message
@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import convert
-import data
-import rewards
+from support import answers, convert, data
 from conftest import ROOT
 
 # DeepEyes' user-turn suffix, verbatim (Visual-Agent/DeepEyes, mm_process_engine/prompt.py USER_PROMPT_V2).
@@ -62,8 +60,8 @@ def check_clean(rows):
         assert "option's letter" not in q and q == q.strip() and q
         if "choices" in r:
             k = ord(r["answer"]) - 65
-            assert rewards.accuracy(r["answer"], r["answer"], r["choices"]) == 1.0
-            assert rewards.accuracy(f"({r['answer']}) {r['choices'][k]}", r["answer"], r["choices"]) == 1.0
+            assert answers.accuracy(r["answer"], r["answer"], r["choices"]) == 1.0
+            assert answers.accuracy(f"({r['answer']}) {r['choices'][k]}", r["answer"], r["choices"]) == 1.0
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -298,10 +296,10 @@ def test_missing_pyarrow_names_requirements_txt(tmp_path, monkeypatch):
 
 
 def test_cli_help_convert_report_and_refusal(tmp_path):
-    r = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "usage: convert.py" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "support.convert", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: python -m support.convert" in r.stdout
     src, out = jsonl_box_fixture(tmp_path), str(tmp_path / "out")
-    cmd = [sys.executable, "convert.py", "--from", "jsonl", src, "--out", out]
+    cmd = [sys.executable, "-m", "support.convert", "--from", "jsonl", src, "--out", out]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert f"kept 4 of 12 rows -> {os.path.join(out, 'train.jsonl')}" in r.stdout
@@ -313,7 +311,7 @@ def test_cli_help_convert_report_and_refusal(tmp_path):
 # ----------------------------------------------------------------------------- parquet sources
 
 def deepeyes_rows(n_extra=0, pad=0):
-    """Rows in DeepEyes' verl parquet layout (see convert.py's docstring for where it was verified)."""
+    """Rows in DeepEyes' verl parquet layout (see support/convert.py's docstring for where it was verified)."""
     def row(question, answer, images, ds="vstar", pad_text=""):
         return {"data_source": ds,
                 "prompt": [{"content": DEEPEYES_SYSTEM + pad_text, "role": "system"},
@@ -444,7 +442,7 @@ def test_thinklite_parquet(tmp_path):
 MEASURE = """
 import json, sys, tracemalloc
 sys.path.insert(0, {root!r})
-import convert
+from support import convert
 tracemalloc.start()
 report = convert.convert_files({source!r}, [{src!r}], {out!r}, progress=False)
 peak = tracemalloc.get_traced_memory()[1]
@@ -577,7 +575,7 @@ def test_streaming_memory_does_not_grow_with_the_file(tmp_path, source):
 # ----------------------------------------------------------------------------- a converted file trains and evaluates
 
 def test_a_converted_file_trains_and_evaluates(tmp_path, toy_base):
-    """convert.py's output is read by train.py (stage 1, 2 steps on the toy model, info-gap probe
+    """support/convert.py's output is read by train.py (stage 1, 2 steps on the toy model, info-gap probe
     included) and eval.py as they are: both exit 0 and write their outputs."""
     for k in range(4):
         write_file(tmp_path / "src" / f"{k}.png", img_bytes(160, 120, "PNG", 20 + k))     # >= 112 px a side
@@ -589,7 +587,7 @@ def test_a_converted_file_trains_and_evaluates(tmp_path, toy_base):
             {"image": "3.png", "question": "How many birds are there?", "answer": 3}]
     out = str(tmp_path / "conv")
     src = write_jsonl(tmp_path / "src" / "set.jsonl", rows)
-    r = subprocess.run([sys.executable, "convert.py", "--from", "jsonl", src, "--out", out], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "support.convert", "--from", "jsonl", src, "--out", out], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     data_path = os.path.join(out, "train.jsonl")
@@ -693,7 +691,7 @@ def test_list_and_object_answers_are_never_python_reprs(tmp_path):
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_a_limit_below_one_is_refused(tmp_path, limit):
     src = jsonl_box_fixture(tmp_path)
-    r = subprocess.run([sys.executable, "convert.py", "--from", "jsonl", src, "--out", str(tmp_path / "o"), "--limit", limit],
+    r = subprocess.run([sys.executable, "-m", "support.convert", "--from", "jsonl", src, "--out", str(tmp_path / "o"), "--limit", limit],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--limit must be at least 1" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "o")

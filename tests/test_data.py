@@ -1,4 +1,4 @@
-"""Tests for data.py: the project's JSONL (every check names the file and line), the one image opener,
+"""Tests for support/data.py: the project's JSONL (every check names the file and line), the one image opener,
 and the V* and HR-Bench loaders on generated fixtures in their official formats."""
 import base64
 import csv
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import metrics
+from support import data, metrics
 from conftest import noise_image
 
 

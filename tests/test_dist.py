@@ -1,4 +1,4 @@
-"""Tests for dist.py: train.py under torchrun, two processes on CPU (gloo): the same update as one process,
+"""Tests for support/dist.py: train.py under torchrun, two processes on CPU (gloo): the same update as one process,
 and a 3-step run that checkpoints and resumes exactly."""
 import json
 import os
@@ -44,10 +44,9 @@ def test_two_ranks_each_with_half_the_episodes_give_the_one_process_update(tmp_p
         assert (x - y).abs().max() <= 1e-5 * max(x.abs().max(), 1e-6), k
 
 
-BASE = os.path.join(ROOT, "checkpoints", "toy_base")
+BASE = os.path.join(ROOT, "toy", "base")
 
 
-@pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped checkpoints/toy_base")
 def test_torchrun_trains_3_steps_checkpoints_once_and_resumes_exactly(tmp_path):
     """The shipped base (it learns: rewards differ within groups) fully fine-tuned under FSDP2 on 2 ranks:
     3 steps with one checkpoint, or 2 steps then --resume to 3: the same weights and metrics."""

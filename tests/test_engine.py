@@ -1,12 +1,12 @@
-"""Tests for engine.py: M-RoPE positions, the forward pass, sampling with a KV cache, log-prob parity."""
+"""Tests for support/engine.py: M-RoPE positions, the forward pass, sampling with a KV cache, log-prob parity."""
 import os
 
 import pytest
 import torch
 
 import crop_tool
-import engine
 import lfpc
+from support import engine
 from conftest import noise_image
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=12, max_turns=3,
@@ -200,7 +200,7 @@ def _full_logits(agent, episodes):
 
 
 def _agent(name, tiny):
-    import models
+    from support import models
     from conftest import QWEN_TOKENIZER
     return tiny if name == "tiny" else models.real_shape_agent(QWEN_TOKENIZER)
 
@@ -294,22 +294,21 @@ def _near_tie(agent, temperature, x, y) -> bool:
     return abs(float(u * cdf[-1] - edge)) < 1e-5
 
 
-BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy_base")
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "base")
 
 
-@pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped checkpoints/toy_base")
 @pytest.mark.parametrize("decode", ["dynamic", "static"])
 def test_cached_engine_gives_the_reference_engines_episodes_on_the_toy_base(decode):
     """The shipped base, greedy and sampled (temperature 1 and 1.5), 12 tasks x 4 rollouts: the cached
     engine and the re-prefilling reference give identical tokens, masks, stop reasons and crops, and
     log-probs within 1e-5. The episodes are ragged: crops, error turns, malformed turns, answers that
     close with <|im_end|>, turns cut by the length limit."""
-    import toy
+    import toy.world
     agent = lfpc.load_agent(BASE, "cpu", torch.float32)
-    tasks = toy.eval_tasks(12)
+    tasks = toy.world.eval_tasks(12)
     seen = set()
     for temperature in (0.0, 1.0, 1.5):
-        cfg = toy.rollout_config(global_max_pixels=16 * 784, temperature=temperature, decode=decode, batch_size=16)
+        cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=temperature, decode=decode, batch_size=16)
         cached, _ = _rollout(agent, tasks, 4, cfg, "cached")
         ref, _ = _rollout(agent, tasks, 4, cfg, "reference")
         _same_episodes(cached, ref, atol=1e-5, ties=(agent, temperature) if temperature > 0 else None)
@@ -460,7 +459,6 @@ def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, e
 
 # ----------------------------------------------------------------------------- continuous batching
 
-@pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped checkpoints/toy_base")
 @pytest.mark.parametrize("slots, extra", [(3, {}), (5, {"sync_every": 4}), (7, {"decode": "static"}),
                                           (6, {"schedule": "turns"})],
                          ids=["3 slots", "5 slots, sync every 4", "static shapes", "per-turn barrier"])
@@ -469,11 +467,11 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
     slots refilled mid-turn as episodes end, decode steps between host syncs, attention over the whole
     capacity, the per-turn barrier: greedy and seeded sampling give the reference engine's episodes
     (tokens, masks, stop reasons, crops; log-probs within 1e-5), on ragged episodes with error turns."""
-    import toy
+    import toy.world
     agent = lfpc.load_agent(BASE, "cpu", torch.float32)
-    tasks = toy.eval_tasks(6)
+    tasks = toy.world.eval_tasks(6)
     for temperature in (0.0, 1.0):
-        cfg = toy.rollout_config(global_max_pixels=16 * 784, temperature=temperature, batch_size=slots, **extra)
+        cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=temperature, batch_size=slots, **extra)
         cached, work = _rollout(agent, tasks, 4, cfg, "cached", seed=11)
         ref, _ = _rollout(agent, tasks, 4, cfg, "reference", seed=11)
         _same_episodes(cached, ref, atol=1e-5, ties=(agent, temperature) if temperature > 0 else None)

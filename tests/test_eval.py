@@ -74,7 +74,7 @@ def test_summarize_by_hand():
 def test_hrbench_is_averaged_over_cycle_categories_as_vlmevalkit_scores_it(tmp_path):
     """A hand-built HR-Bench TSV: 3 questions asked in 2 option rotations (cycle_category 0, 1), with a
     skewed number of rows per cell so that the cycle average differs from the plain mean."""
-    import data
+    from support import data
     from test_data import write_hrbench
     rows = [  # index, question, answer, A-D, category, size  (cycle = 0 for indices < 10, else 1)
         ("0", "q0", "A", "red", "blue", "gold", "grey", "single", (64, 64)),
@@ -301,8 +301,8 @@ def test_a_model_writing_invalid_boxes_is_evaluated_under_every_probe(agent, tmp
 ])
 def test_other_scripts_refuse_bad_flags_in_one_line(script, argv, message, capsys, tmp_path):
     import importlib
-    mod = importlib.import_module(script)
-    model = os.path.join(ROOT, "checkpoints", "toy_base")
+    mod = importlib.import_module({"bench": "support.bench", "ablation": "toy.ablation"}.get(script, script))
+    model = os.path.join(ROOT, "toy", "base")
     base = {"eval": ["--model", model], "info_gap": ["--model", model, "--data", str(tmp_path / "d.jsonl"),
                                                      "--out", str(tmp_path / "o.jsonl")]}.get(script, [])
     argv = [str(tmp_path / "x.jsonl") if a == "SAME" else a for a in argv]
@@ -319,4 +319,4 @@ def test_eval_data_errors_are_one_line_before_the_model_loads(tmp_path, monkeypa
                           (["--preset", "paper", "--hrbench", str(tmp_path / "none.tsv")], "eval.py: .*none.tsv"),
                           (["--preset", "paper", "--vstar", str(tmp_path)], "eval.py: .*V\\* folder direct_attributes/ not found")):
         with pytest.raises(SystemExit, match=message):
-            ev.main(["--model", os.path.join(ROOT, "checkpoints", "toy_base"), *argv, "--out", str(tmp_path / "o")])
+            ev.main(["--model", os.path.join(ROOT, "toy", "base"), *argv, "--out", str(tmp_path / "o")])

@@ -14,9 +14,9 @@ from PIL import Image
 import info_gap
 import torch
 from conftest import ROOT
-from judge import RuleJudge
-import data as data_module
 import lfpc
+from support import data as data_module
+from support.judge import RuleJudge
 
 BIG = Image.new("RGB", (896, 896), (90, 60, 110))     # 1024 tokens: every level of 1024 -> 16 is its own size
 LEVELS = [1024, 512, 256, 128, 64, 32, 16]             # ladder(1024, 16), L = 7
@@ -68,7 +68,7 @@ def test_ladder_rejects_bad_input(args):
 
 
 def test_votes_group_what_the_judge_calls_the_same_and_a_tie_is_no_majority():
-    from judge import RuleJudge
+    from support.judge import RuleJudge
     j = RuleJudge()
     mc = task(0, choices=["red", "blue"], answer="B")
     assert info_gap.majority(["B", "(B) blue", " Blue.", "purple"], mc, j) == ("B", 3)         # option forms: one vote
@@ -321,10 +321,10 @@ def test_a_probe_stopped_mid_way_resumes_to_the_same_budgets_and_answers(tmp_pat
     """A stop between batches (SIGTERM: checkpoint.StopSignal) leaves the finished items in the cache and
     raises Preempted; the items that were in flight are probed again from the same streams
     (probe_seed), so every budget and answer equals an uninterrupted probe's."""
-    import checkpoint
-    import toy
-    agent = lfpc.load_agent(os.path.join(ROOT, "checkpoints", "toy_base"), dtype=torch.float32)
-    tasks = toy.make_tasks(12, seed=5)
+    from support import checkpoint
+    import toy.world
+    agent = lfpc.load_agent(os.path.join(ROOT, "toy", "base"), dtype=torch.float32)
+    tasks = toy.world.make_tasks(12, seed=5)
     cfg = info_gap.ProberConfig(full_tokens=64, floor_tokens=16, k=4, max_new_tokens=16, resample="box")
     go = lambda cache, **kw: info_gap.probe(tasks, agent, cfg, "toy", str(cache), batch_size=3, progress=False, **kw)
     straight = go(tmp_path / "straight.jsonl")

@@ -1,4 +1,4 @@
-"""Tests for judge.py: the rule judge, the model judge against a scripted chat-completions server on
+"""Tests for support/judge.py: the rule judge, the model judge against a scripted chat-completions server on
 127.0.0.1 (verdicts, cache, retries, fallback, request body), and make_judge.
 
 The server answers each request with the next step of its script:
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-import judge
-from judge import LLMJudge, RuleJudge, chat_url, make_judge, parse_verdict
+from support import judge
+from support.judge import LLMJudge, RuleJudge, chat_url, make_judge, parse_verdict
 
 CHOICES = ["red", "blue", "green", "yellow"]   # the correct one in these tests is B = blue
 
@@ -387,7 +387,7 @@ def test_no_api_key_is_ever_written_by_a_run(server, tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
-    toy_base = os.path.join(ROOT, "checkpoints", "toy_base")          # the shipped base: it answers, wrongly at times
+    toy_base = os.path.join(ROOT, "toy", "base")          # the shipped base: it answers, wrongly at times
     server.script = [("reply", "no")] * 400
     env = {**os.environ, judge.API_KEY_ENV: "sk-LEAK-CHECK-987"}
     run, ev = str(tmp_path / "run"), str(tmp_path / "eval")

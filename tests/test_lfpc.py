@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import crop_tool
-import engine
 import lfpc
+from support import engine
 from conftest import noise_image, scripted
 
 

@@ -1,11 +1,10 @@
-"""Tests for memory.py: the fake-tensor estimate agrees with the same step on real tensors (tiny model),
+"""Tests for support/memory.py: the fake-tensor estimate agrees with the same step on real tensors (tiny model),
 its LoRA stand-in computes what peft computes, the exact formulas by hand, host bytes of episodes."""
 import pytest
 import torch
 
 import lfpc
-import models
-import memory
+from support import memory, models
 
 TINY = dict(config="tiny", visual_tokens=16, text_tokens=40, response_tokens=48, crops=2, crop_tokens=16,
             rollout_rows=4, group=2, train_tokens=512, logprob_chunk=16)

@@ -1,10 +1,10 @@
-"""Tests for models.py: the tiny tokenizer, the real Qwen2.5-VL tokenizer, the published configs."""
+"""Tests for support/models.py: the tiny tokenizer, the real Qwen2.5-VL tokenizer, the published configs."""
 import pytest
 import torch
 
 import crop_tool
 import lfpc
-import models
+from support import models
 from conftest import QWEN_TOKENIZER
 
 

@@ -1,12 +1,10 @@
-"""Tests for policy.py's selective gradient checkpointing: which layers, that only they run again in the
+"""Tests for support/policy.py's selective gradient checkpointing: which layers, that only they run again in the
 backward, gradients unchanged, the memory it trades (memory.ckpt_sweep on the tiny config), the flag."""
 import pytest
 import torch
 
-import memory
-import models
-import policy
 import train
+from support import memory, models, policy
 
 
 def test_checkpointed_layers_are_evenly_spread_by_hand():
@@ -80,4 +78,4 @@ def test_the_flag_needs_checkpointing_and_a_fraction(toy_base, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "paper", "--data", data, "--no-grad-ckpt", "--ckpt-fraction", "0.5"])
     assert train.parse_args(["--preset", "one-gpu", "--data", data]).ckpt_fraction == \
-        __import__("presets").ONE_GPU["ckpt_fraction"]
+        __import__("support.presets", fromlist=["x"]).ONE_GPU["ckpt_fraction"]

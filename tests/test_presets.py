@@ -1,17 +1,18 @@
-"""Tests for presets.py and how the scripts use it: explicit presets, None as unset, flags win,
+"""Tests for support/presets.py and how the scripts use it: explicit presets, None as unset, flags win,
 contradictions refused with the reason."""
 import pytest
 
 import eval as ev
 import lfpc
-import presets
 import train
+from support import presets
 
 
 def test_every_preset_key_is_a_flag_of_train_or_eval_or_a_world_key():
     train_flags = {f.name for f in train.fields(train.Args)}
     eval_flags = set(vars(ev.parse_args(["--preset", "paper", "--model", "org/model", "--data", "d.jsonl"])))
-    for name, preset in presets.PRESETS.items():
+    for name in presets.NAMES:
+        preset = presets.get(name)
         unknown = set(preset) - train_flags - eval_flags - set(presets.WORLD_KEYS)
         assert not unknown, (name, unknown)
 
@@ -64,5 +65,5 @@ def test_rollout_config_converts_tokens_to_pixels(toy_base):
     cfg = presets.rollout_config(a, 64, temperature=0.5)
     assert cfg.global_max_pixels == 64 * 784 and cfg.global_min_pixels == 784 and cfg.global_resample == "box"
     assert (cfg.crop.max_pixels, cfg.crop.snap, cfg.crop.resample, cfg.temperature) == (16 * 784, 28, "box", 0.5)
-    import toy
-    assert cfg == toy.rollout_config(temperature=0.5, batch_size=cfg.batch_size)    # the toy's own settings
+    import toy.world
+    assert cfg == toy.world.rollout_config(temperature=0.5, batch_size=cfg.batch_size)    # the toy's own settings

@@ -1,10 +1,10 @@
-"""Tests for prompts.py: the DeepEyes style renders a conversation to exactly DeepEyes' token ids
+"""Tests for support/prompts.py: the DeepEyes style renders a conversation to exactly DeepEyes' token ids
 (expected strings written from its source: notes/deepeyes_prompts.md), with the REAL Qwen2.5-VL tokenizer."""
 import pytest
 
 import crop_tool
 import lfpc
-import prompts
+from support import prompts
 from conftest import noise_image, scripted
 
 # From notes/deepeyes_prompts.md (Visual-Agent/DeepEyes at 6c5e796): the system prompt and suffix are
@@ -29,7 +29,7 @@ def deepeyes_fixture(n: int, m: int) -> str:
 
 @pytest.fixture(scope="module")
 def deepeyes_agent():
-    import models
+    from support import models
     from conftest import QWEN_TOKENIZER
     a = models.real_shape_agent(QWEN_TOKENIZER)
     return lfpc.Agent(a.model, a.tokenizer, a.image_processor, style="deepeyes")
@@ -82,7 +82,7 @@ def _controls(agent, ids):
 
 @pytest.mark.parametrize("style", ["qwen", "deepeyes"])
 def test_every_added_token_in_a_question_or_option_stays_plain_text(deepeyes_agent, style):
-    import models
+    from support import models
     from dataclasses import replace
     agent = replace(deepeyes_agent, style=style)
     assert len(agent.control_ids) == 22

@@ -1,4 +1,4 @@
-"""Tests for rewards.py: answer judging, stage-1 outcome reward, box geometry, stage-2 grounding reward.
+"""Tests for rewards.py and support/answers.py: answer judging, stage-1 outcome reward, box geometry, stage-2 grounding reward.
 
 Every expected value is computed by hand; the arithmetic is in a comment where it is not obvious."""
 import random
@@ -6,9 +6,10 @@ import random
 import pytest
 
 import rewards
-from rewards import (RewardWeights, accuracy, answer_index, box_area, box_intersection, box_iou, choice_index,
-                     coverage, grounding_reward, l1_distance, normalize_answer, outcome_reward, same_answer,
-                     stage2_reward, vote_key)
+from rewards import (RewardWeights, box_area, box_intersection, box_iou, coverage, grounding_reward, l1_distance,
+                     outcome_reward, stage2_reward)
+from support import answers
+from support.answers import accuracy, answer_index, choice_index, normalize_answer, same_answer, vote_key
 
 CHOICES = ["red", "blue", "green", "yellow"]  # A, B, C, D; the correct one in these tests is B = blue
 
@@ -547,17 +548,17 @@ def test_stage2_reward_unknown_mode():
 
 
 def test_an_options_exact_text_wins_over_an_out_of_range_letter():
-    assert rewards.choice_index("x", ["x", "y"]) == 0 and rewards.accuracy("x", "A", ["x", "y"]) == 1.0
-    assert rewards.choice_index("y.", ["x", "y"]) == 1 and rewards.accuracy("B", "B", ["x", "y"]) == 1.0
+    assert answers.choice_index("x", ["x", "y"]) == 0 and answers.accuracy("x", "A", ["x", "y"]) == 1.0
+    assert answers.choice_index("y.", ["x", "y"]) == 1 and answers.accuracy("B", "B", ["x", "y"]) == 1.0
 
 
 def test_options_that_are_letters_read_a_bare_letter_as_a_position():
     """["B", "A"] with answer "A" (the letter, as answer_index reads it: the first option): the exact
     prediction "A" is right and "B" wrong, as the answer itself is read."""
-    assert rewards.answer_index("A", ["B", "A"]) == 0
-    assert rewards.accuracy("A", "A", ["B", "A"]) == 1.0 and rewards.accuracy("(A)", "A", ["B", "A"]) == 1.0
-    assert rewards.accuracy("B", "A", ["B", "A"]) == 0.0
-    assert rewards.accuracy("x", "A", ["x", "y"]) == 1.0          # out of letter range: the text still names it
+    assert answers.answer_index("A", ["B", "A"]) == 0
+    assert answers.accuracy("A", "A", ["B", "A"]) == 1.0 and answers.accuracy("(A)", "A", ["B", "A"]) == 1.0
+    assert answers.accuracy("B", "A", ["B", "A"]) == 0.0
+    assert answers.accuracy("x", "A", ["x", "y"]) == 1.0          # out of letter range: the text still names it
 
 
 # ----------------------------------------------------------------------------- as a careful person judges (issue 28)
@@ -657,7 +658,7 @@ def test_the_traps_stay_wrong(pred, answer, choices, question):
 def test_one_answer_phrased_four_ways_is_one_vote():
     """The prober's votes: paraphrases of one full-resolution answer are one group (a majority), by the
     same rules that judge the rewards."""
-    from judge import RuleJudge
+    from support.judge import RuleJudge
     for paraphrases in (["yellow", "The umbrella appears to be yellow in color.", r"\\boxed{yellow}", "It is not red; it is yellow."],
                         ["2.5", "The door is 2.5 m tall.", "2.5 meters", r"\\boxed{2.5}"],
                         ["red and white", "The flag is white and red.", "white, red", "**red and white**"]):

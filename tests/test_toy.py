@@ -1,14 +1,14 @@
-"""Tests for toy.py: determinism, boxes, and the information gap itself (pixel statistics)."""
+"""Tests for toy/world.py: determinism, boxes, and the information gap itself (pixel statistics)."""
 import numpy as np
 import pytest
 
 import crop_tool
-import data
-import toy
+from support import data
+import toy.world
 
 
 def test_items_are_deterministic_per_seed_and_differ_across_seeds():
-    a, b, c = toy.make_item(7), toy.make_item(7), toy.make_item(8)
+    a, b, c = toy.world.make_item(7), toy.world.make_item(7), toy.world.make_item(8)
     assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
     assert (a["question"], a["answer"], a["bboxes"]) == (b["question"], b["answer"], b["bboxes"])
     assert not np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
@@ -16,19 +16,19 @@ def test_items_are_deterministic_per_seed_and_differ_across_seeds():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_boxes_are_nested_and_hold_the_named_squares_detail(seed):
-    it = toy.make_item(seed, n_boxes=3)
+    it = toy.world.make_item(seed, n_boxes=3)
     b1, b2 = it["bboxes"]
     assert b2[0] <= b1[0] < b1[2] <= b2[2] and b2[1] <= b1[1] < b1[3] <= b2[3]
     colour = it["question"].split()[-2]
     (x, y, s, _, pattern), = [q for q in it["squares"] if q[3] == colour]
-    assert pattern == it["answer"] and b1 == [x + toy.BORDER, y + toy.BORDER, x + s - toy.BORDER, y + s - toy.BORDER]
+    assert pattern == it["answer"] and b1 == [x + toy.world.BORDER, y + toy.world.BORDER, x + s - toy.world.BORDER, y + s - toy.world.BORDER]
     img = np.asarray(it["image"]).astype(int)
     frame = img[y, x + s // 2]                          # top edge of the square: its colour
-    assert tuple(frame) == toy.COLOURS[colour]
+    assert tuple(frame) == toy.world.COLOURS[colour]
     core = img[b1[1]:b1[3], b1[0]:b1[2]].sum(-1)        # [h, w] brightness
     assert _classify_core(core) == it["answer"]
     seen = {tuple(p) for p in img[b1[1]:b1[3], b1[0]:b1[2]].reshape(-1, 3).tolist()}
-    assert seen <= {toy.COLOURS[colour], (0, 0, 0), tuple(c // 2 for c in toy.COLOURS[colour])}
+    assert seen <= {toy.world.COLOURS[colour], (0, 0, 0), tuple(c // 2 for c in toy.world.COLOURS[colour])}
 
 
 def _classify_core(core: np.ndarray) -> str:
@@ -53,10 +53,10 @@ def _nearest_centroid_accuracy(scale_tokens):
     """Train a nearest-centroid reader of the pattern on 300 items, test on 300 others."""
     def data(seed):
         X, y = [], []
-        for t in toy.make_tasks(300, seed=seed):
+        for t in toy.world.make_tasks(300, seed=seed):
             shown = crop_tool.resize_to_budget(t.image, 28 * 28, scale_tokens * 784, "box")
             X.append(_features(shown, t.boxes[0], t.image.size[0] / shown.size[0]))
-            y.append(toy.PATTERNS.index(t.answer))
+            y.append(toy.world.PATTERNS.index(t.answer))
         return np.array(X), np.array(y)
     Xtr, ytr = data(1)
     Xte, yte = data(2)
@@ -67,15 +67,15 @@ def _nearest_centroid_accuracy(scale_tokens):
 
 
 def test_the_detail_is_readable_at_full_resolution_and_lost_at_half():
-    full = _nearest_centroid_accuracy(toy.CANVAS ** 2 // 784)    # 64 tokens: native 224 px
-    half = _nearest_centroid_accuracy(toy.CANVAS ** 2 // 784 // 4)  # 16 tokens: 112 px
+    full = _nearest_centroid_accuracy(toy.world.CANVAS ** 2 // 784)    # 64 tokens: native 224 px
+    half = _nearest_centroid_accuracy(toy.world.CANVAS ** 2 // 784 // 4)  # 16 tokens: 112 px
     assert full > 0.95, full
     assert half <= 1.5 * 0.25, half
 
 
 def test_native_crop_keeps_the_pattern_phase():
     """A snapped crop is pixel-identical to the original region, so the 1-px pattern survives."""
-    it = toy.make_item(3)
+    it = toy.world.make_item(3)
     cfg = crop_tool.CropConfig(min_pixels=28 * 28, max_pixels=64 * 784, snap=28)
     c = crop_tool.crop(it["image"], it["bboxes"][1], it["image"].size, cfg)
     assert c.image.size == (c.cut[2] - c.cut[0], c.cut[3] - c.cut[1])
@@ -83,19 +83,19 @@ def test_native_crop_keeps_the_pattern_phase():
 
 
 def test_written_items_load_through_the_projects_jsonl_loader(tmp_path):
-    path = toy.write_items(str(tmp_path), 5, seed=4)
+    path = toy.world.write_items(str(tmp_path), 5, seed=4)
     tasks = data.load_tasks(path)
-    ref = toy.make_tasks(5, seed=4)
+    ref = toy.world.make_tasks(5, seed=4)
     assert [t.answer for t in tasks] == [t.answer for t in ref]
     assert [t.boxes for t in tasks] == [t.boxes for t in ref]
     assert np.array_equal(np.asarray(tasks[2].load_image()), np.asarray(ref[2].image))
 
 
-@pytest.mark.parametrize("pattern", toy.PATTERNS)
+@pytest.mark.parametrize("pattern", toy.world.PATTERNS)
 def test_halving_turns_every_pattern_into_the_same_colour(pattern):
     """Box-downsampled by 2, each pattern is exactly the solid fill: no pixel statistic can tell them apart."""
-    it = next(toy.make_item(s) for s in range(100) if toy.make_item(s)["answer"] == pattern)
+    it = next(toy.world.make_item(s) for s in range(100) if toy.world.make_item(s)["answer"] == pattern)
     half = np.asarray(crop_tool.resize_to_budget(it["image"], 28 * 28, 16 * 784, "box")).astype(int)
     colour = it["question"].split()[-2]
     x1, y1, x2, y2 = (v // 2 for v in it["bboxes"][0])
-    assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.COLOURS[colour]]).all()
+    assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.world.COLOURS[colour]]).all()

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import lfpc
-import policy
-import toy
 import train
+from support import policy
+import toy.world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--n-train", "8", "--prompts", "2", "--group", "2", "--micro-batch", "2", "--max-new-tokens", "8",
@@ -53,7 +53,7 @@ def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
                 "loss/clip_frac", "loss/policy", "adv/frac_zero_std"):
         assert key in rows[0], key
     assert os.path.isfile(os.path.join(s2, "ckpt", "trainer.pt"))
-    assert lfpc.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == toy.SYSTEM_PROMPT
+    assert lfpc.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == toy.world.SYSTEM_PROMPT
 
 
 def test_help_lists_every_argument():
@@ -110,7 +110,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(base, tmp_path):
 def _one_step(base, monkeypatch, lr, **patch):
     a = train.parse_args(["--stage", "1", "--model", base, "--lr", str(lr), "--global-image", "full", *FAST])
     agent = policy.load_model(a)
-    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     tasks = train.load_data(a, agent)[:2]
     for name, fn in patch.items():
         monkeypatch.setattr(train, name, fn)
@@ -168,7 +168,7 @@ def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp
     assert len(live) == len(saved) and all(".lora_A.default." in k or ".lora_B.default." in k for k in live)
     for k, v in saved.items():                          # peft drops the adapter name when saving
         torch.testing.assert_close(live[k.replace(".weight", ".default.weight")], v, rtol=0, atol=0)
-    assert agent.system_prompt == toy.SYSTEM_PROMPT
+    assert agent.system_prompt == toy.world.SYSTEM_PROMPT
     s2 = str(tmp_path / "s2")
     train.main(["--stage", "2", "--model", s1 + "/ckpt", "--out", s2, "--steps", "1", *FAST])
     assert os.path.isfile(os.path.join(s2, "ckpt", "model.safetensors"))            # merged: a full model
@@ -200,7 +200,7 @@ def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
     import copy
     a = train.parse_args(["--model", base, "--global-image", "full", *FAST])
     agent = policy.load_model(a)
-    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     tasks = train.load_data(a, agent)[:2]
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
     for i, e in enumerate(episodes):
@@ -351,7 +351,7 @@ def test_with_a_kl_term_every_episode_is_trained(base, monkeypatch):
     a = train.parse_args(["--stage", "1", "--model", base, "--global-image", "full", "--beta", "0.1", *FAST])
     agent = policy.load_model(a)
     tasks = train.load_data(a, agent)[:2]
-    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
     for e in episodes:
         e.reward = 1.0                                                  # every group all-equal: advantages 0
@@ -392,7 +392,7 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(base, tmp_path)
     time.sleep(random.Random(0).uniform(4.0, 8.0))           # somewhere in loading, the steps or a save
     second.send_signal(signal.SIGKILL)
     second.wait()
-    import checkpoint
+    from support import checkpoint
     found = checkpoint.RunFolder(str(out)).recover()
     if found is None or found[1]["step"] < 5:
         train.main(["--resume", "--out", str(out)])
@@ -413,7 +413,7 @@ def test_rewards_use_the_runs_judge():
     e.answer = "a kind of amber"
     train.score(a, [e], [t], Lenient())
     assert e.reward_parts["acc"] == 1.0 and e.reward == pytest.approx(0.8)
-    from judge import RuleJudge
+    from support.judge import RuleJudge
     train.score(a, [e], [t], RuleJudge())
     assert e.reward_parts["acc"] == 0.0
 
@@ -441,7 +441,7 @@ def test_the_summary_compares_the_first_and_last_tenth_of_the_run(tmp_path):
 
 
 def test_curves_draw_every_metric_and_the_budget_histogram(tmp_path):
-    import metrics
+    from support import metrics
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": i, "acc": 0.1 * i, "reward/mean": i, "tool/call_rate": 1.0,
                                        "box/iou_b1": None, "len/response": 50}) + "\n" for i in range(1, 6)))
@@ -471,7 +471,7 @@ def test_sigterm_mid_run_stops_with_a_checkpoint_and_resume_equals_an_uninterrup
     _, err = p.communicate(timeout=300)
     assert p.returncode == 143, err[-2000:]
     assert f"python train.py --resume --out {out}" in err and not (out / "lock").exists()
-    import checkpoint
+    from support import checkpoint
     step = checkpoint.RunFolder(str(out)).latest()[1]["step"]
     assert 1 <= step < 6 and len((out / "metrics.jsonl").read_text().splitlines()) == step
     train.main(["--resume", "--out", str(out)])
@@ -484,7 +484,7 @@ def test_sigterm_mid_run_stops_with_a_checkpoint_and_resume_equals_an_uninterrup
 def test_a_second_signal_stops_at_once():
     import os
     import signal
-    import checkpoint
+    from support import checkpoint
     with checkpoint.StopSignal() as stop:
         assert not stop()
         os.kill(os.getpid(), signal.SIGINT)
@@ -496,7 +496,7 @@ def test_a_second_signal_stops_at_once():
 
 def test_an_out_that_cannot_be_written_stops_before_any_work(base, tmp_path, monkeypatch):
     import errno
-    import checkpoint
+    from support import checkpoint
     (tmp_path / "afile").write_text("x")
     for out, message in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "cannot be written")):
         with pytest.raises(SystemExit, match=message):
@@ -512,7 +512,7 @@ def test_an_out_that_cannot_be_written_stops_before_any_work(base, tmp_path, mon
 
 def test_too_little_free_space_for_a_checkpoint_stops_after_the_model_loads(base, tmp_path, monkeypatch):
     import collections
-    import checkpoint
+    from support import checkpoint
     Usage = collections.namedtuple("Usage", "total used free")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(SystemExit, match="GiB free, a checkpoint needs"):
@@ -523,7 +523,7 @@ def test_too_little_free_space_for_a_checkpoint_stops_after_the_model_loads(base
 def test_a_failed_checkpoint_write_keeps_the_previous_one_newest(base, tmp_path, monkeypatch):
     """Disk full in the middle of the second checkpoint (torch's own error): a one-line stop, no partial
     ckpt.tmp, the step-1 checkpoint is the newest complete one, and --resume continues from it."""
-    import checkpoint
+    from support import checkpoint
     real, calls = checkpoint.torch.save, []
 
     def failing(obj, path, *a, **k):
@@ -547,7 +547,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_newest(base, tmp_path,
 def test_rows_that_carry_a_budget_keep_it_and_only_the_rest_are_probed(base, tmp_path, monkeypatch):
     import info_gap
     a = train.parse_args(_run(base, tmp_path / "r"))
-    tasks = toy.make_tasks(4, seed=1)
+    tasks = toy.world.make_tasks(4, seed=1)
     tasks[0].max_pixels, tasks[2].max_pixels = 40 * 784, 20 * 784
     probed = []
 
@@ -584,7 +584,7 @@ def test_a_lock_whose_pid_was_reused_or_of_another_host(base, tmp_path):
 
 
 def test_metrics_lines_are_strict_json():
-    import checkpoint
+    from support import checkpoint
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         run = checkpoint.RunFolder(d)
@@ -686,8 +686,8 @@ def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
     """Under LoRA the rollout samples from a copy with the adapters merged: a decode step is the plain
     model's ops (peft unmerged adds ~35 a layer), and its sampling log-probs equal the training forward's
     (unmerged adapters) within 1e-4 in fp32."""
-    import models
-    import engine
+    from support import models
+    from support import engine
     from conftest import noise_image
     plain = models.tiny_agent(seed=0)
     agent = policy.apply_lora(models.tiny_agent(seed=0), 4)
@@ -711,14 +711,14 @@ def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradient
     """The vision tower is frozen under LoRA: the rollout keeps each distinct image's features
     (engine.FeatureStore) and the training forward takes them (work/train_image_encodes 0) instead of
     encoding every image again; the adapters' gradients equal those of the forward that encodes."""
-    import engine
+    from support import engine
     a = train.parse_args(["--stage", "1", "--model", base, "--lora", "4", "--global-image", "full", *FAST])
     agent = policy.load_model(a)
     for name, p in agent.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     assert policy.vision_frozen(agent)
-    cfg = toy.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
     tasks = train.load_data(a, agent)[:2]
     store = engine.FeatureStore()
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, 0, store=store)
@@ -744,15 +744,15 @@ def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, nam
     """Training micro-batches packed into one padding-free row (text positions restart at each episode;
     transformers builds the block-diagonal mask) give the padded path's log-probs and gradients, with
     work/train_padding_frac 0 (the padded path's is what its padding was)."""
-    import engine
-    import models
+    from support import engine
+    from support import models
     from conftest import QWEN_TOKENIZER, noise_image
     if name == "toy":                                                   # the shipped base: ragged episodes
-        a = train.parse_args(["--stage", "1", "--model", os.path.join(ROOT, "checkpoints", "toy_base"),
+        a = train.parse_args(["--stage", "1", "--model", os.path.join(ROOT, "toy", "base"),
                               "--global-image", "full", "--n-train", "8", "--prompts", "4", "--group", "2"])
         agent = policy.load_model(a)
         tasks = train.load_data(a, agent)[:4]
-        episodes, _ = train.collect_episodes(a, agent, tasks, toy.rollout_config(temperature=1.5), 0)
+        episodes, _ = train.collect_episodes(a, agent, tasks, toy.world.rollout_config(temperature=1.5), 0)
     else:
         agent = models.real_shape_agent(QWEN_TOKENIZER)
         tasks = [lfpc.Task(noise_image(300 + 120 * k, 200, k), "What colour is the sign?", "red") for k in range(3)]

@@ -1,5 +1,5 @@
-"""Tests for warmup.py: supervised trajectories are built right, and the SHIPPED base model
-(checkpoints/toy_base) loads offline, reads held-out items and keeps the tool format."""
+"""Tests for toy/warmup.py: supervised trajectories are built right, and the SHIPPED base model
+(toy/base) loads offline, reads held-out items and keeps the tool format."""
 import os
 import random
 
@@ -9,10 +9,11 @@ import torch
 import crop_tool
 import lfpc
 import rewards
-import toy
-import warmup
+from support import answers
+from toy import warmup
+import toy.world
 
-BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy_base")
+BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "base")
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,15 @@ def test_toy_tokenizer_writes_every_coordinate_as_one_token(agent):
 def test_sft_box_is_written_in_the_shown_frame_and_is_a_habitual_box(agent, seed):
     """At a low-res global image, the written box scaled back to the original is one of habitual_box's."""
     ep = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=1.0, unclear=0.5)
-    assert ep.shown_size[0] < toy.CANVAS                                     # low-res global
-    it = toy.make_item(seed)
+    assert ep.shown_size[0] < toy.world.CANVAS                                     # low-res global
+    it = toy.world.make_item(seed)
     (crop,) = ep.crops
     x, y, side = next(q for q in it["squares"] if q[3] == it["question"].split()[-2])[:3]
     near = lambda box: all(abs(u - v) <= 2 for u, v in zip(crop.box_original, box))   # the shown frame's rounding
     def grown(c, out):                                                       # shifted inside, not clamped
         x1, y1 = min(max(0, c[0] - out), 224 - 56 - 2 * out), min(max(0, c[1] - out), 224 - 56 - 2 * out)
         return [x1, y1, x1 + 56 + 2 * out, y1 + 56 + 2 * out]
-    cells = [toy.cell_of(cx, cy) for cx in range(0, 224, 56) for cy in range(0, 224, 56)]
+    cells = [toy.world.cell_of(cx, cy) for cx in range(0, 224, 56) for cy in range(0, 224, 56)]
     tight = all(-8 <= d <= 0 for d in (crop.box_original[0] - x, crop.box_original[1] - y)) and all(
         0 <= d <= 8 for d in (crop.box_original[2] - x - side, crop.box_original[3] - y - side))
     assert tight or any(near(grown(c, out)) for c in cells for out in (0, 28, 56)), crop.box_original
@@ -54,11 +55,11 @@ def test_first_impression_then_the_impression_or_the_crop(agent, seed):
     truth or "unclear"; at 1/2 "unclear"), crop, then repeat a confident impression whatever the crop
     shows, or after "unclear" answer from the crop when it shows the pattern natively."""
     ep = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=0.5, unclear=0.3)
-    it = toy.make_item(seed)
+    it = toy.world.make_item(seed)
     turn1, side = ep.turns[0], ep.shown_size[0]
-    if side == toy.CANVAS:
+    if side == toy.world.CANVAS:
         assert f"looks {it['answer']}." in turn1
-    elif side * 2 <= toy.CANVAS:
+    elif side * 2 <= toy.world.CANVAS:
         assert "is unclear." in turn1
     else:
         assert f"looks {it['answer']}." in turn1 or "is unclear." in turn1
@@ -82,24 +83,23 @@ def test_readable_means_native_and_holding_b1():
 def test_direct_episode_trains_only_the_answer(agent):
     ep = warmup.sft_episode(agent, 3, random.Random(0), direct=True, low_res=0, unclear=0)
     trained = [t for t, m in zip(ep.token_ids, ep.loss_mask) if m]
-    assert agent.tokenizer.decode(trained) == f"<answer>{toy.make_item(3)['answer']}</answer><|im_end|>"
+    assert agent.tokenizer.decode(trained) == f"<answer>{toy.world.make_item(3)['answer']}</answer><|im_end|>"
     assert warmup.coordinate_positions(agent, ep) == []
 
 
 def _accuracy(base, tasks, **kw):
-    eps = lfpc.rollout(base, tasks, 1, toy.rollout_config(temperature=0.0, **kw))
-    acc = sum(rewards.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / len(tasks)
+    eps = lfpc.rollout(base, tasks, 1, toy.world.rollout_config(temperature=0.0, **kw))
+    acc = sum(answers.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / len(tasks)
     return acc, eps
 
 
-@pytest.mark.skipif(not os.path.isdir(BASE), reason="run `python warmup.py` to build checkpoints/toy_base")
 def test_shipped_base_loads_offline_and_reads_held_out_items():
     """Held-out items (seed 3, never trained on): reads at full resolution and from a crop of B2,
     guesses at the low-resolution budget, and keeps the tool format. Bounds sit well below the
     numbers in README.md (1.00, 0.28, 1.000, 1.00) so that 32 items cannot flake."""
     base = lfpc.load_agent(BASE, dtype=torch.float32)
-    assert base.system_prompt == toy.SYSTEM_PROMPT
-    tasks = toy.make_tasks(32, seed=3)
+    assert base.system_prompt == toy.world.SYSTEM_PROMPT
+    tasks = toy.world.make_tasks(32, seed=3)
     full, _ = _accuracy(base, tasks, use_tool=False)
     low, _ = _accuracy(base, tasks, use_tool=False, global_max_pixels=16 * 784)
     gt, eps = _accuracy(base, tasks, global_max_pixels=16 * 784, probe="gt")
@@ -109,13 +109,12 @@ def test_shipped_base_loads_offline_and_reads_held_out_items():
     assert sum(e.malformed_turns == 0 and e.answer is not None for e in eps) >= 30
 
 
-@pytest.mark.skipif(not os.path.isdir(BASE), reason="run `python warmup.py` to build checkpoints/toy_base")
 def test_shipped_base_looks_in_the_right_place_and_answers_before_cropping():
     """The paper's diagnosis, on the shipped base: its first box (greedy, global at 1/2) holds the named
     square's pattern B1 (it knows WHERE to look; the box is just too big to read); at full resolution its
     answer comes from its first impression, so a crop replaced by noise changes nothing."""
     base = lfpc.load_agent(BASE, dtype=torch.float32)
-    tasks = toy.make_tasks(32, seed=3)
+    tasks = toy.world.make_tasks(32, seed=3)
     _, eps = _accuracy(base, tasks, global_max_pixels=16 * 784)
     holds = sum(bool(e.crops) and rewards.coverage(e.crops[0].box_original, tasks[e.task_index].boxes[0]) == 1.0
                 for e in eps)

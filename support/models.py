@@ -1,5 +1,5 @@
 """Qwen2.5-VL models built from a config, no download: the tiny offline model (tests, the toy world),
-random-weight models of the published 3B / 7B shapes (bench.py, memory estimates), and the real
+random-weight models of the published 3B / 7B shapes (support/bench.py, memory estimates), and the real
 Qwen2.5-VL tokenizer built from its two vocabulary files.
 
 Contract
@@ -27,7 +27,7 @@ import torch
 
 import crop_tool
 import lfpc
-import prompts
+from support import prompts
 
 # Qwen2.5's special tokens (their ids follow this order in the tiny tokenizer, after its BPE vocabulary)
 # and the tags it keeps whole, as Qwen's keeps <tool_call> and </tool_call> whole.

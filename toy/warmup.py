@@ -2,8 +2,8 @@
 model with an instruct model's habits. NOT part of LFPC: the paper starts RL from
 Qwen2.5-VL-7B-Instruct, which already follows the tool format and can read.
 
-    python warmup.py                       # trains and writes checkpoints/toy_base (the shipped base)
-    python warmup.py --steps 50 --out /tmp/base --eval-items 50     # a quick run
+    python -m toy.warmup                       # trains and writes toy/base (the shipped base)
+    python -m toy.warmup --steps 50 --out /tmp/base --eval-items 50     # a quick run
 
 What the base learns, from supervised trajectories on toy items whose global image is at FULL
 resolution (64 tokens) 60 % of the time, at 1/√2 (32) or 1/2 (16) otherwise (`--low-res`), is the
@@ -24,7 +24,7 @@ habit the paper diagnoses in DeepEyes, visible in the text of every episode:
   the info-gap prober and `eval.py --no-tool` ask that way.
 So the base reads a ground-truth crop whenever it is unsure of the global image (always at 1/2), and
 ignores the crop when it believes the global image: RL at the information gap has a habit to break.
-The model's rotary layout is toy.ROPE (theta 10: it places boxes along both axes at 16 tokens).
+The model's rotary layout is toy.world.ROPE (theta 10: it places boxes along both axes at 16 tokens).
 Loss: cross-entropy on the assistant's tokens only (the rollout's loss mask), as three means added:
 over the answer word, over the four box coordinates, over every other assistant token. A tool call
 is ~40 tokens, mostly fixed syntax; a plain token mean would give the one answer token 1/45 of the
@@ -42,11 +42,11 @@ import torch
 from tqdm import tqdm
 
 import crop_tool
-import engine
 import lfpc
-import toy
+from support import engine
+import toy.world
 
-def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[list[int], str]:
+def habitual_box(square, rng: random.Random, canvas: int = toy.world.CANVAS) -> tuple[list[int], str]:
     """A box around a square (x, y, side, ...), as the base habitually draws it, and its kind: "tight"
     (the square with a 0-6 px margin), "cell" (its 56-px grid cell), "cell+28" (112 px: the largest crop
     the toy shows natively) or "cell+56" (168 px: downsampled, unreadable). A grown box keeps its size at
@@ -57,8 +57,8 @@ def habitual_box(square, rng: random.Random, canvas: int = toy.CANVAS) -> tuple[
         m = [rng.randrange(0, 7, 2) for _ in range(4)]
         return [max(0, x - m[0]), max(0, y - m[1]), min(canvas, x + side + m[2]), min(canvas, y + side + m[3])], kind
     kind_out = {"cell": 0, "cell+28": 28, "cell+56": 56}[kind]
-    cell = toy.cell_of(x, y)
-    side = toy.CELL + 2 * kind_out                 # kept whole: a grown box is shifted inside, not clamped, so
+    cell = toy.world.cell_of(x, y)
+    side = toy.world.CELL + 2 * kind_out                 # kept whole: a grown box is shifted inside, not clamped, so
     x1 = min(max(0, cell[0] - kind_out), canvas - side)      # a border cell's 168-px box stays unreadable
     y1 = min(max(0, cell[1] - kind_out), canvas - side)
     return [x1, y1, x1 + side, y1 + side], kind
@@ -78,19 +78,19 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
                 unclear: float) -> lfpc.Episode:
     """One supervised trajectory (the module docstring), built with the rollout's own machinery (so its
     loss mask too)."""
-    it = toy.make_item(seed)
+    it = toy.world.make_item(seed)
     task = lfpc.Task(it["image"], it["question"], it["answer"], None, it["bboxes"])
     colour, truth = it["question"].split()[-2], it["answer"]
-    tokens = rng.choice([toy.FULL_TOKENS // 4, toy.FULL_TOKENS // 2]) if rng.random() < low_res else toy.FULL_TOKENS
-    cfg = toy.rollout_config(use_tool=not direct, global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
+    tokens = rng.choice([toy.world.FULL_TOKENS // 4, toy.world.FULL_TOKENS // 2]) if rng.random() < low_res else toy.world.FULL_TOKENS
+    cfg = toy.world.rollout_config(use_tool=not direct, global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     ep = lfpc.start_episode(agent, task, 0, cfg)
-    if tokens == toy.FULL_TOKENS:
+    if tokens == toy.world.FULL_TOKENS:
         impression = truth                                  # read from the global image
-    elif tokens == toy.FULL_TOKENS // 2:                    # partly readable: a confident reading, or unsure
+    elif tokens == toy.world.FULL_TOKENS // 2:                    # partly readable: a confident reading, or unsure
         impression = None if rng.random() < unclear else truth
     else:
         impression = None                                   # at 1/2 every pattern averages to the solid fill
-    guess = rng.choice(toy.PATTERNS)
+    guess = rng.choice(toy.world.PATTERNS)
     answer = impression or guess
     if not direct:
         square = next(q for q in it["squares"] if q[3] == colour)
@@ -98,7 +98,7 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
         # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
-        call = agent.encode(toy.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
+        call = agent.encode(toy.world.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
         if impression is None and ep.crops and readable(ep.crops[0], it["bboxes"][0]):
             answer = truth                                  # unsure of the global image: the crop decides
@@ -130,7 +130,7 @@ def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -
     lp = lfpc.token_logprobs(agent.model, batch)                      # [B, T]
     word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the pattern words of each row
     coord = torch.zeros_like(batch.loss_mask)                         # [B, T]: the box coordinates
-    words = toy.word_ids(agent)
+    words = toy.world.word_ids(agent)
     for b, e in enumerate(eps):
         if answers:
             word[b, len(e.token_ids) - 3] = 1
@@ -147,15 +147,15 @@ def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -
 @torch.no_grad()
 def quick_eval(agent: lfpc.Agent, n: int, seed: int = 10_000) -> dict[str, float]:
     """Greedy accuracy on held-out items: direct at full and low resolution, and with the tool."""
-    import rewards
-    tasks = toy.make_tasks(n, seed=seed)
+    from support import answers
+    tasks = toy.world.make_tasks(n, seed=seed)
     out = {}
     for name, kw in [("direct_full", dict(use_tool=False)),
                      ("direct_low", dict(use_tool=False, global_max_pixels=16 * crop_tool.TOKEN_PIXELS)),
                      ("tool_full", dict()), ("tool_low", dict(global_max_pixels=16 * crop_tool.TOKEN_PIXELS)),
                      ("tool_low_gt", dict(global_max_pixels=16 * crop_tool.TOKEN_PIXELS, probe="gt"))]:
-        eps = lfpc.rollout(agent, tasks, 1, toy.rollout_config(temperature=0.0, **kw))
-        out[name] = sum(rewards.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / n
+        eps = lfpc.rollout(agent, tasks, 1, toy.world.rollout_config(temperature=0.0, **kw))
+        out[name] = sum(answers.accuracy(e.answer, t.answer) for e, t in zip(eps, tasks)) / n
         out[name + "_example"] = " | ".join(eps[0].turns)[:160]
         if kw.get("use_tool", True):
             out[name + "_format"] = sum(e.malformed_turns == 0 and e.answer is not None for e in eps) / n
@@ -169,16 +169,16 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
     plus mean over the call's other tokens), `steps` steps of `batch`; then greedy on `eval_items`
     held-out items: box centre errors along x and y and IoU with B1 (`eval.summarize`; an exact
     cell box scores IoU ~0.47 with B1, a random cell gives centre errors ~0.31). `model_kw` goes to
-    `toy.agent` (e.g. rope_theta, mrope_section)."""
+    `toy.world.agent` (e.g. rope_theta, mrope_section)."""
     import eval as ev
-    agent = toy.agent(seed, **model_kw)
+    agent = toy.world.agent(seed, **model_kw)
     model = agent.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    cfg = toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
+    cfg = toy.world.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS)
     for step in tqdm(range(steps), desc="locate probe"):
         eps = []
         for i in range(batch):
-            it = toy.make_item(seed * 1_000_003 + step * batch + i)
+            it = toy.world.make_item(seed * 1_000_003 + step * batch + i)
             task = lfpc.Task(it["image"], it["question"], it["answer"], None, it["bboxes"])
             ep = lfpc.start_episode(agent, task, 0, cfg)
             box = [round(v) for v in crop_tool.map_box_to_original(it["bboxes"][1], task.image_size, ep.shown_size)]
@@ -190,8 +190,8 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
         loss.backward()
         opt.step()
     model.eval()
-    m = ev.evaluate(agent, toy.make_tasks(eval_items, seed=toy.EVAL_SEED),
-                    toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, max_turns=2, max_new_tokens=48), (),
+    m = ev.evaluate(agent, toy.world.make_tasks(eval_items, seed=toy.world.EVAL_SEED),
+                    toy.world.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, max_turns=2, max_new_tokens=48), (),
                     batch_size=64, progress=False)["metrics"]
     return {"steps": steps, "tokens": tokens, "loss": round(loss.item(), 4), "boxes": m["box/n"],
             **{k: m[k] for k in ("box/dx_b1", "box/dy_b1", "box/iou_b1")},
@@ -199,8 +199,8 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="checkpoints/toy_base", help="output folder (HF format + prompts)")
+    p = argparse.ArgumentParser(prog="python -m toy.warmup", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="toy/base", help="output folder (HF format + prompts)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
@@ -215,8 +215,8 @@ def main() -> None:
     p.add_argument("--eval-items", type=int, default=100, help="held-out items per quick evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the item stream")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--rope-theta", type=float, default=toy.ROPE["rope_theta"], help="rotary base of the text model")
-    p.add_argument("--mrope-section", default=",".join(map(str, toy.ROPE["mrope_section"])),
+    p.add_argument("--rope-theta", type=float, default=toy.world.ROPE["rope_theta"], help="rotary base of the text model")
+    p.add_argument("--mrope-section", default=",".join(map(str, toy.world.ROPE["mrope_section"])),
                    help="rotary frequencies per (temporal, height, width), highest first; sum 16")
     p.add_argument("--locate-probe", type=int, default=0,
                    help="instead of the warm-up: train a fresh model for N steps to write the cell box at 16 "
@@ -229,7 +229,7 @@ def main() -> None:
         print(json.dumps(locate_probe(a.locate_probe, seed=a.seed, lr=a.lr, hidden=a.hidden, layers=a.layers,
                                       vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, **rope)))
         return
-    agent = toy.agent(a.seed, hidden=a.hidden, layers=a.layers, vision_hidden=a.vision_hidden,
+    agent = toy.world.agent(a.seed, hidden=a.hidden, layers=a.layers, vision_hidden=a.vision_hidden,
                       vision_depth=a.vision_depth, **rope)
     model = agent.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)

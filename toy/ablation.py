@@ -1,12 +1,12 @@
 """The paper's ablation, rerun on the toy world: does the information gap make the crop matter, and
 does the grounding reward make it precise?
 
-    python ablation.py             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
-    python ablation.py --quick     # 1 seed, 100 eval items: the directions only (~5 min on 2 cores)
-    python ablation.py --resume    # keep finished runs and evaluations, redo the rest
-    python ablation.py --box-payoff runs/ablation/stage1-s0/ckpt   # what stage 2 can select among
+    python -m toy.ablation             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
+    python -m toy.ablation --quick     # 1 seed, 100 eval items: the directions only (~5 min on 2 cores)
+    python -m toy.ablation --resume    # keep finished runs and evaluations, redo the rest
+    python -m toy.ablation --box-payoff runs/ablation/stage1-s0/ckpt   # what stage 2 can select among
 
-Arms, each from the shipped toy base (`checkpoints/toy_base`) with `train.py`'s toy preset:
+Arms, each from the shipped toy base (`toy/base`) with `train.py`'s toy preset:
     baseline  RL with the global image at full resolution, the crop's source resolution too
               (DeepEyes-style: `train.py --stage 1 --global-image full`)
     stage1    RL with the information-gap global image (`train.py --stage 1`)
@@ -38,8 +38,8 @@ import time
 import torch
 
 import crop_tool
-import metrics
-import toy
+from support import metrics
+import toy.world
 
 ARMS = ("baseline", "stage1", "stage2")
 # visual tokens of the global image at evaluation: the info-gap ladder's two rungs and full resolution
@@ -52,10 +52,10 @@ ROWS = [("acc", "accuracy"), ("probe/noise", "noise-crop change"), ("probe/gt", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m toy.ablation", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/ablation", help="output folder")
-    p.add_argument("--base", default=toy.BASE, help="the starting checkpoint of every arm")
+    p.add_argument("--base", default=toy.world.BASE, help="the starting checkpoint of every arm")
     p.add_argument("--seeds", default=None, help="training seeds, comma-separated (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
     p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps and --stage2-steps must be >= 0 (0: the preset's), --eval-items >= 1")
     a.stage2_steps = a.stage2_steps or a.steps
     if not os.path.isdir(a.base):
-        p.error(f"base checkpoint {a.base!r} not found (python warmup.py writes it)")
+        p.error(f"base checkpoint {a.base!r} not found (python -m toy.warmup writes it)")
     if os.path.isdir(a.out) and os.listdir(a.out) and not a.resume:
         p.error(f"{a.out} is not empty: pass --resume to keep its finished parts, or another --out")
     return a
@@ -141,11 +141,11 @@ def evaluate_model(a, model: str, name: str) -> dict:
     if os.path.exists(path):
         return json.load(open(path))
     agent = lfpc.load_agent(model, "cpu", torch.float32)
-    tasks = toy.eval_tasks(a.eval_items)
+    tasks = toy.world.eval_tasks(a.eval_items)
     res, galleries = {}, {}
     for label, tokens in BUDGETS.items():
         t0 = time.perf_counter()
-        r = ev.evaluate(agent, tasks, toy.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, engine=a.engine), ("noise", "gt"),
+        r = ev.evaluate(agent, tasks, toy.world.rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS, engine=a.engine), ("noise", "gt"),
                         batch_size=64, progress=False)
         galleries[label] = r.pop("episodes")["normal"]
         m = dict(r["metrics"])
@@ -293,8 +293,8 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
     import lfpc
     import rewards
     agent = lfpc.load_agent(model, "cpu", torch.float32)
-    tasks = toy.training_tasks(2, 0)
-    cfg = toy.rollout_config(global_max_pixels=BUDGETS["low"] * crop_tool.TOKEN_PIXELS, temperature=1.0,
+    tasks = toy.world.training_tasks(2, 0)
+    cfg = toy.world.rollout_config(global_max_pixels=BUDGETS["low"] * crop_tool.TOKEN_PIXELS, temperature=1.0,
                              batch_size=64, engine=engine)
     episodes = lfpc.rollout(agent, tasks, group, cfg, seed=seed)
     rows, missed = {name: [] for name, _ in SIDES}, []       # missed: small boxes off B1, as examples

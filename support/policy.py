@@ -12,7 +12,7 @@ Contract
 - Gradient checkpointing, non-reentrant, of a fraction of the language model's decoder layers
   (`--ckpt-fraction`, evenly spread; the vision blocks, trained only under full fine-tuning, are all
   checkpointed). A checkpointed layer keeps only its input and runs its forward again in the backward; a
-  layer left out keeps its activations and saves that recompute (`python bench.py --ckpt-sweep` measures
+  layer left out keeps its activations and saves that recompute (`python -m support.bench --ckpt-sweep` measures
   the trade on the real config).
 `a` is train.Args (lora, grad_ckpt, ckpt_fraction, device, model).
 """

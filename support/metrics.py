@@ -4,7 +4,7 @@ and the episodes it is computed over.
 Episode metrics (`episode_metrics`), the same names in train.py's metrics.jsonl and eval.py's
 results.json; a mean over an empty population is None:
     acc                    mean of judge.correct(answer, task.answer, task.choices) (default: the rules of
-                           rewards.accuracy; --judge llm: judge.py)                           all episodes
+                           answers.accuracy; --judge llm: support/judge.py)                           all episodes
     acc/<cat>, n/<cat>     accuracy and count per category (task.id "<cat>/<name>")           per category
     hrbench/FSP, FCP, mean HR-Bench's reported scores (`hrbench_scores`): single and cross accuracy per
                            cycle_category, averaged over cycles (VLMEvalKit), and (FSP + FCP) / 2
@@ -26,12 +26,13 @@ train.py), work/* (what the rollout engine did, `engine.Work`: image encodes, vi
 decode positions with padding_tokens among them, decode_steps, slot_steps, useful_tokens, slot_utilisation
 = useful_tokens / slot_steps, host_syncs; and the training forward's train_image_encodes, 0 when LoRA
 reuses the rollout's image features), time/step_s, and with --judge llm judge/calls,
-requests, cached, fallbacks, skipped (what the model judge did this step; judge.py).
+requests, cached, fallbacks, skipped (what the model judge did this step; support/judge.py).
 Evaluation only (eval.py): time/sec_per_question; per probe, delta/<key> = probe - normal.
 """
 from __future__ import annotations
 
 import rewards
+from support import answers
 
 
 def category(task) -> str | None:
@@ -46,11 +47,11 @@ def mean(xs) -> float | None:
 
 def episode_metrics(episodes, tasks, judge=None) -> dict:
     """The episode metrics of the module docstring; episode e belongs to tasks[e.task_index]; `judge`
-    (judge.py; default the rules of rewards.accuracy) decides what is right."""
+    (support/judge.py; default the rules of answers.accuracy) decides what is right."""
     task = lambda e: tasks[e.task_index]
     n = len(episodes)
     if judge is None:
-        correct = [rewards.accuracy(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
+        correct = [answers.accuracy(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
     else:
         correct = [judge.correct(e.answer, task(e).answer, task(e).choices, task(e).question) for e in episodes]
     m = {"acc": mean(correct)}

@@ -1,9 +1,9 @@
-"""Convert other projects' RL training sets into the project's JSONL tasks (`data.py` reads them).
+"""Convert other projects' RL training sets into the project's JSONL tasks (`support/data.py` reads them).
 
 Contract
 --------
 Command (`--help`):
-    python convert.py --from SOURCE INPUT [INPUT ...] --out DIR [--image-root DIR] [--limit N] [--overwrite]
+    python -m support.convert --from SOURCE INPUT [INPUT ...] --out DIR [--image-root DIR] [--limit N] [--overwrite]
 writes
     DIR/train.jsonl    one task a line, the schema of `data.load_tasks`:
                        {"id", "image": "images/<file>" (relative to DIR), "question", "answer",
@@ -111,7 +111,7 @@ only.
 
 Reruns: an --out folder that already holds train.jsonl, dropped.jsonl or images/ is REFUSED unless
 --overwrite is given; --overwrite deletes exactly those three (nothing else in DIR) and converts afresh,
-and only when DIR/.lfpc-convert (written by every conversion) says convert.py wrote them: a folder of
+and only when DIR/.lfpc-convert (written by every conversion) says support/convert.py wrote them: a folder of
 the user's own images/ is never deleted, and an --out whose images/ or outputs hold an input is refused.
 train.jsonl and dropped.jsonl are written as *.tmp and renamed at the end, so a crashed run never leaves
 a train.jsonl behind.
@@ -493,7 +493,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise SystemExit("convert.py: the parquet sources (--from deepeyes, pixelreasoner, thinklite) need "
+        raise SystemExit("support/convert.py: the parquet sources (--from deepeyes, pixelreasoner, thinklite) need "
                          "pyarrow, which requirements.txt installs: pip install -r requirements.txt") from None
     return pq
 
@@ -609,12 +609,12 @@ def open_json(path: str, source: str, spec: Source):
 
 # ----------------------------------------------------------------------------- conversion
 
-MARKER = ".lfpc-convert"        # written into every --out: what convert.py wrote there (and may delete)
+MARKER = ".lfpc-convert"        # written into every --out: what support/convert.py wrote there (and may delete)
 
 
 def _prepare_out(out: str, overwrite: bool, inputs: list[str] = (), roots: list[str] = ()) -> None:
     """Refuse a folder holding an earlier conversion, or (--overwrite) delete exactly its outputs, and
-    only those convert.py wrote (MARKER); refuse an --out whose outputs would hold an input or an image root."""
+    only those support/convert.py wrote (MARKER); refuse an --out whose outputs would hold an input or an image root."""
     outputs = [os.path.realpath(os.path.join(out, p)) for p in ("train.jsonl", "dropped.jsonl", "images")]
     for path in list(inputs) + list(roots):
         real = os.path.realpath(path)
@@ -625,7 +625,7 @@ def _prepare_out(out: str, overwrite: bool, inputs: list[str] = (), roots: list[
         raise ConvertError(f"{out}: already holds {', '.join(old)} from an earlier conversion; "
                            f"pass --overwrite to replace them, or choose another --out")
     if old and not os.path.isfile(os.path.join(out, MARKER)):
-        raise ConvertError(f"{out}: holds {', '.join(old)} that convert.py did not write (no {MARKER} file): "
+        raise ConvertError(f"{out}: holds {', '.join(old)} that support/convert.py did not write (no {MARKER} file): "
                            f"--overwrite never deletes your own files; choose another --out")
     for p in old:
         full = os.path.join(out, p)
@@ -798,7 +798,7 @@ def convert_files(source: str, inputs: list[str], out: str, image_root: str | No
 
 def main(argv: list[str] | None = None) -> Report:
     doc = __doc__.split("\n\n")[0]
-    c = argparse.ArgumentParser(prog="convert.py", description=doc + " Writes DIR/train.jsonl (data.load_tasks' "
+    c = argparse.ArgumentParser(prog="python -m support.convert", description=doc + " Writes DIR/train.jsonl (data.load_tasks' "
                                 "schema), DIR/images/ and DIR/dropped.jsonl; prints what was kept and dropped. See "
                                 "the module docstring for each format.")
     c.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), metavar="SOURCE",
@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> Report:
         report = convert_files(args.source, args.inputs, args.out, args.image_root, args.limit, args.overwrite,
                                box_units=args.box_units)
     except ConvertError as e:
-        raise SystemExit(f"convert.py: {e}") from None
+        raise SystemExit(f"support/convert.py: {e}") from None
     print(report.summary())
     return report
 

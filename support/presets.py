@@ -1,10 +1,10 @@
-"""Named settings for train.py, eval.py and bench.py, chosen with `--preset NAME`.
+"""Named settings for train.py, eval.py and support/bench.py, chosen with `--preset NAME`.
 
     toy      the toy world on a CPU (the default: `python train.py --stage 1` just works)
     paper    the paper's published set-up: Qwen2.5-VL-7B-Instruct, 256 prompts x 16 rollouts, lr 1e-6,
              2,048 response tokens, 80 steps (8 x A100, full fine-tuning)
     one-gpu  7B stage 1 on one 80 GB GPU: LoRA r64 on a bf16 base, 32 prompts x 16 rollouts a step,
-             rollout chunks and micro-batches sized by memory.py's estimate (README)
+             rollout chunks and micro-batches sized by support/memory.py's estimate (README)
 
 A preset fills every setting the command line leaves unset (None); a flag given on the command line
 always wins, including one that sets a value back to a preset's "off" (e.g. --no-grad-ckpt). Keys that
@@ -18,27 +18,13 @@ are not flags describe the world a preset belongs to:
 """
 from __future__ import annotations
 
+import importlib
+
 import crop_tool
 import lfpc
-import toy
-
-TOY = dict(
-    # world
-    tasks=toy.training_tasks, eval_tasks=toy.eval_tasks, checkpoints=toy.CHECKPOINTS, system_prompt=toy.SYSTEM_PROMPT,
-    # model and run
-    model=toy.BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False, ckpt_fraction=1.0,
-    rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20,                 # toy episodes are short
-    # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
-    max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
-    crop_max_tokens=16, crop_min_tokens=1, crop_snap=28, crop_resample="box",
-    # information gap: the canvas is 64 tokens at full resolution
-    full_tokens=toy.FULL_TOKENS, floor_tokens=16, probe_max_new_tokens=16,
-    # eval.py
-    budget=16, limit=500, batch_size=64,
-)
 
 # ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
-# GiB usable of 80, measured by `bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
+# GiB usable of 80, measured by `support/bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
 # training peak (every layer: 43.8 at the rollout's; 1/4: 82.0).
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
@@ -50,28 +36,37 @@ PAPER = dict(
     budget=1024, limit=None, batch_size=16,
 )
 
-# From `python bench.py --config 7b --estimate-memory` (README): 32 rows of 8,512-token episodes (1K global,
+# From `python -m support.bench --config 7b --estimate-memory` (README): 32 rows of 8,512-token episodes (1K global,
 # 2,048 response tokens, 4 crops of 1,280) peak at ~42 GiB; at the 16K global budget the same token budget
 # admits one group of 16 rows a chunk (~46 GiB). Micro-batches of 32K padded tokens, every decoder layer
-# checkpointed: `bench.py --estimate-memory --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of
+# checkpointed: `support/bench.py --estimate-memory --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of
 # them, over the 71 GiB usable of 80.
 ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 1.0, "prompts": 32, "rollout_batch": 32, "rollout_tokens": 32 * 8512,
            "train_tokens": 32768, "micro_batch": 8}
 
-PRESETS = {"toy": TOY, "paper": PAPER, "one-gpu": ONE_GPU}
+# The toy preset belongs to the toy world and lives there (toy/world.py's PRESET): named here by its module,
+# imported only when chosen, so the real presets never load toy/ (tests/test_project.py checks it).
+PRESETS = {"toy": "toy.world", "paper": PAPER, "one-gpu": ONE_GPU}
+NAMES = tuple(PRESETS)
+
+
+def get(name: str) -> dict:
+    """The settings of preset `name` (KeyError for an unknown one)."""
+    v = PRESETS[name]
+    return importlib.import_module(v).PRESET if isinstance(v, str) else v
 WORLD_KEYS = ("tasks", "eval_tasks", "checkpoints", "system_prompt")
 
 
 def fill(a, preset: str) -> None:
     """Set every attribute of `a` that is None and named in the preset to the preset's value."""
-    for k, v in PRESETS[preset].items():
+    for k, v in get(preset).items():
         if k not in WORLD_KEYS and hasattr(a, k) and getattr(a, k) is None:
             setattr(a, k, v)
 
 
 def check_model(preset: str, model: str) -> str | None:
     """Why `model` cannot run under `preset`, or None. Reads only the prompts saved beside a folder."""
-    want = PRESETS[preset]["system_prompt"]
+    want = get(preset)["system_prompt"]
     if want is None:
         return None
     if lfpc.read_prompts(model).get("system_prompt") != want:

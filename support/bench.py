@@ -1,15 +1,15 @@
 """Time one stage-1 GRPO step, phase by phase, and print JSON.
 
-    python bench.py                               # toy: the shipped base, 8 prompts x 8 rollouts, CPU
-    python bench.py --model PATH --prompts 8 --group 8 --repeat 3
-    python bench.py --config 7b --batch 64 --lora 64           # one GPU: random-weight Qwen2.5-VL-7B
-    python bench.py --config 3b --batch 64                     # 3B, full fine-tuning, fp32 master weights
-    python bench.py --config tiny --batch 4 --visual-tokens 16 --prompt-tokens 40 --response-tokens 8
-    python bench.py --config 7b --estimate-memory --lora 64 --response-tokens 2048 --group 16   # CPU, no GPU
-    python bench.py --schedule-bench --prompts 8 --group 8 --batch 16 --repeat 3   # slots vs the turn barrier
+    python -m support.bench                               # toy: the shipped base, 8 prompts x 8 rollouts, CPU
+    python -m support.bench --model PATH --prompts 8 --group 8 --repeat 3
+    python -m support.bench --config 7b --batch 64 --lora 64           # one GPU: random-weight Qwen2.5-VL-7B
+    python -m support.bench --config 3b --batch 64                     # 3B, full fine-tuning, fp32 master weights
+    python -m support.bench --config tiny --batch 4 --visual-tokens 16 --prompt-tokens 40 --response-tokens 8
+    python -m support.bench --config 7b --estimate-memory --lora 64 --response-tokens 2048 --group 16   # CPU, no GPU
+    python -m support.bench --schedule-bench --prompts 8 --group 8 --batch 16 --repeat 3   # slots vs the turn barrier
 
 Memory mode (--estimate-memory) prints the peak memory of one stage-1 step of the real config by kind,
-estimated on a CPU without allocating the weights (memory.py: fake tensors and torch's MemTracker).
+estimated on a CPU without allocating the weights (support/memory.py: fake tensors and torch's MemTracker).
 
 Toy mode (no --config) times what train.py does: rollouts (multi-turn sampling with crops), rewards
 and advantages, the log-prob recompute with backward in micro-batches, the optimizer step.
@@ -58,21 +58,17 @@ from dataclasses import replace
 import torch
 
 import crop_tool
-import engine
 import grpo
 import lfpc
-import memory
-import models
-import policy
-import presets
+from support import engine, memory, models, policy, presets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m support.bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="", choices=["", "tiny", "3b", "7b"],
                    help="random-weight model of this size (synthetic step); empty: the toy step on --model")
-    p.add_argument("--model", default=presets.TOY["model"], help="toy mode: checkpoint folder")
+    p.add_argument("--model", default="", help="toy mode: checkpoint folder (default: the toy preset's, toy/base)")
     p.add_argument("--prompts", type=int, default=8, help="toy mode: tasks per step")
     p.add_argument("--group", type=int, default=8, help="toy mode: rollouts per task")
     p.add_argument("--budget", type=int, default=16, help="toy mode: global-image budget, visual tokens")
@@ -87,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="toy mode: rollout engine (cached: KV cache across turns; reference: re-prefill each turn)")
     p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
     p.add_argument("--estimate-memory", action="store_true",
-                   help="config mode, CPU, no weights allocated: peak memory of one stage-1 step by kind (memory.py)")
+                   help="config mode, CPU, no weights allocated: peak memory of one stage-1 step by kind (support/memory.py)")
     p.add_argument("--rollout-rows", type=int, default=16, help="estimate: episodes sharing one rollout chunk's KV cache")
     p.add_argument("--train-tokens", type=int, default=16384, help="estimate: padded tokens per training micro-batch")
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
@@ -346,7 +342,7 @@ def toy_step(a) -> dict:
     """train.py's step, timed as its two calls: `collect_episodes` (rollout + rewards) and
     `update_policy` (log-prob forwards, backward, optimizer; it times its forwards itself)."""
     import train
-    args = train.parse_args(["--preset", "toy", "--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group),
+    args = train.parse_args(["--preset", "toy", "--model", a.model or presets.get("toy")["model"], "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
     agent = policy.load_model(args)
@@ -419,8 +415,8 @@ def schedule_bench(a) -> dict:
     `--repeat` times; reports sampled tokens/s (min and median), slot utilisation and decode steps."""
     import os
     import statistics
-    agent = models.real_shape_agent(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures",
-                                                 "qwen2-tokenizer"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # support/.. : the repository
+    agent = models.real_shape_agent(os.path.join(root, "tests", "fixtures", "qwen2-tokenizer"))
     from PIL import Image
     import numpy as np
     side = math.isqrt(a.visual_tokens) * 28
@@ -621,7 +617,7 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.estimate_memory:
-        import memory
+        from support import memory
         shape = memory.StepShape(config=a.config, lora=a.lora, visual_tokens=a.visual_tokens,
                                  response_tokens=a.response_tokens, crops=a.crops, crop_tokens=a.crop_tokens,
                                  rollout_rows=a.rollout_rows, group=a.group, train_tokens=a.train_tokens,

@@ -1,4 +1,4 @@
-"""Answer judges behind one interface: the rules of rewards.py, or a large instruct model behind an
+"""Answer judges behind one interface: the rules of support/answers.py, or a large instruct model behind an
 OpenAI-compatible chat-completions endpoint (DeepEyes judges its rewards with Qwen2.5-72B-Instruct served
 by vLLM; see notes/deepeyes_prompts.md).
 
@@ -10,7 +10,7 @@ by vLLM; see notes/deepeyes_prompts.md).
 
 Contract (stdlib only: urllib.request + json; one judge per process, not thread-safe)
 --------
-- RuleJudge: correct = rewards.accuracy; same = rewards.same_answer. Every judgement counts in
+- RuleJudge: correct = answers.accuracy; same = answers.same_answer. Every judgement counts in
   stats["rule"].
 - LLMJudge(url, model, cache_path=None, timeout=10, retries=1, backoff=0.5, rule_first=True, breaker=3,
   cooldown=60, api_key=None):
@@ -51,7 +51,7 @@ Contract (stdlib only: urllib.request + json; one judge per process, not thread-
     skipped (fallbacks while the circuit was open). train.py logs their per-step changes as judge/*.
 - groups(preds): greedy in order; a prediction joins the first group whose first member it is `same`
   as, else opens a new group; None or empty predictions get None. For RuleJudge this equals grouping
-  by rewards.vote_key.
+  by answers.vote_key.
 - make_judge(kind="rule" | "llm", url=None, model=None, cache=None, **kwargs): "llm" needs url and
   model (ValueError naming what is missing); any other kind is a ValueError.
 """
@@ -67,7 +67,7 @@ import time
 import urllib.error
 import urllib.request
 
-import rewards
+from support import answers
 
 logger = logging.getLogger("lfpc.judge")
 
@@ -181,7 +181,7 @@ class Judge:
         """A vote group id per prediction (module docstring): greedy, first members as representatives."""
         firsts, out = [], []
         for i, p in enumerate(preds):
-            if not isinstance(p, str) or not rewards.normalize_answer(p):
+            if not isinstance(p, str) or not answers.normalize_answer(p):
                 out.append(None)
                 continue
             for g, r in enumerate(firsts):
@@ -195,15 +195,15 @@ class Judge:
 
 
 class RuleJudge(Judge):
-    """The rules of rewards.py (accuracy, same_answer); never makes a request."""
+    """The rules of support/answers.py (accuracy, same_answer); never makes a request."""
 
     def correct(self, pred, answer, choices=None, question=""):
         self.stats["rule"] += 1
-        return rewards.accuracy(pred, answer, choices, question)
+        return answers.accuracy(pred, answer, choices, question)
 
     def same(self, a, b, choices=None, question=""):
         self.stats["rule"] += 1
-        return rewards.same_answer(a, b, choices)
+        return answers.same_answer(a, b, choices)
 
 
 class LLMJudge(Judge):
@@ -233,37 +233,37 @@ class LLMJudge(Judge):
     # ------------------------------------------------------------------------- the interface
 
     def correct(self, pred, answer, choices=None, question=""):
-        if pred is None or not rewards.normalize_answer(pred):
+        if pred is None or not answers.normalize_answer(pred):
             self.stats["rule"] += 1
             return 0.0
-        if self.rule_first and rewards.accuracy(pred, answer, choices, question) == 1.0:
+        if self.rule_first and answers.accuracy(pred, answer, choices, question) == 1.0:
             self.stats["rule"] += 1
             return 1.0
         reference = answer
         if choices:
-            k = rewards.answer_index(answer, choices)
+            k = answers.answer_index(answer, choices)
             reference = f"{chr(65 + k)}. {choices[k]}"
         verdict = self._ask("correct", question, reference, pred, choices)
         if verdict is None:
-            return rewards.accuracy(pred, answer, choices, question)
+            return answers.accuracy(pred, answer, choices, question)
         return float(verdict)
 
     def same(self, a, b, choices=None, question=""):
-        if not isinstance(a, str) or not isinstance(b, str) or not rewards.normalize_answer(a) \
-                or not rewards.normalize_answer(b):
+        if not isinstance(a, str) or not isinstance(b, str) or not answers.normalize_answer(a) \
+                or not answers.normalize_answer(b):
             self.stats["rule"] += 1
             return False
-        if rewards.same_answer(a, b, choices):
+        if answers.same_answer(a, b, choices):
             self.stats["rule"] += 1
             return True
         if choices:
-            ka, kb = rewards.choice_index(a, choices), rewards.choice_index(b, choices)
+            ka, kb = answers.choice_index(a, choices), answers.choice_index(b, choices)
             if ka is not None and kb is not None:      # two different options: letters are exact
                 self.stats["rule"] += 1
                 return False
         verdict = self._ask("same", question, a, b, choices)
         if verdict is None:
-            return rewards.same_answer(a, b, choices)
+            return answers.same_answer(a, b, choices)
         return verdict
 
     # ------------------------------------------------------------------------- asking the model

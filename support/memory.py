@@ -1,10 +1,10 @@
 """Peak GPU memory of one stage-1 step of a real Qwen2.5-VL config, estimated on a CPU in minutes without
 allocating the weights.
 
-    python bench.py --config 7b --estimate-memory --lora 64                   # 7B LoRA r64, 1K global images
-    python bench.py --config 7b --estimate-memory --lora 64 --visual-tokens 16384 --rollout-rows 8
-    python bench.py --config 3b --estimate-memory                             # 3B full fine-tuning
-    python bench.py --config 7b --estimate-memory --world 8                   # 7B full fine-tuning, a rank of 8
+    python -m support.bench --config 7b --estimate-memory --lora 64                   # 7B LoRA r64, 1K global images
+    python -m support.bench --config 7b --estimate-memory --lora 64 --visual-tokens 16384 --rollout-rows 8
+    python -m support.bench --config 3b --estimate-memory                             # 3B full fine-tuning
+    python -m support.bench --config 7b --estimate-memory --world 8                   # 7B full fine-tuning, a rank of 8
 
 Method: the language model runs under torch's FakeTensorMode (shapes and dtypes, no storage) inside
 `torch.distributed._tools.mem_tracker.MemTracker`, which records the bytes alive at the peak by kind
@@ -31,7 +31,7 @@ through the backward). What the estimate leaves out: the CUDA context and cuBLAS
 allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
-state (FSDP2) but the lm_head's, which every rank holds whole (dist.py says why), and gathers the
+state (FSDP2) but the lm_head's, which every rank holds whole (support/dist.py says why), and gathers the
 sharded weights for its rollouts, in bf16 (the mixed-precision policy's param_dtype); the activations
 of the sharded training step are those of the unsharded one (one layer gathered at a time is not
 counted).
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import models
+from support import models
 
 GiB = 2**30
 
@@ -64,7 +64,7 @@ class StepShape:
     logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head
     grad_ckpt: bool = True
     ckpt_fraction: float = 1.0       # of the decoder layers checkpointed (policy.enable_grad_ckpt)
-    world: int = 1                   # ranks under torchrun: full fine-tuning shards its training state (dist.py)
+    world: int = 1                   # ranks under torchrun: full fine-tuning shards its training state (support/dist.py)
 
     @property
     def episode_tokens(self) -> int:
@@ -302,7 +302,7 @@ class _Policy(torch.nn.Module):
 def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     """One micro-batch: forward (gradient checkpointing), the chunked log-prob head over the response
     tokens, backward. Mirrors train.update_policy with a static response slice."""
-    import policy as policy_lib
+    from support import policy as policy_lib
     if s.grad_ckpt:
         policy_lib.enable_grad_ckpt(policy.lm, s.ckpt_fraction)
     policy.train()

@@ -32,10 +32,10 @@ Items use the project's JSONL schema (`data.load_tasks`):
 Everything else the toy world needs lives here too, so the engine never special-cases it: the toy
 model's prompts, tokenizer and rotary layout (`agent`), its rollout settings (`rollout_config`: native
 crops on the 28-px grid, capped at 112x112 px), its item streams (training seed 1, stage-2 seed 2,
-held-out evaluation seed 3), and its checkpoints. `presets.py` turns them into `--preset toy`.
+held-out evaluation seed 3), and its checkpoints. `support/presets.py` turns them into `--preset toy`.
 
-    python toy.py --out data/toy --n 1000 --seed 0      # writes data/toy/items.jsonl + PNGs
-    python toy.py --demo                                # the shipped base rolls out 2 items, turn by turn
+    python -m toy.world --out data/toy --n 1000 --seed 0      # writes data/toy/items.jsonl + PNGs
+    python -m toy.world --demo                                # the shipped base rolls out 2 items, turn by turn
 """
 from __future__ import annotations
 
@@ -49,8 +49,7 @@ from PIL import Image
 
 import crop_tool
 import lfpc
-import models
-import prompts
+from support import models, prompts
 
 CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
@@ -64,7 +63,7 @@ N_BOXES = 1  # squares per image; more adds a colour-binding problem the tiny mo
 # Item streams: disjoint seeds for training (stage 1), the annotated stage-2 set, and held-out evaluation.
 TRAIN_SEED, STAGE2_SEED, EVAL_SEED = 1, 2, 3
 STAGE2_ITEMS = 256                      # the paper's stage 2 uses 256 annotated questions
-BASE = "checkpoints/toy_base"           # the shipped warmed-up base (`python warmup.py` rebuilds it)
+BASE = "toy/base"           # the shipped warmed-up base (`python -m toy.warmup` rebuilds it)
 CHECKPOINTS = ("runs/stage2/ckpt", "runs/stage1/ckpt", BASE)   # eval.py's default model: the latest that exists
 
 
@@ -169,7 +168,7 @@ def rollout_config(**kw) -> lfpc.RolloutConfig:
     return lfpc.RolloutConfig(**{**ROLLOUT, **kw})
 
 
-IMPRESSION = "<think>The {colour} box looks {pattern}.</think>"      # the base's first impression (warmup.py)
+IMPRESSION = "<think>The {colour} box looks {pattern}.</think>"      # the base's first impression (toy/warmup.py)
 UNCLEAR = "<think>The {colour} box is unclear.</think>"
 
 
@@ -202,7 +201,7 @@ def tokenizer():
 # 1M-parameter model never learns to say WHERE a square is (x1 stayed at its marginal loss for 2000
 # steps). [1, 4, 11] puts most frequencies on the width axis, and theta 10 makes them turn fast enough
 # to tell neighbouring cells apart along both axes at 16 visual tokens (a toy context of a few hundred
-# tokens needs no slow frequencies); then a locate-only probe learns exact cell boxes (`python warmup.py
+# tokens needs no slow frequencies); then a locate-only probe learns exact cell boxes (`python -m toy.warmup
 # --locate-probe 800`: x error 0.009, y 0.007, README).
 ROPE = dict(rope_theta=10.0, mrope_section=[1, 4, 11])
 
@@ -213,6 +212,23 @@ def agent(seed: int = 0, **model_kw) -> lfpc.Agent:
                               instruction=INSTRUCTION, **{**ROPE, **model_kw})
     agent.direct_instruction = prompts.NO_TOOL_INSTRUCTION       # the direct prompt the shipped base learned
     return agent
+
+
+# train.py's and eval.py's --preset toy (support/presets.py names it; a flag given always wins)
+PRESET = dict(
+    # world
+    tasks=training_tasks, eval_tasks=eval_tasks, checkpoints=CHECKPOINTS, system_prompt=SYSTEM_PROMPT,
+    # model and run
+    model=BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False, ckpt_fraction=1.0,
+    rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20,                 # toy episodes are short
+    # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
+    max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
+    crop_max_tokens=16, crop_min_tokens=1, crop_snap=28, crop_resample="box",
+    # information gap: the canvas is 64 tokens at full resolution
+    full_tokens=FULL_TOKENS, floor_tokens=16, probe_max_new_tokens=16,
+    # eval.py
+    budget=16, limit=500, batch_size=64,
+)
 
 
 def demo(model: str, n: int, tokens: int, seed: int) -> None:
@@ -231,7 +247,7 @@ def demo(model: str, n: int, tokens: int, seed: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write toy-world items as JSONL + PNGs (the project's data schema), "
+    p = argparse.ArgumentParser(prog="python -m toy.world", description="Write toy-world items as JSONL + PNGs (the project's data schema), "
                                 "or (--demo) roll out the shipped base on a few of them.")
     p.add_argument("--out", default="data/toy", help="output folder")
     p.add_argument("--demo", action="store_true", help="roll out --model on --n held-out items and print the turns")

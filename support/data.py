@@ -70,8 +70,8 @@ from dataclasses import replace
 from PIL import Image
 
 import crop_tool
-import rewards
 from lfpc import Task
+from support import answers
 
 MAX_ERRORS = 20
 MAX_ASPECT = 200                   # smart_resize refuses more
@@ -167,7 +167,7 @@ def _parse_row(line: str, where: str, errors: list[str]) -> dict | None:
             errors.append(f"{where}: {len(choices)} choices; at most {MAX_CHOICES} (they are lettered A-Z)")
         elif isinstance(row.get("answer"), str):
             try:
-                rewards.answer_index(row["answer"], choices)
+                answers.answer_index(row["answer"], choices)
             except ValueError:
                 errors.append(f"{where}: answer {row['answer']!r} is neither a letter A-{chr(64 + len(choices))} "
                               f"nor the text of one of the choices")
