@@ -65,8 +65,8 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import data, metrics, policy, presets, prompts
-from support.judge import RuleJudge, make_judge, url_problem
+from support import cli, data, metrics, policy, presets, prompts
+from support.judge import RuleJudge, make_judge
 
 PROBES = ("noise", "gt", "no-tool")
 
@@ -128,23 +128,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "or pass --model")
         a.model = found[0]
     presets.fill(a, a.preset)
-    for name in ("budget", "min_tokens", "crop_max_tokens", "crop_min_tokens", "batch_size", "max_new_tokens",
-                 "max_response_tokens", "max_turns", "limit"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    cli.refuse(p, cli.at_least(a, ("budget", "min_tokens", "crop_max_tokens", "crop_min_tokens", "batch_size",
+                                    "max_new_tokens", "max_response_tokens", "max_turns", "limit")))
     if a.crop_snap < 0 or a.gallery < 0:
         p.error("--crop-snap and --gallery must be >= 0")
     if a.crop_min_tokens > a.crop_max_tokens:
         p.error(f"--crop-min-tokens ({a.crop_min_tokens}) must not exceed --crop-max-tokens ({a.crop_max_tokens})")
     if (why := policy.device_problem(a.device)):
         p.error(why)
-    if a.judge == "llm" and not (a.judge_url and a.judge_model):
-        p.error("--judge llm needs --judge-url and --judge-model")
-    if a.judge_url and (why := url_problem(a.judge_url)):
-        p.error(why)
-    if not 0 < a.judge_timeout <= 600:
-        p.error(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
+    cli.refuse(p, cli.judge_problems(a))
     if (why := lfpc.model_problem(a.model)):
         p.error(why)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")

@@ -69,8 +69,8 @@ from tqdm import tqdm
 import crop_tool
 import lfpc
 from lfpc import Task
-from support import checkpoint, data, prompts
-from support.judge import Judge, RuleJudge, make_judge, url_problem
+from support import checkpoint, cli, data, prompts
+from support.judge import Judge, RuleJudge, make_judge
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
 MIN_PIXELS = TOKEN_PIXELS               # the prober shows every budget down to one token
@@ -116,9 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.floor_tokens = a.floor_tokens or preset["floor_tokens"]
     a.max_new_tokens = a.max_new_tokens or preset["probe_max_new_tokens"]
     a.resample = a.resample or preset["resample"]
-    for name in ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    cli.refuse(p, cli.at_least(a, ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size")))
     if a.floor_tokens >= a.full_tokens:
         p.error(f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens ({a.full_tokens})")
     if not 0 < a.ratio < 1:
@@ -134,12 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--out {a.out} is a folder; pass the JSONL file to write")
     if (why := policy.device_problem(a.device)):
         p.error(why)
-    if a.judge == "llm" and not (a.judge_url and a.judge_model):
-        p.error("--judge llm needs --judge-url and --judge-model")
-    if a.judge_url and (why := url_problem(a.judge_url)):
-        p.error(why)
-    if not 0 < a.judge_timeout <= 600:
-        p.error(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
+    cli.refuse(p, cli.judge_problems(a))
     if (why := lfpc.model_problem(a.model)):
         p.error(why)
     return a

@@ -11,8 +11,9 @@ Contract
   resized image is what the model is SHOWN, its size is stated in the question, and every box the
   model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
-  task i are rows i*G .. i*G+G-1), turn by turn in batches (`support/engine.py` runs the model). Each turn is
-  sampled until `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
+  task i are rows i*G .. i*G+G-1). Its turn loop is the method's: an engine (`support/engine.py`, which runs
+  the model) hands back each turn as it ends; `step_episode` parses it, runs the tool and appends the
+  answer; the episode goes back for its next turn or is closed. Each turn is sampled until `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
   is built while generating: sampled tokens get 1, everything the environment appends (prompt, tool
   responses, the `<|im_end|>` that closes a turn stopped at `</tool_call>`) gets 0.
 - Turn rules (see `crop_tool.parse_turn`): an answer ends the episode ("answer"); a valid tool
@@ -132,8 +133,8 @@ class RolloutConfig:
     decode: str = "dynamic"                   # attention while decoding: "dynamic" (over the cache's used length)
                                               # or "static" (over its whole capacity: the same shapes every step)
     engine: str = "cached"                    # "cached": slots of one preallocated KV cache, continuous batching
-                                              # (engine.run_slots); "reference": every turn re-prefilled from
-                                              # scratch (engine.sample_turn). Same tokens in every combination (tested)
+                                              # (engine.SlotSession); "reference": every turn re-prefilled from
+                                              # scratch (engine.ReferenceSession). Same tokens in every combination (tested)
     schedule: str = "continuous"              # cached engine: "continuous" (a slot's turn and episode end on
                                               # their own) or "turns" (the per-turn barrier, to measure against)
     sync_every: int = 1                       # cached engine: decode steps between two host syncs
@@ -313,14 +314,16 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             force: engine.ForceFn | None = None, store: engine.FeatureStore | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
+    The turn loop: the engine samples turns; each one that ends is parsed, its tool run and the answer
+    appended (`step_episode`), and the episode goes back to the engine for its next turn or leaves it.
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
     generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
-    not depend on batching. The model runs through `cfg.engine`: "cached", at most `cfg.batch_size`
-    episodes at a time (and `cfg.batch_tokens` KV-cache tokens) in the slots of `engine.run_slots`;
-    "reference", turn by turn in chunks of as many. `work` (optional) accumulates what the engine did
-    (`engine.Work`). `sample_fn` replaces the decoding of each turn (tests script turns with it); the
-    engine still prefills everything else. `force` (benchmarks) and `store` (the images' features, kept for
-    the training forward): engine.run_slots, cached engine only.
+    not depend on batching. The engine is `cfg.engine` (`engine.open_session`): "cached", continuous
+    batching over at most `cfg.batch_size` slots (and `cfg.batch_tokens` KV-cache tokens), each turn
+    handed back as it ends; "reference", a barrier per turn, everything prefilled again. `work`
+    (optional) accumulates what the engine did (`engine.Work`). `sample_fn` replaces the decoding of each
+    turn (tests script turns with it); the engine still prefills everything else. `force` (benchmarks) and
+    `store` (the images' features, kept for the training forward): cached engine only.
     """
     work = work if work is not None else engine.Work()
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
@@ -336,23 +339,25 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             ep = Episode(i, shown_size=first.shown_size, seed=base[i] + j)
             ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
             episodes.append(ep)
-    step = lambda ep, toks, lps, finish, turn: step_episode(agent, ep, tasks[ep.task_index], toks, lps, finish, turn, cfg)
-    if cfg.engine == "cached":                   # slots within the row and KV budgets, refilled as episodes end
-        bound = max(episode_bound(n, cfg) for n in prompt_len)
-        engine.run_slots(agent, episodes, cfg, step, work, bound, sample_fn, force, store)
-    else:
-        for turn in range(cfg.max_turns):
-            live = [e for e in episodes if not e.done]
-            budget = [max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - e.num_generated)) for e in live]
-            for idx in engine.pack([len(e.token_ids) + n for e, n in zip(live, budget)], cfg.batch_size, cfg.batch_tokens):
-                chunk = [live[i] for i in idx]
-                turns = engine.sample_turn(agent, chunk, [budget[i] for i in idx], cfg, work, sample_fn)
-                for ep, (toks, lps, finish) in zip(chunk, turns):
-                    step(ep, toks, lps, finish, turn)
-    for e in episodes:
-        e.stop_reason = e.stop_reason or "max_turns"
+    bound = max(episode_bound(n, cfg) for n in prompt_len)
+    session = engine.open_session(agent, episodes, cfg, work, bound, sample_fn, force, store)
+    for k, ep in enumerate(episodes):
+        session.submit(k, turn_budget(ep, cfg))
+    while session.busy:
+        for k, tokens, logprobs, finish in session.turns():          # the turns that ended
+            ep = episodes[k]
+            step_episode(agent, ep, tasks[ep.task_index], tokens, logprobs, finish, cfg)
+            if ep.done:
+                session.close(k)
+            else:
+                session.submit(k, turn_budget(ep, cfg))
     work.context_tokens += sum(prompt_len) + sum(len(e.token_ids) - prompt_len[e.task_index] for e in episodes)
     return episodes
+
+
+def turn_budget(ep: Episode, cfg: RolloutConfig) -> int:
+    """The most tokens the episode's next turn may sample: a turn's limit, within the episode's."""
+    return max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - ep.num_generated))
 
 
 MAX_ERROR_CHARS = 200    # an error turn shows at most this much of its reason (it may quote the model's call)
@@ -402,8 +407,9 @@ def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig)
 
 
 def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logprobs: list[float],
-                 finish: str, turn: int, cfg: RolloutConfig) -> None:
+                 finish: str, cfg: RolloutConfig) -> None:
     """Append one sampled turn, parse it, and either end the episode or append the tool's response."""
+    turn = len(ep.turns)                         # turns before this one
     ep.append(tokens, logprobs)
     text = agent.tokenizer.decode(tokens, skip_special_tokens=False).removesuffix("<|im_end|>")
     ep.turns.append(text)

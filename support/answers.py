@@ -277,7 +277,7 @@ _UNITS = {**{u: "m" for u in ("m", "meter", "meters", "metre", "metres")},
 def _states_more(pred: str, ref: str, question: str = "") -> bool:
     """The free-form rules 6-10 (module docstring), each as strict as rules 1-5: positions, quantities
     with units, a negative sentence for "no", unordered lists, Chinese."""
-    p, r = normalize_answer(pred), normalize_answer(ref)
+    r = normalize_answer(ref)
     ptoks, rtoks = _tokens(pred), _tokens(ref)
     if not ptoks or not rtoks:
         return _cjk_states(pred, ref)

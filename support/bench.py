@@ -60,7 +60,7 @@ import torch
 import crop_tool
 import grpo
 import lfpc
-from support import engine, memory, models, policy, presets
+from support import cli, engine, memory, models, policy, presets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,13 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"),
                    help="schedule mode: turns an episode takes, uniform between MIN and MAX")
     a = p.parse_args(argv)
-    for name in ("prompts", "group", "budget", "repeat", "batch", "prompt_tokens", "visual_tokens", "response_tokens",
-                 "rollout_rows", "train_tokens", "crop_tokens", "logprob_chunk", "world"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    for name in ("micro_batch", "lora", "crops", "threads"):
-        if getattr(a, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    cli.refuse(p, cli.at_least(a, ("prompts", "group", "budget", "repeat", "batch", "prompt_tokens", "visual_tokens",
+                                    "response_tokens", "rollout_rows", "train_tokens", "crop_tokens", "logprob_chunk",
+                                    "world")) + cli.at_least(a, ("micro_batch", "lora", "crops", "threads"), low=0))
     if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
         p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
     if not 0 < a.ckpt_fraction <= 1:
@@ -278,7 +274,7 @@ def config_step(a) -> dict:
                 lp = lfpc.token_logprobs(agent.model, batch)                           # [b, T]
             _sync(dev); t_fwd += time.perf_counter() - tf
             adv = torch.randn(lp.shape[0], device=lp.device)                           # [b]: any advantages
-            loss, _ = grpo.policy_loss(lp, batch.old_logprobs, adv, batch.loss_mask, num_tokens=n_tok,
+            loss, _ = grpo.policy_loss(lp, batch.sampling_logprobs, adv, batch.loss_mask, num_tokens=n_tok,
                                        num_seqs=len(eps))
             loss.backward()
         opt.step()
@@ -339,9 +335,10 @@ def _versions(dev: str) -> dict:
 # ----------------------------------------------------------------------------- toy mode
 
 def toy_step(a) -> dict:
-    """train.py's step, timed as its two calls: `collect_episodes` (rollout + rewards) and
+    """train.py's step, timed as its two calls: `collect_episodes` + `score` (rollout, rewards) and
     `update_policy` (log-prob forwards, backward, optimizer; it times its forwards itself)."""
     import train
+    from support.judge import RuleJudge
     args = train.parse_args(["--preset", "toy", "--model", a.model or presets.get("toy")["model"], "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
                              "--full-tokens", str(a.budget), "--device", "cpu"])
@@ -355,6 +352,7 @@ def toy_step(a) -> dict:
         batch = tasks[i * a.prompts:(i + 1) * a.prompts]
         t0 = time.perf_counter()
         episodes, work = train.collect_episodes(args, agent, batch, cfg, step=i)
+        train.score(args, episodes, batch, RuleJudge())
         t1 = time.perf_counter()
         m = train.update_policy(args, agent, opt, episodes, batch)
         t2 = time.perf_counter()
@@ -513,7 +511,6 @@ def estimate_time(a) -> dict:
     every assumption; returns the table."""
     import statistics
     peak, hbm = GPUS[a.gpu]
-    px = crop_tool.TOKEN_PIXELS
     agent = models.random_agent("tiny", "cpu", torch.bfloat16)
     ops_layer = policy.count_ops(agent.model) / agent.model.config.get_text_config().num_hidden_layers
     img_ms = _image_processor_ms(agent, a.visual_tokens)

@@ -12,20 +12,22 @@ Contract
 - `forward(model, batch)` is the one forward pass of training: token embeddings, the vision tower on
   the batch's images, their features scattered onto the <|image_pad|> tokens, the language model;
   last-layer hidden states [B, T, H], no lm_head. Sampling runs the same `hidden_states`.
-- Two engines continue episodes turn by turn and sample with the same `sample`:
-    "cached" (`run_slots`, the default): continuous batching. A fixed number of slots (`slot_count`)
+- Two engines behind one interface (`open_session`: `submit(i, budget)`, `turns()`, `close(i)`), driven
+  by THE turn loop, lfpc.rollout; they import nothing from lfpc (`Row`, `Policy`: what they read of an
+  episode and of the agent) and sample with the same `sample`:
+    "cached" (`SlotSession`, the default): continuous batching. A fixed number of slots (`slot_count`)
         of one KV cache allocated once in the compute dtype (`SlotKV`, written in place), one episode
-        a slot, the rest queued. A loop pass: free slots take queued episodes (a task's prompt
-        prefilled once, its cache copied to its other rollouts); the slots with tokens to prefill
-        (a prompt, or what the environment appended after a turn) are extended in one forward; every
-        live slot decodes one token (`sync_every` steps between host syncs). A slot whose turn ended
-        is stepped at once and extended in the next pass while the others decode; a slot whose
-        episode ended is freed (the last live slot moves into it, so decode reads the cache as views)
-        and never computed again. Stop strings are checked on token ids. `schedule="turns"` keeps the
-        per-turn barrier of the engine before it, to measure against.
-    "reference" (`sample_turn`): every turn re-collates the whole episodes and prefills them from
-        scratch, images through the vision tower again, then `decode` (a KV cache that grows a step
-        at a time, or a StaticCache under decode="static"): plain, obviously right, slow.
+        a slot, the rest queued. A pass: free slots take queued episodes (a task's prompt prefilled
+        once, its cache copied to its other rollouts); the slots with tokens to prefill (a prompt, or
+        what the environment appended after a turn) are extended in one forward; every live slot
+        decodes one token (`sync_every` steps between host syncs). `turns()` returns as soon as a turn
+        has ended; that slot is extended in the next pass while the others decode; a closed episode's
+        slot is freed (the last live slot moves into it, so decode reads the cache as views) and never
+        computed again. Stop strings are checked on token ids. `schedule="turns"` keeps the per-turn
+        barrier of the engine before it, to measure against.
+    "reference" (`ReferenceSession`, `sample_turn`): every turn re-collates the whole episodes and
+        prefills them from scratch, images through the vision tower again, then `decode` (a KV cache
+        that grows a step at a time, or a StaticCache under decode="static"): plain, obviously right, slow.
   Tested against each other: the same tokens, greedy and sampled, log-probs equal to float noise.
 - Sampling randomness belongs to the episode, not the batch: token j of an episode is drawn by
   inverse CDF with the j-th uniform of a stream seeded by `Episode.seed` (`uniforms`), so the tokens
@@ -40,57 +42,69 @@ import hashlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from collections import deque
+from typing import Callable, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from lfpc import Agent, Episode, RolloutConfig
 
-SampleFn = Callable[["Agent", list["Episode"], list[int], "RolloutConfig"], list[tuple[list[int], list[float], str]]]
-StepFn = Callable[["Episode", list[int], list[float], str, int], None]    # (episode, tokens, log-probs, finish, turn)
-ForceFn = Callable[["Episode", list[int]], "int | None"]                  # (episode, turn so far) -> a token or None
+class Row(Protocol):
+    """What the engine reads of an episode (lfpc.Episode): its tokens so far (prompt, sampled turns and the
+    environment's answers), which were sampled and with what log-probs, its images, its random stream."""
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    images: list                  # PIL images, one a vision block, in order
+    grids: list                   # their (t, h, w) patch grids
+    task_index: int               # the episodes of one task share a prompt
+    seed: int
 
-
-# ----------------------------------------------------------------------------- the two engines
-
-@torch.no_grad()
-def run_slots(agent: "Agent", episodes: list["Episode"], cfg: "RolloutConfig", step: StepFn, work: Work,
-              bound: int, script: SampleFn | None = None, force: ForceFn | None = None,
-              store: "FeatureStore | None" = None) -> None:
-    """Every turn of `episodes` with continuous batching: `slot_count` slots of one preallocated KV cache
-    (`SlotKV`), each holding one episode. A pass of the loop: free slots take the next episodes of the
-    queue; the slots with tokens to prefill (a new episode's prompt, the environment's answer to a turn)
-    are extended in one forward; every live slot decodes (`cfg.sync_every` steps, then one host sync);
-    a slot whose turn ended is stepped (`step`: parse, run the tool, append the observation) and extended
-    in the next pass while the others keep decoding; a slot whose episode ended is freed and never
-    computed again. The episodes of one task (consecutive rows) share its prompt: prefilled once, its
-    cache copied. cfg.schedule "turns": the per-turn barrier instead (a slot whose turn ended waits, still
-    computed, until every slot's turn has ended; new episodes only once every slot is free), kept to
-    measure against. `script` (tests) replaces decoding: a slot's whole turn comes from it.
-    `force(episode, turn tokens)` (benchmarks) may replace a sampled token (its log-prob is the model's).
-    `bound`: the most tokens an episode can reach (`lfpc.episode_bound`). `store`: keeps the images'
-    features for the training forward (FeatureStore)."""
-    k = max(1, cfg.sync_every)
-    if force is not None and k != 1:
-        raise ValueError("force needs sync_every 1: the host must see each token before the next is fed")
-    S = slot_count(cfg, bound, len(episodes))
-    run = _SlotRun(agent, cfg, SlotKV(S, bound + k + 1, cfg.decode == "static"), work, step, episodes, S, k, store)
-    barrier = cfg.schedule == "turns"
-    while run.queue or run.live:
-        if run.queue and (len(run.live) < S if not barrier else not run.live):
-            run.admit()
-        run.extend()
-        ended = run.scripted(script) if script is not None else run.decode(force)
-        for s, toks, lps, finish in ended:
-            run.end_turn(s, toks, lps, finish, barrier)
-        if barrier and all(s.mode in ("wait", "done") for s in run.live):      # the barrier: every turn ended
-            for s in run.live:
-                s.mode = "done" if s.ep.done else ("extend" if s.mode == "wait" else s.mode)
-        run.release()
+    @property
+    def num_generated(self) -> int: ...
 
 
-def slot_count(cfg: "RolloutConfig", bound: int, episodes: int) -> int:
+class Policy(Protocol):
+    """What the engine reads of the agent (lfpc.Agent): the model, its special ids, its image encoder."""
+    model: object
+    tokenizer: object
+    device: object
+    pad_id: int
+    im_end: int
+    image_pad: int
+    merge: int
+    stop_ids: set
+    stop_strings: tuple
+    env_only_ids: list[int]
+
+    def encode_image(self, image): ...
+
+
+SampleFn = Callable[[Policy, list[Row], list[int], object], list[tuple[list[int], list[float], str]]]   # tests
+ForceFn = Callable[[Row, list[int]], "int | None"]                        # (episode, turn so far) -> a token or None
+
+
+# ----------------------------------------------------------------------------- the two engines (one interface)
+
+def open_session(agent: Policy, episodes: list[Row], cfg, work: Work, bound: int, script: SampleFn | None = None,
+                 force: ForceFn | None = None, store: "FeatureStore | None" = None) -> "SlotSession | ReferenceSession":
+    """The engine `cfg.engine` names ("cached" or "reference") for one rollout of `episodes`. Both have the
+    same three calls: `submit(i, budget)` (episode i has new tokens, its prompt or the environment's answer
+    to its last turn; its next turn samples at most `budget` tokens), `turns()` (decode; the turns that
+    ended, as (i, tokens, log-probs, finish)), `close(i)` (episode i ended: never computed again); `busy`
+    while a submitted turn has not come back. `bound`: the most tokens an episode can reach
+    (`lfpc.episode_bound`). `script` (tests) replaces decoding: a turn's tokens come from it. `force`
+    (benchmarks, cached only) may replace a sampled token. `store`: the images' features kept for the
+    training forward (cached only; the reference keeps none, so training encodes them again)."""
+    if cfg.engine == "cached":
+        return SlotSession(agent, episodes, cfg, work, bound, script, force, store)
+    if cfg.engine != "reference":
+        raise ValueError(f"cfg.engine is 'cached' or 'reference', got {cfg.engine!r}")
+    if force is not None:
+        raise ValueError("force needs the cached engine")
+    return ReferenceSession(agent, episodes, cfg, work, script)
+
+
+def slot_count(cfg, bound: int, episodes: int) -> int:
     """Slots of the KV cache: cfg.batch_size, at most cfg.batch_tokens // bound (a slot holds an episode's
     bound), at most the number of episodes. A KV budget under one episode's bound is a ValueError."""
     S = min(cfg.batch_size, episodes)
@@ -105,7 +119,8 @@ def slot_count(cfg: "RolloutConfig", bound: int, episodes: int) -> int:
 class Slot:
     """One live episode. Its sequence is the episode's tokens, then the turn sampled so far; the cache holds
     the first `length` of them, and the next one (`pending`) is fed by the next decode step."""
-    ep: "Episode"
+    ep: Row
+    i: int                        # its index in the rollout's episodes
     length: int = 0               # tokens of the sequence in the cache
     pos: int = 0                  # rotary position of the next token fed
     images: int = 0               # the episode's images in the cache
@@ -113,8 +128,10 @@ class Slot:
     toks: list = field(default_factory=list)        # this turn's sampled tokens
     lps: list = field(default_factory=list)         # their sampling log-probs
     budget: int = 0               # this turn's token limit
-    mode: str = "extend"          # "extend" (tokens to prefill) | "decode" | "wait" (barrier) | "done"
+    mode: str = "extend"          # "extend" (tokens to prefill) | "decode" | "ended" (its turn came back, until
+                                  # its submit or close) | "wait" (submitted, behind the barrier) | "done"
     share: int | None = None      # "copy": the task whose saved prompt cache this slot takes
+    closed: bool = False          # its episode ended
 
     @property
     def pending(self) -> int:
@@ -122,28 +139,114 @@ class Slot:
         return self.ep.token_ids[self.length] if self.length < n else self.toks[self.length - n]
 
 
-class _SlotRun:
-    """The state of one `run_slots` call: the live slots [0, A) of the cache (compacted: a freed slot takes
-    the last live one), the queue, the saved prompt caches of tasks whose episodes are still queued."""
+class ReferenceSession:
+    """The reference engine: every turn of every submitted episode at once, in chunks of at most
+    cfg.batch_size rows (and cfg.batch_tokens tokens), each chunk re-collated and prefilled from scratch
+    (`sample_turn`): a barrier per turn, no cache kept between turns. Plain, obviously right, slow."""
 
-    def __init__(self, agent, cfg, kv, work, step, episodes, S, k, store=None):
-        self.agent, self.cfg, self.kv, self.work, self.step, self.episodes, self.S, self.k = \
-            agent, cfg, kv, work, step, episodes, S, k
-        self.queue = list(range(len(episodes)))[::-1]          # popped from the end: episodes in order
-        self.live: list[Slot] = []
+    def __init__(self, agent: Policy, episodes: list[Row], cfg, work: Work, script: SampleFn | None = None):
+        self.agent, self.episodes, self.cfg, self.work, self.script = agent, episodes, cfg, work, script
+        self.pending: dict[int, int] = {}                       # episode -> its next turn's budget
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def submit(self, i: int, budget: int) -> None:
+        self.pending[i] = budget
+
+    def close(self, i: int) -> None:
+        pass                                                    # nothing of it is kept
+
+    def turns(self) -> list[tuple[int, list[int], list[float], str]]:
+        rows, budget = sorted(self.pending), [self.pending[i] for i in sorted(self.pending)]
+        self.pending = {}
+        out = []
+        for idx in pack([len(self.episodes[i].token_ids) + budget[j] for j, i in enumerate(rows)],
+                        self.cfg.batch_size, self.cfg.batch_tokens):
+            chunk = [self.episodes[rows[j]] for j in idx]
+            got = sample_turn(self.agent, chunk, [budget[j] for j in idx], self.cfg, self.work, self.script)
+            out += [(rows[j], *turn) for j, turn in zip(idx, got)]
+        return out
+
+
+class SlotSession:
+    """The cached engine: continuous batching over `slot_count` slots of one preallocated KV cache
+    (`SlotKV`), each holding one episode, the rest queued. `turns()` runs passes until a turn ends: free
+    slots take queued episodes; the slots with tokens to prefill (a new episode's prompt, the environment's
+    answer to a turn) are extended in one forward; every live slot decodes (`cfg.sync_every` steps, then
+    one host sync). A slot whose turn ended waits for its `submit` (extended in the next pass while the
+    others keep decoding) or its `close` (freed, never computed again). The episodes of one task
+    (consecutive rows) share its prompt: prefilled once, its cache copied. cfg.schedule "turns": the
+    per-turn barrier instead (a submitted slot waits, still computed, until every slot's turn has ended;
+    new episodes only once every slot is free), kept to measure against. `force(episode, turn tokens)`
+    (benchmarks) may replace a sampled token (its log-prob is the model's)."""
+
+    def __init__(self, agent: Policy, episodes: list[Row], cfg, work: Work, bound: int,
+                 script: SampleFn | None = None, force: ForceFn | None = None, store: "FeatureStore | None" = None):
+        k = max(1, cfg.sync_every)
+        if force is not None and k != 1:
+            raise ValueError("force needs sync_every 1: the host must see each token before the next is fed")
+        S = slot_count(cfg, bound, len(episodes))
+        self.agent, self.cfg, self.work, self.episodes, self.S, self.k = agent, cfg, work, episodes, S, k
+        self.script, self.force, self.barrier = script, force, cfg.schedule == "turns"
+        self.kv = SlotKV(S, bound + k + 1, cfg.decode == "static")
+        self.queue: deque[tuple[int, int]] = deque()           # (episode, budget) not yet in a slot, in order
+        self.live: list[Slot] = []                             # slots [0, A) of the cache
+        self.slot_of: dict[int, Slot] = {}                     # episode -> its slot
         self.saved: dict[int, tuple] = {}                      # task -> (length, pos, images, cache copy)
         self.vision = Vision(agent, work, store)
         self.dtype = compute_dtype(agent.model)
         self.u = None if cfg.temperature <= 0 else torch.zeros(S, cfg.max_response_tokens + k, device=agent.device)
         self.stop_text = StopText(agent) if agent.stop_strings else None
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(s.mode != "done" for s in self.live)
+
+    def submit(self, i: int, budget: int) -> None:
+        s = self.slot_of.get(i)
+        if s is None:
+            self.queue.append((i, budget))
+        else:
+            s.budget, s.mode = budget, ("wait" if self.barrier else "extend")
+
+    def close(self, i: int) -> None:
+        s = self.slot_of.pop(i)
+        s.closed, s.mode = True, ("wait" if self.barrier else "done")   # the barrier keeps it computed until the turn ends
+
+    @torch.no_grad()
+    def turns(self) -> list[tuple[int, list[int], list[float], str]]:
+        while True:
+            if self.barrier and all(s.mode in ("wait", "done") for s in self.live):   # every turn ended
+                for s in self.live:
+                    s.mode = ("done" if s.closed else "extend") if s.mode == "wait" else s.mode
+            self.release()
+            if self.queue and (len(self.live) < self.S if not self.barrier else not self.live):
+                self.admit()
+            if not self.live:
+                return []
+            self.extend()
+            if not any(s.mode == "decode" for s in self.live):
+                raise RuntimeError("turns() with no slot to decode: submit or close every turn it returned")
+            ended = self.scripted() if self.script is not None else self.decode()
+            if ended:
+                break
+        out = []
+        for s, toks, lps, finish in ended:
+            out.append((s.i, list(toks), list(lps), finish))
+            s.toks, s.lps, s.turn, s.mode = [], [], s.turn + 1, "ended"       # until its submit or close
+        return out
+
     def admit(self) -> None:
         """Free slots take the next queued episodes. A task's first episode prefills the prompt (minus its
         last token, the pending one); its other episodes copy that cache once it is there."""
         first = {}
         while self.queue and len(self.live) < self.S:
-            ep = self.episodes[self.queue.pop()]
-            s = Slot(ep)
+            i, budget = self.queue.popleft()
+            ep = self.episodes[i]
+            s = Slot(ep, i, budget=budget)
+            self.slot_of[i] = s
             if self.u is not None:                              # the episode's own stream: token j, uniform j
                 self.u[len(self.live)] = torch.rand(self.u.shape[1], generator=torch.Generator().manual_seed(ep.seed))
             if ep.task_index in self.saved or ep.task_index in first:
@@ -152,15 +255,19 @@ class _SlotRun:
                 first[ep.task_index] = s
             self.live.append(s)
         for task, s in first.items():                           # save it if the task has more episodes
-            s.share = task if any(self.episodes[i].task_index == task for i in self.queue[-1:]) or \
-                any(o.mode == "copy" and o.share == task for o in self.live) else None
+            s.share = task if self._queued(task) or any(o.mode == "copy" and o.share == task for o in self.live) \
+                else None
+
+    def _queued(self, task: int) -> bool:
+        """Is the next queued episode one of `task`'s?"""
+        return bool(self.queue) and self.episodes[self.queue[0][0]].task_index == task
 
     def extend(self) -> None:
         """One forward over the slots in mode "extend" (right-padded to the longest): each prefills its
         sequence from `length` to its pending token; then shared prompts are saved and copied."""
         rows = [i for i, s in enumerate(self.live) if s.mode == "extend"]
         if rows:
-            agent, kv = self.agent, self.kv
+            agent = self.agent
             new = [self.live[i].ep.token_ids[self.live[i].length:-1] for i in rows]
             n = max(len(t) for t in new)
             ids = torch.full((len(rows), n), agent.pad_id, dtype=torch.long)
@@ -178,7 +285,6 @@ class _SlotRun:
             for i, toks in zip(rows, new):
                 s = self.live[i]
                 s.length, s.images, s.mode = s.length + len(toks), len(s.ep.images), "decode"
-                self._start_turn(s)
             self.work.prefill_tokens += len(rows) * n
             self.work.padding_tokens += len(rows) * n - sum(len(t) for t in new)
         for i, s in enumerate(self.live):
@@ -189,15 +295,13 @@ class _SlotRun:
                 s.length, s.pos, s.images, cache = self.saved[s.share]
                 self.kv.restore(cache, i)
                 s.mode, s.share = "decode", None
-                self._start_turn(s)
-        queued = {self.episodes[j].task_index for j in self.queue[-1:]}
-        for task in [t for t in self.saved if t not in queued]:
+        for task in [t for t in self.saved if not self._queued(t)]:
             del self.saved[task]                                # no episode of it is queued any more
 
-    def decode(self, force) -> list[tuple]:
+    def decode(self) -> list[tuple]:
         """`k` decode steps of every live slot (a "wait" slot feeds padding in place: computed, kept out),
         one host sync; returns (slot, turn tokens, log-probs, finish) of each slot whose turn ended."""
-        agent, A, k = self.agent, len(self.live), self.k
+        agent, A, k, force = self.agent, len(self.live), self.k, self.force
         go = torch.tensor([s.mode == "decode" for s in self.live])                  # [A]
         ids = torch.tensor([s.pending if s.mode == "decode" else agent.pad_id for s in self.live])
         pos = torch.tensor([s.pos for s in self.live])
@@ -245,23 +349,14 @@ class _SlotRun:
                     break
         return ended
 
-    def scripted(self, script) -> list[tuple]:
+    def scripted(self) -> list[tuple]:
         """Tests: every live decoding slot's whole turn from `script` (its tokens prefilled afterwards)."""
         out = []
         for s in self.live:
             if s.mode == "decode":
-                toks, lps, finish = script(self.agent, [s.ep], [s.budget], self.cfg)[0]
+                toks, lps, finish = self.script(self.agent, [s.ep], [s.budget], self.cfg)[0]
                 out.append((s, toks, lps, finish))
         return out
-
-    def end_turn(self, s: Slot, toks, lps, finish, barrier: bool) -> None:
-        """Apply the turn (`step`); the slot then has the environment's tokens to prefill, or is done."""
-        self.step(s.ep, list(toks), list(lps), finish, s.turn)
-        s.toks, s.lps, s.turn = [], [], s.turn + 1
-        if barrier:
-            s.mode = "wait"
-        else:
-            s.mode = "done" if s.ep.done else "extend"
 
     def release(self) -> None:
         """Free the slots of ended episodes: the last live slot moves into each hole (its cache copied), so
@@ -276,9 +371,6 @@ class _SlotRun:
             self.live.pop()
 
     # ------------------------------------------------------------------------- pieces
-
-    def _start_turn(self, s: Slot) -> None:
-        s.budget = max(1, min(self.cfg.max_new_tokens, self.cfg.max_response_tokens - s.ep.num_generated))
 
     def _finish(self, t: int, s: Slot) -> str:
         """"eos" (<|im_end|>), "stop" (</tool_call>: a stop id, or a stop string's ids ending the turn),
@@ -377,7 +469,7 @@ class StopText:
     """Stop strings made of several tokens, checked on token ids: each id's text, decoded once for the whole
     vocabulary, so the decode loop never calls the tokenizer."""
 
-    def __init__(self, agent: "Agent"):
+    def __init__(self, agent: Policy):
         self.strings = tuple(agent.stop_strings)
         vocab = len(agent.tokenizer)
         self.text = agent.tokenizer.batch_decode([[i] for i in range(vocab)])
@@ -406,7 +498,7 @@ def _logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
 
 @torch.no_grad()
-def sample_turn(agent: "Agent", episodes: list["Episode"], max_new_tokens: list[int], cfg: "RolloutConfig",
+def sample_turn(agent: Policy, episodes: list[Row], max_new_tokens: list[int], cfg,
                 work: Work | None = None, script: SampleFn | None = None) -> list[tuple[list[int], list[float], str]]:
     """The reference engine: continue every episode by one assistant turn, prefilling the WHOLE episodes
     (left-padded, every image through the vision tower) into a fresh KV cache, then `decode` (or, in
@@ -457,7 +549,7 @@ class KV:
 
 
 @torch.no_grad()
-def decode(agent: "Agent", kv: KV, max_new_tokens: list[int], cfg: "RolloutConfig", u: torch.Tensor | None,
+def decode(agent: Policy, kv: KV, max_new_tokens: list[int], cfg, u: torch.Tensor | None,
            work: Work) -> list[tuple[list[int], list[float], str]]:
     """Sample one assistant turn for every row of `kv`, up to max_new_tokens[b] tokens, one device sync a
     step; `u` [B, N]: the rows' uniforms (None when greedy). Returns per row (tokens, log-probs, finish),
@@ -549,7 +641,8 @@ class Batch:
     image_grid_thw: torch.Tensor | None # [n_distinct, 3]
     image_index: torch.Tensor | None    # [n_blocks]: which distinct image fills each image block, in order
     loss_mask: torch.Tensor             # [B, T] 1 where the token was sampled
-    old_logprobs: torch.Tensor          # [B, T] sampling-time log-probs (0 where loss_mask is 0)
+    sampling_logprobs: torch.Tensor     # [B, T] the sampler's log-probs (0 where loss_mask is 0); NOT the loss's
+                                        # old policy (train.py: one update per batch, the old policy is the current one)
     env_only_ids: list[int]             # tokens the policy never emits (Agent.env_only_ids)
     features: torch.Tensor | None = None  # [distinct tokens, H]: the distinct images' features, taken from a
                                           # FeatureStore (then pixel_values is None and no vision tower runs)
@@ -572,7 +665,7 @@ class Batch:
         return self.input_ids.numel() - (sum(self.lengths) if self.lengths is not None else int(self.attention_mask.sum()))
 
 
-def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, share_images: bool = True,
+def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_images: bool = True,
             store: "FeatureStore | None" = None, packed: bool = False) -> Batch:
     """Pad episodes to one length (right by default; left for sampling) and gather their images. Each
     distinct image object is processed, and goes through the vision tower, once per batch (the G
@@ -586,14 +679,14 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, s
     B = len(episodes)
     ids = torch.full((B, T), agent.pad_id, dtype=torch.long)
     attn, lmask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    old = torch.zeros(B, T)
+    sampled = torch.zeros(B, T)
     for b, e in enumerate(episodes):
         n = len(e.token_ids)
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[b, sl] = torch.tensor(e.token_ids)
         attn[b, sl] = 1
         lmask[b, sl] = torch.tensor(e.loss_mask)
-        old[b, sl] = torch.tensor(e.logprobs)
+        sampled[b, sl] = torch.tensor(e.logprobs)
     grids = [g for e in episodes for g in e.grids]
     images = [im for e in episodes for im in e.images]
     pix = thw = index = None
@@ -614,12 +707,12 @@ def collate(agent: "Agent", episodes: list["Episode"], left_pad: bool = False, s
         real = attn.bool()
         lengths = [len(e.token_ids) for e in episodes]
         text = torch.cat([torch.arange(n) for n in lengths])
-        ids, lmask, old = ids[real][None], lmask[real][None], old[real][None]
+        ids, lmask, sampled = ids[real][None], lmask[real][None], sampled[real][None]
         pos = torch.cat([text[None], pos[:, real]])[:, None]                         # [4, 1, N]
         attn = torch.ones_like(ids)
     dev = agent.device
     to = lambda x: None if x is None else x.to(dev)
-    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(old), agent.env_only_ids,
+    return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(sampled), agent.env_only_ids,
                  feats if images else None, 0 if pix is None else len(thw), lengths)
 
 
@@ -768,7 +861,7 @@ class Vision:
     """The vision tower for one rollout call: features of each distinct image (by content), computed once;
     with a `store`, also kept there for the training forward of the step."""
 
-    def __init__(self, agent: "Agent", work: Work, store: "FeatureStore | None" = None):
+    def __init__(self, agent: Policy, work: Work, store: "FeatureStore | None" = None):
         self.agent, self.work, self.seen, self.store = agent, work, {}, store
 
     def features(self, images: list) -> torch.Tensor | None:
@@ -848,7 +941,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tens
     return tok, lp.gather(-1, tok[:, None])[:, 0]
 
 
-def uniforms(episodes: list["Episode"], n: int, device) -> torch.Tensor:
+def uniforms(episodes: list[Row], n: int, device) -> torch.Tensor:
     """[B, n]: for each episode, the uniforms of its next n sampled tokens (its stream, `Episode.seed`,
     from the token after those it already sampled)."""
     out = []

@@ -31,8 +31,10 @@ Evaluation only (eval.py): time/sec_per_question; per probe, delta/<key> = probe
 """
 from __future__ import annotations
 
+import math
+
 import rewards
-from support import answers
+from support import answers, dist
 
 
 def category(task) -> str | None:
@@ -104,6 +106,47 @@ LABELS = {"reward/mean": "reward (mean)", "acc": "accuracy", "tool/call_rate": "
           "tool/crop_rate": "crop rate", "box/iou_b1": "first box: IoU with B1",
           "box/area_frac": "first box: area / image", "len/response": "sampled tokens / episode"}
 RATES = ("acc", "tool/call_rate", "tool/crop_rate", "format/valid_rate")       # drawn on [0, 1]
+
+
+class UpdateTally:
+    """What one update's micro-batches add up to, over every rank (train.update_policy): grpo.policy_loss's
+    metrics weighted by their tokens, the summed loss (loss/policy), the sampler gap (mean |log p_train -
+    log p_sample| over sampled tokens), a non-finite loss, and the training forward's work. A micro-batch
+    repeated only to keep FSDP2's ranks in step (counted False) adds its work, not its loss."""
+
+    LOSS = ("clip_frac", "ratio_mean", "approx_kl")
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens = self.encodes = self.positions = self.padding = 0
+        self.policy = self.gap = 0.0
+        self.skip = False
+
+    def add(self, batch, loss, m: dict, logprobs, sampled, mask, counted: bool = True) -> None:
+        """One micro-batch: its loss and metrics (`m`), its log-probs [b, T] against the sampler's [b, T]."""
+        self.encodes += batch.image_encodes
+        self.positions, self.padding = self.positions + batch.input_ids.numel(), self.padding + batch.padding
+        self.skip = self.skip or not math.isfinite(float(loss))
+        if counted:
+            for key, v in m.items():
+                self.sums[key] = self.sums.get(key, 0.0) + v * m["num_tokens"]
+            self.policy += float(loss)
+            self.tokens += m["num_tokens"]
+            self.gap += float((logprobs - sampled).abs()[mask.bool()].sum())
+
+    def total(self, w, kl: bool = False) -> tuple[dict, bool, dict]:
+        """(the loss/* metrics without their prefix, whether any rank's loss was non-finite, the work/*
+        metrics of the training forward), summed over the ranks in one collective."""
+        keys = list(self.LOSS) + (["kl_ref"] if kl else [])
+        tot = dist.all_sum([self.sums.get(k, 0.0) for k in keys] + [self.tokens, self.policy, self.gap, float(self.skip),
+                                                                     self.encodes, self.padding, self.positions], w)
+        sums, (tokens, policy, gap, skip, encodes, padding, positions) = tot[:len(keys)], tot[len(keys):]
+        lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
+        if tokens:
+            lm.update({k: v / tokens for k, v in zip(keys, sums) if k in self.sums or w.distributed})
+        lm.update(policy=policy, sampler_gap=gap / tokens if tokens else 0.0)
+        work = {"work/train_image_encodes": int(encodes), "work/train_padding_frac": padding / max(1, positions)}
+        return lm, bool(skip), work
 
 
 def plot_curves(runs: dict[str, list[str]], keys, png: str, budgets: list[int] | None = None) -> str:

@@ -14,7 +14,7 @@ Contract
   checkpointed). A checkpointed layer keeps only its input and runs its forward again in the backward; a
   layer left out keeps its activations and saves that recompute (`python -m support.bench --ckpt-sweep` measures
   the trade on the real config).
-`a` is train.Args (lora, grad_ckpt, ckpt_fraction, device, model).
+`a` is train.py's Args (support/train_args.py: lora, grad_ckpt, ckpt_fraction, device, model).
 """
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_sampling_logprobs_equal_training_forward_two_turns_two_images_padded(ti
     eps = [lfpc.start_episode(tiny, t, i, cfg) for i, t in enumerate(tasks)]
     for i, ep in enumerate(eps):   # turn 1: a scripted tool call (its log-probs are not compared)
         toks = tiny.encode(crop_tool.format_tool_call(boxes[i]))
-        lfpc.step_episode(tiny, ep, tasks[i], toks, [0.0] * len(toks), "stop", 0, cfg)
+        lfpc.step_episode(tiny, ep, tasks[i], toks, [0.0] * len(toks), "stop", cfg)
         assert len(ep.images) == 2
     start = [len(e.token_ids) for e in eps]
     assert len(set(start)) > 1, "episodes should differ in length so the batch is padded"
@@ -116,7 +116,7 @@ def test_sampling_logprobs_equal_training_forward_two_turns_two_images_padded(ti
         lp = lfpc.token_logprobs(tiny.model, batch, temperature=0.7)
     for b, ep in enumerate(eps):
         n = len(ep.token_ids)
-        torch.testing.assert_close(lp[b, start[b]:n], batch.old_logprobs[b, start[b]:n], rtol=0, atol=1e-4)
+        torch.testing.assert_close(lp[b, start[b]:n], batch.sampling_logprobs[b, start[b]:n], rtol=0, atol=1e-4)
 
 
 def test_full_rollout_logprobs_parity_and_seeded_reproducibility(tiny):
@@ -132,7 +132,7 @@ def test_full_rollout_logprobs_parity_and_seeded_reproducibility(tiny):
         lp = lfpc.token_logprobs(tiny.model, batch)
     m = batch.loss_mask.bool()
     assert m.sum() > 0
-    torch.testing.assert_close(lp[m], batch.old_logprobs[m], rtol=0, atol=1e-4)
+    torch.testing.assert_close(lp[m], batch.sampling_logprobs[m], rtol=0, atol=1e-4)
     assert (lp[~m] == 0).all()
 
 
@@ -235,7 +235,7 @@ def test_slots_give_the_logits_of_a_full_forward_through_ragged_turns(tiny, name
         toks, finish = (turns[row] + [(agent.encode("<answer>c</answer>") + [agent.im_end], "eos")])[k]
         return [(toks, [-1.0] * len(toks), finish)]
     checked = []
-    real = engine._SlotRun.extend
+    real = engine.SlotSession.extend
 
     def extend_and_check(run):
         real(run)
@@ -248,7 +248,7 @@ def test_slots_give_the_logits_of_a_full_forward_through_ragged_turns(tiny, name
         logits = agent.model.lm_head(h[:, -1])
         torch.testing.assert_close(logits, _full_logits(agent, [s.ep for s in run.live]), rtol=1e-4, atol=1e-4)
         checked.append(A)
-    monkeypatch.setattr(engine._SlotRun, "extend", extend_and_check)
+    monkeypatch.setattr(engine.SlotSession, "extend", extend_and_check)
     work = engine.Work()
     eps = lfpc.rollout(agent, tasks, 3, cfg, sample_fn=script, work=work)
     assert [len(e.crops) for e in sorted(eps, key=lambda e: order[id(e)])] == [2, 0, 1, 1, 1, 2]
@@ -511,3 +511,44 @@ def test_continuous_batching_keeps_slots_busy_where_the_barrier_waits(tiny):
     assert all(e.stop_reason == "answer" and len(e.crops) == 1 for e in a)
     assert wa.useful_tokens == wb.useful_tokens and wa.decode_steps < wb.decode_steps
     assert wa.useful_tokens / wa.slot_steps > wb.useful_tokens / wb.slot_steps
+
+
+@pytest.mark.parametrize("engine_name", ["cached", "reference"])
+def test_a_session_hands_back_turns_through_submit_turns_close(tiny, engine_name):
+    """The engine interface by hand (lfpc.rollout's loop, spelled out): two episodes submitted, every turn
+    that comes back closed at once; the cached session then has nothing live and refuses a turns() call
+    whose turn was neither submitted again nor closed."""
+    cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "engine": engine_name, "temperature": 0.0})
+    first = lfpc.start_episode(tiny, task(), 0, cfg)
+    eps = []
+    for seed in (1, 2):
+        ep = lfpc.Episode(0, shown_size=first.shown_size, seed=seed)
+        ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
+        eps.append(ep)
+    work = engine.Work()
+    s = engine.open_session(tiny, eps, cfg, work, lfpc.episode_bound(len(first.token_ids), cfg))
+    for k, ep in enumerate(eps):
+        s.submit(k, 3)
+    back = []
+    while s.busy:
+        for k, toks, lps, finish in s.turns():
+            assert 1 <= len(toks) == len(lps) <= 3 and finish in ("eos", "stop", "length")
+            back.append(k)
+            s.close(k)
+    assert sorted(back) == [0, 1] and not s.busy and work.useful_tokens > 0
+    if engine_name == "cached":
+        s = engine.open_session(tiny, eps[:1], cfg, engine.Work(), lfpc.episode_bound(len(first.token_ids), cfg))
+        s.submit(0, 3)
+        s.turns()
+        with pytest.raises(RuntimeError, match="submit or close every turn"):
+            s.turns()
+
+
+def test_the_engine_imports_nothing_from_the_method_files():
+    """support/engine.py reads episodes and the agent through its own Protocols (Row, Policy): no import
+    of lfpc or any other method file, not even for type checking."""
+    import ast
+    tree = ast.parse(open(engine.__file__, encoding="utf-8").read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"lfpc", "crop_tool", "rewards", "grpo", "info_gap", "train", "eval"}, names

@@ -9,7 +9,7 @@ from support import presets
 
 
 def test_every_preset_key_is_a_flag_of_train_or_eval_or_a_world_key():
-    train_flags = {f.name for f in train.fields(train.Args)}
+    train_flags = {f.name for f in __import__("dataclasses").fields(train.Args)}
     eval_flags = set(vars(ev.parse_args(["--preset", "paper", "--model", "org/model", "--data", "d.jsonl"])))
     for name in presets.NAMES:
         preset = presets.get(name)

@@ -24,6 +24,8 @@ SUPPORT_USES = {
     ("support.data", "crop_tool"): "images are opened and checked as the crop tool opens them",
     ("support.policy", "lfpc"): "policy loading builds on lfpc.load_agent (loading is still in lfpc.py)",
     ("support.presets", "lfpc"): "a preset checks a model's saved prompts (lfpc.read_prompts)",
+    ("support.train_args", "lfpc"): "train.py's flags are checked against the method's own names and bounds "
+                                    "(ENGINES, episode_bound, model_problem)",
 }
 
 
@@ -162,7 +164,7 @@ def test_the_readmes_reading_order_names_true_line_ranges_and_counts_them():
         tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())
         spans = {n.name: (min([d.lineno for d in n.decorator_list] + [n.lineno]), n.end_lineno) for n in tree.body
                  if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        for name, a, b in re.findall(r"`(\w+)` (\d+)-(\d+)", text):
+        for name, a, b in re.findall(r"`(\w+)`\s+(\d+)-(\d+)", text):
             assert spans[name] == (int(a), int(b)), (path, name, spans[name])
         lines = sum(int(b) - int(a) + 1 for a, b in re.findall(r"(\d+)-(\d+)", text))
         assert lines == int(count), (path, lines)

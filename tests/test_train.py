@@ -1,4 +1,5 @@
 """Tests for train.py: both stages end to end, exact resume, non-finite losses, fp32 master weights."""
+import dataclasses
 import json
 import os
 import re
@@ -59,7 +60,7 @@ def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
 def test_help_lists_every_argument():
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for f in train.fields(train.Args):
+    for f in dataclasses.fields(train.Args):
         assert "--" + f.name.replace("_", "-") in r.stdout
 
 
@@ -703,7 +704,7 @@ def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
     with torch.no_grad():
         lp = lfpc.token_logprobs(agent.model, batch)
     mask = batch.loss_mask.bool()
-    torch.testing.assert_close(lp[mask], batch.old_logprobs[mask], rtol=0, atol=1e-4)
+    torch.testing.assert_close(lp[mask], batch.sampling_logprobs[mask], rtol=0, atol=1e-4)
     assert any("lora_A" in n for n, _ in agent.model.named_parameters()), "the trained model keeps its adapters"
 
 

@@ -99,7 +99,7 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
         call = agent.encode(toy.world.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
-        lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", 0, cfg)
+        lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", cfg)
         if impression is None and ep.crops and readable(ep.crops[0], it["bboxes"][0]):
             answer = truth                                  # unsure of the global image: the crop decides
     tail = agent.encode(f"<answer>{answer}</answer>") + [agent.im_end]
