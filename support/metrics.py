@@ -126,11 +126,11 @@ class UpdateTally:
         """One micro-batch: its loss and metrics (`m`), its log-probs [b, T] against the sampler's [b, T]."""
         self.encodes += batch.image_encodes
         self.positions, self.padding = self.positions + batch.input_ids.numel(), self.padding + batch.padding
-        self.skip = self.skip or not math.isfinite(float(loss))
+        self.skip = self.skip or not math.isfinite(float(loss.detach()))
         if counted:
             for key, v in m.items():
                 self.sums[key] = self.sums.get(key, 0.0) + v * m["num_tokens"]
-            self.policy += float(loss)
+            self.policy += float(loss.detach())
             self.tokens += m["num_tokens"]
             self.gap += float((logprobs - sampled).abs()[mask.bool()].sum())
 

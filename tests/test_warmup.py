@@ -70,6 +70,30 @@ def test_first_impression_then_the_impression_or_the_crop(agent, seed):
         assert answer == f"<answer>{it['answer']}</answer>"                 # read from the crop
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_the_plan_names_the_box_size_before_the_coordinates(agent, seed):
+    """--plan (the default): the first impression ends with the zoom about to be made (toy.world.PLANS),
+    and the box written after it has that plan's size: tight (the square, 40-64 px), the cell (56), around
+    it (112) or the region (168), in the original frame within the shown frame's rounding."""
+    ep = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=0.5, unclear=0.3, plan=True)
+    think = ep.turns[0].split("</think>")[0]
+    (kind,) = [k for k, text in toy.world.PLANS.items() if think.endswith(" " + text)]
+    (crop,) = ep.crops
+    side = crop.box_original[2] - crop.box_original[0]
+    expected = {"cell": 56, "cell+28": 112, "cell+56": 168}.get(kind)
+    assert (abs(side - expected) <= 4) if expected else (38 <= side <= 66), (kind, crop.box_original)
+    plain = warmup.sft_episode(agent, seed, random.Random(seed), direct=False, low_res=0.5, unclear=0.3, plan=False)
+    assert not any(text in plain.turns[0] for text in toy.world.PLANS.values())
+    assert plain.crops[0].box_original == crop.box_original             # the same habit, said or not
+
+
+def test_the_shipped_base_says_its_plan():
+    """toy/base was warmed up with --plan: its greedy first turn names a zoom before the box."""
+    base = lfpc.load_agent(BASE, dtype=torch.float32)
+    (ep,) = lfpc.rollout(base, toy.world.eval_tasks(1), 1, toy.world.rollout_config(temperature=0.0))
+    assert any(text + "</think>" in ep.turns[0] for text in toy.world.PLANS.values()), ep.turns[0]
+
+
 def test_readable_means_native_and_holding_b1():
     from PIL import Image
     im = Image.new("RGB", (56, 56))

@@ -20,7 +20,7 @@ probes: 16 visual tokens (half the canvas side, "low": the pattern cannot be rea
 image; the targets are checked here), 32 (1/√2 side, "mid": the global image is partly readable,
 the base answers 0.37 of the items right without the tool, chance 0.25) and 64 (full resolution). OUT/summary.json holds every number; OUT/table.md the table
 (mean ± sample std over seeds); OUT/curves.png the training curves (mean over seeds; needs
-matplotlib); OUT/gallery/ the same items before (base) and after (stage2, the first seed).
+matplotlib); OUT/gallery/ the same items before (base), after stage 1 and after stage 2 (the first seed).
 
 The issue's targets are checked and printed, never assumed: noise-crop drop after stage 1 >= 3x the
 baseline's (at the low budget, and at the mid one); stage-1 accuracy at the low budget >= the
@@ -155,7 +155,7 @@ def evaluate_model(a, model: str, name: str) -> dict:
         res[label] = m
         print(f"   eval {name} @{tokens} tokens: acc {m['acc']:.3f} noise {m['probe/noise']:+.3f} "
               f"gt {m['probe/gt']:+.3f} iou {m['box/iou_b1'] or 0:.3f} ({m['eval_seconds']} s)", flush=True)
-    if name in ("base", f"stage2-s{a.seeds[0]}"):
+    if name in ("base", f"stage1-s{a.seeds[0]}", f"stage2-s{a.seeds[0]}"):
         import rewards
         for e in galleries["low"]:                       # the stage-1 reward each episode would earn
             t = tasks[e.task_index]

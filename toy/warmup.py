@@ -20,6 +20,11 @@ habit the paper diagnoses in DeepEyes, visible in the text of every episode:
   three times in four its cell grown by 56 px (168 px a side, over the toy's crop cap, so it comes back
   downsampled and unreadable); a quarter of the boxes are readable (the square with a margin of 0-6 px,
   its cell, or the cell grown by 28 px): a spread of sizes that RL can select among;
+- the size said before the box (`--plan`, the default): the first impression ends with the zoom about
+  to be made (`toy.world.PLANS`, e.g. "Zoom in on its cell."), and the coordinates follow it, so each
+  size is one whole choice. Without it (`--no-plan`) a 2-layer model decides the size coordinate by
+  coordinate: x1 follows the dominant 168-px habit and the small boxes come out as hybrids that miss
+  the square, which stage 2 cannot turn into precise boxes (RESULTS.md);
 - to answer directly when no tool is offered (`--direct` of the examples: the impression, or a guess):
   the info-gap prober and `eval.py --no-tool` ask that way.
 So the base reads a ground-truth crop whenever it is unsure of the global image (always at 1/2), and
@@ -75,7 +80,7 @@ def readable(crop: crop_tool.Crop, b1) -> bool:
 
 
 def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, low_res: float,
-                unclear: float) -> lfpc.Episode:
+                unclear: float, plan: bool = False) -> lfpc.Episode:
     """One supervised trajectory (the module docstring), built with the rollout's own machinery (so its
     loss mask too)."""
     it = toy.world.make_item(seed)
@@ -94,11 +99,12 @@ def sft_episode(agent: lfpc.Agent, seed: int, rng: random.Random, direct: bool, 
     answer = impression or guess
     if not direct:
         square = next(q for q in it["squares"] if q[3] == colour)
-        box, _ = habitual_box(square, rng)
+        box, kind = habitual_box(square, rng)
         # the model writes boxes in the frame it was SHOWN: original -> shown is the same scaling with
         # the two sizes swapped (a base trained on original coordinates crops the wrong place at low res)
         box = [round(v) for v in crop_tool.map_box_to_original(box, task.image_size, ep.shown_size)]
-        call = agent.encode(toy.world.impression(colour, impression) + crop_tool.format_tool_call(box, f"{colour} box"))
+        think = toy.world.impression(colour, impression, kind if plan else None)
+        call = agent.encode(think + crop_tool.format_tool_call(box, f"{colour} box"))
         lfpc.step_episode(agent, ep, task, call, [0.0] * len(call), "stop", cfg)
         if impression is None and ep.crops and readable(ep.crops[0], it["bboxes"][0]):
             answer = truth                                  # unsure of the global image: the crop decides
@@ -207,6 +213,10 @@ def main() -> None:
     p.add_argument("--direct", type=float, default=0.3, help="fraction of direct-answer (no tool) examples")
     p.add_argument("--low-res", type=float, default=0.4, help="fraction of examples with a 1/2 or 1/sqrt(2) global image")
     p.add_argument("--unclear", type=float, default=0.3, help="at 1/sqrt(2): fraction of first impressions 'unclear'")
+    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
+                   help="the first impression ends with the zoom about to be made (toy.world.PLANS: the box's size "
+                        "in words, before its coordinates); --no-plan: the base before 2026-12-03, whose box size "
+                        "is decided coordinate by coordinate")
     p.add_argument("--hidden", type=int, default=128, help="text hidden size")
     p.add_argument("--layers", type=int, default=2, help="text layers")
     p.add_argument("--vision-hidden", type=int, default=64, help="vision tower hidden size")
@@ -239,7 +249,7 @@ def main() -> None:
     bar = tqdm(range(1, a.steps + 1), desc="warm-up")
     for step in bar:
         eps = [sft_episode(agent, a.seed * 1_000_003 + (step * a.batch + i) % 900_000, rng,
-                           rng.random() < a.direct, a.low_res, a.unclear) for i in range(a.batch)]
+                           rng.random() < a.direct, a.low_res, a.unclear, a.plan) for i in range(a.batch)]
         loss = sft_loss(agent, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -172,9 +172,17 @@ IMPRESSION = "<think>The {colour} box looks {pattern}.</think>"      # the base'
 UNCLEAR = "<think>The {colour} box is unclear.</think>"
 
 
-def impression(colour: str, pattern: str | None) -> str:
-    """The think text of a first impression: a pattern, or None for "unclear"."""
-    return UNCLEAR.format(colour=colour) if pattern is None else IMPRESSION.format(colour=colour, pattern=pattern)
+# What the base says it will zoom on before it writes the box (toy/warmup.py --plan): the box's size is
+# decided by these words, and its four coordinates follow them, so a precise box is one whole choice.
+PLANS = {"tight": "Zoom in on the box.", "cell": "Zoom in on its cell.", "cell+28": "Zoom in around it.",
+         "cell+56": "Zoom in on the region."}
+
+
+def impression(colour: str, pattern: str | None, plan: str | None = None) -> str:
+    """The think text of a first impression: a pattern, or None for "unclear"; with a `plan` (a PLANS key),
+    the zoom it is about to make."""
+    text = UNCLEAR.format(colour=colour) if pattern is None else IMPRESSION.format(colour=colour, pattern=pattern)
+    return text if plan is None else text.replace("</think>", " " + PLANS[plan] + "</think>")
 
 
 def word_ids(agent) -> set[int]:
