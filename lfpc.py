@@ -13,7 +13,8 @@ Contract
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
   task i are rows i*G .. i*G+G-1). Its turn loop is the method's: an engine (`support/engine.py`, which runs
   the model) hands back each turn as it ends; `step_episode` parses it, runs the tool and appends the
-  answer; the episode goes back for its next turn or is closed. Each turn is sampled until `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
+  answer; the episode goes back for its next turn or is closed. Each turn is sampled until
+  `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
   is built while generating: sampled tokens get 1, everything the environment appends (prompt, tool
   responses, the `<|im_end|>` that closes a turn stopped at `</tool_call>`) gets 0.
 - Turn rules (see `crop_tool.parse_turn`): an answer ends the episode ("answer"); a valid tool

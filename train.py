@@ -335,7 +335,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     params = [p for p in model.parameters() if p.requires_grad]
     dist.average_gradients(params, w)
     grad_norm = dist.grad_norm(params, w, 1.0) if w.distributed else float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-    lm, skip, forward_work = tally.total(w, kl=a.beta > 0)                       # over every rank: one collective
+    lm, skip, forward_work = tally.total(w, kl=a.beta > 0, trained=len(live))    # over every rank: one collective
     if skip or not math.isfinite(grad_norm) or grad_norm > SKIP_GRAD_NORM:
         opt.zero_grad(set_to_none=True)                                   # a step that would wreck the weights
         return {**step_metrics(episodes, tasks, judge, adv_m, {"grad_norm": grad_norm}, w), "loss/skipped": 1.0}
@@ -346,7 +346,7 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     if not math.isfinite(norm_after) or norm_after > MAX_NORM_GROWTH * norm_before:
         raise SystemExit(f"the update blew the weights up (norm {norm_before:.4g} -> {norm_after:.4g}); nothing was "
                          f"saved from this step: resume from the last checkpoint with a lower --lr")
-    lm.update(grad_norm=grad_norm, trained_episodes=int(dist.all_sum(len(live), w)))
+    lm.update(grad_norm=grad_norm)
     m = step_metrics(episodes, tasks, judge, adv_m, lm, w)
     m.update({"time/forward_s": t_forward, "time/update_s": _elapsed(t_start, agent.device), **forward_work})
     return m

@@ -41,8 +41,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from dataclasses import dataclass, field
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -159,7 +159,8 @@ class ReferenceSession:
         pass                                                    # nothing of it is kept
 
     def turns(self) -> list[tuple[int, list[int], list[float], str]]:
-        rows, budget = sorted(self.pending), [self.pending[i] for i in sorted(self.pending)]
+        rows = sorted(self.pending)
+        budget = [self.pending[i] for i in rows]
         self.pending = {}
         out = []
         for idx in pack([len(self.episodes[i].token_ids) + budget[j] for j, i in enumerate(rows)],

@@ -134,17 +134,18 @@ class UpdateTally:
             self.tokens += m["num_tokens"]
             self.gap += float((logprobs - sampled).abs()[mask.bool()].sum())
 
-    def total(self, w, kl: bool = False) -> tuple[dict, bool, dict]:
-        """(the loss/* metrics without their prefix, whether any rank's loss was non-finite, the work/*
-        metrics of the training forward), summed over the ranks in one collective."""
+    def total(self, w, kl: bool = False, trained: int = 0) -> tuple[dict, bool, dict]:
+        """(the loss/* metrics without their prefix, trained_episodes among them (`trained`: this rank's
+        episodes forwarded), whether any rank's loss was non-finite, the work/* metrics of the training
+        forward), summed over the ranks in one collective."""
         keys = list(self.LOSS) + (["kl_ref"] if kl else [])
         tot = dist.all_sum([self.sums.get(k, 0.0) for k in keys] + [self.tokens, self.policy, self.gap, float(self.skip),
-                                                                     self.encodes, self.padding, self.positions], w)
-        sums, (tokens, policy, gap, skip, encodes, padding, positions) = tot[:len(keys)], tot[len(keys):]
+                                                                     self.encodes, self.padding, self.positions, trained], w)
+        sums, (tokens, policy, gap, skip, encodes, padding, positions, trained) = tot[:len(keys)], tot[len(keys):]
         lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
         if tokens:
             lm.update({k: v / tokens for k, v in zip(keys, sums) if k in self.sums or w.distributed})
-        lm.update(policy=policy, sampler_gap=gap / tokens if tokens else 0.0)
+        lm.update(policy=policy, sampler_gap=gap / tokens if tokens else 0.0, trained_episodes=int(trained))
         work = {"work/train_image_encodes": int(encodes), "work/train_padding_frac": padding / max(1, positions)}
         return lm, bool(skip), work
 
