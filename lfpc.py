@@ -483,13 +483,18 @@ def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int
 def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
     """log pi(token_t | tokens_<t) at every loss-mask position, 0 elsewhere: [B, T].
 
-    One forward over whole episodes; the lm_head runs only where the loss needs it, `chunk` sampled
-    tokens at a time under activation checkpointing, so [tokens, vocabulary] logits exist for one chunk
-    only, in the forward and again in the backward (0: all at once, the plain computation).
+    One forward over whole episodes; a sampled token is predicted by the hidden state of the token before
+    it in its episode (in a shared row, `batch.prev`: a suffix's first token by its group's prompt's last).
+    The lm_head runs only where the loss needs it, `chunk` sampled tokens at a time under activation
+    checkpointing, so [tokens, vocabulary] logits exist for one chunk only, in the forward and again in
+    the backward (0: all at once, the plain computation).
     """
     h = engine.forward(model, batch)                                             # [B, T, H]
-    want = batch.loss_mask[:, 1:].bool()                                         # [B, T-1]: token t+1 is sampled
-    hs, targets = h[:, :-1][want], batch.input_ids[:, 1:][want]                  # [N, H], [N]
+    b, t = batch.loss_mask.bool().nonzero(as_tuple=True)                         # [N]: the sampled tokens
+    src = batch.prev[b, t] if batch.prev is not None else t - 1                  # [N]: the position predicting each
+    if bool((src < 0).any()):
+        raise ValueError("a sampled token opens an episode: nothing predicts it")
+    hs, targets = h[b, src], batch.input_ids[b, t]                               # [N, H], [N]
     step = chunk if chunk > 0 else max(1, len(targets))
     parts = []
     for i in range(0, len(targets), step):
@@ -498,7 +503,7 @@ def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0, chunk: 
                      if chunk > 0 and torch.is_grad_enabled() else _target_logprobs(*args))
     lp = torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.float32)    # [N]
     out = torch.zeros(batch.input_ids.shape, dtype=lp.dtype, device=lp.device)  # [B, T]
-    out[:, 1:][want] = lp
+    out[b, t] = lp
     return out
 
 

@@ -41,6 +41,10 @@ Departures from the paper, on purpose:
   frozen base in bf16, the adapters and their AdamW state in fp32.
 - Precision: rollouts, the info-gap prober and the training forward all run under the same
   `precision` (bf16 autocast on a GPU), so the policy that samples is the policy that is trained.
+- Speed, not method: the training forward computes each group's prompt (system text, question, global
+  image) ONCE for its G episodes (`--pack shared`, the default under sdpa or flash attention;
+  support/shared_prompt.py). Exact: log-probs and gradients equal the padded forward's (tested);
+  work/train_shared_frac is the share of the episodes' tokens this skipped.
 """
 from __future__ import annotations
 
@@ -306,16 +310,19 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     live = [i for i in range(len(episodes)) if adv[i] != 0 or a.beta > 0]
     model.train()
     opt.zero_grad(set_to_none=True)
-    lengths = [len(episodes[i].token_ids) for i in live]
-    packed = pack_micro_batches(a, model)      # each micro-batch one padding-free row (engine.collate)
-    batches = [[live[j] for j in mb] for mb in engine.pack(lengths, a.micro_batch, a.train_tokens, longest_first=True,
-                                                             packed=packed)]
+    mode = pack_mode(a, model)    # shared: a padding-free row, each group's prompt once; on: a row; off: padded
+    rows = [episodes[i] for i in live]
+    batches = [[live[j] for j in mb] for mb in (
+        engine.pack_groups(agent, rows, a.micro_batch, a.train_tokens) if mode == "shared" else
+        engine.pack([len(e.token_ids) for e in rows], a.micro_batch, a.train_tokens, longest_first=True,
+                    packed=mode == "on"))]
     batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
     tally = metrics.UpdateTally()
     for idx in batches:
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
-        batch = engine.collate(agent, [episodes[i] for i in idx], store=store, packed=packed)   # store: no vision tower
+        batch = engine.collate(agent, [episodes[i] for i in idx], store=store, packed=mode != "off",
+                               share_prompt=mode == "shared")                 # store: no vision tower
         t0 = time.perf_counter()
         with policy.precision(agent):
             lp = batch.unpacked(lfpc.token_logprobs(model, batch, a.temperature))       # [b, T]
@@ -352,11 +359,13 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     return m
 
 
-def pack_micro_batches(a: Args, model) -> bool:
-    """--pack: on, off, or auto (on when the attention kernel reads packed sequences natively)."""
+def pack_mode(a: Args, model) -> str:
+    """--pack: shared, on, off, or auto (shared where support/shared_prompt.py routes the attention, else off)."""
     if a.pack != "auto":
-        return a.pack == "on"
-    return getattr(model.config.get_text_config(), "_attn_implementation", "") == "flash_attention_2"
+        return a.pack
+    from support import shared_prompt
+    return "shared" if getattr(model.config.get_text_config(), "_attn_implementation", "") in shared_prompt.SUPPORTED \
+        else "off"
 
 
 def _weight_norm(params: list, w: dist.World) -> float:

@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--visual-tokens", type=int, default=1024, help="config mode: visual tokens of the image (a square)")
     p.add_argument("--response-tokens", type=int, default=512, help="config mode: sampled tokens per episode")
     p.add_argument("--decode", default="dynamic", choices=["dynamic", "static"], help="KV cache while sampling")
+    p.add_argument("--pack", default="auto", choices=["auto", "shared", "on", "off"],
+                   help="toy mode: train.py --pack (shared: each group's prompt once in the training forward)")
     p.add_argument("--engine", default="cached", choices=list(lfpc.ENGINES),
                    help="toy mode: rollout engine (cached: KV cache across turns; reference: re-prefill each turn)")
     p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
@@ -341,7 +343,7 @@ def toy_step(a) -> dict:
     from support.judge import RuleJudge
     args = train.parse_args(["--preset", "toy", "--model", a.model or presets.get("toy")["model"], "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
-                             "--full-tokens", str(a.budget), "--device", "cpu"])
+                             "--full-tokens", str(a.budget), "--device", "cpu", "--pack", a.pack])
     agent = policy.load_model(args)
     cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=args.rollout_batch,
                                  batch_tokens=args.rollout_tokens, engine=a.engine)
@@ -363,7 +365,7 @@ def toy_step(a) -> dict:
                           "sampled_tokens": sum(e.num_generated for e in episodes), "distinct_images": distinct,
                           "host_bytes": host["images"] + host["token_lists"],
                           "host_bytes_fp32_pixels_per_episode": host["fp32_pixels_per_episode_before"],
-                          **work.metrics()})
+                          **work.metrics(), **{k: v for k, v in m.items() if k.startswith("work/train")}})
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
     mean["backward_and_optimizer"] = mean["total_s"] - mean["rollout"] - mean["logprob_forward"]
     return {"mode": "toy", "args": vars(a), "step_s": round(mean["total_s"], 3),

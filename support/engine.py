@@ -5,7 +5,9 @@ Contract
 --------
 - `collate(agent, episodes)` pads episodes into a `Batch` (right padding for training, left for
   sampling) with the pixel values of its distinct images (the G episodes of a task share one global
-  image object: processed and run through the vision tower once per batch, its features reused).
+  image object: processed and run through the vision tower once per batch, its features reused), or
+  packs them into one padding-free row (`packed`), each group's prompt in it once (`share_prompt`:
+  support/shared_prompt.py; `pack_groups` keeps a group in one micro-batch).
 - `mrope_positions` computes Qwen2.5-VL's 3-D rotary positions; they are always passed explicitly,
   so the model's stateful `rope_deltas` cache is never used. Tests check them against the model's
   own `get_rope_index` (with `mm_token_type_ids`, which transformers 5.x requires).
@@ -46,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+
+from support import shared_prompt
 
 
 class Row(Protocol):
@@ -648,26 +652,31 @@ class Batch:
     features: torch.Tensor | None = None  # [distinct tokens, H]: the distinct images' features, taken from a
                                           # FeatureStore (then pixel_values is None and no vision tower runs)
     image_encodes: int = 0              # distinct images this batch's forward runs through the vision tower
-    lengths: list[int] | None = None    # packed: the episodes' lengths in the one row (B = 1, no padding,
-                                        # position_ids [4, 1, N]: text positions restart at each episode)
+    unpack: torch.Tensor | None = None  # packed (B = 1, no padding, position_ids [4, 1, N]: text positions first):
+                                        # [episodes, longest] the row position of each episode's token, -1 after its end
+    prev: torch.Tensor | None = None    # packed: [1, N] the row position of the token before each (-1 at an episode's first)
+    layout: "shared_prompt.Layout | None" = None   # shared: each group's prompt once in the row, then its suffixes
 
     def unpacked(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, N] of a packed batch -> [episodes, longest] (zeros after each episode's end); padded: x."""
-        if self.lengths is None:
+        """[1, N] of a packed batch -> [episodes, longest] (zeros after each episode's end; a shared prompt's
+        values in every episode of its group); padded: x."""
+        if self.unpack is None:
             return x
-        out = x.new_zeros(len(self.lengths), max(self.lengths))
-        for b, part in enumerate(x[0].split(self.lengths)):
-            out[b, :len(part)] = part
-        return out
+        return torch.where(self.unpack >= 0, x[0][self.unpack.clamp(min=0)], 0)
 
     @property
     def padding(self) -> int:
         """Positions of the forward that hold no token."""
-        return self.input_ids.numel() - (sum(self.lengths) if self.lengths is not None else int(self.attention_mask.sum()))
+        return 0 if self.unpack is not None else self.input_ids.numel() - int(self.attention_mask.sum())
+
+    @property
+    def shared(self) -> int:
+        """The episodes' tokens that this forward did not compute: their group's prompt ran once."""
+        return 0 if self.unpack is None else int((self.unpack >= 0).sum()) - self.input_ids.shape[1]
 
 
 def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_images: bool = True,
-            store: "FeatureStore | None" = None, packed: bool = False) -> Batch:
+            store: "FeatureStore | None" = None, packed: bool = False, share_prompt: bool = False) -> Batch:
     """Pad episodes to one length (right by default; left for sampling) and gather their images. Each
     distinct image object is processed, and goes through the vision tower, once per batch (the G
     episodes of a task share their global image); share_images=False gives every block its own copy.
@@ -675,7 +684,9 @@ def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_im
     there), the batch carries those and no pixels: its forward runs no vision tower. `packed` (training):
     the episodes one after the other in ONE row, no padding; each keeps its own M-RoPE positions and the
     attention is block-diagonal (transformers reads the sequences from the text positions that restart
-    at 0: flash attention's varlen path on a GPU, a block mask under SDPA)."""
+    at 0: flash attention's varlen path on a GPU, a block mask under SDPA). `share_prompt` (packed): the
+    episodes whose prompts are the same tokens and image objects (a GRPO group) have that prompt ONCE in the
+    row, then each its own tokens (support/shared_prompt.py: the layout and its attention)."""
     T = max(len(e.token_ids) for e in episodes)
     B = len(episodes)
     ids = torch.full((B, T), agent.pad_id, dtype=torch.long)
@@ -688,8 +699,14 @@ def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_im
         attn[b, sl] = 1
         lmask[b, sl] = torch.tensor(e.loss_mask)
         sampled[b, sl] = torch.tensor(e.logprobs)
-    grids = [g for e in episodes for g in e.grids]
-    images = [im for e in episodes for im in e.images]
+    if packed and left_pad:
+        raise ValueError("packed batches are for training (right padding)")
+    spans, layout = row_spans(agent, episodes, share_prompt) if packed else (None, None)
+    # the image blocks in the order their tokens meet the forward: episode by episode, or the row's spans
+    blocks = [(b, j) for b, e in enumerate(episodes) for j in range(len(e.images))] if spans is None else \
+        [(b, j) for b, lo, hi in spans for j in range(*_blocks_in(agent, episodes[b], lo, hi))]
+    grids = [episodes[b].grids[j] for b, j in blocks]
+    images = [episodes[b].images[j] for b, j in blocks]
     pix = thw = index = None
     if images:
         key = id if share_images else (lambda im, c=iter(range(len(images))): next(c))
@@ -700,42 +717,127 @@ def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_im
         feats = store.get([im for im, _ in distinct.values()], agent.device) if store is not None else None
         if feats is None:
             pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
-    pos = mrope_positions(ids, attn, grids, agent.image_pad, agent.merge)
-    lengths = None
-    if packed:                                       # [B, T] right-padded -> one row of the real tokens
-        if left_pad:
-            raise ValueError("packed batches are for training (right padding)")
-        real = attn.bool()
-        lengths = [len(e.token_ids) for e in episodes]
-        text = torch.cat([torch.arange(n) for n in lengths])
-        ids, lmask, sampled = ids[real][None], lmask[real][None], sampled[real][None]
-        pos = torch.cat([text[None], pos[:, real]])[:, None]                         # [4, 1, N]
+    pos = mrope_positions(ids, attn, [g for e in episodes for g in e.grids], agent.image_pad, agent.merge)
+    unpack = prev = None
+    if packed:                                       # [B, T] right-padded -> one row of the spans' tokens
+        rb = torch.cat([torch.full((hi - lo,), b) for b, lo, hi in spans])                 # [N] episode of each
+        rt = torch.cat([torch.arange(lo, hi) for b, lo, hi in spans])                       # [N] its position there
+        unpack = torch.full((B, T), -1, dtype=torch.long)
+        unpack[rb, rt] = torch.arange(len(rt))
+        for b, e in enumerate(episodes):              # a group's other episodes read its prompt where it is
+            n = len(e.token_ids)
+            first = unpack[b, :n] < 0
+            if bool(first.any()):
+                unpack[b, :n][first] = unpack[_owner(spans, b), :n][first]
+        prev = torch.where(rt > 0, unpack[rb, (rt - 1).clamp(min=0)], -1)[None]            # [1, N]
+        ids, lmask, sampled = ids[rb, rt][None], lmask[rb, rt][None], sampled[rb, rt][None]
+        pos = torch.cat([rt[None], pos[:, rb, rt]])[:, None]                               # [4, 1, N]
         attn = torch.ones_like(ids)
     dev = agent.device
     to = lambda x: None if x is None else x.to(dev)
     return Batch(to(ids), to(attn), to(pos), to(pix), to(thw), to(index), to(lmask), to(sampled), agent.env_only_ids,
-                 feats if images else None, 0 if pix is None else len(thw), lengths)
+                 feats if images else None, 0 if pix is None else len(thw), to(unpack), to(prev), layout)
+
+
+def row_spans(agent: Policy, episodes: list[Row], share_prompt: bool
+              ) -> tuple[list[tuple[int, int, int]], "shared_prompt.Layout | None"]:
+    """The token spans (episode, from, to) of a packed row, in order, and its Layout when `share_prompt`: each
+    group (`prompt_groups`) as its first episode whole, then the others from the end of the shared prompt."""
+    if not share_prompt:
+        return [(b, 0, len(e.token_ids)) for b, e in enumerate(episodes)], None
+    spans, groups, at = [], [], 0
+    for g in prompt_groups(agent, episodes):
+        n = shared_prompt.prompt_length(episodes[g[0]].loss_mask) if len(g) > 1 else len(episodes[g[0]].token_ids)
+        spans.append((g[0], 0, n))
+        suffixes, s = [], at + n
+        for b in g:                                   # the first episode's own tokens are a suffix as well
+            m = len(episodes[b].token_ids) - n
+            if m:
+                spans.append((b, n, n + m))
+                suffixes.append((s, m))
+                s += m
+        groups.append((at, n, suffixes))
+        at = s
+    return spans, shared_prompt.Layout(groups)
+
+
+def prompt_groups(agent: Policy, episodes: list[Row]) -> list[list[int]]:
+    """Indices of `episodes` grouped by their prompt (the tokens before the first sampled one, with its image
+    objects), in order of first appearance: the episodes that can share one computation of it."""
+    groups: dict = {}
+    for b, e in enumerate(episodes):
+        n = shared_prompt.prompt_length(e.loss_mask)
+        key = (tuple(e.token_ids[:n]), tuple(map(id, e.images[:_blocks_in(agent, e, 0, n)[1]]))) \
+            if 0 < n < len(e.token_ids) else b                                     # nothing sampled: alone
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
+
+
+def _owner(spans: list[tuple[int, int, int]], b: int) -> int:
+    """The episode whose span at position 0 holds episode b's (shared) prompt: the one before b's suffix."""
+    at = next(k for k, (e, lo, _) in enumerate(spans) if e == b)
+    while spans[at][1] != 0:
+        at -= 1
+    return spans[at][0]
+
+
+def _blocks_in(agent: Policy, e: Row, lo: int, hi: int) -> tuple[int, int]:
+    """The range of e's image blocks whose tokens lie in token_ids[lo:hi] (blocks are never split by a span:
+    spans end at a prompt, before any sampled token)."""
+    pads = [sum(1 for t in e.token_ids[a:b] if t == agent.image_pad) for a, b in ((0, lo), (lo, hi))]
+    sizes = [t * h * w // agent.merge ** 2 for t, h, w in e.grids]
+    first = count = 0
+    while first < len(sizes) and pads[0] > 0:
+        pads[0] -= sizes[first]
+        first += 1
+    last = first
+    while last < len(sizes) and count < pads[1]:
+        count += sizes[last]
+        last += 1
+    return first, last
 
 
 def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows: list[int] | None = None,
-         longest_first: bool = False, packed: bool = False) -> list[list[int]]:
+         longest_first: bool = False, packed: bool = False, sizes: list[int] | None = None) -> list[list[int]]:
     """Item indices grouped into batches: each batch holds at most `max_rows` rows and at most `max_tokens`
     tokens: padded, its rows x its longest length; `packed` (one padding-free row, `collate(packed=True)`),
-    the sum of its lengths. An item over the token budget alone gets a batch of its own. Item i is rows[i]
-    rows (default 1) of length lengths[i] (a GRPO group: G rows). In item order, or longest first (less
-    padding); every item in exactly one batch."""
+    the sum of its items' sizes (default rows x length). An item over the token budget alone gets a batch of
+    its own. Item i is rows[i] rows (default 1) of length lengths[i] (a GRPO group: G rows). In item order,
+    or longest first (less padding); every item in exactly one batch."""
     rows = rows or [1] * len(lengths)
+    sizes = sizes or [r * n for r, n in zip(rows, lengths)]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else range(len(lengths))
     batches, cur, n, longest, total = [], [], 0, 0, 0
     for i in order:
-        grow_n, grow_len, grow_total = n + rows[i], max(longest, lengths[i]), total + rows[i] * lengths[i]
+        grow_n, grow_len, grow_total = n + rows[i], max(longest, lengths[i]), total + sizes[i]
         cost = grow_total if packed else grow_n * grow_len
         if cur and (grow_n > max_rows or (max_tokens is not None and cost > max_tokens)):
             batches.append(cur)
-            cur, grow_n, grow_len, grow_total = [], rows[i], lengths[i], rows[i] * lengths[i]
+            cur, grow_n, grow_len, grow_total = [], rows[i], lengths[i], sizes[i]
         cur.append(i)
         n, longest, total = grow_n, grow_len, grow_total
     return batches + ([cur] if cur else [])
+
+
+def pack_groups(agent: Policy, episodes: list[Row], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """`pack` for shared rows (`collate(packed=True, share_prompt=True)`): a group's episodes (`prompt_groups`)
+    stay in one batch, cut into chunks only where a chunk would pass `max_rows` or `max_tokens`; a chunk
+    costs its prompt once plus its episodes' own tokens. Longest chunks first."""
+    chunks, costs = [], []
+    for g in prompt_groups(agent, episodes):
+        n = shared_prompt.prompt_length(episodes[g[0]].loss_mask) if len(g) > 1 else 0
+        cur, cost = [], n
+        for b in sorted(g, key=lambda b: -len(episodes[b].token_ids)):
+            own = len(episodes[b].token_ids) - n
+            if cur and (len(cur) >= max_rows or (max_tokens is not None and cost + own > max_tokens)):
+                chunks.append(cur), costs.append(cost)
+                cur, cost = [], n
+            cur.append(b)
+            cost += own
+        chunks.append(cur), costs.append(cost)
+    return [[b for k in batch for b in chunks[k]]
+            for batch in pack(costs, max_rows, max_tokens, [len(c) for c in chunks], longest_first=True, packed=True,
+                              sizes=costs)]
 
 
 def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, grids: list[tuple[int, int, int]],
@@ -786,8 +888,12 @@ def segment_positions(ids: list[int], grids, start: int, image_token_id: int, me
 
 def forward(model, batch: Batch) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] of a whole batch (no cache): the training forward. A packed batch
-    passes no attention mask, so transformers builds the block-diagonal one from its text positions."""
-    mask = None if batch.lengths is not None else batch.attention_mask
+    passes no attention mask, so transformers builds the block-diagonal one from its text positions; a
+    shared one passes its Layout as the prepared mask of every layer (shared_prompt.install routes it)."""
+    mask = None if batch.unpack is not None else batch.attention_mask
+    if batch.layout is not None:
+        shared_prompt.install(model)
+        mask = {"full_attention": batch.layout, "sliding_attention": batch.layout}
     return hidden_states(model, batch.input_ids, mask, batch.position_ids, batch_image_features(model, batch))[0]
 
 

@@ -25,7 +25,9 @@ adv/frac_zero_std (fraction of GRPO groups whose rewards are all equal: advantag
 train.py), work/* (what the rollout engine did, `engine.Work`: image encodes, vision patches, prefill and
 decode positions with padding_tokens among them, decode_steps, slot_steps, useful_tokens, slot_utilisation
 = useful_tokens / slot_steps, host_syncs; and the training forward's train_image_encodes, 0 when LoRA
-reuses the rollout's image features), time/step_s, and with --judge llm judge/calls,
+reuses the rollout's image features, train_padding_frac (positions of the forward holding no token) and
+train_shared_frac (the episodes' tokens not computed because their group's prompt ran once: --pack shared)),
+time/step_s, and with --judge llm judge/calls,
 requests, cached, fallbacks, skipped (what the model judge did this step; support/judge.py).
 Evaluation only (eval.py): time/sec_per_question; per probe, delta/<key> = probe - normal.
 """
@@ -118,7 +120,7 @@ class UpdateTally:
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.tokens = self.encodes = self.positions = self.padding = 0
+        self.tokens = self.encodes = self.positions = self.padding = self.shared = 0
         self.policy = self.gap = 0.0
         self.skip = False
 
@@ -126,6 +128,7 @@ class UpdateTally:
         """One micro-batch: its loss and metrics (`m`), its log-probs [b, T] against the sampler's [b, T]."""
         self.encodes += batch.image_encodes
         self.positions, self.padding = self.positions + batch.input_ids.numel(), self.padding + batch.padding
+        self.shared += batch.shared
         self.skip = self.skip or not math.isfinite(float(loss.detach()))
         if counted:
             for key, v in m.items():
@@ -140,13 +143,15 @@ class UpdateTally:
         forward), summed over the ranks in one collective."""
         keys = list(self.LOSS) + (["kl_ref"] if kl else [])
         tot = dist.all_sum([self.sums.get(k, 0.0) for k in keys] + [self.tokens, self.policy, self.gap, float(self.skip),
-                                                                     self.encodes, self.padding, self.positions, trained], w)
-        sums, (tokens, policy, gap, skip, encodes, padding, positions, trained) = tot[:len(keys)], tot[len(keys):]
+                                                                     self.encodes, self.padding, self.positions, trained,
+                                                                     self.shared], w)
+        sums, (tokens, policy, gap, skip, encodes, padding, positions, trained, shared) = tot[:len(keys)], tot[len(keys):]
         lm = {"clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}          # when no episode carried an advantage
         if tokens:
             lm.update({k: v / tokens for k, v in zip(keys, sums) if k in self.sums or w.distributed})
         lm.update(policy=policy, sampler_gap=gap / tokens if tokens else 0.0, trained_episodes=int(trained))
-        work = {"work/train_image_encodes": int(encodes), "work/train_padding_frac": padding / max(1, positions)}
+        work = {"work/train_image_encodes": int(encodes), "work/train_padding_frac": padding / max(1, positions),
+                "work/train_shared_frac": shared / max(1, positions - padding + shared)}
         return lm, bool(skip), work
 
 

@@ -91,9 +91,10 @@ class Args:
                                             'spread (1: all, the least memory; a layer left out keeps its '
                                             'activations and saves its recompute). Preset: measured by `support/bench.py '
                                             '--estimate-memory --ckpt-sweep` (README)')
-    pack: str = arg("auto", 'training micro-batches: "on" packs each into one padding-free row (engine.collate('
-                            'packed=True)), "off" right-pads them, "auto" packs when the attention has a varlen path '
-                            '(flash_attention_2; SDPA builds a block mask of the whole row: 2.4x slower on the toy)')
+    pack: str = arg("auto", 'training micro-batches: "shared" packs each into one padding-free row holding each GRPO '
+                            "group's prompt once (support/shared_prompt.py), \"on\" packs without sharing (transformers' "
+                            'packed sequences: varlen flash attention; SDPA builds a block mask of the whole row), "off" '
+                            'right-pads them, "auto" is shared under sdpa or flash attention, else off')
     device: str | None = arg(None, 'torch device (default: cuda if available, else cpu)')
     save_every: int = arg(20, 'steps between checkpoints (and at the end)')
     seed: int = arg(0, 'data order, sampling, init')
@@ -184,7 +185,7 @@ def check_ranges(a: Args) -> list[str]:
                                                               f"none), got {a.ckpt_fraction}")
     need(0 < a.top_p <= 1, f"--top-p must lie in (0, 1], got {a.top_p}")
     need(a.decode in ("dynamic", "static"), f"--decode is dynamic or static, got {a.decode!r}")
-    need(a.pack in ("auto", "on", "off"), f"--pack is auto, on or off, got {a.pack!r}")
+    need(a.pack in ("auto", "shared", "on", "off"), f"--pack is auto, shared, on or off, got {a.pack!r}")
     need(0 <= a.beta <= MAX_BETA, f"--beta must lie in [0, {MAX_BETA:g}] (paper: 0), got {a.beta}")
     need(a.temperature <= MAX_TEMPERATURE, f"--temperature must be at most {MAX_TEMPERATURE:g} (1.0 samples the "
                                            f"policy as it is), got {a.temperature}")

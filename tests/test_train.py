@@ -743,8 +743,9 @@ def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradient
 @pytest.mark.parametrize("name", ["toy", "real-shape"])
 def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, name):
     """Training micro-batches packed into one padding-free row (text positions restart at each episode;
-    transformers builds the block-diagonal mask) give the padded path's log-probs and gradients, with
-    work/train_padding_frac 0 (the padded path's is what its padding was)."""
+    transformers builds the block-diagonal mask), and shared (each group's prompt once), give the padded
+    path's gradients, with work/train_padding_frac 0 (the padded path's is what its padding was) and
+    work/train_shared_frac > 0 only when shared."""
     from support import engine
     from support import models
     from conftest import QWEN_TOKENIZER, noise_image
@@ -765,16 +766,18 @@ def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, nam
     for i, e in enumerate(episodes):
         e.reward = float(i % 2)
     out = {}
-    for padded in (True, False):
-        a.pack = "off" if padded else "on"
+    for mode in ("off", "on", "shared"):
+        a.pack = mode
         agent.model.zero_grad(set_to_none=True)
         opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
         real = opt.zero_grad
         opt.zero_grad = lambda set_to_none=True: None                      # keep the gradients to compare
         m = train.update_policy(a, agent, opt, episodes, tasks)
         opt.zero_grad = real
-        out[padded] = (m["work/train_padding_frac"], {n: p.grad.clone() for n, p in agent.model.named_parameters()
-                                                       if p.grad is not None})
-    assert out[False][0] == 0.0 < out[True][0]
-    for n, g in out[True][1].items():
-        torch.testing.assert_close(out[False][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+        out[mode] = (m["work/train_padding_frac"], m["work/train_shared_frac"],
+                     {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None})
+    assert out["on"][0] == out["shared"][0] == 0.0 < out["off"][0]
+    assert out["off"][1] == out["on"][1] == 0.0 < out["shared"][1]        # the groups' prompts, computed once
+    for mode in ("on", "shared"):
+        for n, g in out["off"][2].items():
+            torch.testing.assert_close(out[mode][2][n], g, rtol=1e-4, atol=1e-6, msg=f"{mode}: {n}")

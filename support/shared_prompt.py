@@ -1,0 +1,84 @@
+"""A GRPO group's prompt computed once in the training forward: its layout and its attention.
+
+The G rollouts of a task begin with the same prompt (system text, question, the global image: ~1.2K
+tokens at the 1K budget, ~16K at 16K) and differ from their first sampled token on. The training
+forward would run that prompt G times. A shared micro-batch is one row holding each group's prompt ONCE,
+then every episode's own tokens (its suffix); a suffix attends to the prompt's keys and values and to
+itself (causal), the prompt to itself. Exact, not an approximation: a prompt's hidden states do not
+depend on what follows it, and autograd sums the gradients the G suffixes send back through the one
+copy of the prompt (tested against the padded forward: tests/test_shared_prompt.py).
+
+Contract
+--------
+- `prompt_length(row, sampled)`: the tokens before an episode's first sampled one, the part its group shares.
+- `Layout`: the row's spans in order: for each group (start, prompt length, [(suffix start, suffix length)]).
+  A group of one is a "prompt" of its whole episode with no suffixes.
+- `attention(module, query, key, value, layout, ...)`: transformers' attention-function signature with a
+  `Layout` where the mask goes; PyTorch SDPA on each span (a lower-right causal mask on a suffix, the
+  prompt's keys first), so no [N, N] mask is ever built; grouped-query heads repeated per span.
+- `install(model)`: routes a `Layout` mask to `attention` for the model's attention implementation
+  (sdpa or flash_attention_*), by wrapping the function transformers has registered under that name;
+  every call without a `Layout` goes to the wrapped function unchanged. Idempotent. engine.forward passes
+  the layout as the model's prepared mask mapping, so a checkpointed layer's recompute sees it too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right   # query i of m sees keys 0 .. n + i of n + m
+
+
+def prompt_length(sampled: list[int]) -> int:
+    """Tokens before the first sampled one (`sampled`: an episode's loss mask); its length if none is."""
+    return next((t for t, s in enumerate(sampled) if s), len(sampled))
+
+
+@dataclass
+class Layout:
+    """The spans of one shared row, in row order: (start, prompt length, [(suffix start, suffix length)])."""
+    groups: list[tuple[int, int, list[tuple[int, int]]]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(n + sum(m for _, m in suffixes) for _, n, suffixes in self.groups)
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout,
+              dropout: float = 0.0, scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
+    """query [1, Hq, N, d], key and value [1, Hkv, N, d] of one shared row -> ([1, N, Hq, d], None)."""
+    rep = query.shape[1] // key.shape[1]
+    heads = lambda x, a, b: x[:, :, a:b].repeat_interleave(rep, dim=1)         # [1, Hq, b - a, d]
+    sdpa = lambda q, k, v, **kw: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, **kw)
+    parts = []
+    for start, n, suffixes in layout.groups:
+        pk, pv = heads(key, start, start + n), heads(value, start, start + n)      # [1, Hq, n, d]
+        parts.append(sdpa(query[:, :, start:start + n], pk, pv, is_causal=True))
+        for s, m in suffixes:                          # token i of a suffix sees the prompt and suffix[:i + 1]
+            k = torch.cat([pk, heads(key, s, s + m)], dim=2)                       # [1, Hq, n + m, d]
+            v = torch.cat([pv, heads(value, s, s + m)], dim=2)
+            parts.append(sdpa(query[:, :, s:s + m], k, v, attn_mask=causal_lower_right(m, n + m)))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None               # [1, N, Hq, d]
+
+
+SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def install(model) -> None:
+    """Route `Layout` masks of `model`'s decoder attention to `attention` (module docstring)."""
+    from transformers import AttentionInterface
+    impl = model.config.get_text_config()._attn_implementation
+    if impl not in SUPPORTED:
+        raise ValueError(f"a shared prompt (--pack shared) needs sdpa or flash attention; the model runs {impl!r} "
+                         f"(load it with attn_implementation='sdpa', or train with --pack on/off)")
+    base = AttentionInterface._global_mapping[impl]
+    if getattr(base, "routes_layouts", False):
+        return
+
+    def routed(module, query, key, value, attention_mask, *args, **kwargs):
+        if isinstance(attention_mask, Layout):
+            return attention(module, query, key, value, attention_mask, **kwargs)
+        return base(module, query, key, value, attention_mask, *args, **kwargs)
+    routed.routes_layouts = True
+    AttentionInterface.register(impl, routed)

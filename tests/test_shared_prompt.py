@@ -1,0 +1,137 @@
+"""A GRPO group's prompt computed once in the training forward (support/shared_prompt.py, engine.collate
+share_prompt=True, engine.pack_groups, train.py --pack shared): the layout by hand, the attention against
+a dense mask, and log-probs and gradients against the padded forward on the toy base (crops after the
+prompt) and on the real-shape model (real tokenizer, grouped-query heads)."""
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lfpc
+import toy.world
+from conftest import QWEN_TOKENIZER, ROOT, noise_image
+from support import engine, models, shared_prompt
+
+
+@dataclass
+class Row:
+    token_ids: list[int]
+    loss_mask: list[int]
+    images: list = field(default_factory=list)
+    grids: list = field(default_factory=list)
+    logprobs: list[float] = None
+    task_index: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.logprobs = self.logprobs or [0.0] * len(self.token_ids)
+
+
+def test_layout_by_hand(tiny):
+    """Rows 0 and 2 share the prompt [5, 6, 7] (their first sampled token is at 3); row 1 has another
+    prompt. Row: 0's prompt, 0's own, 2's own, then row 1 whole."""
+    rows = [Row([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), Row([5, 6, 4, 8], [0, 0, 0, 1]), Row([5, 6, 7, 3], [0, 0, 0, 1])]
+    b = engine.collate(tiny, rows, packed=True, share_prompt=True)
+    assert b.input_ids[0].tolist() == [5, 6, 7, 8, 9, 3, 5, 6, 4, 8]
+    assert b.layout.groups == [(0, 3, [(3, 2), (5, 1)]), (6, 4, [])]
+    assert b.unpack.tolist() == [[0, 1, 2, 3, 4], [6, 7, 8, 9, -1], [0, 1, 2, 5, -1]]
+    assert b.prev[0].tolist() == [-1, 0, 1, 2, 3, 2, -1, 6, 7, 8]     # row 2's first own token follows the prompt
+    assert b.shared == 3 and b.padding == 0                            # 13 tokens of episodes, 10 computed
+    assert b.unpacked(b.loss_mask).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]]
+    assert b.position_ids[0, 0].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3]   # text positions: each episode's own
+
+
+def test_prompts_are_shared_only_with_the_same_image_object(tiny):
+    img, other = noise_image(56, 56, 0), noise_image(56, 56, 0)           # equal pixels, two objects
+    grid = tiny.image_grid(img)
+    block = tiny.image_block(grid)
+    make = lambda im: Row([5, *block, 6, 8], [0] * (len(block) + 2) + [1], [im], [grid])
+    assert engine.prompt_groups(tiny, [make(img), make(other), make(img)]) == [[0, 2], [1]]
+    assert engine.prompt_groups(tiny, [Row([5, 6], [0, 0]), Row([5, 6], [0, 0])]) == [[0], [1]]   # nothing sampled
+
+
+def test_attention_equals_sdpa_under_the_dense_mask_of_the_layout():
+    """Two groups (a prompt of 4 with suffixes of 3 and 2; a lone episode of 5), 4 query heads on 2 KV heads:
+    `attention` equals one SDPA call on the whole row under the mask the layout means, values and gradients."""
+    layout = shared_prompt.Layout([(0, 4, [(4, 3), (7, 2)]), (9, 5, [])])
+    N = layout.tokens
+    sees = torch.zeros(N, N, dtype=torch.bool)                            # [query, key]
+    for start, n, suffixes in layout.groups:
+        sees[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        for s, m in suffixes:
+            sees[s:s + m, start:start + n] = True
+            sees[s:s + m, s:s + m] = torch.ones(m, m, dtype=torch.bool).tril()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, N, 8, requires_grad=True) for h in (4, 2, 2))
+    out, _ = shared_prompt.attention(None, q, k, v, layout, scaling=0.3)                  # [1, N, 4, 8]
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=sees,
+                                         scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grads = [torch.autograd.grad(x.sum(), (q, k, v)) for x in (out * torch.arange(8.0), ref * torch.arange(8.0))]
+    for g, h in zip(*grads):
+        torch.testing.assert_close(g, h)
+
+
+@pytest.mark.parametrize("name", ["toy", "real-shape"])
+def test_shared_row_gives_the_padded_log_probs_and_gradients(name):
+    """One forward and backward of the same episodes, right-padded and shared: equal log-probs and gradients,
+    and the row holds each group's prompt once (the toy's episodes crop: their images follow the prompt)."""
+    if name == "toy":
+        agent = lfpc.load_agent(f"{ROOT}/toy/base", dtype=torch.float32)
+        tasks = toy.world.make_tasks(3, seed=3)
+        episodes = lfpc.rollout(agent, tasks, 3, toy.world.rollout_config(global_max_pixels=16 * 784), seed=1)
+        assert all(len(e.images) >= 2 for e in episodes), "a crop after the prompt"
+    else:
+        agent = models.real_shape_agent(QWEN_TOKENIZER)
+        tasks = [lfpc.Task(noise_image(300 + 120 * k, 200, k), "What colour is the sign?", "red") for k in range(2)]
+        cfg = lfpc.RolloutConfig(global_max_pixels=64 * 784, max_new_tokens=6, max_turns=1, use_tool=False)
+        episodes = lfpc.rollout(agent, tasks, 3, cfg, seed=1)
+    out = {}
+    for shared in (False, True):
+        agent.model.zero_grad(set_to_none=True)
+        batch = engine.collate(agent, episodes, packed=shared, share_prompt=shared)
+        lp = batch.unpacked(lfpc.token_logprobs(agent.model, batch))                     # [B, T]
+        (lp * torch.linspace(1, 2, lp.shape[1])).sum().backward()
+        out[shared] = lp.detach(), {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None}
+        if shared:
+            prompts = [shared_prompt.prompt_length(e.loss_mask) for e in episodes]
+            assert batch.input_ids.shape[1] == sum(len(e.token_ids) for e in episodes) - 2 * sum(prompts[::3])
+            assert batch.shared == 2 * sum(prompts[::3]) and batch.image_encodes == len({id(i) for e in episodes
+                                                                                        for i in e.images})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
+    assert out[True][1].keys() == out[False][1].keys()
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_groups_keeps_groups_together_within_both_budgets(tiny, seed):
+    rng = random.Random(seed)
+    rows = []
+    for g in range(rng.randint(1, 8)):
+        prompt = [5, 6, g + 10] + [7] * rng.randint(0, 40)
+        for _ in range(rng.randint(1, 5)):
+            own = rng.randint(1, 60)
+            rows.append(Row(prompt + [8] * own, [0] * len(prompt) + [1] * own))
+    rng.shuffle(rows)
+    max_rows, max_tokens = rng.randint(2, 8), rng.randint(60, 300)
+    batches = engine.pack_groups(tiny, rows, max_rows, max_tokens)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    for b in batches:
+        row = engine.collate(tiny, [rows[i] for i in b], packed=True, share_prompt=True).input_ids.shape[1]
+        assert len(b) == 1 or (len(b) <= max_rows and row <= max_tokens)
+    where = {i: k for k, b in enumerate(batches) for i in b}
+    for g in engine.prompt_groups(tiny, rows):                   # a group is split only where it must be
+        chunks = {where[i] for i in g}
+        prompt = shared_prompt.prompt_length(rows[g[0]].loss_mask)
+        need = sum(len(rows[i].token_ids) - prompt for i in g) + prompt
+        assert len(chunks) == 1 or len(g) > max_rows or need > max_tokens
+
+
+def test_an_eager_model_is_refused_with_the_fix(tiny):
+    model = models.tiny_agent(seed=1).model
+    model.config.get_text_config()._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="--pack on/off"):
+        shared_prompt.install(model)
