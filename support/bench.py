@@ -521,48 +521,64 @@ def estimate_time(a) -> dict:
     c = config.get_text_config()
     from transformers import Qwen2_5_VLForConditionalGeneration
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+        named = list(Qwen2_5_VLForConditionalGeneration(config).named_parameters())
+    n_params = sum(p.numel() for _, p in named)
+    read_params = sum(p.numel() for n, p in named if "visual" not in n and "embed_tokens" not in n)   # a decode step's
     head_dim = c.hidden_size // c.num_attention_heads
     kv_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2             # bf16 bytes a token
+    # forward FLOPs: the decoder's matmuls a token, the lm_head where a token is predicted, causal attention
+    linear = c.num_hidden_layers * _linear_flops_per_token(c)
+    head = 2 * c.hidden_size * c.vocab_size
+    attend = lambda n, before=0: 2 * c.num_hidden_layers * c.hidden_size * ((before + n) ** 2 - before ** 2)  # n after `before`
     # a training token: forward 1, the checkpoint recompute (--ckpt-fraction of the layers), backward 2 (1 under
     # LoRA: the frozen weights get no weight gradients, only the activations' gradients flow)
     train_forwards = 1 + a.ckpt_fraction + (1 if a.lora else 2)
+    observation = a.crop_tokens + 30                                     # a crop's user turn
+    prompt = a.visual_tokens + 200
     rows = []
     for name, prompts, group, slots in (("paper scale (256 x 16)", 256, 16, a.batch),
                                         ("one-gpu preset (32 x 16)", 32, 16, a.batch)):
-        gpus = 1                                                        # one GPU, as the goal states it
-        plan = length_plan(prompts * group, tuple(a.lengths), tuple(a.turns))
-        per_gpu = plan[: len(plan) // gpus]
-        tokens = sum(map(sum, per_gpu))
-        crops = sum(len(p) - 1 for p in per_gpu)
-        prompt = a.visual_tokens + 200
-        context = prompt + statistics.mean(sum(p) for p in per_gpu) / 2 + a.crop_tokens * crops / len(per_gpu) / 2
+        plan = length_plan(prompts * group, tuple(a.lengths), tuple(a.turns))      # one GPU, as the goal states it
+        tokens = sum(map(sum, plan))
+        crops = sum(len(p) - 1 for p in plan)
+        episode = [prompt + sum(p) + observation * (len(p) - 1) for p in plan]       # each episode's tokens
+        context = prompt + statistics.mean(sum(p) for p in plan) / 2 + a.crop_tokens * crops / len(plan) / 2
         out = {}
         for sched, barrier in (("ours (slots)", False), ("per-turn barrier", True)):
-            steps, useful = simulate_schedule(per_gpu, slots, barrier)
+            steps, useful = simulate_schedule(plan, slots, barrier)
             busy = useful / steps                                       # live rows a step, on average
-            read = 2 * n_params + busy * context * kv_token             # bytes a step: bf16 weights + KV
+            read = 2 * read_params + busy * context * kv_token          # bytes a step: bf16 weights + KV
             t_bw = read / (hbm * a.bandwidth_eff)
             t_host = 0.0 if a.cuda_graphs else ops_layer * c.num_hidden_layers * a.op_us * 1e-6
             out[sched] = {"decode_steps": steps, "slot_utilisation": round(useful / (steps * slots), 3),
                           "ms_per_step": round(1000 * max(t_bw, t_host), 2),
                           "decode_s": steps * max(t_bw, t_host)}
-        prefill_tokens = prompts * prompt / gpus + crops * (a.crop_tokens + 30)
-        fwd = lambda t: 2 * n_params * t
-        vision = (prompts / gpus) * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.visual_tokens),
-                                                                        2 * math.isqrt(a.visual_tokens)))
+        # prefill: a task's prompt once; each crop's turn after the context before it
+        f_prefill = prompts * (prompt * linear + attend(prompt))
+        for p in plan:
+            at = prompt
+            for turn in p[:-1]:
+                at += turn
+                f_prefill += observation * linear + attend(observation, at)
+                at += observation
+        vision = prompts * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.visual_tokens),
+                                                               2 * math.isqrt(a.visual_tokens)))
         vision += crops * vision_flops(config.vision_config, (1, 2 * math.isqrt(a.crop_tokens), 2 * math.isqrt(a.crop_tokens)))
-        train_tokens = len(per_gpu) * prompt + tokens + crops * (a.crop_tokens + 30)
-        t_prefill = (fwd(prefill_tokens) + vision) / (peak * a.mfu)
-        t_train = train_forwards * fwd(train_tokens) / (peak * a.mfu)
-        t_host_img = (prompts / gpus + crops) * (img_ms + crop_ms) / 2 / 1000
+        # training: every episode's tokens and attention, the lm_head on its sampled tokens; shared
+        # (--pack shared, the default): the group's prompt once, its attention once
+        f_unshared = sum(n * linear + attend(n) for n in episode) + tokens * head
+        f_train = f_unshared - prompts * (group - 1) * (prompt * linear + attend(prompt))
+        t_prefill = (f_prefill + vision) / (peak * a.mfu)
+        t_train = train_forwards * f_train / (peak * a.mfu)
+        t_host_img = (prompts + crops) * (img_ms + crop_ms) / 2 / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
         barrier = out["per-turn barrier"]["decode_s"] + t_prefill + t_train + t_host_img
-        roofline = (tokens / slots) * (2 * n_params + slots * context * kv_token) / hbm + (fwd(prefill_tokens) + vision
-                                                                                           + train_forwards * fwd(train_tokens)) / peak
-        vllm = (tokens / (slots * 0.95)) * (2 * n_params + slots * context * kv_token) / (hbm * 0.7) + t_prefill + t_train
+        roofline = (tokens / slots) * (2 * read_params + slots * context * kv_token) / hbm + (
+            f_prefill + vision + train_forwards * f_train) / peak
+        vllm = (tokens / (slots * 0.95)) * (2 * read_params + slots * context * kv_token) / (hbm * 0.7) + t_prefill + t_train
         rows.append({"setting": name, "sampled_tokens_per_gpu": tokens, "crops_per_gpu": crops,
                      "schedules": out, "prefill_s": round(t_prefill, 1), "train_s": round(t_train, 1),
+                     "train_s_prompt_per_episode": round(train_forwards * f_unshared / (peak * a.mfu), 1),
                      "host_images_s": round(t_host_img, 1), "step_s": {"ours": round(ours), "per-turn barrier":
                                                                         round(barrier), "vLLM-like": round(vllm),
                                                                         "roofline": round(roofline)},
@@ -571,15 +587,18 @@ def estimate_time(a) -> dict:
                      "largest_term": max((("decode", out["ours (slots)"]["decode_s"]), ("prefill", t_prefill),
                                           ("training", t_train), ("host images", t_host_img)), key=lambda x: x[1])[0]})
     assumptions = {"gpu": f"{a.gpu}: {peak / 1e12:g} TFLOP/s bf16, {hbm / 1e12:g} TB/s",
-                   "model": f"Qwen2.5-VL-{a.config.upper()} ({n_params / 1e9:.2f}B), LoRA merged for rollouts (bf16)",
+                   "model": f"Qwen2.5-VL-{a.config.upper()} ({n_params / 1e9:.2f}B; a decode step reads the "
+                            f"{read_params / 1e9:.2f}B of the decoder and lm_head), LoRA merged for rollouts (bf16)",
                    "lengths": f"turns {a.turns[0]}-{a.turns[1]}, free text {a.lengths[0]}-{a.lengths[1]} tokens a turn "
                               f"(log-uniform), a crop of {a.crop_tokens} tokens after every turn but the last",
                    "global image": f"{a.visual_tokens} tokens + 200 of text, prefilled once a task",
                    "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch {ops_layer:.0f} aten ops a layer "
                              f"x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
-                   "prefill, vision, training": f"counted FLOPs at {a.mfu:g} MFU; training {train_forwards:g} "
+                   "prefill, vision, training": f"counted FLOPs (the decoder's matmuls, causal attention, the lm_head "
+                                                f"on sampled tokens) at {a.mfu:g} MFU; training {train_forwards:g} "
                                                 f"forwards a token (1, checkpoint recompute {a.ckpt_fraction:g}, "
-                                                f"backward {1 if a.lora else 2}{' under LoRA' if a.lora else ''})",
+                                                f"backward {1 if a.lora else 2}{' under LoRA' if a.lora else ''}), "
+                                                f"each group's prompt once (--pack shared)",
                    "host": f"image processor {img_ms:.1f} ms (global), {crop_ms:.1f} ms (crop) here, serial",
                    "vLLM-like": "utilisation 0.95, decode at 0.7 of HBM bandwidth, no host overhead",
                    "roofline": "every byte and FLOP at the GPU's peak"}

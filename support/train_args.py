@@ -45,7 +45,8 @@ class Args:
     group: int | None = arg(None, 'rollouts per task, the GRPO group (preset)')
     lr: float | None = arg(None, 'AdamW learning rate (preset: toy 1e-4, paper 1e-6)')
     micro_batch: int | None = arg(None, 'episodes per forward/backward, at most (preset)')
-    train_tokens: int | None = arg(None, 'padded tokens per forward/backward, at most (preset; one-gpu from support/memory.py)')
+    train_tokens: int | None = arg(None, 'tokens per forward/backward, at most: padded (--pack off) or the row\'s '
+                                         '(a shared prompt once) (preset; one-gpu from support/memory.py)')
     rollout_batch: int | None = arg(None, 'episodes sampled together, at most (preset)')
     rollout_tokens: int | None = arg(None, 'KV-cache tokens of one rollout chunk, at most: episodes x the bound '
                                             'of their length (preset; one-gpu from support/memory.py)')

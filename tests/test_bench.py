@@ -104,3 +104,23 @@ def test_estimate_mode_prints_every_term_and_assumption(capsys):
         assert s["largest_term"] in ("decode", "prefill", "training", "host images")
     out = capsys.readouterr().out
     assert "| paper scale (256 x 16) |" in out and "- decode:" in out and "- roofline:" in out
+
+
+def test_estimate_counts_training_flops_by_hand():
+    """One turn of 100 tokens an episode, no crops: an episode is n = 1,024 + 200 + 100 tokens; training
+    FLOPs (7B: 28 layers of matmuls, causal attention, the lm_head on the 100 sampled tokens) x 3 forwards
+    (LoRA, every layer checkpointed) at 0.4 x 989 TFLOP/s; shared, the 16 episodes of a group run their
+    1,224-token prompt once."""
+    r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100",
+                    "--turns", "1", "1", "--batch", "32"])
+    h, f, L, kv, V = 3584, 18944, 28, 512, 152064
+    linear = L * 2 * (h * (h + 2 * kv) + h * h + 3 * h * f)          # a token's decoder matmuls
+    attend = lambda n, before=0: 2 * L * h * ((before + n) ** 2 - before ** 2)
+    P, n = 1224, 1324
+    for s, prompts in zip(r["settings"], (256, 32)):
+        episodes = prompts * 16
+        unshared = episodes * (n * linear + attend(n) + 100 * 2 * h * V)
+        shared = unshared - prompts * 15 * (P * linear + attend(P))
+        assert s["crops_per_gpu"] == 0 and s["sampled_tokens_per_gpu"] == 100 * episodes
+        assert s["train_s_prompt_per_episode"] == pytest.approx(3 * unshared / (0.4 * 989e12), abs=0.06)
+        assert s["train_s"] == pytest.approx(3 * shared / (0.4 * 989e12), abs=0.06)
