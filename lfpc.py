@@ -43,7 +43,7 @@ import torch.utils.checkpoint
 from PIL import Image
 
 import crop_tool
-from support import engine, prompts
+from support import batches, engine, prompts
 
 # ----------------------------------------------------------------------------- records
 
@@ -480,7 +480,7 @@ def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int
 
 # ----------------------------------------------------------------------------- log-probs
 
-def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+def token_logprobs(model, batch: batches.Batch, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
     """log pi(token_t | tokens_<t) at every loss-mask position, 0 elsewhere: [B, T].
 
     One forward over whole episodes; a sampled token is predicted by the hidden state of the token before
@@ -489,7 +489,7 @@ def token_logprobs(model, batch: engine.Batch, temperature: float = 1.0, chunk: 
     checkpointing, so [tokens, vocabulary] logits exist for one chunk only, in the forward and again in
     the backward (0: all at once, the plain computation).
     """
-    h = engine.forward(model, batch)                                             # [B, T, H]
+    h = batches.forward(model, batch)                                             # [B, T, H]
     b, t = batch.loss_mask.bool().nonzero(as_tuple=True)                         # [N]: the sampled tokens
     src = batch.prev[b, t] if batch.prev is not None else t - 1                  # [N]: the position predicting each
     if bool((src < 0).any()):

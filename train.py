@@ -63,7 +63,7 @@ import grpo
 import info_gap
 import lfpc
 import rewards
-from support import checkpoint, data, dist, engine, metrics, policy, presets
+from support import batches, checkpoint, data, dist, engine, metrics, policy, presets
 from support.judge import Judge, RuleJudge, make_judge
 from support import train_args
 from support.train_args import Args
@@ -312,16 +312,16 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     opt.zero_grad(set_to_none=True)
     mode = pack_mode(a, model)    # shared: a padding-free row, each group's prompt once; on: a row; off: padded
     rows = [episodes[i] for i in live]
-    batches = [[live[j] for j in mb] for mb in (
-        engine.pack_groups(agent, rows, a.micro_batch, a.train_tokens) if mode == "shared" else
-        engine.pack([len(e.token_ids) for e in rows], a.micro_batch, a.train_tokens, longest_first=True,
+    micro = [[live[j] for j in mb] for mb in (
+        batches.pack_groups(agent, rows, a.micro_batch, a.train_tokens) if mode == "shared" else
+        batches.pack([len(e.token_ids) for e in rows], a.micro_batch, a.train_tokens, longest_first=True,
                     packed=mode == "on"))]
-    batches = dist.micro_batches(batches, w, model)   # under FSDP2 every rank runs as many (a repeat weighs 0)
+    micro = dist.micro_batches(micro, w, model)       # under FSDP2 every rank runs as many (a repeat weighs 0)
     tally = metrics.UpdateTally()
-    for idx in batches:
+    for idx in micro:
         weight = float(w.size if idx is not None else 0)      # x world size: the ranks' average is the sum
         idx = idx if idx is not None else [0]
-        batch = engine.collate(agent, [episodes[i] for i in idx], store=store, packed=mode != "off",
+        batch = batches.collate(agent, [episodes[i] for i in idx], store=store, packed=mode != "off",
                                share_prompt=mode == "shared")                 # store: no vision tower
         t0 = time.perf_counter()
         with policy.precision(agent):

@@ -1,4 +1,5 @@
-"""The machinery a reader of the paper does not need: the rollout engine's internals (engine), prompts,
+"""The machinery a reader of the paper does not need: the rollout engine's internals (engine), the
+batches and the forward pass (batches; shared_prompt: a group's prompt once in training), prompts,
 the answer matching and judges (answers, judge), data loading and converters (data, convert), checkpoints
 (checkpoint), policy loading and precision (policy), torchrun (dist), metrics and curves (metrics),
 presets, memory and time estimates (memory, bench), tiny and real-config models for tests (models).

@@ -18,16 +18,16 @@ Config mode (--config tiny|3b|7b) builds the model from the published config num
 weights (`CONFIGS`; nothing is downloaded) and times a SYNTHETIC stage-1 step: `--batch` episodes,
 each a prompt of `--prompt-tokens` tokens of which `--visual-tokens` are one random image, sampled
 for exactly `--response-tokens` tokens (a random model never stops or calls the tool, so the turn
-length is fixed: the crop turns' images are not in it), then the log-prob recompute, backward and
-AdamW step of train.py (`policy.load_model`'s settings: fp32 master weights with bf16 autocast on GPU;
+length is fixed: the crop turns' images are not in it), then the log-prob recompute (in train.py's
+micro-batches: `--pack`, by default the one prompt once in each), backward and AdamW step of train.py (`policy.load_model`'s settings: fp32 master weights with bf16 autocast on GPU;
 `--lora R`: a bf16 base with fp32 adapters via peft; gradient checkpointing on; fused AdamW on GPU). Reported:
 - decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed rollouts of the
   slot engine (train.py's), beside decode_ms_bandwidth_bound (weights and KV cache read once a step
   over --hbm-gbs) and the rollout's slot_utilisation;
 - rollout_tokens_per_s = batch x N / (time of N tokens), prefill included;
 - train_tflops and mfu: model FLOPs of the log-prob forward + backward (`model_flops`: 3 x the
-  forward's matmul and attention FLOPs, the recompute of checkpointing not counted) over the
-  measured time, against --peak-tflops;
+  forward's matmul and attention FLOPs of the work done, a shared prompt once, the recompute of
+  checkpointing not counted) over the measured time, against --peak-tflops;
 - aten_ops_per_decode_step_per_layer of the trained model and of the rollout's (policy.sampler: under
   LoRA the adapters merged, so the rollout's equals the plain model's);
 - peak_memory_gb (GPU: torch.cuda.max_memory_allocated), the phase shares, the versions.
@@ -60,7 +60,7 @@ import torch
 import crop_tool
 import grpo
 import lfpc
-from support import cli, engine, memory, models, policy, presets
+from support import batches, cli, engine, memory, models, policy, presets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--response-tokens", type=int, default=512, help="config mode: sampled tokens per episode")
     p.add_argument("--decode", default="dynamic", choices=["dynamic", "static"], help="KV cache while sampling")
     p.add_argument("--pack", default="auto", choices=["auto", "shared", "on", "off"],
-                   help="toy mode: train.py --pack (shared: each group's prompt once in the training forward)")
+                   help="toy and config modes: train.py --pack (shared: each group's prompt once in the training forward)")
     p.add_argument("--engine", default="cached", choices=list(lfpc.ENGINES),
                    help="toy mode: rollout engine (cached: KV cache across turns; reference: re-prefill each turn)")
     p.add_argument("--lora", type=int, default=0, help="config mode: LoRA rank (needs peft); 0: full fine-tuning")
@@ -180,17 +180,18 @@ def vision_flops(vc, grid: tuple[int, int, int]) -> int:
     return flops
 
 
-def model_flops(config, seq_lens: list[int], response_tokens: int, grids: list[tuple[int, int, int]],
+def model_flops(config, seq_lens: list, response_tokens: int, grids: list[tuple[int, int, int]],
                 backward: bool = True) -> int:
-    """Model FLOPs of `token_logprobs` on sequences of `seq_lens` tokens (no padding counted) with
-    `response_tokens` lm_head positions in all, and images of `grids`: the decoder's matmuls, its
-    attention as full T x T squares (what SDPA computes under a mask), the lm_head only where the loss
-    needs it, the vision tower on `grids` (the DISTINCT images: shared ones run once). backward=True:
-    x 3 (backward = 2 x forward), recompute not counted."""
+    """Model FLOPs of `token_logprobs` on sequences of `seq_lens` tokens (no padding counted; an entry (q, k):
+    q tokens that attend to k keys, a shared row's suffix) with `response_tokens` lm_head positions in all,
+    and images of `grids`: the decoder's matmuls, its attention as full q x k rectangles (what SDPA computes
+    under a mask), the lm_head only where the loss needs it, the vision tower on `grids` (the DISTINCT
+    images: shared ones run once). backward=True: x 3 (backward = 2 x forward), recompute not counted."""
     c = config.get_text_config()
     hd = c.hidden_size // c.num_attention_heads
-    f = sum(T * c.num_hidden_layers * _linear_flops_per_token(c) for T in seq_lens)
-    f += sum(4 * T * T * c.num_attention_heads * hd * c.num_hidden_layers for T in seq_lens)
+    spans = [s if isinstance(s, tuple) else (s, s) for s in seq_lens]
+    f = sum(q * c.num_hidden_layers * _linear_flops_per_token(c) for q, _ in spans)
+    f += sum(4 * q * k * c.num_attention_heads * hd * c.num_hidden_layers for q, k in spans)
     f += 2 * response_tokens * c.hidden_size * c.vocab_size
     f += sum(vision_flops(config.vision_config, g) for g in grids)
     return 3 * f if backward else f
@@ -250,6 +251,8 @@ def config_step(a) -> dict:
                                        temperature=1.0, decode=a.decode, batch_size=a.batch, max_turns=1,
                                        max_new_tokens=n, max_response_tokens=n, sync_every=a.sync_every)
     autocast = policy.precision(agent)                             # train.py's precision, rollouts included
+    import train
+    mode = train.pack_mode(a, agent.model)                         # train.py's micro-batch layout
     steps = []
     for i in range(a.repeat + 1):
         if dev.startswith("cuda"):
@@ -267,24 +270,28 @@ def config_step(a) -> dict:
         agent.model.train()
         opt.zero_grad(set_to_none=True)
         n_tok = sum(e.num_generated for e in eps)
-        t_fwd = 0.0
+        t_fwd, spans = 0.0, []
+        micro = batches.pack_groups(agent, eps, a.micro_batch) if mode == "shared" else \
+            [list(range(k, min(k + a.micro_batch, len(eps)))) for k in range(0, len(eps), a.micro_batch)]
         _sync(dev); t3 = time.perf_counter()
-        for k in range(0, len(eps), a.micro_batch):
-            batch = engine.collate(agent, eps[k:k + a.micro_batch])
+        for idx in micro:                                  # train.py's micro-batches (--pack, as train.py's)
+            batch = batches.collate(agent, [eps[j] for j in idx], packed=mode != "off", share_prompt=mode == "shared")
+            spans += [len(eps[j].token_ids) for j in idx] if batch.layout is None else \
+                [q for _, n, suffixes in batch.layout.groups for q in [n] + [(m, n + m) for _, m in suffixes]]
             _sync(dev); tf = time.perf_counter()
             with autocast:
-                lp = lfpc.token_logprobs(agent.model, batch)                           # [b, T]
+                lp = batch.unpacked(lfpc.token_logprobs(agent.model, batch))         # [b, T]
             _sync(dev); t_fwd += time.perf_counter() - tf
             adv = torch.randn(lp.shape[0], device=lp.device)                           # [b]: any advantages
-            loss, _ = grpo.policy_loss(lp, batch.sampling_logprobs, adv, batch.loss_mask, num_tokens=n_tok,
-                                       num_seqs=len(eps))
+            loss, _ = grpo.policy_loss(lp, batch.unpacked(batch.sampling_logprobs), adv, batch.unpacked(batch.loss_mask),
+                                       num_tokens=n_tok, num_seqs=len(eps))
             loss.backward()
         opt.step()
         _sync(dev); t4 = time.perf_counter()
         if i == 0:
             continue                                             # warm-up: allocator, kernels, caches
         grids = list({id(im): g for e in eps for im, g in zip(e.images, e.grids)}.values())   # distinct images
-        flops = model_flops(agent.model.config, [len(e.token_ids) for e in eps], n_tok, grids)
+        flops = model_flops(agent.model.config, spans, n_tok, grids)          # the work done: a shared prompt once
         total = (t2 - t1) + (t4 - t3)                       # the 1-token run only times the prefill
         steps.append({"total_s": total, "rollout_s": t2 - t1, "logprob_forward_s": t_fwd,
                       "backward_and_optimizer_s": (t4 - t3) - t_fwd,
@@ -447,7 +454,7 @@ def schedule_bench(a) -> dict:
     mean_turn = round(sum(map(sum, plan)) / sum(map(len, plan)))
     times = []
     prompts = [lfpc.start_episode(agent, t, i, cfg) for i, t in enumerate(tasks)][:max(1, a.batch // a.group)]
-    batch = engine.collate(agent, prompts, left_pad=True)
+    batch = batches.collate(agent, prompts, left_pad=True)
     for _ in range(a.repeat):
         t0 = time.perf_counter()
         agent.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -4,7 +4,7 @@ Contract
 --------
 - Full fine-tuning: fp32 master weights; on a GPU every forward (rollouts, the info-gap prober, the
   training forward) runs under bf16 autocast (`precision`), the embeddings entering the decoder in bf16
-  (`engine.hidden_states`, as FSDP2's mixed precision does), so the KV cache is bf16. Pure-bf16 AdamW
+  (`batches.hidden_states`, as FSDP2's mixed precision does), so the KV cache is bf16. Pure-bf16 AdamW
   at lr 1e-6 would round most updates away (tests/test_train.py shows the trap).
 - LoRA (`--lora R`): rank R, alpha 2R, on the language model's q, k, v, o, gate, up, down projections
   (peft); the frozen base in bf16, the adapters and their AdamW state in fp32. A folder of adapters (what

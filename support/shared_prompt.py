@@ -14,11 +14,12 @@ Contract
 - `Layout`: the row's spans in order: for each group (start, prompt length, [(suffix start, suffix length)]).
   A group of one is a "prompt" of its whole episode with no suffixes.
 - `attention(module, query, key, value, layout, ...)`: transformers' attention-function signature with a
-  `Layout` where the mask goes; PyTorch SDPA on each span (a lower-right causal mask on a suffix, the
-  prompt's keys first), so no [N, N] mask is ever built; grouped-query heads repeated per span.
+  `Layout` where the mask goes; PyTorch SDPA on each span (a suffix: the prompt's keys first, then its own
+  under a lower-right causal mask, a plain bool tensor: torch's CausalBias subclass breaks under dispatch
+  modes such as the FLOP counter), so no [N, N] mask is ever built; grouped-query heads repeated per span.
 - `install(model)`: routes a `Layout` mask to `attention` for the model's attention implementation
   (sdpa or flash_attention_*), by wrapping the function transformers has registered under that name;
-  every call without a `Layout` goes to the wrapped function unchanged. Idempotent. engine.forward passes
+  every call without a `Layout` goes to the wrapped function unchanged. Idempotent. batches.forward passes
   the layout as the model's prepared mask mapping, so a checkpointed layer's recompute sees it too.
 """
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right   # query i of m sees keys 0 .. n + i of n + m
 
 
 def prompt_length(sampled: list[int]) -> int:
@@ -58,7 +58,8 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         for s, m in suffixes:                          # token i of a suffix sees the prompt and suffix[:i + 1]
             k = torch.cat([pk, heads(key, s, s + m)], dim=2)                       # [1, Hq, n + m, d]
             v = torch.cat([pv, heads(value, s, s + m)], dim=2)
-            parts.append(sdpa(query[:, :, s:s + m], k, v, attn_mask=causal_lower_right(m, n + m)))
+            sees = torch.ones(m, n + m, dtype=torch.bool, device=query.device).tril(n)  # [m, n + m]: i sees 0 .. n + i
+            parts.append(sdpa(query[:, :, s:s + m], k, v, attn_mask=sees))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None               # [1, N, Hq, d]
 
 

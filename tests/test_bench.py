@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lfpc
-from support import bench, engine, models
+from support import batches, bench, models
 
 
 @pytest.mark.parametrize("visual_tokens", [16, 64])       # 64: 16x16 patches, four 8x8 attention windows
@@ -23,7 +23,7 @@ def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
     eps = bench.synthetic_episodes(agent, A)
     for e in eps:                                    # 10 response tokens each, equal lengths (no padding)
         e.append(list(range(100, 110)), [0.0] * 10)
-    batch = engine.collate(agent, eps)
+    batch = batches.collate(agent, eps)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         lfpc.token_logprobs(agent.model, batch)
     grids = [eps[0].grids[0]]                        # the episodes share one image: the vision tower runs once
@@ -32,6 +32,30 @@ def test_model_flops_equal_torchs_flop_counter_on_the_tiny_model(visual_tokens):
     # product) that torch counts too: +0.01 %
     assert mine == pytest.approx(counter.get_total_flops(), rel=1e-3)
     assert bench.model_flops(agent.model.config, [len(e.token_ids) for e in eps], 20, grids) == 3 * mine
+
+
+def test_model_flops_of_a_shared_row_are_the_work_it_does():
+    """A shared row (one prompt, three suffixes of 5, 8, 11 tokens): the decoder's matmuls on the row's tokens
+    only and the vision tower once, as torch's counter sees them (the vision tower eager); the text attention,
+    which SDPA computes outside the counter's view on CPU, as the suffixes' q x (prompt + q) rectangles."""
+    agent = models.tiny_agent(seed=0)
+    agent.model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
+
+    class A:
+        batch, prompt_tokens, visual_tokens = 3, 56, 16
+    eps = bench.synthetic_episodes(agent, A)
+    for k, e in enumerate(eps):
+        e.append(list(range(100, 105 + 3 * k)), [0.0] * (5 + 3 * k))
+    batch = batches.collate(agent, eps, packed=True, share_prompt=True)
+    (_, n, suffixes), = batch.layout.groups
+    assert n == len(eps[0].token_ids) - 5 and [m for _, m in suffixes] == [5, 8, 11]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        lfpc.token_logprobs(agent.model, batch)
+    c = agent.model.config.get_text_config()
+    attention = 4 * c.hidden_size * c.num_hidden_layers * (n * n + sum(m * (n + m) for _, m in suffixes))
+    spans = [n] + [(m, n + m) for _, m in suffixes]
+    assert bench.model_flops(agent.model.config, spans, 24, [eps[0].grids[0]], backward=False) == \
+        counter.get_total_flops() + attention
 
 
 def test_config_mode_reports_a_consistent_step_on_cpu():

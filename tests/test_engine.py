@@ -6,7 +6,7 @@ import torch
 
 import crop_tool
 import lfpc
-from support import engine
+from support import batches, engine
 from conftest import noise_image
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=12, max_turns=3,
@@ -30,7 +30,7 @@ def _two_row_batch(agent):
             g = agent.image_grid(im)
             ep.append(agent.image_block(g) + agent.encode(" and more text"), images=[(im, g)])
         eps.append(ep)
-    return engine.collate(agent, eps, left_pad=True)
+    return batches.collate(agent, eps, left_pad=True)
 
 
 def test_mrope_positions_match_the_models_own_rope_index(tiny):
@@ -46,18 +46,18 @@ def test_mrope_positions_match_the_models_own_rope_index(tiny):
 def test_mrope_positions_by_hand(tiny):
     # text(2) + image 1x4x4 patches -> 2x2 tokens + text(1): text 0,1; image (2+t, 2+h, 2+w); text 2+2=4
     ids = torch.tensor([[5, 6] + [tiny.image_pad] * 4 + [7]])
-    pos = engine.mrope_positions(ids, torch.ones_like(ids), [(1, 4, 4)], tiny.image_pad, merge=2)
+    pos = batches.mrope_positions(ids, torch.ones_like(ids), [(1, 4, 4)], tiny.image_pad, merge=2)
     assert pos[0, 0].tolist() == [0, 1, 2, 2, 2, 2, 4]
     assert pos[1, 0].tolist() == [0, 1, 2, 2, 3, 3, 4]
     assert pos[2, 0].tolist() == [0, 1, 2, 3, 2, 3, 4]
 
 
 def test_our_forward_equals_the_models_own_forward_with_mm_token_type_ids(tiny):
-    """engine.forward (our positions, our image scatter) gives the hidden states the model computes
+    """batches.forward (our positions, our image scatter) gives the hidden states the model computes
     itself from pixel values and mm_token_type_ids."""
     b = _two_row_batch(tiny)
     with torch.no_grad():
-        ours = engine.forward(tiny.model, b)
+        ours = batches.forward(tiny.model, b)
         tiny.model.model.rope_deltas = None
         theirs = tiny.model.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                                   mm_token_type_ids=(b.input_ids == tiny.image_pad).int(),
@@ -82,12 +82,12 @@ def test_collate_processes_each_distinct_image_once(tiny, monkeypatch):
     calls = []
     real = tiny.encode_image
     monkeypatch.setattr(tiny, "encode_image", lambda im: calls.append(im) or real(im))
-    b = engine.collate(tiny, copies)
+    b = batches.collate(tiny, copies)
     assert len(calls) == 1 and b.pixel_values.shape[0] == real(ep.images[0])[0].shape[0]
     assert b.image_index.tolist() == [0, 0, 0] and b.image_grid_thw.tolist() == [list(ep.grids[0])]
     with torch.no_grad():                              # the shared features equal per-copy features
-        shared = engine.forward(tiny.model, b)
-        alone = engine.forward(tiny.model, engine.collate(tiny, copies, share_images=False))
+        shared = batches.forward(tiny.model, b)
+        alone = batches.forward(tiny.model, batches.collate(tiny, copies, share_images=False))
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_sampling_logprobs_equal_training_forward_two_turns_two_images_padded(ti
     turn2 = engine.sample_turn(tiny, eps, [10] * 3, cfg)
     for ep, (toks, lps, finish) in zip(eps, turn2):
         ep.append(toks, lps)
-    batch = engine.collate(tiny, eps)
+    batch = batches.collate(tiny, eps)
     with torch.no_grad():
         lp = lfpc.token_logprobs(tiny.model, batch, temperature=0.7)
     for b, ep in enumerate(eps):
@@ -127,7 +127,7 @@ def test_full_rollout_logprobs_parity_and_seeded_reproducibility(tiny):
     assert [e.token_ids for e in a] == [e.token_ids for e in b]
     assert [e.task_index for e in a] == [0, 0, 0, 1, 1, 1]
     assert all(e.done for e in a)
-    batch = engine.collate(tiny, a)
+    batch = batches.collate(tiny, a)
     with torch.no_grad():
         lp = lfpc.token_logprobs(tiny.model, batch)
     m = batch.loss_mask.bool()
@@ -145,9 +145,9 @@ def test_greedy_sampling_matches_plain_forward_argmax(tiny):
     for t in toks:
         e = lfpc.Episode(0)
         e.append(ids, images=list(zip(ep.images, ep.grids)))
-        b = engine.collate(tiny, [e])
+        b = batches.collate(tiny, [e])
         with torch.no_grad():
-            h = engine.forward(tiny.model, b)
+            h = batches.forward(tiny.model, b)
             assert int(tiny.model.lm_head(h[0, -1]).argmax()) == t
         ids = ids + [t]
 
@@ -179,7 +179,7 @@ def test_static_kv_cache_decode_gives_the_dynamic_paths_tokens(tiny, temperature
 def test_token_logprobs_gradient_flows_only_through_sampled_positions(tiny):
     cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "max_new_tokens": 5})
     eps = lfpc.rollout(tiny, [task()], 2, cfg, seed=0)
-    batch = engine.collate(tiny, eps)
+    batch = batches.collate(tiny, eps)
     lp = lfpc.token_logprobs(tiny.model, batch)
     assert lp.requires_grad
     lp.sum().backward()
@@ -192,9 +192,9 @@ def test_token_logprobs_gradient_flows_only_through_sampled_positions(tiny):
 
 def _full_logits(agent, episodes):
     """Next-token logits after each episode's last token, from one plain forward over whole episodes."""
-    batch = engine.collate(agent, episodes)
+    batch = batches.collate(agent, episodes)
     with torch.no_grad():
-        h = engine.forward(agent.model, batch)
+        h = batches.forward(agent.model, batch)
     last = torch.tensor([len(e.token_ids) - 1 for e in episodes])
     return agent.model.lm_head(h[torch.arange(len(episodes)), last])
 
@@ -390,21 +390,21 @@ def test_pack_puts_every_item_in_exactly_one_batch_within_both_budgets(seed):
     rows = [rng.choice([1, 4]) for _ in lengths]
     max_rows, max_tokens = rng.randint(4, 16), rng.randint(200, 2000)
     for longest_first in (False, True):
-        batches = engine.pack(lengths, max_rows, max_tokens, rows, longest_first)
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        for b in batches:
+        packed = batches.pack(lengths, max_rows, max_tokens, rows, longest_first)
+        assert sorted(i for b in packed for i in b) == list(range(len(lengths)))
+        for b in packed:
             n, longest = sum(rows[i] for i in b), max(lengths[i] for i in b)
             assert len(b) == 1 or (n <= max_rows and n * longest <= max_tokens)
         if not longest_first:
-            assert [i for b in batches for i in b] == list(range(len(lengths)))      # item order kept
+            assert [i for b in packed for i in b] == list(range(len(lengths)))      # item order kept
 
 
 def test_pack_by_hand():
     # rows x longest: [100, 50] -> 2 x 100 = 200 fits 250; adding 120 -> 3 x 120 = 360 does not
-    assert engine.pack([100, 50, 120, 10], max_rows=8, max_tokens=250) == [[0, 1], [2, 3]]
-    assert engine.pack([100, 50, 120, 10], max_rows=8, max_tokens=250, longest_first=True) == [[2, 0], [1, 3]]
-    assert engine.pack([400, 10], max_rows=8, max_tokens=250) == [[0], [1]]          # too long alone: its own batch
-    assert engine.pack([5, 5, 5], max_rows=2) == [[0, 1], [2]]
+    assert batches.pack([100, 50, 120, 10], max_rows=8, max_tokens=250) == [[0, 1], [2, 3]]
+    assert batches.pack([100, 50, 120, 10], max_rows=8, max_tokens=250, longest_first=True) == [[2, 0], [1, 3]]
+    assert batches.pack([400, 10], max_rows=8, max_tokens=250) == [[0], [1]]          # too long alone: its own batch
+    assert batches.pack([5, 5, 5], max_rows=2) == [[0, 1], [2]]
 
 
 def test_rollout_chunks_by_kv_tokens_give_the_same_episodes(tiny):
@@ -426,7 +426,7 @@ def test_fp32_masters_under_autocast_cache_keys_and_values_in_the_compute_dtype(
     pos = torch.arange(5)[None, None].expand(3, 1, 5)                         # [3, 1, 5]: text positions
     assert next(tiny.model.parameters()).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, cache = engine.hidden_states(tiny.model, ids, torch.ones_like(ids), pos, use_cache=True)
+        _, cache = batches.hidden_states(tiny.model, ids, torch.ones_like(ids), pos, use_cache=True)
     assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
 
 

@@ -5,7 +5,7 @@ import torch
 
 import crop_tool
 import lfpc
-from support import engine
+from support import batches
 from conftest import noise_image, scripted
 
 
@@ -31,7 +31,7 @@ def test_load_agent_roundtrips_a_saved_checkpoint(agent, tmp_path):
     assert loaded.tokenizer.get_vocab() == agent.tokenizer.get_vocab()
     assert (loaded.system_prompt, loaded.instruction) == ("Short system.", "Crop, then answer.")
     ep = lfpc.start_episode(loaded, task(), 0, SMALL)
-    b1, b2 = engine.collate(agent, [ep]), engine.collate(loaded, [ep])
+    b1, b2 = batches.collate(agent, [ep]), batches.collate(loaded, [ep])
     with torch.no_grad():
         kw = lambda b: dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                             pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw)

@@ -1,5 +1,5 @@
-"""A GRPO group's prompt computed once in the training forward (support/shared_prompt.py, engine.collate
-share_prompt=True, engine.pack_groups, train.py --pack shared): the layout by hand, the attention against
+"""A GRPO group's prompt computed once in the training forward (support/shared_prompt.py, batches.collate
+share_prompt=True, batches.pack_groups, train.py --pack shared): the layout by hand, the attention against
 a dense mask, and log-probs and gradients against the padded forward on the toy base (crops after the
 prompt) and on the real-shape model (real tokenizer, grouped-query heads)."""
 import random
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lfpc
 import toy.world
 from conftest import QWEN_TOKENIZER, ROOT, noise_image
-from support import engine, models, shared_prompt
+from support import batches, models, shared_prompt
 
 
 @dataclass
@@ -33,7 +33,7 @@ def test_layout_by_hand(tiny):
     """Rows 0 and 2 share the prompt [5, 6, 7] (their first sampled token is at 3); row 1 has another
     prompt. Row: 0's prompt, 0's own, 2's own, then row 1 whole."""
     rows = [Row([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), Row([5, 6, 4, 8], [0, 0, 0, 1]), Row([5, 6, 7, 3], [0, 0, 0, 1])]
-    b = engine.collate(tiny, rows, packed=True, share_prompt=True)
+    b = batches.collate(tiny, rows, packed=True, share_prompt=True)
     assert b.input_ids[0].tolist() == [5, 6, 7, 8, 9, 3, 5, 6, 4, 8]
     assert b.layout.groups == [(0, 3, [(3, 2), (5, 1)]), (6, 4, [])]
     assert b.unpack.tolist() == [[0, 1, 2, 3, 4], [6, 7, 8, 9, -1], [0, 1, 2, 5, -1]]
@@ -48,8 +48,8 @@ def test_prompts_are_shared_only_with_the_same_image_object(tiny):
     grid = tiny.image_grid(img)
     block = tiny.image_block(grid)
     make = lambda im: Row([5, *block, 6, 8], [0] * (len(block) + 2) + [1], [im], [grid])
-    assert engine.prompt_groups(tiny, [make(img), make(other), make(img)]) == [[0, 2], [1]]
-    assert engine.prompt_groups(tiny, [Row([5, 6], [0, 0]), Row([5, 6], [0, 0])]) == [[0], [1]]   # nothing sampled
+    assert batches.prompt_groups(tiny, [make(img), make(other), make(img)]) == [[0, 2], [1]]
+    assert batches.prompt_groups(tiny, [Row([5, 6], [0, 0]), Row([5, 6], [0, 0])]) == [[0], [1]]   # nothing sampled
 
 
 def test_attention_equals_sdpa_under_the_dense_mask_of_the_layout():
@@ -91,7 +91,7 @@ def test_shared_row_gives_the_padded_log_probs_and_gradients(name):
     out = {}
     for shared in (False, True):
         agent.model.zero_grad(set_to_none=True)
-        batch = engine.collate(agent, episodes, packed=shared, share_prompt=shared)
+        batch = batches.collate(agent, episodes, packed=shared, share_prompt=shared)
         lp = batch.unpacked(lfpc.token_logprobs(agent.model, batch))                     # [B, T]
         (lp * torch.linspace(1, 2, lp.shape[1])).sum().backward()
         out[shared] = lp.detach(), {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None}
@@ -117,13 +117,13 @@ def test_pack_groups_keeps_groups_together_within_both_budgets(tiny, seed):
             rows.append(Row(prompt + [8] * own, [0] * len(prompt) + [1] * own))
     rng.shuffle(rows)
     max_rows, max_tokens = rng.randint(2, 8), rng.randint(60, 300)
-    batches = engine.pack_groups(tiny, rows, max_rows, max_tokens)
-    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
-    for b in batches:
-        row = engine.collate(tiny, [rows[i] for i in b], packed=True, share_prompt=True).input_ids.shape[1]
+    packed = batches.pack_groups(tiny, rows, max_rows, max_tokens)
+    assert sorted(i for b in packed for i in b) == list(range(len(rows)))
+    for b in packed:
+        row = batches.collate(tiny, [rows[i] for i in b], packed=True, share_prompt=True).input_ids.shape[1]
         assert len(b) == 1 or (len(b) <= max_rows and row <= max_tokens)
-    where = {i: k for k, b in enumerate(batches) for i in b}
-    for g in engine.prompt_groups(tiny, rows):                   # a group is split only where it must be
+    where = {i: k for k, b in enumerate(packed) for i in b}
+    for g in batches.prompt_groups(tiny, rows):                   # a group is split only where it must be
         chunks = {where[i] for i in g}
         prompt = shared_prompt.prompt_length(rows[g[0]].loss_mask)
         need = sum(len(rows[i].token_ids) - prompt for i in g) + prompt

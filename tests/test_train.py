@@ -687,8 +687,7 @@ def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
     """Under LoRA the rollout samples from a copy with the adapters merged: a decode step is the plain
     model's ops (peft unmerged adds ~35 a layer), and its sampling log-probs equal the training forward's
     (unmerged adapters) within 1e-4 in fp32."""
-    from support import models
-    from support import engine
+    from support import batches, models
     from conftest import noise_image
     plain = models.tiny_agent(seed=0)
     agent = policy.apply_lora(models.tiny_agent(seed=0), 4)
@@ -700,7 +699,7 @@ def test_lora_rollouts_sample_from_merged_weights_with_the_plain_models_ops():
         tasks = [lfpc.Task(noise_image(120, 90, k), "What colour?", "red") for k in range(2)]
         cfg = lfpc.RolloutConfig(global_max_pixels=16 * 784, max_new_tokens=10, max_turns=1, use_tool=False)
         eps = lfpc.rollout(sampler, tasks, 2, cfg, seed=3)
-    batch = engine.collate(agent, eps)
+    batch = batches.collate(agent, eps)
     with torch.no_grad():
         lp = lfpc.token_logprobs(agent.model, batch)
     mask = batch.loss_mask.bool()
@@ -712,7 +711,7 @@ def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradient
     """The vision tower is frozen under LoRA: the rollout keeps each distinct image's features
     (engine.FeatureStore) and the training forward takes them (work/train_image_encodes 0) instead of
     encoding every image again; the adapters' gradients equal those of the forward that encodes."""
-    from support import engine
+    from support import batches, engine
     a = train.parse_args(["--stage", "1", "--model", base, "--lora", "4", "--global-image", "full", *FAST])
     agent = policy.load_model(a)
     for name, p in agent.model.named_parameters():
@@ -731,7 +730,7 @@ def test_lora_training_reuses_the_rollouts_image_features_with_the_same_gradient
         opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
         m = train.update_policy(a, agent, opt, episodes, tasks, store=s)
         encodes.append(m["work/train_image_encodes"])
-        batch = engine.collate(agent, episodes, store=s)
+        batch = batches.collate(agent, episodes, store=s)
         agent.model.zero_grad(set_to_none=True)
         lfpc.token_logprobs(agent.model, batch).sum().backward()
         grads.append({n: p.grad.clone() for n, p in agent.model.named_parameters() if p.requires_grad})
@@ -746,7 +745,6 @@ def test_packed_micro_batches_give_the_padded_gradient_without_padding(base, nam
     transformers builds the block-diagonal mask), and shared (each group's prompt once), give the padded
     path's gradients, with work/train_padding_frac 0 (the padded path's is what its padding was) and
     work/train_shared_frac > 0 only when shared."""
-    from support import engine
     from support import models
     from conftest import QWEN_TOKENIZER, noise_image
     if name == "toy":                                                   # the shipped base: ragged episodes

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import engine
+from support import batches
 import toy.world
 
 def habitual_box(square, rng: random.Random, canvas: int = toy.world.CANVAS) -> tuple[list[int], str]:
@@ -132,7 +132,7 @@ def sft_loss(agent: lfpc.Agent, eps: list[lfpc.Episode], answers: bool = True) -
     words (the first impression's and the answer's: each episode ends `<answer> WORD </answer>
     <|im_end|>`; answers=False: episodes that end with a tool call), plus the mean over the box
     coordinates (when any), plus the mean over the rest."""
-    batch = engine.collate(agent, eps)
+    batch = batches.collate(agent, eps)
     lp = lfpc.token_logprobs(agent.model, batch)                      # [B, T]
     word = torch.zeros_like(batch.loss_mask)                          # [B, T]: the pattern words of each row
     coord = torch.zeros_like(batch.loss_mask)                         # [B, T]: the box coordinates
