@@ -41,10 +41,10 @@ Departures from the paper, on purpose:
   frozen base in bf16, the adapters and their AdamW state in fp32.
 - Precision: rollouts, the info-gap prober and the training forward all run under the same
   `precision` (bf16 autocast on a GPU), so the policy that samples is the policy that is trained.
-- Speed, not method: the training forward computes each group's prompt (system text, question, global
-  image) ONCE for its G episodes (`--pack shared`, the default under sdpa or flash attention;
-  support/shared_prompt.py). Exact: log-probs and gradients equal the padded forward's (tested);
-  work/train_shared_frac is the share of the episodes' tokens this skipped.
+- Speed, not method: the training forward computes a group's prompt (system text, question, global
+  image) ONCE for the episodes of the group in each micro-batch (`--pack shared`, the default under sdpa
+  or flash attention; support/shared_prompt.py). Exact: log-probs and gradients equal the padded
+  forward's (tested); work/train_shared_frac is the share of the episodes' tokens this skipped.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ import grpo
 import info_gap
 import lfpc
 import rewards
-from support import batches, checkpoint, data, dist, engine, metrics, policy, presets
+from support import batches, checkpoint, data, dist, engine, metrics, policy, presets, shared_prompt
 from support.judge import Judge, RuleJudge, make_judge
 from support import train_args
 from support.train_args import Args
@@ -134,6 +134,11 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                                                 torch.cuda.get_device_properties(agent.device).total_memory)
         if problem:
             raise SystemExit(problem)
+    if pack_mode(a, agent.model) == "shared":          # --pack shared on an attention it cannot route: now, not
+        try:                                           # after the probing and the first rollout
+            shared_prompt.install(agent.model)
+        except ValueError as e:
+            raise SystemExit(f"--pack: {e}")
     if w.main:                                         # the weights and AdamW's two moments of what trains
         trained = sum(p.numel() * (p.element_size() + 8) for p in agent.model.parameters() if p.requires_grad)
         frozen = sum(p.numel() * p.element_size() for p in agent.model.parameters() if not p.requires_grad)
@@ -363,7 +368,6 @@ def pack_mode(a: Args, model) -> str:
     """--pack: shared, on, off, or auto (shared where support/shared_prompt.py routes the attention, else off)."""
     if a.pack != "auto":
         return a.pack
-    from support import shared_prompt
     return "shared" if getattr(model.config.get_text_config(), "_attn_implementation", "") in shared_prompt.SUPPORTED \
         else "off"
 

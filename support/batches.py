@@ -197,7 +197,8 @@ def prompt_groups(agent: Policy, episodes: list[Row]) -> list[list[int]]:
     groups: dict = {}
     for b, e in enumerate(episodes):
         n = shared_prompt.prompt_length(e.loss_mask)
-        key = (tuple(e.token_ids[:n]), tuple(map(id, e.images[:_blocks_in(agent, e, 0, n)[1]]))) \
+        k = _blocks_in(agent, e, 0, n)[1]                                         # the prompt's image blocks
+        key = (tuple(e.token_ids[:n]), tuple(map(id, e.images[:k])), tuple(map(tuple, e.grids[:k]))) \
             if 0 < n < len(e.token_ids) else b                                     # nothing sampled: alone
         groups.setdefault(key, []).append(b)
     return list(groups.values())
@@ -251,23 +252,32 @@ def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows:
 
 def pack_groups(agent: Policy, episodes: list[Row], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
     """`pack` for shared rows (`collate(packed=True, share_prompt=True)`): a group's episodes (`prompt_groups`)
-    stay in one batch, cut into chunks only where a chunk would pass `max_rows` or `max_tokens`; a chunk
-    costs its prompt once plus its episodes' own tokens. Longest chunks first."""
+    stay in one batch, cut into chunks (`group_chunks`) only where a chunk would pass `max_rows` or
+    `max_tokens`; a chunk costs its prompt once plus its episodes' own tokens. Longest chunks first."""
     chunks, costs = [], []
     for g in prompt_groups(agent, episodes):
         n = shared_prompt.prompt_length(episodes[g[0]].loss_mask) if len(g) > 1 else 0
-        cur, cost = [], n
-        for b in sorted(g, key=lambda b: -len(episodes[b].token_ids)):
-            own = len(episodes[b].token_ids) - n
-            if cur and (len(cur) >= max_rows or (max_tokens is not None and cost + own > max_tokens)):
-                chunks.append(cur), costs.append(cost)
-                cur, cost = [], n
-            cur.append(b)
-            cost += own
-        chunks.append(cur), costs.append(cost)
+        own = [len(episodes[b].token_ids) - n for b in g]
+        for c in group_chunks(own, n, max_rows, max_tokens):
+            chunks.append([g[k] for k in c])
+            costs.append(n + sum(own[k] for k in c))
     return [[b for k in batch for b in chunks[k]]
             for batch in pack(costs, max_rows, max_tokens, [len(c) for c in chunks], longest_first=True, packed=True,
                               sizes=costs)]
+
+
+def group_chunks(own: list[int], prompt: int, max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """A group's episodes (their own token counts after a shared prompt of `prompt` tokens) cut into the
+    fewest greedy chunks, longest first, each of at most `max_rows` episodes and `max_tokens` tokens with
+    its prompt once (an episode over the bound alone gets a chunk of its own): each chunk runs the prompt."""
+    chunks, cur, cost = [], [], prompt
+    for k in sorted(range(len(own)), key=lambda k: -own[k]):
+        if cur and (len(cur) >= max_rows or (max_tokens is not None and cost + own[k] > max_tokens)):
+            chunks.append(cur)
+            cur, cost = [], prompt
+        cur.append(k)
+        cost += own[k]
+    return chunks + ([cur] if cur else [])
 
 
 def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, grids: list[tuple[int, int, int]],

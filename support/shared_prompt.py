@@ -14,9 +14,9 @@ Contract
 - `Layout`: the row's spans in order: for each group (start, prompt length, [(suffix start, suffix length)]).
   A group of one is a "prompt" of its whole episode with no suffixes.
 - `attention(module, query, key, value, layout, ...)`: transformers' attention-function signature with a
-  `Layout` where the mask goes; PyTorch SDPA on each span (a suffix: the prompt's keys first, then its own
-  under a lower-right causal mask, a plain bool tensor: torch's CausalBias subclass breaks under dispatch
-  modes such as the FLOP counter), so no [N, N] mask is ever built; grouped-query heads repeated per span.
+  `Layout` where the mask goes; PyTorch SDPA on each span (a suffix: the prompt's keys first, then its own,
+  under `suffix_mask`), so no [N, N] mask is ever built; grouped-query heads repeated per span (copies of
+  the prompt's keys and values per suffix: README, "Real scale on one GPU").
 - `install(model)`: routes a `Layout` mask to `attention` for the model's attention implementation
   (sdpa or flash_attention_*), by wrapping the function transformers has registered under that name;
   every call without a `Layout` goes to the wrapped function unchanged. Idempotent. batches.forward passes
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def prompt_length(sampled: list[int]) -> int:
@@ -46,8 +47,11 @@ class Layout:
 
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout,
-              dropout: float = 0.0, scaling: float | None = None, **_) -> tuple[torch.Tensor, None]:
+              dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+              **_) -> tuple[torch.Tensor, None]:
     """query [1, Hq, N, d], key and value [1, Hkv, N, d] of one shared row -> ([1, N, Hq, d], None)."""
+    if sliding_window is not None:
+        raise ValueError("a shared prompt has no sliding-window attention: train with --pack on or off")
     rep = query.shape[1] // key.shape[1]
     heads = lambda x, a, b: x[:, :, a:b].repeat_interleave(rep, dim=1)         # [1, Hq, b - a, d]
     sdpa = lambda q, k, v, **kw: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, **kw)
@@ -58,9 +62,18 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         for s, m in suffixes:                          # token i of a suffix sees the prompt and suffix[:i + 1]
             k = torch.cat([pk, heads(key, s, s + m)], dim=2)                       # [1, Hq, n + m, d]
             v = torch.cat([pv, heads(value, s, s + m)], dim=2)
-            sees = torch.ones(m, n + m, dtype=torch.bool, device=query.device).tril(n)  # [m, n + m]: i sees 0 .. n + i
-            parts.append(sdpa(query[:, :, s:s + m], k, v, attn_mask=sees))
+            parts.append(sdpa(query[:, :, s:s + m], k, v, attn_mask=suffix_mask(m, n, query.device)))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None               # [1, N, Hq, d]
+
+
+def suffix_mask(m: int, n: int, device: torch.device):
+    """Query i of a suffix of m sees keys 0 .. n + i of its prompt's n and its own m (lower-right causal).
+    On CUDA torch's CausalBias: SDPA's flash or memory-efficient kernel, no mask in memory. Elsewhere the
+    same as a [m, n + m] bool tensor (CausalBias, a tensor subclass, breaks under dispatch modes such as
+    torch's FLOP counter, and a CPU has no kernel to gain)."""
+    if device.type == "cuda":
+        return causal_lower_right(m, n + m)
+    return torch.ones(m, n + m, dtype=torch.bool, device=device).tril(n)
 
 
 SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -79,6 +92,8 @@ def install(model) -> None:
 
     def routed(module, query, key, value, attention_mask, *args, **kwargs):
         if isinstance(attention_mask, Layout):
+            if args:
+                raise TypeError(f"shared_prompt.attention takes keyword arguments only, got {len(args)} more")
             return attention(module, query, key, value, attention_mask, **kwargs)
         return base(module, query, key, value, attention_mask, *args, **kwargs)
     routed.routes_layouts = True

@@ -74,6 +74,19 @@ def test_attention_equals_sdpa_under_the_dense_mask_of_the_layout():
         torch.testing.assert_close(g, h)
 
 
+def test_the_cuda_suffix_mask_means_the_cpu_one():
+    """On CUDA a suffix attends under torch's CausalBias (lower right), elsewhere under a bool tensor: the
+    same attention, values and gradients (checked here on CPU, where both run)."""
+    from torch.nn.attention.bias import causal_lower_right
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, t, 8, requires_grad=True) for t in (3, 7, 7))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(3, 7), scale=0.3)
+    b = F.scaled_dot_product_attention(q, k, v, attn_mask=shared_prompt.suffix_mask(3, 4, q.device), scale=0.3)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a.sum(), (q, k, v)), torch.autograd.grad(b.sum(), (q, k, v)))
+    assert shared_prompt.suffix_mask(2, 3, q.device).tolist() == [[True] * 4 + [False], [True] * 5]
+
+
 @pytest.mark.parametrize("name", ["toy", "real-shape"])
 def test_shared_row_gives_the_padded_log_probs_and_gradients(name):
     """One forward and backward of the same episodes, right-padded and shared: equal log-probs and gradients,
@@ -106,6 +119,14 @@ def test_shared_row_gives_the_padded_log_probs_and_gradients(name):
         torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_group_chunks_by_hand():
+    # longest first: 300 (+ the prompt 40 = 340); 100 would make 440 > 400: a new chunk; 50 joins it (190);
+    # 20 would be a third episode over max_rows 2: a chunk of its own. Each chunk runs the prompt once.
+    assert batches.group_chunks([100, 50, 300, 20], 40, max_rows=2, max_tokens=400) == [[2], [0, 1], [3]]
+    assert batches.group_chunks([100, 50, 300, 20], 40, max_rows=16) == [[2, 0, 1, 3]]
+    assert batches.group_chunks([500], 40, max_rows=4, max_tokens=100) == [[0]]        # over the bound: alone
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_pack_groups_keeps_groups_together_within_both_budgets(tiny, seed):
     rng = random.Random(seed)
@@ -135,3 +156,43 @@ def test_an_eager_model_is_refused_with_the_fix(tiny):
     model.config.get_text_config()._attn_implementation = "eager"
     with pytest.raises(ValueError, match="--pack on/off"):
         shared_prompt.install(model)
+
+
+def test_lora_with_the_rollouts_features_and_a_reference_model_train_the_same_shared(toy_base):
+    """LoRA: the rollout's image features (FeatureStore) fill a shared row in its own block order, and the
+    reference model (beta > 0) reads the same row: the update's gradients and kl_ref equal the padded path's
+    (fp32 here: under the bf16 base the two layouts round differently, ~1e-4 in a log-prob on the toy)."""
+    import train
+    from support import engine, policy
+    a = train.parse_args(["--stage", "1", "--model", toy_base, "--lora", "4", "--global-image", "full",
+                          "--n-train", "8", "--prompts", "2", "--group", "3", "--micro-batch", "6",
+                          "--max-new-tokens", "8", "--beta", "0.1"])
+    agent = policy.load_model(a)
+    agent.model.float()                           # the layouts compared in fp32 (the bf16 base rounds differently)
+    for name, p in agent.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ref = policy.load_model(a).model.float()
+    tasks = train.load_data(a, agent)[:2]
+    store = engine.FeatureStore()
+    episodes, _ = train.collect_episodes(a, agent, tasks, toy.world.rollout_config(max_new_tokens=8, max_turns=2), 0,
+                                         store=store)
+    for i, e in enumerate(episodes):
+        e.reward = float(i % 2)
+    out = {}
+    for mode, s in (("off", None), ("shared", store)):
+        a.pack = mode
+        agent.model.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad], lr=0.0)
+        real = opt.zero_grad
+        opt.zero_grad = lambda set_to_none=True: None                      # keep the gradients to compare
+        m = train.update_policy(a, agent, opt, episodes, tasks, ref_model=ref, store=s)
+        opt.zero_grad = real
+        out[mode] = m, {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None}
+    assert out["shared"][0]["work/train_image_encodes"] == 0 < out["off"][0]["work/train_image_encodes"]
+    assert out["shared"][0]["work/train_shared_frac"] > 0
+    assert out["off"][0]["loss/kl_ref"] > 0
+    assert out["shared"][0]["loss/kl_ref"] == pytest.approx(out["off"][0]["loss/kl_ref"], rel=1e-4)
+    assert out["off"][1]
+    for n, g in out["off"][1].items():
+        torch.testing.assert_close(out["shared"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
