@@ -215,7 +215,7 @@ def _owner(spans: list[tuple[int, int, int]], b: int) -> int:
 def _blocks_in(agent: Policy, e: Row, lo: int, hi: int) -> tuple[int, int]:
     """The range of e's image blocks whose tokens lie in token_ids[lo:hi] (blocks are never split by a span:
     spans end at a prompt, before any sampled token)."""
-    pads = [sum(1 for t in e.token_ids[a:b] if t == agent.image_pad) for a, b in ((0, lo), (lo, hi))]
+    pads = [e.token_ids[a:b].count(agent.image_pad) for a, b in ((0, lo), (lo, hi))]
     sizes = [t * h * w // agent.merge ** 2 for t, h, w in e.grids]
     first = count = 0
     while first < len(sizes) and pads[0] > 0:
