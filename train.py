@@ -316,11 +316,8 @@ def update_policy(a: Args, agent: lfpc.Agent, opt, episodes: list[lfpc.Episode],
     model.train()
     opt.zero_grad(set_to_none=True)
     mode = pack_mode(a, model)    # shared: a padding-free row, each group's prompt once; on: a row; off: padded
-    rows = [episodes[i] for i in live]
-    micro = [[live[j] for j in mb] for mb in (
-        batches.pack_groups(agent, rows, a.micro_batch, a.train_tokens) if mode == "shared" else
-        batches.pack([len(e.token_ids) for e in rows], a.micro_batch, a.train_tokens, longest_first=True,
-                    packed=mode == "on"))]
+    micro = [[live[j] for j in mb] for mb in batches.training_batches(agent, [episodes[i] for i in live], mode,
+                                                                       a.micro_batch, a.train_tokens)]
     micro = dist.micro_batches(micro, w, model)       # under FSDP2 every rank runs as many (a repeat weighs 0)
     tally = metrics.UpdateTally()
     for idx in micro:

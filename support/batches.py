@@ -154,11 +154,11 @@ def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_im
         rt = torch.cat([torch.arange(lo, hi) for b, lo, hi in spans])                       # [N] its position there
         unpack = torch.full((B, T), -1, dtype=torch.long)
         unpack[rb, rt] = torch.arange(len(rt))
-        for b, e in enumerate(episodes):              # a group's other episodes read its prompt where it is
-            n = len(e.token_ids)
-            first = unpack[b, :n] < 0
-            if bool(first.any()):
-                unpack[b, :n][first] = unpack[_owner(spans, b), :n][first]
+        for b, lo, _ in spans:                        # a group's other episodes read its prompt where it is
+            if lo == 0:
+                owner = b                             # a group begins with its first episode's prompt
+            elif b != owner:
+                unpack[b, :lo] = unpack[owner, :lo]
         prev = torch.where(rt > 0, unpack[rb, (rt - 1).clamp(min=0)], -1)[None]            # [1, N]
         ids, lmask, sampled = ids[rb, rt][None], lmask[rb, rt][None], sampled[rb, rt][None]
         pos = torch.cat([rt[None], pos[:, rb, rt]])[:, None]                               # [4, 1, N]
@@ -204,14 +204,6 @@ def prompt_groups(agent: Policy, episodes: list[Row]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _owner(spans: list[tuple[int, int, int]], b: int) -> int:
-    """The episode whose span at position 0 holds episode b's (shared) prompt: the one before b's suffix."""
-    at = next(k for k, (e, lo, _) in enumerate(spans) if e == b)
-    while spans[at][1] != 0:
-        at -= 1
-    return spans[at][0]
-
-
 def _blocks_in(agent: Policy, e: Row, lo: int, hi: int) -> tuple[int, int]:
     """The range of e's image blocks whose tokens lie in token_ids[lo:hi] (blocks are never split by a span:
     spans end at a prompt, before any sampled token)."""
@@ -248,6 +240,16 @@ def pack(lengths: list[int], max_rows: int, max_tokens: int | None = None, rows:
         cur.append(i)
         n, longest, total = grow_n, grow_len, grow_total
     return batches + ([cur] if cur else [])
+
+
+def training_batches(agent: Policy, episodes: list[Row], mode: str, max_rows: int,
+                     max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `episodes` in training micro-batches for train.py's --pack `mode`: "shared" (`pack_groups`),
+    "on" (one padding-free row each: `pack` on the sum of lengths) or "off" (padded: rows x longest),
+    longest first."""
+    if mode == "shared":
+        return pack_groups(agent, episodes, max_rows, max_tokens)
+    return pack([len(e.token_ids) for e in episodes], max_rows, max_tokens, longest_first=True, packed=mode == "on")
 
 
 def pack_groups(agent: Policy, episodes: list[Row], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -271,13 +271,11 @@ def config_step(a) -> dict:
         opt.zero_grad(set_to_none=True)
         n_tok = sum(e.num_generated for e in eps)
         t_fwd, spans = 0.0, []
-        micro = batches.pack_groups(agent, eps, a.micro_batch) if mode == "shared" else \
-            [list(range(k, min(k + a.micro_batch, len(eps)))) for k in range(0, len(eps), a.micro_batch)]
+        micro = batches.training_batches(agent, eps, mode, a.micro_batch)
         _sync(dev); t3 = time.perf_counter()
         for idx in micro:                                  # train.py's micro-batches (--pack, as train.py's)
             batch = batches.collate(agent, [eps[j] for j in idx], packed=mode != "off", share_prompt=mode == "shared")
-            spans += [len(eps[j].token_ids) for j in idx] if batch.layout is None else \
-                [q for _, n, suffixes in batch.layout.groups for q in [n] + [(m, n + m) for _, m in suffixes]]
+            spans += [len(eps[j].token_ids) for j in idx] if batch.layout is None else batch.layout.attention_spans()
             _sync(dev); tf = time.perf_counter()
             with autocast:
                 lp = batch.unpacked(lfpc.token_logprobs(agent.model, batch))         # [b, T]

@@ -45,6 +45,10 @@ class Layout:
     def tokens(self) -> int:
         return sum(n + sum(m for _, m in suffixes) for _, n, suffixes in self.groups)
 
+    def attention_spans(self) -> list[tuple[int, int]]:
+        """(queries, keys) of each span's attention, in row order: a prompt (n, n), a suffix (m, n + m)."""
+        return [q for _, n, suffixes in self.groups for q in [(n, n)] + [(m, n + m) for _, m in suffixes]]
+
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout,
               dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,

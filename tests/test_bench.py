@@ -49,6 +49,7 @@ def test_model_flops_of_a_shared_row_are_the_work_it_does():
     batch = batches.collate(agent, eps, packed=True, share_prompt=True)
     (_, n, suffixes), = batch.layout.groups
     assert n == len(eps[0].token_ids) - 5 and [m for _, m in suffixes] == [5, 8, 11]
+    assert batch.layout.attention_spans() == [(n, n), (5, n + 5), (8, n + 8), (11, n + 11)]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         lfpc.token_logprobs(agent.model, batch)
     c = agent.model.config.get_text_config()
