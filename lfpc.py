@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -331,10 +332,12 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     if isinstance(seed, list) and len(seed) != len(tasks):
         raise ValueError(f"{len(seed)} seeds for {len(tasks)} tasks")
     base = seed if isinstance(seed, list) else [seed + i * group_size for i in range(len(tasks))]
-    tasks = [replace(t, image=t.load_image()) for t in tasks]   # open each image once per rollout
+    with ThreadPoolExecutor(IMAGE_THREADS) as pool:        # decoding and resizing images release the GIL
+        tasks = list(pool.map(lambda t: replace(t, image=t.load_image()), tasks))   # each opened once a rollout
+        shown = list(pool.map(lambda t: shown_image(t, cfg), tasks))
     episodes, prompt_len = [], []
     for i, task in enumerate(tasks):
-        first = start_episode(agent, task, i, cfg)
+        first = start_episode(agent, task, i, cfg, shown[i])                 # tokenizers stay on one thread
         prompt_len.append(len(first.token_ids))
         for j in range(group_size):              # the G rollouts share the prompt's image objects
             ep = Episode(i, shown_size=first.shown_size, seed=base[i] + j)
@@ -361,6 +364,7 @@ def turn_budget(ep: Episode, cfg: RolloutConfig) -> int:
     return max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - ep.num_generated))
 
 
+IMAGE_THREADS = min(8, os.cpu_count() or 1)   # threads that open the tasks' originals and resize them to the budget
 MAX_ERROR_CHARS = 200    # an error turn shows at most this much of its reason (it may quote the model's call)
 
 
@@ -391,10 +395,11 @@ def prompt_problem(agent: Agent, tasks: list[Task], cfg: RolloutConfig, limit: i
     return None
 
 
-def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig) -> Episode:
-    """The prompt of a new episode: system turn, user turn with the global image at its budget."""
-    shown = crop_tool.resize_to_budget(task.load_image(), cfg.global_min_pixels,
-                                       task.max_pixels or cfg.global_max_pixels, cfg.global_resample)
+def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig,
+                  shown: Image.Image | None = None) -> Episode:
+    """The prompt of a new episode: system turn, user turn with the global image at its budget (`shown`:
+    already made by `shown_image`)."""
+    shown = shown_image(task, cfg) if shown is None else shown
     grid = agent.image_grid(shown)
     system = prompts.system(agent.style, agent.system_prompt, cfg.use_tool)
     ids = [agent.im_start] + agent.encode("system\n" + system) + [agent.im_end]
@@ -405,6 +410,12 @@ def start_episode(agent: Agent, task: Task, task_index: int, cfg: RolloutConfig)
     ep = Episode(task_index, shown_size=shown.size)
     ep.append(ids, images=[(shown, grid)])
     return ep
+
+
+def shown_image(task: Task, cfg: RolloutConfig) -> Image.Image:
+    """The global image as the model is shown it: the original resized to the task's budget (or the config's)."""
+    return crop_tool.resize_to_budget(task.load_image(), cfg.global_min_pixels,
+                                      task.max_pixels or cfg.global_max_pixels, cfg.global_resample)
 
 
 def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logprobs: list[float],

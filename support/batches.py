@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from support import shared_prompt
+from support import pixels, shared_prompt
 
 if TYPE_CHECKING:
     from support.engine import FeatureStore
@@ -60,8 +60,11 @@ class Policy(Protocol):
     stop_ids: set
     stop_strings: tuple
     env_only_ids: list[int]
+    image_processor: object
 
-    def encode_image(self, image): ...
+    def encode_image(self, image): ...          # the image processor's pixel values (support/pixels.py: the fast path)
+
+    def image_grid(self, image): ...
 
 
 # ----------------------------------------------------------------------------- batches
@@ -146,7 +149,7 @@ def collate(agent: Policy, episodes: list[Row], left_pad: bool = False, share_im
         index = torch.tensor([list(distinct).index(k) for k in keys], dtype=torch.long)
         feats = store.get([im for im, _ in distinct.values()], agent.device) if store is not None else None
         if feats is None:
-            pix = torch.cat([agent.encode_image(im)[0] for im, _ in distinct.values()])
+            pix = pixels.pixel_values(agent, [im for im, _ in distinct.values()])
     pos = mrope_positions(ids, attn, [g for e in episodes for g in e.grids], agent.image_pad, agent.merge)
     unpack = prev = None
     if packed:                                       # [B, T] right-padded -> one row of the spans' tokens

@@ -35,7 +35,8 @@ Estimate mode (--estimate-time --config 7b|3b) prints the wall time of one paper
 one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decode steps and slot
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
 step (counted on the tiny model, merged LoRA), weights and KV bytes read a step, prefill, vision and
-training FLOPs, the image processor's ms an image measured here; every assumption is printed beside
+training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
+patches); every assumption is printed beside
 the figures, with a vLLM-like and a roofline figure. An estimate, not a measurement.
 
 Schedule mode (--schedule-bench) runs one workload with a realistic spread of lengths (--lengths MIN
@@ -118,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "eagerly")
     p.add_argument("--cuda-graphs", action="store_true", help="estimate mode: decode steps replayed as CUDA graphs "
                    "(no host launch cost)")
+    p.add_argument("--original", type=int, nargs=2, default=[2250, 1500], metavar=("W", "H"),
+                   help="estimate mode: a task's original image, pixels (default: SA-1B's released size, the source "
+                        "of V*'s and DeepEyes' fine-grained training images)")
+    p.add_argument("--host-threads", type=int, default=8, help="estimate mode: threads that open and resize the "
+                   "originals (lfpc.IMAGE_THREADS on a host of >= 8 cores)")
     p.add_argument("--lengths", type=int, nargs=2, default=[20, 1024], metavar=("MIN", "MAX"),
                    help="schedule mode: each turn's free text, tokens, log-uniform between MIN and MAX")
     p.add_argument("--turns", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"),
@@ -520,8 +526,7 @@ def estimate_time(a) -> dict:
     peak, hbm = GPUS[a.gpu]
     agent = models.random_agent("tiny", "cpu", torch.bfloat16)
     ops_layer = policy.count_ops(agent.model) / agent.model.config.get_text_config().num_hidden_layers
-    img_ms = _image_processor_ms(agent, a.visual_tokens)
-    crop_ms = _image_processor_ms(agent, a.crop_tokens)
+    host = host_ms(agent, a.original, a.visual_tokens, a.crop_tokens)
     config = models.real_config(a.config, models.build_tiny_tokenizer())
     c = config.get_text_config()
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -578,7 +583,12 @@ def estimate_time(a) -> dict:
         f_train = f_unshared - (len(episode) - runs) * (prompt * linear + attend(prompt))
         t_prefill = (f_prefill + vision) / (peak * a.mfu)
         t_train = train_forwards * f_train / (peak * a.mfu)
-        t_host_img = (prompts + crops) * (img_ms + crop_ms) / 2 / 1000
+        # host: a task's original opened and resized by the rollout's threads, its patches cut in the turn loop;
+        # a crop cut, resized and its patches cut in the turn loop (serial with the GPU)
+        t_host_img = (prompts * ((host["open"] + host["resize"]) / a.host_threads + host["patches_global"])
+                      + crops * (host["crop"] + host["patches_crop"])) / 1000
+        t_host_before = (prompts * (host["open"] + host["resize"] + host["processor_global"])
+                         + crops * (host["crop"] + host["processor_crop"])) / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
         barrier = out["per-turn barrier"]["decode_s"] + t_prefill + t_train + t_host_img
         roofline = (tokens / slots) * (2 * read_params + slots * context * kv_token) / hbm + (
@@ -588,7 +598,8 @@ def estimate_time(a) -> dict:
                      "schedules": out, "prefill_s": round(t_prefill, 1), "train_s": round(t_train, 1),
                      "train_s_prompt_per_episode": round(train_forwards * f_unshared / (peak * a.mfu), 1),
                      "train_prompt_runs_per_group": round(runs / prompts, 2),
-                     "host_images_s": round(t_host_img, 1), "step_s": {"ours": round(ours), "per-turn barrier":
+                     "host_images_s": round(t_host_img, 1), "host_images_s_before": round(t_host_before, 1),
+                     "step_s": {"ours": round(ours), "per-turn barrier":
                                                                         round(barrier), "vLLM-like": round(vllm),
                                                                         "roofline": round(roofline)},
                      "80_steps_h": {"ours": round(80 * ours / 3600, 1), "per-turn barrier": round(80 * barrier / 3600, 1),
@@ -610,7 +621,13 @@ def estimate_time(a) -> dict:
                                                 f"a group's prompt once in each of its micro-batches (--pack shared: "
                                                 f"at most {chunk_rows} episodes and {chunk_tokens} tokens each, "
                                                 f"the one-gpu preset's)",
-                   "host": f"image processor {img_ms:.1f} ms (global), {crop_ms:.1f} ms (crop) here, serial",
+                   "host": (f"measured here (ms an image): a {a.original[0]}x{a.original[1]} JPEG original opened "
+                            f"{host['open']:.1f} and resized to the global budget {host['resize']:.1f} (by "
+                            f"{a.host_threads} threads), a crop of half its sides cut and resized {host['crop']:.1f} "
+                            f"(serial); patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
+                            f"(crop), serial, normalised on the GPU (support/pixels.py; the image processor took "
+                            f"{host['processor_global']:.1f} and {host['processor_crop']:.1f}, all serial: "
+                            f"host_images_s_before)"),
                    "vLLM-like": "utilisation 0.95, decode at 0.7 of HBM bandwidth, no host overhead",
                    "roofline": "every byte and FLOP at the GPU's peak"}
     return {"mode": "estimate-time", "assumptions": assumptions, "settings": rows, **_versions("cpu")}
@@ -628,17 +645,42 @@ def format_estimate(report: dict) -> str:
     return "\n".join(lines + [f"- {k}: {v}" for k, v in report["assumptions"].items()])
 
 
-def _image_processor_ms(agent, tokens: int) -> float:
-    """Milliseconds of the image processor on one image of `tokens` visual tokens, measured here."""
-    from PIL import Image
+def host_ms(agent, original: tuple[int, int], visual_tokens: int, crop_tokens: int) -> dict[str, float]:
+    """Milliseconds of the host's image work, measured here (the median of 5): opening an `original` (a
+    JPEG of a smooth random image, w x h) and resizing it to `visual_tokens`; cutting a crop of half its
+    sides and resizing it to `crop_tokens`; cutting the shown images into patches (support/pixels.py);
+    and the image processor that did the last before it."""
+    import io
     import numpy as np
-    side = math.isqrt(tokens) * 28
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
-    agent.encode_image(img)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        agent.encode_image(img)
-    return (time.perf_counter() - t0) / 3 * 1000
+    from PIL import Image
+    from support import pixels
+    w, h = original
+    small = np.random.default_rng(0).integers(0, 255, (max(1, h // 10), max(1, w // 10), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+    image = crop_tool.open_image(io.BytesIO(buf.getvalue()))
+    shown = crop_tool.resize_to_budget(image, 3136, visual_tokens * crop_tool.TOKEN_PIXELS)
+    cfg = crop_tool.CropConfig(max_pixels=crop_tokens * crop_tool.TOKEN_PIXELS)
+    box = (shown.width / 4, shown.height / 4, 3 * shown.width / 4, 3 * shown.height / 4)
+    crop = crop_tool.crop(image, box, shown.size, cfg).image
+    ip = agent.image_processor
+    work = {"open": lambda: crop_tool.open_image(io.BytesIO(buf.getvalue())),
+            "resize": lambda: crop_tool.resize_to_budget(image, 3136, visual_tokens * crop_tool.TOKEN_PIXELS),
+            "crop": lambda: crop_tool.crop(image, box, shown.size, cfg),
+            "patches_global": lambda: pixels.patches(shown, ip.patch_size, ip.merge_size),
+            "patches_crop": lambda: pixels.patches(crop, ip.patch_size, ip.merge_size),
+            "processor_global": lambda: agent.encode_image(shown),
+            "processor_crop": lambda: agent.encode_image(crop)}
+    out = {}
+    for name, fn in work.items():
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = sorted(times)[2] * 1000
+    return out
 
 
 def main(argv=None) -> dict:

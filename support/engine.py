@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from support import batches
+from support import batches, pixels
 from support.batches import Policy, Row
 
 
@@ -633,9 +633,9 @@ class Vision:
         keys = [_content_key(im) for im in images]
         new = {k: im for k, im in zip(keys, images) if k not in self.seen}
         if new:
-            enc = [self.agent.encode_image(im) for im in new.values()]
-            pix = torch.cat([p for p, _ in enc]).to(self.agent.device)
-            thw = torch.tensor([g for _, g in enc], dtype=torch.long, device=self.agent.device)
+            pix = pixels.pixel_values(self.agent, list(new.values()))                  # [patches, C*tp*p*p]
+            thw = torch.tensor([self.agent.image_grid(im) for im in new.values()], dtype=torch.long,
+                               device=self.agent.device)
             feats = batches.image_features(self.agent.model, pix, thw).split((thw.prod(-1) // self.agent.merge**2).tolist())
             self.seen.update(zip(new, feats))
             if self.store is not None:

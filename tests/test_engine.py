@@ -6,7 +6,7 @@ import torch
 
 import crop_tool
 import lfpc
-from support import batches, engine
+from support import batches, engine, pixels
 from conftest import noise_image
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=12, max_turns=3,
@@ -80,10 +80,10 @@ def test_collate_processes_each_distinct_image_once(tiny, monkeypatch):
     for c in copies:
         c.append(ep.token_ids, images=list(zip(ep.images, ep.grids)))
     calls = []
-    real = tiny.encode_image
-    monkeypatch.setattr(tiny, "encode_image", lambda im: calls.append(im) or real(im))
+    real = pixels.pixel_values
+    monkeypatch.setattr(pixels, "pixel_values", lambda agent, ims: calls.extend(ims) or real(agent, ims))
     b = batches.collate(tiny, copies)
-    assert len(calls) == 1 and b.pixel_values.shape[0] == real(ep.images[0])[0].shape[0]
+    assert len(calls) == 1 and b.pixel_values.shape[0] == tiny.encode_image(ep.images[0])[0].shape[0]
     assert b.image_index.tolist() == [0, 0, 0] and b.image_grid_thw.tolist() == [list(ep.grids[0])]
     with torch.no_grad():                              # the shared features equal per-copy features
         shared = batches.forward(tiny.model, b)
