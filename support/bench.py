@@ -34,7 +34,7 @@ micro-batches: `--pack`, by default the one prompt once in each), backward and A
 Estimate mode (--estimate-time --config 7b|3b) prints the wall time of one paper-scale (256 x 16) and
 one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decode steps and slot
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
-step (counted on the tiny model, merged LoRA), weights and KV bytes read a step, prefill, vision and
+step (`decode_step_ops`: the slot engine's decode step as it runs, counted), weights and KV bytes read a step, prefill, vision and
 training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
 patches); every assumption is printed beside
 the figures, with a vLLM-like and a roofline figure. An estimate, not a measurement.
@@ -525,7 +525,7 @@ def estimate_time(a) -> dict:
     import statistics
     peak, hbm = GPUS[a.gpu]
     agent = models.random_agent("tiny", "cpu", torch.bfloat16)
-    ops_layer = policy.count_ops(agent.model) / agent.model.config.get_text_config().num_hidden_layers
+    ops_layer, ops_step = decode_step_ops()
     host = host_ms(agent, a.original, a.visual_tokens, a.crop_tokens)
     config = models.real_config(a.config, models.build_tiny_tokenizer())
     c = config.get_text_config()
@@ -560,7 +560,7 @@ def estimate_time(a) -> dict:
             busy = useful / steps                                       # live rows a step, on average
             read = 2 * read_params + busy * context * kv_token          # bytes a step: bf16 weights + KV
             t_bw = read / (hbm * a.bandwidth_eff)
-            t_host = 0.0 if a.cuda_graphs else ops_layer * c.num_hidden_layers * a.op_us * 1e-6
+            t_host = 0.0 if a.cuda_graphs else (ops_layer * c.num_hidden_layers + ops_step) * a.op_us * 1e-6
             out[sched] = {"decode_steps": steps, "slot_utilisation": round(useful / (steps * slots), 3),
                           "ms_per_step": round(1000 * max(t_bw, t_host), 2),
                           "decode_s": steps * max(t_bw, t_host)}
@@ -612,8 +612,9 @@ def estimate_time(a) -> dict:
                    "lengths": f"turns {a.turns[0]}-{a.turns[1]}, free text {a.lengths[0]}-{a.lengths[1]} tokens a turn "
                               f"(log-uniform), a crop of {a.crop_tokens} tokens after every turn but the last",
                    "global image": f"{a.visual_tokens} tokens + 200 of text, prefilled once a task",
-                   "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch {ops_layer:.0f} aten ops a layer "
-                             f"x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
+                   "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch of the slot engine's decode step, "
+                             f"counted: {ops_layer:.0f} aten ops a layer x {c.num_hidden_layers} + {ops_step:.0f} outside "
+                             f"the layers, x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
                    "prefill, vision, training": f"counted FLOPs (the decoder's matmuls, causal attention, the lm_head "
                                                 f"on sampled tokens) at {a.mfu:g} MFU; training {train_forwards:g} "
                                                 f"forwards a token (1, checkpoint recompute {a.ckpt_fraction:g}, "
@@ -643,6 +644,44 @@ def format_estimate(report: dict) -> str:
                      f"{h['roofline']} h | {s['ours (slots)']['slot_utilisation']} / {s['per-turn barrier']['slot_utilisation']}"
                      f" | {r['largest_term']} |")
     return "\n".join(lines + [f"- {k}: {v}" for k, v in report["assumptions"].items()])
+
+
+def decode_step_ops() -> tuple[float, float]:
+    """(aten ops a decoder layer, aten ops outside the layers) of one decode step of the slot engine as it
+    runs (the model, the cache's writes, the attention mask, top-p sampling; merged LoRA is the plain
+    model), counted with a TorchDispatchMode over the steps of one rollout on the real-shape model with 1
+    and with 2 layers. On a GPU without CUDA graphs each is a launch (or a dispatch) by the host."""
+    import os
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from PIL import Image
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # support/.. : the repository
+    count = [0, 0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += 1
+            return func(*args, **(kwargs or {}))
+    real = engine.SlotSession.decode
+
+    def counted(self):
+        count[1] += 1
+        with Count():
+            return real(self)
+    per_step = []
+    for layers in (1, 2):
+        agent = models.real_shape_agent(os.path.join(root, "tests", "fixtures", "qwen2-tokenizer"), layers=layers)
+        tasks = [lfpc.Task(Image.new("RGB", (112, 112), (k, 0, 0)), "What colour?", "red") for k in range(2)]
+        cfg = lfpc.RolloutConfig(max_new_tokens=8, max_response_tokens=8, max_turns=1, global_max_pixels=112 * 112,
+                                 temperature=1.0, top_p=0.9)
+        count[:] = [0, 0]
+        engine.SlotSession.decode = counted
+        try:
+            with torch.no_grad():
+                lfpc.rollout(agent, tasks, 2, cfg, seed=0)
+        finally:
+            engine.SlotSession.decode = real
+        per_step.append(count[0] / count[1])
+    return per_step[1] - per_step[0], 2 * per_step[0] - per_step[1]
 
 
 def host_ms(agent, original: tuple[int, int], visual_tokens: int, crop_tokens: int) -> dict[str, float]:

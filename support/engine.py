@@ -164,6 +164,7 @@ class SlotSession:
         self.dtype = compute_dtype(agent.model)
         self.u = None if cfg.temperature <= 0 else torch.zeros(S, cfg.max_response_tokens + k, device=agent.device)
         self.stop_text = StopText(agent) if agent.stop_strings else None
+        self.env_only = torch.tensor(agent.env_only_ids, dtype=torch.long, device=agent.device)   # sent once
 
     @property
     def busy(self) -> bool:
@@ -246,7 +247,7 @@ class SlotSession:
                 images += s.ep.images[s.images:]
             start = torch.tensor([self.live[i].length for i in rows])
             self._forward(ids, pos, start, torch.tensor(rows), self.vision.features(images),
-                          torch.tensor([len(t) for t in new]))
+                          torch.tensor([len(t) for t in new]), max(self.live[i].length + len(t) for i, t in zip(rows, new)))
             for i, toks in zip(rows, new):
                 s = self.live[i]
                 s.length, s.images, s.mode = s.length + len(toks), len(s.ep.images), "decode"
@@ -267,17 +268,17 @@ class SlotSession:
         """`k` decode steps of every live slot (a "wait" slot feeds padding in place: computed, kept out),
         one host sync; returns (slot, turn tokens, log-probs, finish) of each slot whose turn ended."""
         agent, A, k, force = self.agent, len(self.live), self.k, self.force
-        go = torch.tensor([s.mode == "decode" for s in self.live])                  # [A]
-        ids = torch.tensor([s.pending if s.mode == "decode" else agent.pad_id for s in self.live])
-        pos = torch.tensor([s.pos for s in self.live])
-        start = torch.tensor([s.length for s in self.live])
-        gen = torch.tensor([s.ep.num_generated + len(s.toks) for s in self.live])
         dev = agent.device
-        ids, pos, start, go, gen = ids.to(dev), pos.to(dev), start.to(dev), go.to(dev), gen.to(dev)
+        state = torch.tensor([[s.pending if s.mode == "decode" else agent.pad_id, s.pos, s.length,
+                               s.ep.num_generated + len(s.toks), s.mode == "decode"] for s in self.live])
+        ids, pos, start, gen, go = state.to(dev).unbind(1)                 # [A] each: one copy to the device
+        go = go.bool()
         out_t, out_l, logits = [], [], None
+        at = [(s.length, s.mode == "decode") for s in self.live]   # where each slot writes: known here, no sync
         for j in range(k):
-            h = self._forward(ids[:, None], pos.view(1, A, 1).expand(3, A, 1), start, None, None)
-            logits = env_only_masked(agent.model.lm_head(h[:, -1]), agent.env_only_ids)          # [A, V]
+            longest = max(n + j * d for n, d in at) + 1
+            h = self._forward(ids[:, None], pos.view(1, A, 1).expand(3, A, 1), start, None, None, None, longest)
+            logits = env_only_masked(agent.model.lm_head(h[:, -1]), self.env_only)                # [A, V]
             u = None if self.u is None else self.u[torch.arange(A, device=dev), (gen + j).clamp(max=self.u.shape[1] - 1)]
             tok, lp = sample(logits, self.cfg.temperature, self.cfg.top_p, u)                  # [A], [A]
             out_t.append(tok)
@@ -346,16 +347,17 @@ class SlotSession:
             return "stop"
         return "length" if len(s.toks) >= s.budget else ""
 
-    def _forward(self, ids, pos, start, rows, image_embeds, counts=None) -> torch.Tensor:
+    def _forward(self, ids, pos, start, rows, image_embeds, counts, longest: int) -> torch.Tensor:
         """Last-layer hidden states [b, n, H] of ids [b, n] written into the cache at `start` [b] (rows: the
-        slots, None = [0, b); counts [b]: each row's real tokens, the rest padding); a row attends to its
-        own cache and, causally, to its new tokens."""
+        slots, None = [0, b); counts [b]: each row's real tokens, the rest padding, None: all n); a row
+        attends to its own cache and, causally, to its new tokens. `longest`: max(start + counts), from the
+        host's own records, so that a decode step reads nothing back from the device."""
         dev = self.agent.device
         b, n = ids.shape
-        counts = torch.full((b,), n) if counts is None else counts
-        self.kv.ensure(int((start.cpu() + counts).max()))                 # the real tokens always fit
-        start, counts = start.to(dev), counts.to(dev)
-        T = self.kv.capacity if self.kv.static else int((start + counts).max())
+        counts = torch.full((b,), n, device=dev) if counts is None else counts.to(dev)
+        self.kv.ensure(longest)                                           # the real tokens always fit
+        start = start.to(dev)
+        T = self.kv.capacity if self.kv.static else longest
         keys = torch.arange(T, device=dev)
         allowed = keys[None, None, :] <= (start[:, None] + torch.arange(n, device=dev)[None, :])[:, :, None]   # [b, n, T]
         mask = allowed[:, None]                                                              # [b, 1, n, T]
@@ -677,9 +679,10 @@ def _content_key(image) -> tuple:
 
 # ----------------------------------------------------------------------------- sampling
 
-def env_only_masked(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+def env_only_masked(logits: torch.Tensor, ids: list[int] | torch.Tensor) -> torch.Tensor:
     """logits [N, V] with the tokens only the environment writes set to -inf (the policy's own vocabulary)."""
-    return logits.index_fill(-1, torch.tensor(ids, dtype=torch.long, device=logits.device), float("-inf"))
+    ids = ids if torch.is_tensor(ids) else torch.tensor(ids, dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, ids, float("-inf"))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None):

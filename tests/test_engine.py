@@ -244,7 +244,8 @@ def test_slots_give_the_logits_of_a_full_forward_through_ragged_turns(tiny, name
             return
         ids = torch.tensor([s.pending for s in run.live])
         h = run._forward(ids[:, None], torch.tensor([s.pos for s in run.live]).view(1, A, 1).expand(3, A, 1),
-                         torch.tensor([s.length for s in run.live]), None, None)      # writes what decode would write
+                         torch.tensor([s.length for s in run.live]), None, None, None,
+                         max(s.length for s in run.live) + 1)                          # writes what decode would write
         logits = agent.model.lm_head(h[:, -1])
         torch.testing.assert_close(logits, _full_logits(agent, [s.ep for s in run.live]), rtol=1e-4, atol=1e-4)
         checked.append(A)
@@ -478,6 +479,41 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
         assert work.useful_tokens == sum(e.num_generated for e in cached)
         assert work.host_syncs * extra.get("sync_every", 1) == work.decode_steps
         assert work.slot_steps == slots * work.decode_steps
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_decode_steps_read_nothing_back_until_their_one_host_sync(k, monkeypatch):
+    """Between two host syncs a decode step neither reads a device value on the host (an item(), int() or
+    comparison in Python: aten._local_scalar_dense; on a GPU it waits for the device) nor builds a tensor
+    from host data (aten.lift_fresh: a copy to the device). One call of `decode` (k steps) builds one
+    tensor (the slots' state) and reads its k tokens once (`tolist`), whatever k, on a real-shape model
+    whose turns end at ragged lengths."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import QWEN_TOKENIZER
+    from support import models
+    host = ("aten._local_scalar_dense.default", "aten.lift_fresh.default")
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in host:
+                calls[-1][str(func)] += 1
+            return func(*args, **(kwargs or {}))
+    real = engine.SlotSession.decode
+
+    def counted(self):
+        calls.append(dict.fromkeys(host, 0))
+        with Count():
+            return real(self)
+    monkeypatch.setattr(engine.SlotSession, "decode", counted)
+    agent = models.real_shape_agent(QWEN_TOKENIZER, layers=1)
+    tasks = [lfpc.Task(noise_image(112, 112, seed=i), "What colour?", "A") for i in range(2)]
+    cfg = lfpc.RolloutConfig(max_new_tokens=9, max_response_tokens=9, max_turns=1, global_max_pixels=112 * 112,
+                             sync_every=k, temperature=1.0, top_p=0.9)
+    with torch.no_grad():
+        eps = lfpc.rollout(agent, tasks, 2, cfg, seed=0)
+    assert len(calls) >= 9 // k and sum(e.num_generated for e in eps) > 0
+    assert all(c == {"aten._local_scalar_dense.default": 0, "aten.lift_fresh.default": 1} for c in calls), calls
 
 
 def test_a_kv_budget_under_one_episode_is_refused_with_what_would_fit(tiny):
