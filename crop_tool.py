@@ -67,11 +67,15 @@ def open_image(source) -> Image.Image:
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):            # 16-bit grey (PIL reads PNGs as "I")
         im = Image.fromarray((np.asarray(im, dtype=np.uint32) // 257).clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """`im` as RGB, any transparency composited onto white (as transformers' image processors do); always a
+    new image."""
+    if "A" in im.getbands() or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
     return im.convert("RGB")
 
 
@@ -115,7 +119,7 @@ def resize_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resam
     "bicubic" is what Qwen's image processor uses; "box" (area averaging) is what the toy world uses for
     its global image, since bicubic's ringing at the edges of a 1-px pattern leaks the pattern."""
     h, w = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
-    rgb = image.convert("RGB")  # always a new image
+    rgb = to_rgb(image)  # always a new image
     return rgb if rgb.size == (w, h) else rgb.resize((w, h), RESAMPLE[resample])
 
 

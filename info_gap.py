@@ -365,11 +365,12 @@ class ProberConfig:
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
           batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
           write_path: str | None = None, batch_tokens: int | None = None,
-          stop: Callable[[], bool] | None = None) -> list[dict]:
+          stop: Callable[[], bool] | None = None, prefill_tokens: int = 16384) -> list[dict]:
     """`select_budgets` with the model's own direct answers: one record per task, in order. batch_size:
-    tasks in flight; batch_tokens: at most this many KV-cache tokens a rollout chunk (None: no limit)."""
+    tasks in flight; batch_tokens: at most this many KV-cache tokens a rollout chunk (None: no limit);
+    prefill_tokens: at most this many tokens a prefill forward."""
     answer_fn = model_answer_fn(agent, cfg.temperature, cfg.max_new_tokens, batch_size * cfg.k, cfg.resample,
-                                batch_tokens)
+                                batch_tokens, prefill_tokens)
     return select_budgets(tasks, answer_fn, cfg.model_key(model, agent), cache_path, cfg.full_tokens, cfg.floor_tokens,
                           cfg.ratio, cfg.k, batch_size, progress, judge, write_path, stop)
 
@@ -386,12 +387,14 @@ def merge_parts(cache_path: str, parts: list[str]) -> None:
 
 
 def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens: int = 64,
-                    batch_size: int = 64, resample: str = "bicubic", batch_tokens: int | None = None) -> AnswerFn:
+                    batch_size: int = 64, resample: str = "bicubic", batch_tokens: int | None = None,
+                    prefill_tokens: int = 16384) -> AnswerFn:
     """The real answer function: k direct answers (no tool, one turn) per (task, budget) pair, the global
     image at max_pixels = budget * 784 (native size when smaller). batch_size: episodes per forward, within
     batch_tokens KV-cache tokens (the first rungs' images are the largest: 16K tokens each at the top)."""
     cfg = lfpc.RolloutConfig(use_tool=False, max_turns=1, temperature=temperature, max_new_tokens=max_new_tokens,
                              max_response_tokens=max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens,
+                             prefill_tokens=prefill_tokens,
                              global_min_pixels=MIN_PIXELS, global_resample=resample)
 
     keys = {}                                                  # id(task) -> (task, item_key): hashed once

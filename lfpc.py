@@ -140,6 +140,9 @@ class RolloutConfig:
     schedule: str = "continuous"              # cached engine: "continuous" (a slot's turn and episode end on
                                               # their own) or "turns" (the per-turn barrier, to measure against)
     sync_every: int = 1                       # cached engine: decode steps between two host syncs
+    prefill_tokens: int = 16384               # cached engine: tokens one prefill forward computes (rows x the
+                                              # longest, padding included), at most; a longer row runs alone.
+                                              # Bounds the rollout's activations (support/memory.py)
 
     def __post_init__(self):
         for name, value, allowed in (("probe", self.probe, PROBES), ("decode", self.decode, ("dynamic", "static")),
@@ -148,6 +151,8 @@ class RolloutConfig:
                 raise ValueError(f"unknown {name} {value!r}; use one of {allowed}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be at least 1, got {self.sync_every}")
+        if self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, got {self.prefill_tokens}")
 
 
 PROBES = ("none", "noise", "gt")
@@ -364,7 +369,8 @@ def turn_budget(ep: Episode, cfg: RolloutConfig) -> int:
     return max(1, min(cfg.max_new_tokens, cfg.max_response_tokens - ep.num_generated))
 
 
-IMAGE_THREADS = min(8, os.cpu_count() or 1)   # threads that open the tasks' originals and resize them to the budget
+IMAGE_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                                               # threads that open the tasks' originals and resize them to the budget
 MAX_ERROR_CHARS = 200    # an error turn shows at most this much of its reason (it may quote the model's call)
 
 

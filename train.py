@@ -150,6 +150,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
                                  batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every,
+                                 prefill_tokens=a.prefill_tokens,
                                  top_p=a.top_p, decode=a.decode)
     if (why := lfpc.prompt_problem(agent, tasks, cfg)):             # before hours of probing
         raise SystemExit(f"--data: {why}")
@@ -437,7 +438,7 @@ def set_budgets(a: Args, agent: lfpc.Agent, tasks: list[lfpc.Task], judge: Judge
         try:
             records = info_gap.probe(mine, sampler, prober_config(a), os.path.abspath(a.model), cache,
                                      batch_size=a.rollout_batch, judge=judge, write_path=part,
-                                     batch_tokens=a.rollout_tokens, stop=stop)
+                                     batch_tokens=a.rollout_tokens, prefill_tokens=a.prefill_tokens, stop=stop)
         except info_gap.CacheError as e:
             raise SystemExit(f"--gap-cache: {e}") from None
     if w.distributed:

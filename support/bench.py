@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--estimate-memory", action="store_true",
                    help="config mode, CPU, no weights allocated: peak memory of one stage-1 step by kind (support/memory.py)")
     p.add_argument("--rollout-rows", type=int, default=16, help="estimate: episodes sharing one rollout chunk's KV cache")
+    p.add_argument("--prefill-tokens", type=int, default=16384, help="config and estimate-memory modes: "
+                   "tokens one prefill forward of the rollout computes, at most (RolloutConfig.prefill_tokens)")
     p.add_argument("--train-tokens", type=int, default=16384, help="estimate: padded tokens per training micro-batch")
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
@@ -255,7 +257,8 @@ def config_step(a) -> dict:
     tasks = synthetic_tasks(agent, a)
     cfg = lambda n: lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * crop_tool.TOKEN_PIXELS, use_tool=False,
                                        temperature=1.0, decode=a.decode, batch_size=a.batch, max_turns=1,
-                                       max_new_tokens=n, max_response_tokens=n, sync_every=a.sync_every)
+                                       max_new_tokens=n, max_response_tokens=n, sync_every=a.sync_every,
+                                       prefill_tokens=a.prefill_tokens)
     autocast = policy.precision(agent)                             # train.py's precision, rollouts included
     import train
     mode = train.pack_mode(a, agent.model)                         # train.py's micro-batch layout
@@ -357,6 +360,7 @@ def toy_step(a) -> dict:
                              "--full-tokens", str(a.budget), "--device", "cpu", "--pack", a.pack])
     agent = policy.load_model(args)
     cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=args.rollout_batch,
+                                 prefill_tokens=args.prefill_tokens,
                                  batch_tokens=args.rollout_tokens, engine=a.engine)
     tasks = train.load_data(args, agent)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
@@ -650,7 +654,8 @@ def decode_step_ops() -> tuple[float, float]:
     """(aten ops a decoder layer, aten ops outside the layers) of one decode step of the slot engine as it
     runs (the model, the cache's writes, the attention mask, top-p sampling; merged LoRA is the plain
     model), counted with a TorchDispatchMode over the steps of one rollout on the real-shape model with 1
-    and with 2 layers. On a GPU without CUDA graphs each is a launch (or a dispatch) by the host."""
+    and with 2 layers (the real vocabulary from tests/fixtures/qwen2-tokenizer). On a GPU without CUDA graphs
+    each is a launch (or a dispatch) by the host."""
     import os
     from torch.utils._python_dispatch import TorchDispatchMode
     from PIL import Image
@@ -680,7 +685,7 @@ def decode_step_ops() -> tuple[float, float]:
                 lfpc.rollout(agent, tasks, 2, cfg, seed=0)
         finally:
             engine.SlotSession.decode = real
-        per_step.append(count[0] / count[1])
+        per_step.append(count[0] / (count[1] * cfg.sync_every))                # a decode call is sync_every steps
     return per_step[1] - per_step[0], 2 * per_step[0] - per_step[1]
 
 
@@ -731,6 +736,7 @@ def main(argv=None) -> dict:
         shape = memory.StepShape(config=a.config, lora=a.lora, visual_tokens=a.visual_tokens,
                                  response_tokens=a.response_tokens, crops=a.crops, crop_tokens=a.crop_tokens,
                                  rollout_rows=a.rollout_rows, group=a.group, train_tokens=a.train_tokens,
+                                 prefill_tokens=a.prefill_tokens,
                                  logprob_chunk=a.logprob_chunk, world=a.world, ckpt_fraction=a.ckpt_fraction)
         if a.ckpt_sweep:
             report = memory.ckpt_sweep(shape)

@@ -12,8 +12,8 @@ Contract
         of one KV cache allocated once in the compute dtype (`SlotKV`, written in place), one episode
         a slot, the rest queued. A pass: free slots take queued episodes (a task's prompt prefilled
         once, its cache copied to its other rollouts); the slots with tokens to prefill (a prompt, or
-        what the environment appended after a turn) are extended in one forward; every live slot
-        decodes one token (`sync_every` steps between host syncs). `turns()` returns as soon as a turn
+        what the environment appended after a turn) are extended in one forward (at most
+        cfg.prefill_tokens tokens, the rest in the next pass); every live slot decodes one token (`sync_every` steps between host syncs). `turns()` returns as soon as a turn
         has ended; that slot is extended in the next pass while the others decode; a closed episode's
         slot is freed (the last live slot moves into it, so decode reads the cache as views) and never
         computed again. Stop strings are checked on token ids. `schedule="turns"` keeps the per-turn
@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from support import batches, pixels
+from support import attention, batches, pixels
 from support.batches import Policy, Row
 
 
@@ -58,7 +58,9 @@ def open_session(agent: Policy, episodes: list[Row], cfg, work: Work, bound: int
     while a submitted turn has not come back. `bound`: the most tokens an episode can reach
     (`lfpc.episode_bound`). `script` (tests) replaces decoding: a turn's tokens come from it. `force`
     (benchmarks, cached only) may replace a sampled token. `store`: the images' features kept for the
-    training forward (cached only; the reference keeps none, so training encodes them again)."""
+    training forward (cached only; the reference keeps none, so training encodes them again). A decode
+    step's attention reads the cache as it is (support/attention.py)."""
+    attention.install(agent.model)
     if cfg.engine == "cached":
         return SlotSession(agent, episodes, cfg, work, bound, script, force, store)
     if cfg.engine != "reference":
@@ -94,7 +96,8 @@ class Slot:
     budget: int = 0               # this turn's token limit
     mode: str = "extend"          # "extend" (tokens to prefill) | "decode" | "ended" (its turn came back, until
                                   # its submit or close) | "wait" (submitted, behind the barrier) | "done"
-    share: int | None = None      # "copy": the task whose saved prompt cache this slot takes
+    share: int | None = None      # "copy": the task whose saved prompt cache this slot takes; a task's first
+                                  # slot: its task until its prompt is saved (None after, or if nothing copies it)
     closed: bool = False          # its episode ended
 
     @property
@@ -139,7 +142,8 @@ class SlotSession:
     """The cached engine: continuous batching over `slot_count` slots of one preallocated KV cache
     (`SlotKV`), each holding one episode, the rest queued. `turns()` runs passes until a turn ends: free
     slots take queued episodes; the slots with tokens to prefill (a new episode's prompt, the environment's
-    answer to a turn) are extended in one forward; every live slot decodes (`cfg.sync_every` steps, then
+    answer to a turn) are extended in one forward (at most cfg.prefill_tokens: the rest in the next pass);
+    every live slot decodes (`cfg.sync_every` steps, then
     one host sync). A slot whose turn ended waits for its `submit` (extended in the next pass while the
     others keep decoding) or its `close` (freed, never computed again). The episodes of one task
     (consecutive rows) share its prompt: prefilled once, its cache copied. cfg.schedule "turns": the
@@ -208,6 +212,7 @@ class SlotSession:
         """Free slots take the next queued episodes. A task's first episode prefills the prompt (minus its
         last token, the pending one); its other episodes copy that cache once it is there."""
         first = {}
+        unsaved = {o.share for o in self.live if o.mode != "copy" and o.share is not None}   # firsts not prefilled yet
         while self.queue and len(self.live) < self.S:
             i, budget = self.queue.popleft()
             ep = self.episodes[i]
@@ -215,7 +220,7 @@ class SlotSession:
             self.slot_of[i] = s
             if self.u is not None:                              # the episode's own stream: token j, uniform j
                 self.u[len(self.live)] = torch.rand(self.u.shape[1], generator=torch.Generator().manual_seed(ep.seed))
-            if ep.task_index in self.saved or ep.task_index in first:
+            if ep.task_index in self.saved or ep.task_index in first or ep.task_index in unsaved:
                 s.mode, s.share = "copy", ep.task_index
             else:
                 first[ep.task_index] = s
@@ -229,13 +234,20 @@ class SlotSession:
         return bool(self.queue) and self.episodes[self.queue[0][0]].task_index == task
 
     def extend(self) -> None:
-        """One forward over the slots in mode "extend" (right-padded to the longest): each prefills its
-        sequence from `length` to its pending token; then shared prompts are saved and copied."""
-        rows = [i for i, s in enumerate(self.live) if s.mode == "extend"]
+        """One forward over the slots in mode "extend" (right-padded to the longest), in order, while the
+        forward stays within cfg.prefill_tokens (the first whatever its length; the rest wait for the next
+        pass, computed as padding by its decode): each prefills its sequence from `length` to its pending
+        token. Then shared prompts are saved and copied."""
+        rows, n = [], 0
+        for i, s in enumerate(self.live):
+            if s.mode == "extend":
+                m = max(n, len(s.ep.token_ids) - 1 - s.length)
+                if rows and (len(rows) + 1) * m > self.cfg.prefill_tokens:
+                    break
+                rows, n = rows + [i], m
         if rows:
             agent = self.agent
             new = [self.live[i].ep.token_ids[self.live[i].length:-1] for i in rows]
-            n = max(len(t) for t in new)
             ids = torch.full((len(rows), n), agent.pad_id, dtype=torch.long)
             pos = torch.zeros(3, len(rows), n, dtype=torch.long)
             images = []
@@ -256,8 +268,9 @@ class SlotSession:
         for i, s in enumerate(self.live):
             if s.mode == "decode" and s.share is not None and s.turn == 0 and s.share not in self.saved:
                 self.saved[s.share] = (s.length, s.pos, s.images, self.kv.save(i, s.length))
+                s.share = None                                  # saved once
         for i, s in enumerate(self.live):
-            if s.mode == "copy":
+            if s.mode == "copy" and s.share in self.saved:   # else its prompt waits for a later pass
                 s.length, s.pos, s.images, cache = self.saved[s.share]
                 self.kv.restore(cache, i)
                 s.mode, s.share = "decode", None

@@ -13,10 +13,11 @@ peak is the larger of the two:
 - held throughout: the weights and AdamW's two fp32 moments of what trains (from the first step on);
   gradients exist from the first backward of a step until `train.update_policy` frees them after its
   optimizer step (so the rollout never holds them);
-- rollout: the KV cache of one rollout chunk at its longest (`--rollout-rows` rows of the
+- rollout: under LoRA the copy of the model that samples (`policy.sampler`: bf16, the adapters merged
+  into it); the KV cache of one rollout chunk at its longest (`--rollout-rows` rows of the
   bound length: prompt + all response tokens + every crop; exact formula `kv_bytes`), and the largest
-  prefill of the cached engine (one chunk's prompts, or an observation of one crop for every row),
-  tracked as a no-grad forward;
+  prefill of the cached engine (one chunk's prompts, or an observation of one crop for every row, as
+  many rows as `prefill_tokens` admit: the engine's cap on one forward), tracked as a no-grad forward;
 - training: every gradient (a step's later micro-batches run while the earlier ones' gradients are
   held), and the peak activations of one micro-batch of `--train-tokens` padded tokens (episodes of
   the bound length) through the forward with gradient checkpointing, the chunked log-prob head
@@ -28,7 +29,10 @@ measured on REAL CPU tensors with the published vision config on a small image a
 in patches (windowed attention and memory-efficient full attention are linear in memory): frozen under
 LoRA (a transient of the forward), trained under full fine-tuning (its checkpointed activations held
 through the backward). What the estimate leaves out: the CUDA context and cuBLAS workspaces (~1 GB),
-allocator fragmentation (10-20 % on long runs), and the host memory of the episodes (`episode_bytes`).
+allocator fragmentation (10-20 % on long runs), the host memory of the episodes (`episode_bytes`), and
+what an extension forward reads of its rows' earlier context: their cached keys and values gathered and,
+under sdpa with a mask, repeated to the query heads, a layer at a time (7B: 12 rows of an 8.5K context,
+~1.5 GiB; a decode step packs the heads instead, support/attention.py).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
 state (FSDP2) but the lm_head's, which every rank holds whole (support/dist.py says why), and gathers the
@@ -59,6 +63,7 @@ class StepShape:
     crops: int = 4                   # crops an episode may hold (max_turns - 1)
     crop_tokens: int = 1280          # visual tokens of a crop (the crop budget)
     rollout_rows: int = 16           # episodes sharing one rollout chunk's KV cache
+    prefill_tokens: int = 16384      # tokens one prefill forward computes, at most (RolloutConfig.prefill_tokens)
     group: int = 16                  # rollouts per prompt: a chunk prefills rollout_rows / group prompts
     train_tokens: int = 16384        # padded tokens per training micro-batch
     logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head
@@ -81,8 +86,11 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     kv = kv_bytes(text, s.rollout_rows, s.episode_tokens)
     prompts = max(1, s.rollout_rows // s.group)
     frozen = lambda: _language_model(config, lora=1)[:1]
-    prefill = max(_tracked(frozen, lambda lm: _prefill_step(lm, prompts, s.visual_tokens + s.text_tokens), fake),
-                  _tracked(frozen, lambda lm: _prefill_step(lm, s.rollout_rows, s.crop_tokens + 30), fake),
+    rows = lambda n, tokens: max(1, min(n, s.prefill_tokens // tokens))   # the engine's cap on one forward
+    prefill = max(_tracked(frozen, lambda lm: _prefill_step(lm, rows(prompts, s.visual_tokens + s.text_tokens),
+                                                            s.visual_tokens + s.text_tokens), fake),
+                  _tracked(frozen, lambda lm: _prefill_step(lm, rows(s.rollout_rows, s.crop_tokens + 30),
+                                                            s.crop_tokens + 30), fake),
                   key=lambda snap: snap["activations"])
     trainable = _trainable_bytes(config, s.lora)
     shards = s.world if not s.lora else 1                             # FSDP2 shards full fine-tuning only
@@ -90,6 +98,8 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     part = lambda n: (n - whole) // shards + whole                    # n bytes (the lm_head's `whole` in them)
     held = {"weights": part(weights), "optimizer": 2 * part(trainable)}   # AdamW's moments: from step 1 on
     rollout = {**held, "kv_cache": kv, "activations": prefill["activations"]}
+    if s.lora:
+        rollout["merged_copy"] = 2 * _parameters(config)       # policy.sampler: a bf16 copy, the adapters merged in
     if shards > 1:
         rollout["gathered_weights"] = (weights - whole) // 2   # the shards gathered for rollouts, in bf16
                                                                # (FSDP2's param_dtype, dist.shard)

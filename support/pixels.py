@@ -26,12 +26,14 @@ from PIL import Image
 
 def pixel_values(agent, images: list[Image.Image], device=None) -> torch.Tensor:
     """[sum of patches, C*tp*p*p] float32 on `device` (default the agent's) for `images`, in order."""
-    device = agent.device if device is None else device
+    device = torch.device(agent.device if device is None else device)
+    ip = agent.image_processor
+    if not images:
+        return torch.zeros(0, 3 * ip.temporal_patch_size * ip.patch_size ** 2, device=device)
     if any(im.mode != "RGB" for im in images):                       # the processor's own conversion
         return torch.cat([agent.encode_image(im)[0] for im in images]).to(device)
-    ip = agent.image_processor
     cut = torch.cat([patches(im, ip.patch_size, ip.merge_size) for im in images])      # [n, C, p*p] uint8
-    return normalise(cut.to(device), table(ip).to(device), ip.temporal_patch_size)
+    return normalise(cut.to(device), table(ip, device), ip.temporal_patch_size)
 
 
 def patches(image: Image.Image, patch: int, merge: int) -> torch.Tensor:
@@ -56,24 +58,29 @@ def normalise(cut: torch.Tensor, lut: torch.Tensor, temporal: int) -> torch.Tens
     return v.unsqueeze(2).expand(n, c, temporal, pp).reshape(n, c * temporal * pp)
 
 
-_TABLES: dict[int, tuple[object, torch.Tensor]] = {}
+_TABLES: dict[tuple, tuple[object, torch.Tensor]] = {}
 
 
-def table(image_processor) -> torch.Tensor:
-    """[C, 256] float32: what `image_processor` makes of each byte value in each channel, found by running
-    it on a probe image (kept per processor). Raises if the processor is not a per-value map."""
-    hit = _TABLES.get(id(image_processor))
-    if hit is not None and hit[0] is image_processor:
+def table(image_processor, device=None) -> torch.Tensor:
+    """[C, 256] float32 on `device`: what `image_processor` makes of each byte value in each channel,
+    found by running it on a probe image (kept per processor, its settings and the device). Raises if the
+    processor is not a map of each channel's own byte values."""
+    ip = image_processor
+    key = (id(ip), str(device), *(repr(getattr(ip, k, None)) for k in
+                                  ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+                                   "patch_size", "merge_size", "temporal_patch_size")))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is ip:
         return hit[1]
-    p, m, tp = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     side = p * m
     width = side * -(-256 // side)                                         # >= 256 columns, one per value
-    probe = np.zeros((side, width, 3), np.uint8)
-    probe[:, :256] = np.arange(256, dtype=np.uint8)[None, :, None]
-    probe[:, 256:] = (255 - np.arange(width - 256) % 256).astype(np.uint8)[None, :, None]
-    probe[1::2] = probe[1::2, ::-1]                                        # every value at many positions
-    image = Image.fromarray(probe)
-    out = image_processor(images=[image], do_resize=False, return_tensors="pt")["pixel_values"]
+    y, x = np.mgrid[0:side, 0:width]
+    # every value of every channel in each row, at a different place in each row, beside other values of
+    # the other channels: a processor that mixes channels or positions gives one value two outputs
+    probe = np.stack([(x * k + 85 * c + 37 * c * y) % 256 for c, k in enumerate((1, 3, 5))], -1)   # [side, width, C]
+    image = Image.fromarray(probe.astype(np.uint8))
+    out = ip(images=[image], do_resize=False, return_tensors="pt")["pixel_values"]
     cut = patches(image, p, m)                                             # [n, C, p*p]
     n, c, pp = cut.shape
     out = out.reshape(n, c, tp, pp).float()
@@ -81,7 +88,8 @@ def table(image_processor) -> torch.Tensor:
     for ch in range(c):
         lut[ch, cut[:, ch].reshape(-1).long()] = out[:, ch, 0].reshape(-1)
     if torch.isnan(lut).any() or not torch.equal(normalise(cut, lut, tp), out.reshape(n, -1)):
-        raise ValueError(f"{type(image_processor).__name__} is not a map of each channel's byte values "
+        raise ValueError(f"{type(ip).__name__} is not a map of each channel's byte values "
                          f"(or patches in another order): use Agent.encode_image")
-    _TABLES[id(image_processor)] = (image_processor, lut)
+    lut = lut.to(device) if device is not None else lut
+    _TABLES[key] = (ip, lut)
     return lut

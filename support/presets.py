@@ -25,23 +25,25 @@ import lfpc
 
 # ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
 # GiB usable of 80, measured by `support/bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
-# training peak (every layer: 43.8 at the rollout's; 1/4: 82.0).
+# training peak (every layer: 42.6 at the rollout's; 1/4: 82.0).
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
     model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
     lora=0, grad_ckpt=True, ckpt_fraction=0.5, rollout_batch=64, rollout_tokens=64 * 8512, train_tokens=16384,
+    prefill_tokens=16384,
     max_turns=5, max_new_tokens=1024, max_response_tokens=2048, min_tokens=4, resample="bicubic",
     crop_max_tokens=1280, crop_min_tokens=4, crop_snap=0, crop_resample="bicubic",
     full_tokens=16384, floor_tokens=256, probe_max_new_tokens=64,
     budget=1024, limit=None, batch_size=16,
 )
 
-# From `python -m support.bench --config 7b --estimate-memory` (README): 32 rows of 8,512-token episodes (1K global,
-# 2,048 response tokens, 4 crops of 1,280) peak at ~42 GiB; at the 16K global budget the same token budget
-# admits one group of 16 rows a chunk (~46 GiB). Micro-batches of 32K padded tokens, every decoder layer
-# checkpointed: `support/bench.py --estimate-memory --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of
-# them, over the 71 GiB usable of 80.
-ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 1.0, "prompts": 32, "rollout_batch": 32, "rollout_tokens": 32 * 8512,
+# From `python -m support.bench --config 7b --estimate-memory` (README): 64 slots of 8,512-token episodes (1K global,
+# 2,048 response tokens, 4 crops of 1,280), prefill forwards of at most 16K tokens, and the merged bf16 copy that
+# samples peak at 65.7 GiB, under the 71 GiB usable of 80 (--rollout-batch 32 --rollout-tokens 272384: 51.2 GiB,
+# at ~1.8x the decode steps); at the 16K global budget the same token budget holds 22 slots (67.6 GiB).
+# Micro-batches of 32K padded tokens, every decoder layer checkpointed: `support/bench.py --estimate-memory
+# --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of them, over the 71 GiB usable.
+ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 1.0, "prompts": 32, "rollout_batch": 64, "rollout_tokens": 64 * 8512,
            "train_tokens": 32768, "micro_batch": 8}
 
 # The toy preset belongs to the toy world and lives there (toy/world.py's PRESET): named here by its module,

@@ -18,8 +18,8 @@ Contract
   under `suffix_mask`), so no [N, N] mask is ever built; grouped-query heads repeated per span (copies of
   the prompt's keys and values per suffix: README, "Real scale on one GPU").
 - `install(model)`: routes a `Layout` mask to `attention` for the model's attention implementation
-  (sdpa or flash_attention_*), by wrapping the function transformers has registered under that name;
-  every call without a `Layout` goes to the wrapped function unchanged. Idempotent. batches.forward passes
+  (sdpa or flash_attention_*; support/attention.py wraps the function transformers has registered under
+  that name, every call without a `Layout` going to it unchanged). Idempotent. batches.forward passes
   the layout as the model's prepared mask mapping, so a checkpointed layer's recompute sees it too.
 """
 from __future__ import annotations
@@ -44,6 +44,10 @@ class Layout:
     @property
     def tokens(self) -> int:
         return sum(n + sum(m for _, m in suffixes) for _, n, suffixes in self.groups)
+
+    def attend(self, module, query, key, value, **kwargs):
+        """This row's attention (`attention`): how support/attention.py routes a Layout mask."""
+        return attention(module, query, key, value, self, **kwargs)
 
     def attention_spans(self) -> list[tuple[int, int]]:
         """(queries, keys) of each span's attention, in row order: a prompt (n, n), a suffix (m, n + m)."""
@@ -84,21 +88,11 @@ SUPPORTED = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_
 
 
 def install(model) -> None:
-    """Route `Layout` masks of `model`'s decoder attention to `attention` (module docstring)."""
-    from transformers import AttentionInterface
+    """Route `Layout` masks of `model`'s decoder attention to `attention` (support/attention.py routes them);
+    ValueError for an implementation a shared prompt cannot run under."""
+    from support import attention as routing
     impl = model.config.get_text_config()._attn_implementation
     if impl not in SUPPORTED:
         raise ValueError(f"a shared prompt (--pack shared) needs sdpa or flash attention; the model runs {impl!r} "
                          f"(load it with attn_implementation='sdpa', or train with --pack on/off)")
-    base = AttentionInterface._global_mapping[impl]
-    if getattr(base, "routes_layouts", False):
-        return
-
-    def routed(module, query, key, value, attention_mask, *args, **kwargs):
-        if isinstance(attention_mask, Layout):
-            if args:
-                raise TypeError(f"shared_prompt.attention takes keyword arguments only, got {len(args)} more")
-            return attention(module, query, key, value, attention_mask, **kwargs)
-        return base(module, query, key, value, attention_mask, *args, **kwargs)
-    routed.routes_layouts = True
-    AttentionInterface.register(impl, routed)
+    routing.install(model)

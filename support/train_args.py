@@ -50,6 +50,8 @@ class Args:
     rollout_batch: int | None = arg(None, 'episodes sampled together, at most (preset)')
     rollout_tokens: int | None = arg(None, 'KV-cache tokens of one rollout chunk, at most: episodes x the bound '
                                             'of their length (preset; one-gpu from support/memory.py)')
+    prefill_tokens: int | None = arg(None, 'cached engine: tokens one prefill forward of the rollout computes, at '
+                                           'most: bounds its activations, not its results (preset; support/memory.py)')
     temperature: float = arg(1.0, 'sampling temperature of the rollouts')
     prompt: str | None = arg(None, 'how turns are written (support/prompts.py): qwen or deepeyes (default: the model\'s own)')
     judge: str = arg("rule", 'who decides a right answer (rewards, votes, metrics): rule or llm (support/judge.py)')
@@ -171,7 +173,7 @@ def check_ranges(a: Args) -> list[str]:
     for name in ("resample", "crop_resample"):
         need(getattr(a, name) in crop_tool.RESAMPLE, f"--{name.replace('_', '-')} is bicubic or box")
     bad += cli.at_least(a, ("steps", "prompts", "micro_batch", "train_tokens", "rollout_batch", "rollout_tokens",
-                            "max_turns", "max_new_tokens", "max_response_tokens", "full_tokens", "floor_tokens",
+                            "prefill_tokens", "max_turns", "max_new_tokens", "max_response_tokens", "full_tokens", "floor_tokens",
                             "probe_k", "probe_max_new_tokens", "min_tokens", "crop_max_tokens", "crop_min_tokens",
                             "save_every", "n_train"))
     need(a.group is None or a.group >= 2, f"--group must be at least 2 (GRPO learns from differences within a "
@@ -247,6 +249,7 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
         raise SystemExit(f"--resume: the run in {a.out} trained on {state.get('world_size', 1)} rank(s), this launch has "
                          f"{w.size}: resume with the same world size (data and sampling are split by it)")
     saved = Args(**state["args"])
+    presets.fill(saved, saved.preset)                  # a setting newer than the run's checkpoint: its preset's
     clash = sorted(k for k in given - set(RESUMABLE) if getattr(a, k) != getattr(saved, k))
     if clash:
         raise SystemExit("--resume continues a run with its own settings; " + "; ".join(
@@ -255,6 +258,7 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
             f"for the rest")
     changes = {k: getattr(a, k) for k in given & set(RESUMABLE)}
     resumed = Args(**{**state["args"], **changes, "out": a.out, "resume": True})
+    presets.fill(resumed, resumed.preset)
     if found is None:
         return resumed, None
     if resumed.steps <= state["step"]:
@@ -266,4 +270,5 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
 MAX_BETA = 10.0          # a KL weight beyond this freezes the policy at the reference
 MAX_TEMPERATURE = 10.0   # beyond this the samples are noise: nothing to learn from
 MAX_LR = 1e-2            # a higher learning rate destroys a pretrained policy in a step or two
-RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout", "ckpt_fraction")   # what --resume may change
+RESUMABLE = ("steps", "lr", "save_every", "out", "device", "resume", "judge_timeout", "ckpt_fraction",
+             "prefill_tokens")   # what --resume may change

@@ -1,5 +1,6 @@
 """Tests for support/engine.py: M-RoPE positions, the forward pass, sampling with a KV cache, log-prob parity."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -481,17 +482,21 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
         assert work.slot_steps == slots * work.decode_steps
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_decode_steps_read_nothing_back_until_their_one_host_sync(k, monkeypatch):
+@pytest.mark.parametrize("case", ["real shape, 1 step a sync", "real shape, 4 steps a sync",
+                                  "toy with crops, prefills capped"])
+def test_decode_steps_read_nothing_back_until_their_one_host_sync(case, monkeypatch):
     """Between two host syncs a decode step neither reads a device value on the host (an item(), int() or
-    comparison in Python: aten._local_scalar_dense; on a GPU it waits for the device) nor builds a tensor
-    from host data (aten.lift_fresh: a copy to the device). One call of `decode` (k steps) builds one
-    tensor (the slots' state) and reads its k tokens once (`tolist`), whatever k, on a real-shape model
-    whose turns end at ragged lengths."""
+    comparison in Python: aten._local_scalar_dense; nonzero, masked_select, repeat_interleave: shapes
+    from values; on a GPU each waits for the device) nor builds a tensor from host data (aten.lift_fresh:
+    a copy to the device). One call of `decode` (k steps) builds one tensor (the slots' state) and reads
+    its tokens once (`tolist`), whatever k: on a real-shape model whose turns end at ragged lengths, and
+    on the toy base with crops and error turns while capped prefills leave slots waiting."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from conftest import QWEN_TOKENIZER
     from support import models
-    host = ("aten._local_scalar_dense.default", "aten.lift_fresh.default")
+    import toy.world
+    host = ("aten._local_scalar_dense.default", "aten.lift_fresh.default", "aten.nonzero.default",
+            "aten.masked_select.default", "aten.repeat_interleave.Tensor")
     calls = []
 
     class Count(TorchDispatchMode):
@@ -506,14 +511,50 @@ def test_decode_steps_read_nothing_back_until_their_one_host_sync(k, monkeypatch
         with Count():
             return real(self)
     monkeypatch.setattr(engine.SlotSession, "decode", counted)
-    agent = models.real_shape_agent(QWEN_TOKENIZER, layers=1)
-    tasks = [lfpc.Task(noise_image(112, 112, seed=i), "What colour?", "A") for i in range(2)]
-    cfg = lfpc.RolloutConfig(max_new_tokens=9, max_response_tokens=9, max_turns=1, global_max_pixels=112 * 112,
-                             sync_every=k, temperature=1.0, top_p=0.9)
+    if case.startswith("toy"):
+        agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+        tasks, group = toy.world.eval_tasks(4), 4
+        cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=1.0, batch_size=8, prefill_tokens=64)
+    else:
+        agent = models.real_shape_agent(QWEN_TOKENIZER, layers=1)
+        tasks, group = [lfpc.Task(noise_image(112, 112, seed=i), "What colour?", "A") for i in range(2)], 2
+        cfg = lfpc.RolloutConfig(max_new_tokens=9, max_response_tokens=9, max_turns=1, global_max_pixels=112 * 112,
+                                 sync_every=4 if "4 steps" in case else 1, temperature=1.0, top_p=0.9)
     with torch.no_grad():
-        eps = lfpc.rollout(agent, tasks, 2, cfg, seed=0)
-    assert len(calls) >= 9 // k and sum(e.num_generated for e in eps) > 0
-    assert all(c == {"aten._local_scalar_dense.default": 0, "aten.lift_fresh.default": 1} for c in calls), calls
+        eps = lfpc.rollout(agent, tasks, group, cfg, seed=0)
+    assert len(calls) >= 2 and sum(e.num_generated for e in eps) > 0
+    if case.startswith("toy"):
+        assert any(e.crops for e in eps), "the toy's episodes must hold crops (slots extended mid-rollout)"
+    want = {**dict.fromkeys(host, 0), "aten.lift_fresh.default": 1}
+    assert all(c == want for c in calls), calls
+
+
+def test_a_prefill_forward_stays_within_prefill_tokens_and_the_episodes_do_not_change(monkeypatch):
+    """RolloutConfig.prefill_tokens caps one extension forward (rows x the longest, padding included; a
+    longer row alone): the slots left waiting are extended in later passes, and the episodes are those
+    of an uncapped run (tokens, masks, crops; log-probs within 1e-5), greedy and sampled."""
+    import toy.world
+    agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+    tasks = toy.world.eval_tasks(6)
+    sizes = []
+    real = engine.SlotSession._forward
+
+    def spy(self, ids, pos, start, rows, *rest):
+        if rows is not None:                                  # an extension (a decode step passes rows None)
+            sizes.append(tuple(ids.shape))
+        return real(self, ids, pos, start, rows, *rest)
+    monkeypatch.setattr(engine.SlotSession, "_forward", spy)
+    for temperature in (0.0, 1.0):
+        cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=temperature, batch_size=8)
+        sizes.clear()
+        free, _ = _rollout(agent, tasks, 4, cfg, "cached", seed=11)
+        uncapped = list(sizes)
+        cap = max(n for _, n in uncapped) + 1                 # the longest extension, alone
+        sizes.clear()
+        capped, _ = _rollout(agent, tasks, 4, replace(cfg, prefill_tokens=cap), "cached", seed=11)
+        _same_episodes(capped, free, atol=1e-5, ties=(agent, temperature) if temperature > 0 else None)
+        assert max(b * n for b, n in uncapped) > cap, "the uncapped run must exceed the cap somewhere"
+        assert all(b * n <= cap or b == 1 for b, n in sizes) and len(sizes) > len(uncapped)
 
 
 def test_a_kv_budget_under_one_episode_is_refused_with_what_would_fit(tiny):

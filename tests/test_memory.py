@@ -57,6 +57,17 @@ def test_weights_bytes_of_7b_lora_and_full():
     assert memory._weights_bytes(c, 0) == 4 * 8_292_166_656
 
 
+def test_the_rollout_holds_the_merged_copy_under_lora_and_a_prefill_within_its_cap():
+    config = memory.model_config("tiny")
+    lora = memory.estimate(memory.StepShape(**TINY, lora=4), vision=False)
+    full = memory.estimate(memory.StepShape(**TINY, lora=0), vision=False)
+    assert lora["rollout"]["merged_copy"] == 2 * memory._parameters(config) and "merged_copy" not in full["rollout"]
+    # the crop observations of 4 rows (4 x 46 tokens) in one forward, or one row a forward under a cap of 46
+    wide = memory.estimate(memory.StepShape(**{**TINY, "visual_tokens": 4}, lora=0, prefill_tokens=4096), vision=False)
+    one = memory.estimate(memory.StepShape(**{**TINY, "visual_tokens": 4}, lora=0, prefill_tokens=46), vision=False)
+    assert one["rollout"]["activations"] < wide["rollout"]["activations"] / 2
+
+
 def test_episode_bytes_counts_shared_images_once():
     from PIL import Image
     im = Image.new("RGB", (56, 28))

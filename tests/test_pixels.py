@@ -57,15 +57,32 @@ def test_an_image_that_is_not_rgb_takes_the_processors_conversion():
     rgba = np.random.default_rng(3).integers(0, 255, (56, 84, 4), dtype=np.uint8)
     images = [Image.fromarray(rgba, "RGBA"), noise_image(56, 56).convert("L")]
     assert torch.equal(pixels.pixel_values(agent, images), reference(agent, images))
-    assert torch.equal(pixels.pixel_values(agent, [crop_tool.resize_to_budget(images[0], 3136, 3136)]),
-                       reference(agent, [crop_tool.resize_to_budget(images[0], 3136, 3136)]))
+    assert pixels.pixel_values(agent, []).shape == (0, 3 * 2 * 14 * 14)
+    # the shown image of an in-memory RGBA original: alpha composited onto white, as the processor would
+    shown = crop_tool.resize_to_budget(images[0], 3136, 84 * 56)
+    assert shown.mode == "RGB" and torch.equal(pixels.pixel_values(agent, [shown]), reference(agent, images[:1]))
 
 
-def test_a_processor_that_is_not_a_map_of_byte_values_is_refused():
-    class Positional(Qwen2VLImageProcessorPil):
+def test_a_processor_that_is_not_a_map_of_each_channels_byte_values_is_refused():
+    class Positional(Qwen2VLImageProcessorPil):          # adds each patch's index
         def __call__(self, *args, **kwargs):
             out = super().__call__(*args, **kwargs)
             out["pixel_values"] = out["pixel_values"] + torch.arange(out["pixel_values"].shape[0])[:, None]
             return out
-    with pytest.raises(ValueError, match="not a map"):
-        pixels.table(Positional(**models.QWEN_IMAGE_PROCESSOR))
+
+    class Swapped(Qwen2VLImageProcessorPil):             # reads the image as BGR
+        def __call__(self, images, **kwargs):
+            return super().__call__(images=[Image.fromarray(np.asarray(im)[:, :, ::-1].copy()) for im in images],
+                                    **kwargs)
+    for kind in (Positional, Swapped):
+        with pytest.raises(ValueError, match="not a map"):
+            pixels.table(kind(**models.QWEN_IMAGE_PROCESSOR))
+
+
+def test_the_table_follows_the_processors_settings_and_device():
+    ip = Qwen2VLImageProcessorPil(**models.QWEN_IMAGE_PROCESSOR)
+    before = pixels.table(ip)
+    ip.image_mean = [0.5, 0.5, 0.5]
+    after = pixels.table(ip)
+    assert not torch.equal(before, after) and torch.equal(after, pixels.table(ip, torch.device("cpu")))
+    assert torch.equal(pixels.pixel_values(Shim(ip), [noise_image(56, 56)]), reference(Shim(ip), [noise_image(56, 56)]))

@@ -228,7 +228,7 @@ PRESET = dict(
     tasks=training_tasks, eval_tasks=eval_tasks, checkpoints=CHECKPOINTS, system_prompt=SYSTEM_PROMPT,
     # model and run
     model=BASE, steps=60, prompts=8, group=8, lr=1e-4, micro_batch=16, n_train=1024, lora=0, grad_ckpt=False, ckpt_fraction=1.0,
-    rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20,                 # toy episodes are short
+    rollout_batch=64, rollout_tokens=1 << 20, train_tokens=1 << 20, prefill_tokens=1 << 20,                 # toy episodes are short
     # rollout: the toy's native crops on the 28-px grid, capped at 16 tokens (112x112 px)
     max_turns=3, max_new_tokens=64, max_response_tokens=160, min_tokens=1, resample="box",
     crop_max_tokens=16, crop_min_tokens=1, crop_snap=28, crop_resample="box",
