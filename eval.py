@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = " (default: %(default)s)"
     pre = " (default: the preset's)"
     p.add_argument("--preset", default="toy", choices=sorted(presets.NAMES), help="named settings" + d)
-    p.add_argument("--model", help="Qwen2.5-VL checkpoint: a folder (e.g. written by lfpc.save_agent) or hub name "
+    p.add_argument("--model", help="Qwen2.5-VL checkpoint: a folder (e.g. written by policy.save_agent) or hub name "
                    "(toy preset: the latest toy checkpoint)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="the project's JSONL of tasks (data.load_tasks)")
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (why := policy.device_problem(a.device)):
         p.error(why)
     cli.refuse(p, cli.judge_problems(a))
-    if (why := lfpc.model_problem(a.model)):
+    if (why := policy.model_problem(a.model)):
         p.error(why)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     a.probes = () if a.probes.strip() == "none" else tuple(s.strip() for s in a.probes.split(",") if s.strip())
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"eval.py: --out {out} cannot be written ({e.strerror or e})") from None
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache or os.path.join(out, "judge_cache.jsonl"),
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
-    agent = lfpc.load_agent(a.model, a.device, getattr(torch, a.dtype))
+    agent = policy.load_agent(a.model, a.device, getattr(torch, a.dtype))
     if a.prompt:
         agent = replace(agent, style=a.prompt)
     cfg = presets.rollout_config(a, a.budget, use_tool=not a.no_tool, engine=a.engine)

@@ -69,7 +69,7 @@ from tqdm import tqdm
 import crop_tool
 import lfpc
 from lfpc import Task
-from support import checkpoint, cli, data, prompts
+from support import checkpoint, cli, data, policy, prompts
 from support.judge import Judge, RuleJudge, make_judge
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (why := policy.device_problem(a.device)):
         p.error(why)
     cli.refuse(p, cli.judge_problems(a))
-    if (why := lfpc.model_problem(a.model)):
+    if (why := policy.model_problem(a.model)):
         p.error(why)
     return a
 
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl",
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    agent = lfpc.load_agent(a.model, a.device, dtype)
+    agent = policy.load_agent(a.model, a.device, dtype)
     try:
         records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)
     except CacheError as e:

@@ -33,7 +33,6 @@ Contract
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +158,7 @@ PROBES = ("none", "noise", "gt")
 ENGINES = ("cached", "reference")
 SCHEDULES = ("continuous", "turns")
 
-# ----------------------------------------------------------------------------- the agent and loading
+# ----------------------------------------------------------------------------- the agent
 
 @dataclass
 class Agent:
@@ -257,61 +256,6 @@ class Agent:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-PROMPT_FILE = "lfpc_agent.json"   # saved beside a checkpoint: the prompts it was trained with
-
-
-def load_agent(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
-               attn_implementation: str = "sdpa") -> Agent:
-    """A Qwen2.5-VL checkpoint (hub name or local folder), e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder
-    written by `save_agent` (then its prompts come back too). The weights load straight onto `device`
-    (accelerate's device_map): under torchrun no rank holds a host copy of the model (33 GB for 7B in fp32)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, device_map={"": torch.device(device)})
-    return Agent(model, tokenizer, image_processor, **read_prompts(name_or_path))
-
-
-def model_problem(model: str) -> str | None:
-    """Why `model` cannot be loaded, when that is known without trying: a local path that does not exist.
-    A name that is not a folder is a hub id only if it looks like one (owner/name) and its first part is
-    not a local folder (runs/stage1/ckpt is a path, Qwen/Qwen2.5-VL-7B-Instruct an id)."""
-    if os.path.exists(model):
-        return None if os.path.isdir(model) else f"model {model!r} is a file; pass its folder"
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.isdir(model.split("/")[0]):
-        return None
-    return f"model {model!r} not found (no such folder, and not a hub id owner/name)"
-
-
-def read_prompts(path: str) -> dict[str, str]:
-    """The prompts `save_agent` wrote beside a checkpoint ({} for a hub name or a plain checkpoint)."""
-    file = os.path.join(path, PROMPT_FILE)
-    if not os.path.isfile(file):
-        return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def save_agent(agent: Agent, path: str, state_dict: dict | None = None) -> None:
-    """Model, tokenizer, image processor and prompts in one folder that `load_agent` reads back.
-    `state_dict`: the model's weights gathered whole (a sharded model's, dist.full_state)."""
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()                   # no bar for each checkpoint between the step lines
-    try:
-        agent.model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    agent.tokenizer.save_pretrained(path)
-    agent.image_processor.save_pretrained(path)
-    with open(os.path.join(path, PROMPT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"system_prompt": agent.system_prompt, "instruction": agent.instruction, "style": agent.style,
-                   "direct_instruction": agent.direct_instruction}, f,
-                  indent=1)
 
 
 # ----------------------------------------------------------------------------- the rollout

@@ -157,7 +157,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     set_budgets(a, agent, tasks, judge, w, stop)
     ref_model = None
     if a.beta > 0:                     # a frozen copy of the starting policy (doubles the weights in memory)
-        ref_model = lfpc.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
+        ref_model = policy.load_agent(a.model, device=a.device, dtype=policy.base_dtype(a)).model.eval().requires_grad_(False)
     params = [p for p in agent.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(dist.param_groups(params), lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0,
                             fused=agent.device.type == "cuda")           # fused: no full-size temporaries
@@ -199,7 +199,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps or stopping:
             model_state, opt_state = dist.full_state(agent.model, opt, w)     # every rank: a collective
             if w.main:
-                run.save(lambda folder: lfpc.save_agent(agent, folder, model_state),
+                run.save(lambda folder: policy.save_agent(agent, folder, model_state),
                          {"optimizer": opt_state, "step": step + 1, "args": asdict(a), "world_size": w.size,
                           "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
                 metrics.plot_curves({"run": [run.metrics]}, metrics.CURVES, curves, budgets)

@@ -6,7 +6,7 @@ metrics log that resumes without duplicates.
     OUT/lock            {"host", "pid", "start"} of the live run: a second run into OUT refuses while that
                         process lives (a lock whose process is gone, e.g. after kill -9, or whose PID now
                         belongs to a process started at another time, is taken over)
-    OUT/ckpt/           the latest checkpoint: the model (lfpc.save_agent) and trainer.pt (optimizer, step,
+    OUT/ckpt/           the latest checkpoint: the model (policy.save_agent) and trainer.pt (optimizer, step,
                         arguments, RNG states), trainer.pt written LAST: a folder without it is incomplete
     OUT/ckpt.tmp/       a checkpoint being written
     OUT/ckpt.old/       the previous checkpoint, during the swap

@@ -12,7 +12,7 @@ are not flags describe the world a preset belongs to:
     tasks         (stage, n) -> generated training tasks, for presets that need no --data
     eval_tasks    n -> generated held-out tasks, for eval.py without a data flag
     checkpoints   eval.py's default --model: the first of these folders that exists
-    system_prompt a model must carry this prompt (saved beside it, `lfpc.read_prompts`) to run under the
+    system_prompt a model must carry this prompt (saved beside it, `policy.read_prompts`) to run under the
                   preset: the toy preset refuses a real checkpoint instead of training it with toy settings
 `rollout_config(a, tokens)` turns a script's settings into the rollout's `lfpc.RolloutConfig`.
 """
@@ -22,6 +22,7 @@ import importlib
 
 import crop_tool
 import lfpc
+from support import policy
 
 # ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
 # GiB usable of 80, measured by `support/bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
@@ -71,7 +72,7 @@ def check_model(preset: str, model: str) -> str | None:
     want = get(preset)["system_prompt"]
     if want is None:
         return None
-    if lfpc.read_prompts(model).get("system_prompt") != want:
+    if policy.read_prompts(model).get("system_prompt") != want:
         return (f"--preset {preset} runs models built for its world (their saved system prompt is the toy's); "
                 f"{model!r} is not one. For a real checkpoint pick --preset paper or one-gpu.")
     return None

@@ -125,7 +125,7 @@ def parse_args(argv=None, doc: str = "") -> Args:
         return a                                         # the run's own settings come from its checkpoint
     if not a.data and presets.get(a.preset)["tasks"] is None:
         p.error(f"--preset {a.preset} trains on your data: pass --data (JSONL, data.load_tasks)")
-    if (why := lfpc.model_problem(a.model)):
+    if (why := policy.model_problem(a.model)):
         p.error(why + (" (run `python train.py --stage 1` first)" if a.stage == 2 else ""))
     if (why := presets.check_model(a.preset, a.model)):
         p.error(why)

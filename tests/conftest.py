@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lfpc
-from support import models
+from support import models, policy
 import toy.world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +29,7 @@ def toy_model():
 def toy_base(tmp_path_factory, toy_model):
     """`toy_model` saved as a checkpoint folder: a stand-in for toy/base."""
     path = str(tmp_path_factory.mktemp("toy_base"))
-    lfpc.save_agent(toy_model, path)
+    policy.save_agent(toy_model, path)
     return path
 
 

@@ -7,7 +7,7 @@ import torch
 
 import crop_tool
 import lfpc
-from support import batches, engine, pixels
+from support import batches, engine, pixels, policy
 from conftest import noise_image
 
 SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=12, max_turns=3,
@@ -306,7 +306,7 @@ def test_cached_engine_gives_the_reference_engines_episodes_on_the_toy_base(deco
     log-probs within 1e-5. The episodes are ragged: crops, error turns, malformed turns, answers that
     close with <|im_end|>, turns cut by the length limit."""
     import toy.world
-    agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+    agent = policy.load_agent(BASE, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(12)
     seen = set()
     for temperature in (0.0, 1.0, 1.5):
@@ -470,7 +470,7 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
     capacity, the per-turn barrier: greedy and seeded sampling give the reference engine's episodes
     (tokens, masks, stop reasons, crops; log-probs within 1e-5), on ragged episodes with error turns."""
     import toy.world
-    agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+    agent = policy.load_agent(BASE, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(6)
     for temperature in (0.0, 1.0):
         cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=temperature, batch_size=slots, **extra)
@@ -512,7 +512,7 @@ def test_decode_steps_read_nothing_back_until_their_one_host_sync(case, monkeypa
             return real(self)
     monkeypatch.setattr(engine.SlotSession, "decode", counted)
     if case.startswith("toy"):
-        agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+        agent = policy.load_agent(BASE, "cpu", torch.float32)
         tasks, group = toy.world.eval_tasks(4), 4
         cfg = toy.world.rollout_config(global_max_pixels=16 * 784, temperature=1.0, batch_size=8, prefill_tokens=64)
     else:
@@ -534,7 +534,7 @@ def test_a_prefill_forward_stays_within_prefill_tokens_and_the_episodes_do_not_c
     longer row alone): the slots left waiting are extended in later passes, and the episodes are those
     of an uncapped run (tokens, masks, crops; log-probs within 1e-5), greedy and sampled."""
     import toy.world
-    agent = lfpc.load_agent(BASE, "cpu", torch.float32)
+    agent = policy.load_agent(BASE, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(6)
     sizes = []
     real = engine.SlotSession._forward

@@ -13,6 +13,7 @@ from PIL import Image
 import crop_tool
 import eval as ev
 import lfpc
+from support import policy
 import rewards
 from conftest import noise_image, scripted
 
@@ -219,7 +220,7 @@ def test_gallery_writes_pngs_and_an_html_page_that_references_them(agent, tmp_pa
 
 
 def test_cli_runs_on_a_saved_tiny_agent_and_writes_the_json(agent, tmp_path):
-    lfpc.save_agent(agent, str(tmp_path / "model"))
+    policy.save_agent(agent, str(tmp_path / "model"))
     data = tmp_path / "data"
     data.mkdir()
     rows = []
@@ -263,7 +264,7 @@ def test_cli_refuses_contradictory_presets(argv, message, capsys):
 
 def test_toy_preset_refuses_a_model_not_built_for_the_toy(agent, tmp_path, capsys):
     """A real checkpoint under --preset toy would run with toy crop settings: refused, with the way out."""
-    lfpc.save_agent(agent, str(tmp_path / "m"))
+    policy.save_agent(agent, str(tmp_path / "m"))
     with pytest.raises(SystemExit):
         ev.parse_args(["--model", str(tmp_path / "m")])
     assert "--preset paper" in capsys.readouterr().err
@@ -314,7 +315,7 @@ def test_other_scripts_refuse_bad_flags_in_one_line(script, argv, message, capsy
 
 def test_eval_data_errors_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
     (tmp_path / "t.jsonl").write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
-    monkeypatch.setattr(lfpc, "load_agent", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(policy, "load_agent", lambda *a, **k: pytest.fail("the model must not load"))
     for argv, message in ((["--preset", "toy", "--data", str(tmp_path / "t.jsonl")], r"(?s)eval.py: .*t.jsonl:1: image file not found"),
                           (["--preset", "paper", "--hrbench", str(tmp_path / "none.tsv")], "eval.py: .*none.tsv"),
                           (["--preset", "paper", "--vstar", str(tmp_path)], "eval.py: .*V\\* folder direct_attributes/ not found")):

@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT
 import lfpc
 from support import data as data_module
+from support import policy
 from support.judge import RuleJudge
 
 BIG = Image.new("RGB", (896, 896), (90, 60, 110))     # 1024 tokens: every level of 1024 -> 16 is its own size
@@ -295,7 +296,7 @@ def test_the_prober_keeps_the_rollouts_kv_token_budget(agent, monkeypatch):
 def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
     data, model, out = tmp_path / "data", str(tmp_path / "agent"), tmp_path / "out" / "stage1.jsonl"
     (data / "images").mkdir(parents=True)
-    lfpc.save_agent(agent, model)
+    policy.save_agent(agent, model)
     with open(data / "items.jsonl", "w") as f:
         for i, (w, h) in enumerate([(112, 112), (168, 112)]):
             Image.new("RGB", (w, h), (40 * i, 90, 200)).save(data / "images" / f"{i}.png")
@@ -323,7 +324,7 @@ def test_a_probe_stopped_mid_way_resumes_to_the_same_budgets_and_answers(tmp_pat
     (probe_seed), so every budget and answer equals an uninterrupted probe's."""
     from support import checkpoint
     import toy.world
-    agent = lfpc.load_agent(os.path.join(ROOT, "toy", "base"), dtype=torch.float32)
+    agent = policy.load_agent(os.path.join(ROOT, "toy", "base"), dtype=torch.float32)
     tasks = toy.world.make_tasks(12, seed=5)
     cfg = info_gap.ProberConfig(full_tokens=64, floor_tokens=16, k=4, max_new_tokens=16, resample="box")
     go = lambda cache, **kw: info_gap.probe(tasks, agent, cfg, "toy", str(cache), batch_size=3, progress=False, **kw)

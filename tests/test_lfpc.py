@@ -5,7 +5,7 @@ import torch
 
 import crop_tool
 import lfpc
-from support import batches
+from support import batches, policy
 from conftest import noise_image, scripted
 
 
@@ -26,8 +26,8 @@ SMALL = lfpc.RolloutConfig(global_max_pixels=8 * 8 * 28 * 28, max_new_tokens=12,
 
 def test_load_agent_roundtrips_a_saved_checkpoint(agent, tmp_path):
     agent = lfpc.Agent(agent.model, agent.tokenizer, agent.image_processor, "Short system.", "Crop, then answer.")
-    lfpc.save_agent(agent, str(tmp_path))
-    loaded = lfpc.load_agent(str(tmp_path), dtype=torch.float32)
+    policy.save_agent(agent, str(tmp_path))
+    loaded = policy.load_agent(str(tmp_path), dtype=torch.float32)
     assert loaded.tokenizer.get_vocab() == agent.tokenizer.get_vocab()
     assert (loaded.system_prompt, loaded.instruction) == ("Short system.", "Crop, then answer.")
     ep = lfpc.start_episode(loaded, task(), 0, SMALL)
@@ -42,12 +42,12 @@ def test_load_agent_places_the_weights_while_loading(agent, tmp_path, monkeypatc
     """device_map: each tensor goes to its device as it is read; the model is never built on the host and
     then moved whole (under torchrun that host copy was 33 GB a rank for 7B in fp32)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    lfpc.save_agent(agent, str(tmp_path))
+    policy.save_agent(agent, str(tmp_path))
 
     def no_move(self, *a, **k):
         raise AssertionError("the whole model was moved after loading")
     monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "to", no_move)
-    loaded = lfpc.load_agent(str(tmp_path), device="cpu", dtype=torch.float32)
+    loaded = policy.load_agent(str(tmp_path), device="cpu", dtype=torch.float32)
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     for (k, a), b in zip(agent.model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), k

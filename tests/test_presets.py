@@ -3,9 +3,8 @@ contradictions refused with the reason."""
 import pytest
 
 import eval as ev
-import lfpc
 import train
-from support import presets
+from support import policy, presets
 
 
 def test_every_preset_key_is_a_flag_of_train_or_eval_or_a_world_key():
@@ -53,7 +52,7 @@ def test_train_refuses_contradictions_with_the_reason(argv, message, capsys):
 def test_toy_preset_refuses_a_real_checkpoint(tiny, tmp_path, capsys):
     """A model whose saved prompts are not the toy's (here the tiny model with Qwen's prompts; a LoRA
     stage-1 folder of a real model likewise) would train with lr 1e-4 and toy crops: refused."""
-    lfpc.save_agent(tiny, str(tmp_path / "real"))
+    policy.save_agent(tiny, str(tmp_path / "real"))
     with pytest.raises(SystemExit):
         train.parse_args(["--model", str(tmp_path / "real")])
     assert "pick --preset paper or one-gpu" in capsys.readouterr().err

@@ -22,10 +22,8 @@ SUPPORT_USES = {
     ("support.models", "crop_tool"): "the tiny models' tokenizer learns the tool call's format",
     ("support.metrics", "rewards"): "box metrics are the reward's own geometry (box_iou, coverage, box_area)",
     ("support.data", "crop_tool"): "images are opened and checked as the crop tool opens them",
-    ("support.policy", "lfpc"): "policy loading builds on lfpc.load_agent (loading is still in lfpc.py)",
-    ("support.presets", "lfpc"): "a preset checks a model's saved prompts (lfpc.read_prompts)",
     ("support.train_args", "lfpc"): "train.py's flags are checked against the method's own names and bounds "
-                                    "(ENGINES, episode_bound, model_problem)",
+                                    "(ENGINES, episode_bound)",
 }
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lfpc
 import toy.world
 from conftest import QWEN_TOKENIZER, ROOT, noise_image
-from support import batches, models, shared_prompt
+from support import batches, models, policy, shared_prompt
 
 
 @dataclass
@@ -92,7 +92,7 @@ def test_shared_row_gives_the_padded_log_probs_and_gradients(name):
     """One forward and backward of the same episodes, right-padded and shared: equal log-probs and gradients,
     and the row holds each group's prompt once (the toy's episodes crop: their images follow the prompt)."""
     if name == "toy":
-        agent = lfpc.load_agent(f"{ROOT}/toy/base", dtype=torch.float32)
+        agent = policy.load_agent(f"{ROOT}/toy/base", dtype=torch.float32)
         tasks = toy.world.make_tasks(3, seed=3)
         episodes = lfpc.rollout(agent, tasks, 3, toy.world.rollout_config(global_max_pixels=16 * 784), seed=1)
         assert all(len(e.images) >= 2 for e in episodes), "a crop after the prompt"

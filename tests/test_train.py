@@ -54,7 +54,7 @@ def test_both_stages_run_end_to_end_in_a_subprocess(base, tmp_path):
                 "loss/clip_frac", "loss/policy", "adv/frac_zero_std"):
         assert key in rows[0], key
     assert os.path.isfile(os.path.join(s2, "ckpt", "trainer.pt"))
-    assert lfpc.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == toy.world.SYSTEM_PROMPT
+    assert policy.load_agent(os.path.join(s2, "ckpt"), dtype=torch.float32).system_prompt == toy.world.SYSTEM_PROMPT
 
 
 def test_help_lists_every_argument():
@@ -356,7 +356,7 @@ def test_with_a_kl_term_every_episode_is_trained(base, monkeypatch):
     episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
     for e in episodes:
         e.reward = 1.0                                                  # every group all-equal: advantages 0
-    ref = lfpc.load_agent(base, dtype=torch.float32).model.eval().requires_grad_(False)
+    ref = policy.load_agent(base, dtype=torch.float32).model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(agent.model.parameters(), lr=1e-4)
     m = train.update_policy(a, agent, opt, episodes, tasks, ref)
     assert m["loss/trained_episodes"] == len(episodes) and m["adv/frac_zero_std"] == 1.0
@@ -556,7 +556,7 @@ def test_rows_that_carry_a_budget_keep_it_and_only_the_rest_are_probed(base, tmp
         probed.extend(mine)
         return [{"max_pixels": 16 * 784, "budget_tokens": 16, "status": "gap", "probes": 1} for _ in mine]
     monkeypatch.setattr(info_gap, "probe", fake_probe)
-    train.set_budgets(a, lfpc.load_agent(base, dtype=torch.float32), tasks)
+    train.set_budgets(a, policy.load_agent(base, dtype=torch.float32), tasks)
     assert probed == [tasks[1], tasks[3]]
     assert [t.max_pixels // 784 for t in tasks] == [40, 16, 20, 16]
 
@@ -603,15 +603,15 @@ def test_a_kill_during_the_first_checkpoint_write_resumes_from_step_0(base, tmp_
     straight = tmp_path / "straight"
     train.main(_run(base, straight, "--steps", "2"))
     out = tmp_path / "r"
-    real = lfpc.save_agent
+    real = policy.save_agent
 
     def killed(agent, folder, state=None):
         real(agent, folder, state)
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr(lfpc, "save_agent", killed)
+    monkeypatch.setattr(policy, "save_agent", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main(_run(base, out, "--steps", "2"))
-    monkeypatch.setattr(lfpc, "save_agent", real)
+    monkeypatch.setattr(policy, "save_agent", real)
     assert (out / "ckpt.tmp").exists() and not (out / "ckpt").exists() and (out / "info_gap_cache.jsonl").exists()
     cache = (out / "info_gap_cache.jsonl").read_text()
     with pytest.raises(SystemExit, match="already holds a run"):

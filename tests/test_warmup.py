@@ -9,7 +9,7 @@ import torch
 import crop_tool
 import lfpc
 import rewards
-from support import answers
+from support import answers, policy
 from toy import warmup
 import toy.world
 
@@ -89,7 +89,7 @@ def test_the_plan_names_the_box_size_before_the_coordinates(agent, seed):
 
 def test_the_shipped_base_says_its_plan():
     """toy/base was warmed up with --plan: its greedy first turn names a zoom before the box."""
-    base = lfpc.load_agent(BASE, dtype=torch.float32)
+    base = policy.load_agent(BASE, dtype=torch.float32)
     (ep,) = lfpc.rollout(base, toy.world.eval_tasks(1), 1, toy.world.rollout_config(temperature=0.0))
     assert any(text + "</think>" in ep.turns[0] for text in toy.world.PLANS.values()), ep.turns[0]
 
@@ -121,7 +121,7 @@ def test_shipped_base_loads_offline_and_reads_held_out_items():
     """Held-out items (seed 3, never trained on): reads at full resolution and from a crop of B2,
     guesses at the low-resolution budget, and keeps the tool format. Bounds sit well below the
     numbers in README.md (1.00, 0.28, 1.000, 1.00) so that 32 items cannot flake."""
-    base = lfpc.load_agent(BASE, dtype=torch.float32)
+    base = policy.load_agent(BASE, dtype=torch.float32)
     assert base.system_prompt == toy.world.SYSTEM_PROMPT
     tasks = toy.world.make_tasks(32, seed=3)
     full, _ = _accuracy(base, tasks, use_tool=False)
@@ -137,7 +137,7 @@ def test_shipped_base_looks_in_the_right_place_and_answers_before_cropping():
     """The paper's diagnosis, on the shipped base: its first box (greedy, global at 1/2) holds the named
     square's pattern B1 (it knows WHERE to look; the box is just too big to read); at full resolution its
     answer comes from its first impression, so a crop replaced by noise changes nothing."""
-    base = lfpc.load_agent(BASE, dtype=torch.float32)
+    base = policy.load_agent(BASE, dtype=torch.float32)
     tasks = toy.world.make_tasks(32, seed=3)
     _, eps = _accuracy(base, tasks, global_max_pixels=16 * 784)
     holds = sum(bool(e.crops) and rewards.coverage(e.crops[0].box_original, tasks[e.task_index].boxes[0]) == 1.0

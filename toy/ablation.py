@@ -38,7 +38,7 @@ import time
 import torch
 
 import crop_tool
-from support import metrics
+from support import metrics, policy
 import toy.world
 
 ARMS = ("baseline", "stage1", "stage2")
@@ -136,11 +136,10 @@ def train_arm(a, arm: str, seed: int) -> str:
 def evaluate_model(a, model: str, name: str) -> dict:
     """Every budget in BUDGETS with both probes; cached as OUT/eval/<name>.json (written atomically)."""
     import eval as ev
-    import lfpc
     path = os.path.join(a.out, "eval", f"{name}.json")
     if os.path.exists(path):
         return json.load(open(path))
-    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    agent = policy.load_agent(model, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(a.eval_items)
     res, galleries = {}, {}
     for label, tokens in BUDGETS.items():
@@ -292,7 +291,7 @@ def box_payoff(model: str, engine: str = "cached", group: int = 8, seed: int = 0
     bigger, safer one, whatever its IoU."""
     import lfpc
     import rewards
-    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    agent = policy.load_agent(model, "cpu", torch.float32)
     tasks = toy.world.training_tasks(2, 0)
     cfg = toy.world.rollout_config(global_max_pixels=BUDGETS["low"] * crop_tool.TOKEN_PIXELS, temperature=1.0,
                              batch_size=64, engine=engine)

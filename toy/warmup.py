@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import batches
+from support import batches, policy
 import toy.world
 
 def habitual_box(square, rng: random.Random, canvas: int = toy.world.CANVAS) -> tuple[list[int], str]:
@@ -264,10 +264,10 @@ def main() -> None:
             m.update(step=step, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1))
             log.append(m)
             tqdm.write(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}))
-            lfpc.save_agent(agent, a.out.rstrip("/") + ".latest")      # inspectable while training
+            policy.save_agent(agent, a.out.rstrip("/") + ".latest")      # inspectable while training
     model.eval()
     tmp = a.out.rstrip("/") + ".tmp"
-    lfpc.save_agent(agent, tmp)
+    policy.save_agent(agent, tmp)
     with open(os.path.join(tmp, "warmup_log.json"), "w") as f:
         json.dump({"args": vars(a), "log": log}, f, indent=1)
     if os.path.isdir(a.out):

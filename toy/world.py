@@ -49,7 +49,7 @@ from PIL import Image
 
 import crop_tool
 import lfpc
-from support import models, prompts
+from support import models, policy, prompts
 
 CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
@@ -244,7 +244,7 @@ def demo(model: str, n: int, tokens: int, seed: int) -> None:
     the stop reason, the answer, the crops' boxes and how many of the episode's tokens were sampled (the
     loss mask's ones): the machinery of one rollout, on a model that has learned the format."""
     import torch
-    agent = lfpc.load_agent(model, "cpu", torch.float32)
+    agent = policy.load_agent(model, "cpu", torch.float32)
     eps = lfpc.rollout(agent, eval_tasks(n), 2, rollout_config(global_max_pixels=tokens * crop_tool.TOKEN_PIXELS),
                        seed=seed)
     for e in eps:
