@@ -30,9 +30,8 @@ in patches (windowed attention and memory-efficient full attention are linear in
 LoRA (a transient of the forward), trained under full fine-tuning (its checkpointed activations held
 through the backward). What the estimate leaves out: the CUDA context and cuBLAS workspaces (~1 GB),
 allocator fragmentation (10-20 % on long runs), the host memory of the episodes (`episode_bytes`), and
-what an extension forward reads of its rows' earlier context: their cached keys and values gathered and,
-under sdpa with a mask, repeated to the query heads, a layer at a time (7B: 12 rows of an 8.5K context,
-~1.5 GiB; a decode step packs the heads instead, support/attention.py).
+the copy of its rows' cached keys and values an extension forward gathers, a layer at a time (7B: 12 rows
+of an 8.5K context, 0.2 GiB; support/attention.py keeps sdpa from repeating them to the query heads).
 A test checks that the fake-tensor numbers of the tiny model agree with the same step on real tensors.
 Under torchrun (`world` ranks), full fine-tuning holds 1/world of the weights, gradients and AdamW
 state (FSDP2) but the lm_head's, which every rank holds whole (support/dist.py says why), and gathers the

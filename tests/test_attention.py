@@ -1,5 +1,5 @@
-"""support/attention.py: a decode step's attention reads the KV cache as it is (grouped-query heads packed,
-not repeated), equal to the repeated-heads attention."""
+"""support/attention.py: without gradients the attention reads the KV cache as it is (grouped-query heads
+regrouped, not repeated), equal to the repeated-heads attention."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,34 +18,37 @@ def repeated(query, key, value, mask, scaling):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
-def test_one_query_equals_the_repeated_heads_attention(mask_kind):
+@pytest.mark.parametrize("n, mask_kind", [(1, "bool"), (1, "float"), (1, "none"), (5, "bool"), (5, "float")])
+def test_grouped_equals_the_repeated_heads_attention(n, mask_kind):
+    """A decode step (one query a row) and an extension (5 new tokens a row after its cache)."""
     g = torch.Generator().manual_seed(0)
     b, hq, hkv, t, d = 3, 28, 4, 11, 16                               # 7B's grouping: 7 query heads a key head
-    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, 1), (hkv, t), (hkv, t)))
-    lengths = torch.tensor([11, 4, 7])                               # ragged rows: keys past a row's length masked
-    allowed = (torch.arange(t)[None, :] < lengths[:, None])[:, None, None, :]          # [b, 1, 1, T]
+    q, k, v = (torch.randn(b, h, m, d, generator=g) for h, m in ((hq, n), (hkv, t), (hkv, t)))
+    start = torch.tensor([6, 0, 2])                                  # ragged rows: row r's new tokens at start[r]..
+    allowed = torch.arange(t)[None, None, :] <= (start[:, None] + torch.arange(n)[None, :])[:, :, None]
+    allowed = allowed[:, None]                                       # [b, 1, n, T]
     mask = {"bool": allowed, "float": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
             "none": None}[mask_kind]
-    ours, _ = attention.one_query(q, k, v, mask, scaling=0.3)
+    ours, _ = attention.grouped(q, k, v, mask, scaling=0.3)
     torch.testing.assert_close(ours, repeated(q, k, v, mask, 0.3), rtol=1e-6, atol=1e-6)
-    assert ours.shape == (b, 1, hq, d)
+    assert ours.shape == (b, n, hq, d)
 
 
-def test_decode_steps_attend_without_repeating_the_cache(monkeypatch):
-    """The engine installs the routing: on the real-shape model every decode step's attention is
-    `one_query` and transformers' repeat_kv (5.17 calls it whenever a mask is given) never runs in one."""
+def test_rollouts_attend_without_repeating_the_cache(monkeypatch):
+    """The engine installs the routing: on the real-shape model every decode step's attention is `grouped`
+    and transformers' repeat_kv (called whenever a mask is given: 5.17 in every decode step, 5.24 in every
+    extension) never runs in a rollout: its prompt prefills (extensions of a cache) and its decode steps."""
     agent = models.real_shape_agent(QWEN_TOKENIZER, layers=1)
-    seen = {"one_query": 0, "repeat_kv": 0}
-    real_one, real_repeat = attention.one_query, hf_sdpa.repeat_kv
+    seen = {"grouped": 0, "repeat_kv": 0}
+    real_one, real_repeat = attention.grouped, hf_sdpa.repeat_kv
     in_decode = [False]
 
     def one(*a, **kw):
-        seen["one_query"] += in_decode[0]
+        seen["grouped"] += in_decode[0]
         return real_one(*a, **kw)
 
     def rep(h, n):
-        seen["repeat_kv"] += in_decode[0] and n > 1
+        seen["repeat_kv"] += n > 1
         return real_repeat(h, n)
     real_decode = engine.SlotSession.decode
 
@@ -55,14 +58,14 @@ def test_decode_steps_attend_without_repeating_the_cache(monkeypatch):
             return real_decode(self)
         finally:
             in_decode[0] = False
-    monkeypatch.setattr(attention, "one_query", one)
+    monkeypatch.setattr(attention, "grouped", one)
     monkeypatch.setattr(hf_sdpa, "repeat_kv", rep)
     monkeypatch.setattr(engine.SlotSession, "decode", decode)
     tasks = [lfpc.Task(noise_image(112, 112, seed=i), "What colour?", "A") for i in range(2)]
     cfg = lfpc.RolloutConfig(max_new_tokens=5, max_response_tokens=5, max_turns=1, global_max_pixels=112 * 112)
     with torch.no_grad():
         lfpc.rollout(agent, tasks, 2, cfg, seed=0)
-    assert seen["one_query"] >= 4 and seen["repeat_kv"] == 0, seen
+    assert seen["grouped"] >= 4 and seen["repeat_kv"] == 0, seen
 
 
 def test_install_is_idempotent_and_passes_other_calls_through(tiny):
