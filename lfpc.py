@@ -281,9 +281,11 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     if isinstance(seed, list) and len(seed) != len(tasks):
         raise ValueError(f"{len(seed)} seeds for {len(tasks)} tasks")
     base = seed if isinstance(seed, list) else [seed + i * group_size for i in range(len(tasks))]
+    def opened(t: Task) -> tuple[Task, Image.Image]:        # each original opened once a rollout, then shown
+        t = replace(t, image=t.load_image())
+        return t, shown_image(t, cfg)
     with ThreadPoolExecutor(IMAGE_THREADS) as pool:        # decoding and resizing images release the GIL
-        tasks = list(pool.map(lambda t: replace(t, image=t.load_image()), tasks))   # each opened once a rollout
-        shown = list(pool.map(lambda t: shown_image(t, cfg), tasks))
+        tasks, shown = zip(*pool.map(opened, tasks)) if tasks else ((), ())
     episodes, prompt_len = [], []
     for i, task in enumerate(tasks):
         first = start_episode(agent, task, i, cfg, shown[i])                 # tokenizers stay on one thread
