@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -265,8 +265,10 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             force: engine.ForceFn | None = None, store: engine.FeatureStore | None = None) -> list[Episode]:
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
-    The turn loop: the engine samples turns; each one that ends is parsed, its tool run and the answer
-    appended (`step_episode`), and the episode goes back to the engine for its next turn or leaves it.
+    The turn loop: the engine samples turns; each one that ends is parsed (`take_turn`); a crop is cut by
+    the rollout's threads while the engine goes on decoding the other episodes, and once it is back (or
+    at once, for an invalid call) the answer is appended (`answer_turn`) and the episode goes back to the
+    engine for its next turn; or it leaves it. `step_episode` is the same turn in one serial call.
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
     generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
     not depend on batching. The engine is `cfg.engine` (`engine.open_session`): "cached", continuous
@@ -284,28 +286,43 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     def opened(t: Task) -> tuple[Task, Image.Image]:        # each original opened once a rollout, then shown
         t = replace(t, image=t.load_image())
         return t, shown_image(t, cfg)
-    with ThreadPoolExecutor(IMAGE_THREADS) as pool:        # decoding and resizing images release the GIL
+    with ThreadPoolExecutor(IMAGE_THREADS) as pool:        # image work releases the GIL: opening, resizing, cropping
         tasks, shown = zip(*pool.map(opened, tasks)) if tasks else ((), ())
-    episodes, prompt_len = [], []
-    for i, task in enumerate(tasks):
-        first = start_episode(agent, task, i, cfg, shown[i])                 # tokenizers stay on one thread
-        prompt_len.append(len(first.token_ids))
-        for j in range(group_size):              # the G rollouts share the prompt's image objects
-            ep = Episode(i, shown_size=first.shown_size, seed=base[i] + j)
-            ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
-            episodes.append(ep)
-    bound = max(episode_bound(n, cfg) for n in prompt_len)
-    session = engine.open_session(agent, episodes, cfg, work, bound, sample_fn, force, store)
-    for k, ep in enumerate(episodes):
-        session.submit(k, turn_budget(ep, cfg))
-    while session.busy:
-        for k, tokens, logprobs, finish in session.turns():          # the turns that ended
+        episodes, prompt_len = [], []
+        for i, task in enumerate(tasks):
+            first = start_episode(agent, task, i, cfg, shown[i])             # tokenizers stay on one thread
+            prompt_len.append(len(first.token_ids))
+            for j in range(group_size):          # the G rollouts share the prompt's image objects
+                ep = Episode(i, shown_size=first.shown_size, seed=base[i] + j)
+                ep.append(first.token_ids, images=list(zip(first.images, first.grids)))
+                episodes.append(ep)
+        bound = max(episode_bound(n, cfg) for n in prompt_len)
+        session = engine.open_session(agent, episodes, cfg, work, bound, sample_fn, force, store)
+        for k, ep in enumerate(episodes):
+            session.submit(k, turn_budget(ep, cfg))
+        cutting: dict[Future, tuple[int, str]] = {}     # crops being cut by the pool: episode, how its turn ended
+        def next_turn(k: int) -> None:
             ep = episodes[k]
-            step_episode(agent, ep, tasks[ep.task_index], tokens, logprobs, finish, cfg)
-            if ep.done:
-                session.close(k)
-            else:
-                session.submit(k, turn_budget(ep, cfg))
+            session.close(k) if ep.done else session.submit(k, turn_budget(ep, cfg))
+        while session.busy or cutting:
+            ended = session.turns(poll=lambda: any(f.done() for f in cutting))   # the other slots decode meanwhile
+            for k, tokens, logprobs, finish in ended:
+                ep = episodes[k]
+                call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
+                if isinstance(call, crop_tool.ToolCall):
+                    cutting[pool.submit(_run_tool, call, tasks[ep.task_index], ep, cfg)] = (k, finish)
+                    continue
+                if call is not None:
+                    answer_turn(agent, ep, call, finish)
+                next_turn(k)
+            done = [f for f in cutting if f.done()]
+            if not ended and not done and cutting:      # nothing can decode until a crop is back
+                work.tool_waits += 1
+                done = list(wait(cutting, return_when=FIRST_COMPLETED).done)
+            for f in done:                              # in completion order; an episode's tokens do not depend on it
+                k, finish = cutting.pop(f)
+                answer_turn(agent, episodes[k], f.result(), finish)     # a tool's exception surfaces here
+                next_turn(k)
     work.context_tokens += sum(prompt_len) + sum(len(e.token_ids) - prompt_len[e.task_index] for e in episodes)
     return episodes
 
@@ -372,7 +389,18 @@ def shown_image(task: Task, cfg: RolloutConfig) -> Image.Image:
 
 def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logprobs: list[float],
                  finish: str, cfg: RolloutConfig) -> None:
-    """Append one sampled turn, parse it, and either end the episode or append the tool's response."""
+    """Append one sampled turn, parse it, and either end the episode or append the tool's response (the
+    turn loop's three parts in one call: `take_turn`, `_run_tool`, `answer_turn`)."""
+    call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
+    if call is not None:
+        answer_turn(agent, ep, _run_tool(call, task, ep, cfg) if isinstance(call, crop_tool.ToolCall) else call,
+                    finish)
+
+
+def take_turn(agent: Agent, ep: Episode, tokens: list[int], logprobs: list[float], finish: str,
+              cfg: RolloutConfig) -> crop_tool.ToolCall | str | None:
+    """Append one sampled turn and parse it: None when it ends the episode, else what the environment answers
+    with: the tool call to run, or the reason the call is invalid."""
     turn = len(ep.turns)                         # turns before this one
     ep.append(tokens, logprobs)
     text = agent.tokenizer.decode(tokens, skip_special_tokens=False).removesuffix("<|im_end|>")
@@ -381,21 +409,25 @@ def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logpr
     ep.malformed_turns += int(parsed.malformed)
     if parsed.answer is not None:
         ep.answer, ep.stop_reason = parsed.answer, "answer"
-        return
+        return None
     if finish == "length" or ep.num_generated >= cfg.max_response_tokens:
         ep.stop_reason = "length"
-        return
+        return None
     if not cfg.use_tool:
         ep.stop_reason = "no_answer"
-        return
+        return None
     if parsed.call is None and parsed.error is None:
         ep.stop_reason = "no_tool_call"
-        return
+        return None
     ep.tool_calls += 1
     if turn + 1 >= cfg.max_turns:
         ep.stop_reason = "max_turns"
-        return
-    result = parsed.error or _run_tool(parsed.call, task, ep, cfg)
+        return None
+    return parsed.error or parsed.call
+
+
+def answer_turn(agent: Agent, ep: Episode, result: crop_tool.Crop | crop_tool.CropError | str, finish: str) -> None:
+    """Append the environment's answer to a tool call: the crop, or the error (`finish`: how the turn ended)."""
     if isinstance(result, crop_tool.Crop):
         grid = agent.image_grid(result.image)
         ep.crops.append(result)
@@ -409,7 +441,8 @@ def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logpr
 
 
 def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutConfig) -> crop_tool.Crop | crop_tool.CropError:
-    """Execute a parsed tool call; under a probe, change what a successful call returns (module docstring)."""
+    """Execute a parsed tool call; under a probe, change what a successful call returns (module docstring).
+    Runs on the rollout's threads: it reads the task and the episode, changes neither."""
     original = task.load_image()
     if cfg.probe == "gt":
         if not task.boxes:

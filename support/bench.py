@@ -20,7 +20,8 @@ each a prompt of `--prompt-tokens` tokens of which `--visual-tokens` are one ran
 for exactly `--response-tokens` tokens (a random model never stops or calls the tool, so the turn
 length is fixed: the crop turns' images are not in it), then the log-prob recompute (in train.py's
 micro-batches: `--pack`, by default the one prompt once in each), backward and AdamW step of train.py (`policy.load_model`'s settings: fp32 master weights with bf16 autocast on GPU;
-`--lora R`: a bf16 base with fp32 adapters via peft; gradient checkpointing on; fused AdamW on GPU). Reported:
+`--lora R`: a bf16 base with fp32 adapters via peft; gradient checkpointing of the preset's share of the
+layers, --ckpt-fraction; fused AdamW on GPU). Reported:
 - decode_ms_per_step = (time of N tokens - time of 1 token) / (N - 1), from two timed rollouts of the
   slot engine (train.py's), beside decode_ms_bandwidth_bound (weights and KV cache read once a step
   over --hbm-gbs) and the rollout's slot_utilisation;
@@ -36,7 +37,8 @@ one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decod
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
 step (`decode_step_ops`: the slot engine's decode step as it runs, counted), weights and KV bytes read a step, prefill, vision and
 training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
-patches); every assumption is printed beside
+patches; crops are cut by the rollout's threads while the other slots decode, so they count only where
+the threads could not keep up); every assumption is printed beside
 the figures, with a vLLM-like and a roofline figure. An estimate, not a measurement.
 
 Schedule mode (--schedule-bench) runs one workload with a realistic spread of lengths (--lengths MIN
@@ -94,8 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
-    p.add_argument("--ckpt-fraction", type=float, default=1.0, help="config and estimate modes: fraction of the "
-                   "decoder layers under gradient checkpointing (train.py --ckpt-fraction; 1: all)")
+    p.add_argument("--ckpt-fraction", type=float, default=None, help="config and estimate modes: fraction of the "
+                   "decoder layers under gradient checkpointing (train.py --ckpt-fraction; 1: all; default: the "
+                   "preset's, one-gpu's 0.75 with --lora, paper's 0.5 without)")
     p.add_argument("--ckpt-sweep", action="store_true", help="estimate mode (with --estimate-memory): the training "
                    "phase's peak and the recomputed forwards for each --ckpt-fraction in 1, 3/4, 1/2, 1/4, 0")
     p.add_argument("--world", type=int, default=1, help="estimate: ranks under torchrun (full fine-tuning shards)")
@@ -136,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "world")) + cli.at_least(a, ("micro_batch", "lora", "crops", "threads"), low=0))
     if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
         p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
+    if a.ckpt_fraction is None:
+        a.ckpt_fraction = (presets.ONE_GPU if a.lora else presets.PAPER)["ckpt_fraction"]
     if not 0 < a.ckpt_fraction <= 1:
         p.error(f"--ckpt-fraction lies in (0, 1], got {a.ckpt_fraction}")
     if a.ckpt_sweep and not a.estimate_memory:
@@ -588,9 +593,11 @@ def estimate_time(a) -> dict:
         t_prefill = (f_prefill + vision) / (peak * a.mfu)
         t_train = train_forwards * f_train / (peak * a.mfu)
         # host: a task's original opened and resized by the rollout's threads, its patches cut in the turn loop;
-        # a crop cut, resized and its patches cut in the turn loop (serial with the GPU)
+        # a crop cut and resized by the threads while the other slots decode (only what the threads cannot hide
+        # in the decode's time counts), its patches cut in the turn loop (serial with the GPU)
+        t_crops = crops * host["crop"] / a.host_threads / 1000
         t_host_img = (prompts * ((host["open"] + host["resize"]) / a.host_threads + host["patches_global"])
-                      + crops * (host["crop"] + host["patches_crop"])) / 1000
+                      + crops * host["patches_crop"]) / 1000 + max(0.0, t_crops - out["ours (slots)"]["decode_s"])
         t_host_before = (prompts * (host["open"] + host["resize"] + host["processor_global"])
                          + crops * (host["crop"] + host["processor_crop"])) / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
@@ -603,6 +610,7 @@ def estimate_time(a) -> dict:
                      "train_s_prompt_per_episode": round(train_forwards * f_unshared / (peak * a.mfu), 1),
                      "train_prompt_runs_per_group": round(runs / prompts, 2),
                      "host_images_s": round(t_host_img, 1), "host_images_s_before": round(t_host_before, 1),
+                     "host_crops_threads_s": round(t_crops, 1),
                      "step_s": {"ours": round(ours), "per-turn barrier":
                                                                         round(barrier), "vLLM-like": round(vllm),
                                                                         "roofline": round(roofline)},
@@ -629,7 +637,8 @@ def estimate_time(a) -> dict:
                    "host": (f"measured here (ms an image): a {a.original[0]}x{a.original[1]} JPEG original opened "
                             f"{host['open']:.1f} and resized to the global budget {host['resize']:.1f} (by "
                             f"{a.host_threads} threads), a crop of half its sides cut and resized {host['crop']:.1f} "
-                            f"(serial); patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
+                            f"(by the threads while the other slots decode: hidden, but for any excess over the decode's "
+                            f"time, host_crops_threads_s); patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
                             f"(crop), serial, normalised on the GPU (support/pixels.py; the image processor took "
                             f"{host['processor_global']:.1f} and {host['processor_crop']:.1f}, all serial: "
                             f"host_images_s_before)"),

@@ -125,7 +125,7 @@ class ReferenceSession:
     def close(self, i: int) -> None:
         pass                                                    # nothing of it is kept
 
-    def turns(self) -> list[tuple[int, list[int], list[float], str]]:
+    def turns(self, poll: Callable[[], bool] | None = None) -> list[tuple[int, list[int], list[float], str]]:
         rows = sorted(self.pending)
         budget = [self.pending[i] for i in rows]
         self.pending = {}
@@ -186,7 +186,10 @@ class SlotSession:
         s.closed, s.mode = True, ("wait" if self.barrier else "done")   # the barrier keeps it computed until the turn ends
 
     @torch.no_grad()
-    def turns(self) -> list[tuple[int, list[int], list[float], str]]:
+    def turns(self, poll: Callable[[], bool] | None = None) -> list[tuple[int, list[int], list[float], str]]:
+        """Passes until a turn ends (or `poll()` says the caller has something to submit): the ended turns,
+        each slot's until its submit or close; none when no slot can go on before one (every live turn
+        ended, awaiting its caller)."""
         while True:
             if self.barrier and all(s.mode in ("wait", "done") for s in self.live):   # every turn ended
                 for s in self.live:
@@ -198,9 +201,11 @@ class SlotSession:
                 return []
             self.extend()
             if not any(s.mode == "decode" for s in self.live):
+                if any(s.mode == "ended" for s in self.live):
+                    return []                                   # the caller holds every turn (a crop being cut)
                 raise RuntimeError("turns() with no slot to decode: submit or close every turn it returned")
             ended = self.scripted() if self.script is not None else self.decode()
-            if ended:
+            if ended or (poll is not None and poll()):
                 break
         out = []
         for s, toks, lps, finish in ended:
@@ -623,6 +628,7 @@ class Work:
     slot_steps: int = 0        # slots x decode steps: what the decode could have sampled
     useful_tokens: int = 0     # sampled tokens the episodes kept
     host_syncs: int = 0        # device -> host transfers of sampled tokens
+    tool_waits: int = 0        # times the turn loop waited for a crop with no slot left to decode (lfpc.rollout)
     context_tokens: int = 0    # the distinct context: each task's prompt once + every episode's own tokens after it
 
     def metrics(self) -> dict[str, float]:

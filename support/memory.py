@@ -84,7 +84,7 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     weights = _weights_bytes(config, s.lora)
     kv = kv_bytes(text, s.rollout_rows, s.episode_tokens)
     prompts = max(1, s.rollout_rows // s.group)
-    frozen = lambda: _language_model(config, lora=1)[:1]
+    frozen = lambda: _language_model(config, 0, frozen=True)[:1]
     rows = lambda n, tokens: max(1, min(n, s.prefill_tokens // tokens))   # the engine's cap on one forward
     prefill = max(_tracked(frozen, lambda lm: _prefill_step(lm, rows(prompts, s.visual_tokens + s.text_tokens),
                                                             s.visual_tokens + s.text_tokens), fake),
@@ -243,19 +243,21 @@ def _tracker():
     return Tracker()
 
 
-def _language_model(config, lora: int):
-    """The language model and lm_head in training dtypes: bf16 frozen + fp32 LoRA adapters, or fp32 masters."""
+def _language_model(config, lora: int, frozen: bool = False):
+    """The language model and lm_head in training dtypes: bf16 frozen + fp32 LoRA adapters, or fp32 masters;
+    `frozen`: bf16, no adapters (the model that samples: the merged copy, or the gathered bf16 shards)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if lora else torch.float32)     # built in its dtype (fake tensors
+    torch.set_default_dtype(torch.bfloat16 if lora or frozen else torch.float32)     # built in its dtype (fake tensors
     try:                                                                     # cannot be cast after the fact)
         lm = Qwen2_5_VLTextModel(config.get_text_config())
         head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
     finally:
         torch.set_default_dtype(prev)
-    if lora:
+    if lora or frozen:
         lm.requires_grad_(False)
         head.requires_grad_(False)
+    if lora and not frozen:
         for name, module in list(lm.named_modules()):
             for child, layer in list(module.named_children()):
                 if child in LORA_TARGETS and isinstance(layer, torch.nn.Linear):
@@ -267,9 +269,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(torch.nn.Module):
-    """What peft's LoRA Linear computes (tested equal): base(x) + B(A(x in fp32)) * alpha / r, cast back to
-    the base's dtype; the adapters in fp32, B zero at the start. peft itself cannot wrap fake modules (it
-    moves adapters with .to(), which fake parameters refuse)."""
+    """What peft's LoRA Linear computes on the GPU path (tested equal, and that autograd keeps the same
+    bytes): base(x) + B(A(x)) * alpha / r under bf16 autocast, x as it comes (`policy.autocast_adapters`),
+    the adapters in fp32, B zero at the start. peft itself cannot wrap fake modules (it moves adapters
+    with .to(), which fake parameters refuse)."""
 
     def __init__(self, base: torch.nn.Linear, r: int):
         super().__init__()
@@ -280,7 +283,7 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        return (out + self.lora_B(self.lora_A(x.to(torch.float32))) * self.scale).to(out.dtype)
+        return (out + self.lora_B(self.lora_A(x)) * self.scale).to(out.dtype)
 
 
 def _prefill_step(lm, rows: int, tokens: int) -> None:
@@ -318,7 +321,7 @@ def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
                     dtype=torch.bfloat16 if s.lora else torch.float32)
     targets = torch.zeros(episodes * s.response_tokens, dtype=torch.long)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not s.lora):
+    with torch.autocast("cpu", dtype=torch.bfloat16):    # policy.precision on a GPU
         lp = policy(x, targets)
     lp.sum().backward()
 
@@ -327,7 +330,7 @@ def _head_step(head, s: StepShape, hidden: int) -> None:
     """One chunk of the log-prob head, forward and backward: the [chunk, vocabulary] logits' share."""
     import lfpc
     h = torch.zeros(s.logprob_chunk, hidden, dtype=torch.bfloat16 if s.lora else torch.float32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not s.lora):
+    with torch.autocast("cpu", dtype=torch.bfloat16):    # policy.precision on a GPU
         lp = lfpc._target_logprobs(head, h, torch.zeros(s.logprob_chunk, dtype=torch.long), 1.0, [])
     lp.sum().backward()
 

@@ -8,7 +8,10 @@ Contract
   at lr 1e-6 would round most updates away (tests/test_train.py shows the trap).
 - LoRA (`--lora R`): rank R, alpha 2R, on the language model's q, k, v, o, gate, up, down projections
   (peft); the frozen base in bf16, the adapters and their AdamW state in fp32. A folder of adapters (what
-  a --lora run saves) loads its base, then the adapters: trained on with --lora, merged without.
+  a --lora run saves) loads its base, then the adapters: trained on with --lora, merged without. Under
+  autocast the adapters take the layer's bf16 input as it is (`autocast_adapters`): peft would copy it
+  to fp32 first, only for autocast to cast it back to bf16 for the matmul and keep that second copy for
+  the backward (the same numbers; 7B: 28 KB less a token and layer left out of checkpointing).
 - Gradient checkpointing, non-reentrant, of a fraction of the language model's decoder layers
   (`--ckpt-fraction`, evenly spread; the vision blocks, trained only under full fine-tuning, are all
   checkpointed). A checkpointed layer keeps only its input and runs its forward again in the backward; a
@@ -42,7 +45,12 @@ def base_dtype(a) -> torch.dtype:
 def precision(agent: lfpc.Agent):
     """The precision of every forward, rollouts and the info-gap prober included: bf16 autocast on a GPU
     (fp32 master weights, or a bf16 base with fp32 adapters), the weights' own dtypes on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=agent.device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocasts(agent))
+
+
+def autocasts(agent: lfpc.Agent) -> bool:
+    """Does `precision` autocast the agent's forwards (on a GPU)?"""
+    return agent.device.type == "cuda"
 
 
 @contextlib.contextmanager
@@ -160,9 +168,26 @@ def apply_lora(agent: lfpc.Agent, rank: int, adapters: str = "") -> lfpc.Agent:
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                               target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
         agent.model = peft.get_peft_model(agent.model, cfg, autocast_adapter_dtype=True)   # adapters in fp32
+    if autocasts(agent):
+        autocast_adapters(agent.model)
     agent.model.model = agent.model.base_model.model.model        # lfpc calls model.model / model.lm_head
     agent.model.lm_head = agent.model.base_model.model.lm_head
     return agent
+
+
+def autocast_adapters(model: torch.nn.Module) -> int:
+    """Let the LoRA adapters of `model` take their layer's input in its own dtype, for forwards that run under
+    autocast only (`precision`'s, on a GPU). peft casts a bf16 input to the adapters' fp32 first; autocast then
+    casts that copy back to bf16 for lora_A's matmul and saves it for lora_A's gradient: a copy of the
+    input for every adapted layer, held until the backward (q, k and v three of the same input). Uncast,
+    lora_A gets the same bf16 numbers and saves the input itself, shared: outputs and gradients are
+    bit-equal (tested under CPU autocast); 7B keeps 28 KB less a token in each layer that is not
+    checkpointed (3 hidden vectors and the attention's output). A forward without autocast would then
+    fail loudly (bf16 input, fp32 adapter), never silently. The number of adapted layers."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "_cast_input_dtype")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False          # peft's own switch (peft.helpers.disable_input_dtype_casting)
+    return len(layers)
 
 
 def enable_grad_ckpt(model: torch.nn.Module, fraction: float = 1.0) -> list[int]:

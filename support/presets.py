@@ -42,9 +42,10 @@ PAPER = dict(
 # 2,048 response tokens, 4 crops of 1,280), prefill forwards of at most 16K tokens, and the merged bf16 copy that
 # samples peak at 65.7 GiB, under the 71 GiB usable of 80 (--rollout-batch 32 --rollout-tokens 272384: 51.2 GiB,
 # at ~1.8x the decode steps); at the 16K global budget the same token budget holds 22 slots (67.6 GiB).
-# Micro-batches of 32K padded tokens, every decoder layer checkpointed: `support/bench.py --estimate-memory
-# --ckpt-sweep` (README) measured 78 GiB at the step's peak with 3/4 of them, over the 71 GiB usable.
-ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 1.0, "prompts": 32, "rollout_batch": 64, "rollout_tokens": 64 * 8512,
+# Micro-batches of 32K tokens, 3/4 of the decoder layers checkpointed (2.75 forwards a training token instead of 3):
+# `support/bench.py --estimate-memory --ckpt-sweep` (README) measured 59.2 GiB at the training peak, under the
+# rollout's; half of them, 93.3 GiB, overflows.
+ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 0.75, "prompts": 32, "rollout_batch": 64, "rollout_tokens": 64 * 8512,
            "train_tokens": 32768, "micro_batch": 8}
 
 # The toy preset belongs to the toy world and lives there (toy/world.py's PRESET): named here by its module,

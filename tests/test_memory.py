@@ -24,9 +24,12 @@ def test_fake_tensor_estimate_agrees_with_real_tensors_within_10_percent(lora):
         assert fake["tracked_training_step"][kind] == pytest.approx(v, rel=0.10, abs=1024), kind
 
 
-def test_lora_stand_in_computes_what_peft_computes(tiny):
+def test_lora_stand_in_computes_what_peft_computes_and_keeps_its_bytes(tiny):
+    """Under bf16 autocast (the GPU path's precision, here on the CPU), with policy.autocast_adapters: the
+    same output and gradients as peft's LoRA layer, and autograd keeps the same bytes for the backward."""
     import peft
-    base = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    from support import policy
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16).requires_grad_(False)        # frozen, as under LoRA
     ours = memory.LoRALinear(base, 2)
     torch.nn.init.normal_(ours.lora_B.weight)
     model = torch.nn.Sequential()
@@ -34,12 +37,27 @@ def test_lora_stand_in_computes_what_peft_computes(tiny):
     model.q_proj.load_state_dict(base.state_dict())
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
                                   autocast_adapter_dtype=True)
+    assert policy.autocast_adapters(wrapped) == 1
     layer = wrapped.base_model.model.q_proj
     layer.lora_A["default"].weight.data.copy_(ours.lora_A.weight)
     layer.lora_B["default"].weight.data.copy_(ours.lora_B.weight)
-    x = torch.randn(3, 8, dtype=torch.bfloat16)
     assert layer.lora_A["default"].weight.dtype == torch.float32
-    torch.testing.assert_close(ours(x), layer(x), rtol=0, atol=0)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+
+    def run(m):
+        kept = {}
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().sum().backward()
+        return y, [p.grad for p in m.parameters() if p.requires_grad], sum(kept.values())
+    (y1, g1, b1), (y2, g2, b2) = run(ours), run(layer)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert b1 == b2 > 0
 
 
 def test_kv_cache_bytes_by_hand():

@@ -79,3 +79,53 @@ def test_the_flag_needs_checkpointing_and_a_fraction(toy_base, tmp_path):
         train.parse_args(["--preset", "paper", "--data", data, "--no-grad-ckpt", "--ckpt-fraction", "0.5"])
     assert train.parse_args(["--preset", "one-gpu", "--data", data]).ckpt_fraction == \
         __import__("support.presets", fromlist=["x"]).ONE_GPU["ckpt_fraction"]
+
+
+def _saved_bytes_logits_grads(agent, ids):
+    """Bytes of the distinct storages autograd saves in a forward under CPU bf16 autocast (the GPU path's
+    precision, on this CPU), its logits and the adapters' gradients after a backward."""
+    saved = {}
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    agent.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = agent.model(input_ids=ids).logits                                   # [2, 24, V]
+    logits.float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None}
+    agent.model.zero_grad(set_to_none=True)
+    return sum(saved.values()), logits.detach(), grads
+
+
+def test_adapters_under_autocast_save_less_and_compute_the_same(monkeypatch):
+    """policy.autocast_adapters: under autocast the adapters take the bf16 input as it is. Bit-equal logits
+    and adapter gradients to peft's own fp32 cast; autograd saves less (peft's cast leaves autocast a bf16
+    copy of each adapted layer's input to keep). apply_lora turns it on exactly where precision autocasts."""
+    import copy
+    agent = models.tiny_agent(seed=0, layers=2)
+    agent.model.to(torch.bfloat16)
+    agent = policy.apply_lora(agent, 4)                            # on a CPU: peft's casts, as they were
+    for n, p in agent.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+    uncast = copy.deepcopy(agent)
+    uncast.model = copy.deepcopy(agent.model)
+    assert policy.autocast_adapters(uncast.model) == 7 * 2        # q k v o gate up down, 2 layers
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    before, logits, grads = _saved_bytes_logits_grads(agent, ids)
+    after, logits2, grads2 = _saved_bytes_logits_grads(uncast, ids)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    assert grads.keys() == grads2.keys() and any("lora_A" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads2[n], grads[n], rtol=0, atol=0)
+    # per token and layer (bf16, 2 bytes), the copies peft's cast left where the input itself is kept now:
+    # q, k, v three of the normed input (one kept now: 2 more), gate and up two (1 more), o one of the
+    # attention's output, which SDPA keeps anyway (1 more); down's copy stood in for its input, which
+    # nothing else keeps (0): 2 x (3 x 128 + 128) bytes x 2 layers x 48 tokens
+    assert before - after == 2 * (3 * 128 + 128) * 2 * 48
+    with pytest.raises(RuntimeError):                              # outside autocast: loud, never silent
+        uncast.model(input_ids=ids)
+    monkeypatch.setattr(policy, "autocasts", lambda agent: True)   # where precision autocasts (a GPU)
+    wired = policy.apply_lora(models.tiny_agent(seed=0, layers=2), 4)
+    flags = [m.cast_input_dtype_enabled for m in wired.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(flags) == 14 and not any(flags)
