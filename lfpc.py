@@ -12,8 +12,9 @@ Contract
   model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
   task i are rows i*G .. i*G+G-1). Its turn loop is the method's: an engine (`support/engine.py`, which runs
-  the model) hands back each turn as it ends; `step_episode` parses it, runs the tool and appends the
-  answer; the episode goes back for its next turn or is closed. Each turn is sampled until
+  the model) hands back each turn as it ends; `take_turn` parses it, the rollout's threads run the tool
+  while the engine's next pass goes on, `answer_turn` appends the answer after it; the episode goes back
+  for its next turn or is closed. Each turn is sampled until
   `</tool_call>`, end of turn (`<|im_end|>`) or the per-turn token limit. The loss mask
   is built while generating: sampled tokens get 1, everything the environment appends (prompt, tool
   responses, the `<|im_end|>` that closes a turn stopped at `</tool_call>`) gets 0.
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -266,9 +267,11 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     The turn loop: the engine samples turns; each one that ends is parsed (`take_turn`); a crop is cut by
-    the rollout's threads while the engine goes on decoding the other episodes, and once it is back (or
-    at once, for an invalid call) the answer is appended (`answer_turn`) and the episode goes back to the
-    engine for its next turn; or it leaves it. `step_episode` is the same turn in one serial call.
+    the rollout's threads while the engine runs its next pass over the other episodes, and after that pass
+    (the reference engine: before its next turn) the answer is appended (`answer_turn`; an invalid call's
+    at once) and the episode goes back to the engine for its next turn, or leaves it. A crop rejoins at
+    that fixed point however long it took, so the batches, and with them the numbers, do not depend on
+    the threads' timing. `step_episode` is the same turn in one serial call.
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
     generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
     not depend on batching. The engine is `cfg.engine` (`engine.open_session`): "cached", continuous
@@ -300,28 +303,31 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
         session = engine.open_session(agent, episodes, cfg, work, bound, sample_fn, force, store)
         for k, ep in enumerate(episodes):
             session.submit(k, turn_budget(ep, cfg))
-        cutting: dict[Future, tuple[int, str]] = {}     # crops being cut by the pool: episode, how its turn ended
+        every_turn = isinstance(session, engine.ReferenceSession)    # a barrier per turn: each crop back first
+        cutting: dict[int, tuple[Future, str]] = {}     # episode -> its crop being cut by the pool, how its turn ended
+
+        def rejoin() -> None:                           # the crops back, in episode order, each answered
+            for k in sorted(cutting):
+                f, finish = cutting.pop(k)
+                answer_turn(agent, episodes[k], f.result(), finish)     # a tool's exception surfaces here
+                next_turn(k)
+
         def next_turn(k: int) -> None:
             ep = episodes[k]
             session.close(k) if ep.done else session.submit(k, turn_budget(ep, cfg))
         while session.busy or cutting:
-            ended = session.turns(poll=lambda: any(f.done() for f in cutting))   # the other slots decode meanwhile
+            if every_turn:
+                rejoin()
+            ended = session.turns(poll=lambda: bool(cutting))   # crops out: one pass, the crops cut meanwhile
+            rejoin()                         # a crop rejoins one pass after its turn ended, however long it took
             for k, tokens, logprobs, finish in ended:
                 ep = episodes[k]
                 call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
                 if isinstance(call, crop_tool.ToolCall):
-                    cutting[pool.submit(_run_tool, call, tasks[ep.task_index], ep, cfg)] = (k, finish)
+                    cutting[k] = (pool.submit(_run_tool, call, tasks[ep.task_index], ep, cfg), finish)
                     continue
                 if call is not None:
                     answer_turn(agent, ep, call, finish)
-                next_turn(k)
-            done = [f for f in cutting if f.done()]
-            if not ended and not done and cutting:      # nothing can decode until a crop is back
-                work.tool_waits += 1
-                done = list(wait(cutting, return_when=FIRST_COMPLETED).done)
-            for f in done:                              # in completion order; an episode's tokens do not depend on it
-                k, finish = cutting.pop(f)
-                answer_turn(agent, episodes[k], f.result(), finish)     # a tool's exception surfaces here
                 next_turn(k)
     work.context_tokens += sum(prompt_len) + sum(len(e.token_ids) - prompt_len[e.task_index] for e in episodes)
     return episodes

@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
     p.add_argument("--ckpt-fraction", type=float, default=None, help="config and estimate modes: fraction of the "
                    "decoder layers under gradient checkpointing (train.py --ckpt-fraction; 1: all; default: the "
-                   "preset's, one-gpu's 0.75 with --lora, paper's 0.5 without)")
+                   "preset's, one-gpu's 0.75 with --lora, paper's 0.5 with --world > 1, else 1)")
     p.add_argument("--ckpt-sweep", action="store_true", help="estimate mode (with --estimate-memory): the training "
                    "phase's peak and the recomputed forwards for each --ckpt-fraction in 1, 3/4, 1/2, 1/4, 0")
     p.add_argument("--world", type=int, default=1, help="estimate: ranks under torchrun (full fine-tuning shards)")
@@ -139,8 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "world")) + cli.at_least(a, ("micro_batch", "lora", "crops", "threads"), low=0))
     if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
         p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
-    if a.ckpt_fraction is None:
-        a.ckpt_fraction = (presets.ONE_GPU if a.lora else presets.PAPER)["ckpt_fraction"]
+    if a.ckpt_fraction is None:             # the preset's: one-gpu's with --lora, the paper's for one rank of several
+        a.ckpt_fraction = presets.ONE_GPU["ckpt_fraction"] if a.lora else \
+            presets.PAPER["ckpt_fraction"] if a.world > 1 else 1.0
     if not 0 < a.ckpt_fraction <= 1:
         p.error(f"--ckpt-fraction lies in (0, 1], got {a.ckpt_fraction}")
     if a.ckpt_sweep and not a.estimate_memory:
@@ -316,7 +317,7 @@ def config_step(a) -> dict:
     prompt = len(eps[0].token_ids) - N
     bound_ms = decode_bound_ms(agent.model, a.batch, prompt + N // 2, a.hbm_gbs)
     layers = agent.model.config.get_text_config().num_hidden_layers
-    with policy.sampler(agent) as sampler:
+    with autocast, policy.sampler(agent) as sampler:      # the trained model's forwards run under precision's autocast
         ops = {"trained model": policy.count_ops(agent.model) / layers, "rollout": policy.count_ops(sampler.model) / layers}
     return {"mode": "config", "args": vars(a), "parameters": n_params, "prompt_tokens": prompt,
             "aten_ops_per_decode_step_per_layer": {k: round(v, 1) for k, v in ops.items()},
@@ -495,11 +496,12 @@ GPUS = {"h100-sxm": (989e12, 3.35e12), "h100-pcie": (756e12, 2.0e12), "h200": (9
         "a100-80gb": (312e12, 2.0e12)}            # bf16 dense FLOP/s, HBM bytes/s (published)
 
 
-def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool) -> tuple[int, int]:
+def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool, crop_lag: int = 1) -> tuple[int, int]:
     """(decode steps, useful tokens) of the slot engine on `plan` (each episode's turn lengths), counted
     without a model: continuous batching refills a slot as soon as its episode ends and lets each turn
-    end on its own; the barrier waits for the longest turn of its chunk and starts a chunk when the last
-    one is done. A decode step samples one token for every busy slot."""
+    end on its own, a turn after a crop starting `crop_lag` steps late (lfpc.rollout: the slot sits out
+    the pass in which its crop is cut); the barrier waits for the longest turn of its chunk and starts a
+    chunk when the last one is done. A decode step samples one token for every busy slot."""
     steps = useful = 0
     if barrier:
         for c in range(0, len(plan), slots):
@@ -510,20 +512,21 @@ def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool) -> tuple
                 chunk = [p[1:] for p in chunk]
         return steps, useful
     queue = [list(p) for p in plan][::-1]
-    live = []                                            # [tokens left in this turn, turns after it]
+    live = []                                  # [steps idle first, tokens left in this turn, turns after it]
     while queue or live:
         while queue and len(live) < slots:
             p = queue.pop()
-            live.append([p[0], p[1:]])
-        n = min(s[0] for s in live)                      # every live slot decodes until the next turn ends
-        steps, useful = steps + n, useful + n * len(live)
+            live.append([0, p[0], p[1:]])
+        n = min(idle + left for idle, left, _ in live)   # every live slot steps until the next turn ends
+        steps += n
         nxt = []
-        for left, rest in live:
-            left -= n
-            if left > 0:
-                nxt.append([left, rest])
+        for idle, left, rest in live:
+            work = max(0, n - idle)                      # the steps it decodes, after its idle ones
+            useful += work
+            if left > work:
+                nxt.append([max(0, idle - n), left - work, rest])
             elif rest:
-                nxt.append([rest[0], rest[1:]])
+                nxt.append([crop_lag, rest[0], rest[1:]])
         live = nxt
     return steps, useful
 

@@ -13,8 +13,10 @@ Contract
         a slot, the rest queued. A pass: free slots take queued episodes (a task's prompt prefilled
         once, its cache copied to its other rollouts); the slots with tokens to prefill (a prompt, or
         what the environment appended after a turn) are extended in one forward (at most
-        cfg.prefill_tokens tokens, the rest in the next pass); every live slot decodes one token (`sync_every` steps between host syncs). `turns()` returns as soon as a turn
-        has ended; that slot is extended in the next pass while the others decode; a closed episode's
+        cfg.prefill_tokens tokens, the rest in the next pass); every live slot decodes one token
+        (`sync_every` steps between host syncs). `turns()` returns as soon as a turn has ended (or
+        after one pass when `poll()` asks; none while every live turn awaits its caller); a submitted
+        slot is extended in the next pass while the others decode; a closed episode's
         slot is freed (the last live slot moves into it, so decode reads the cache as views) and never
         computed again. Stop strings are checked on token ids. `schedule="turns"` keeps the per-turn
         barrier of the engine before it, to measure against.
@@ -53,9 +55,10 @@ def open_session(agent: Policy, episodes: list[Row], cfg, work: Work, bound: int
                  force: ForceFn | None = None, store: "FeatureStore | None" = None) -> "SlotSession | ReferenceSession":
     """The engine `cfg.engine` names ("cached" or "reference") for one rollout of `episodes`. Both have the
     same three calls: `submit(i, budget)` (episode i has new tokens, its prompt or the environment's answer
-    to its last turn; its next turn samples at most `budget` tokens), `turns()` (decode; the turns that
-    ended, as (i, tokens, log-probs, finish)), `close(i)` (episode i ended: never computed again); `busy`
-    while a submitted turn has not come back. `bound`: the most tokens an episode can reach
+    to its last turn; its next turn samples at most `budget` tokens), `turns(poll)` (decode; the turns that
+    ended, as (i, tokens, log-probs, finish); cached: after one pass once `poll()` is true, none when no
+    slot can go on), `close(i)` (episode i ended: never computed again); `busy` while a submitted turn has
+    not come back (cached: or a returned one awaits its submit or close). `bound`: the most tokens an episode can reach
     (`lfpc.episode_bound`). `script` (tests) replaces decoding: a turn's tokens come from it. `force`
     (benchmarks, cached only) may replace a sampled token. `store`: the images' features kept for the
     training forward (cached only; the reference keeps none, so training encodes them again). A decode
@@ -143,9 +146,9 @@ class SlotSession:
     (`SlotKV`), each holding one episode, the rest queued. `turns()` runs passes until a turn ends: free
     slots take queued episodes; the slots with tokens to prefill (a new episode's prompt, the environment's
     answer to a turn) are extended in one forward (at most cfg.prefill_tokens: the rest in the next pass);
-    every live slot decodes (`cfg.sync_every` steps, then
-    one host sync). A slot whose turn ended waits for its `submit` (extended in the next pass while the
-    others keep decoding) or its `close` (freed, never computed again). The episodes of one task
+    every live slot decodes (`cfg.sync_every` steps, then one host sync). A slot whose turn ended waits,
+    computed as padding, for its `submit` (extended in the next pass while the others keep decoding) or
+    its `close` (freed, never computed again). The episodes of one task
     (consecutive rows) share its prompt: prefilled once, its cache copied. cfg.schedule "turns": the
     per-turn barrier instead (a submitted slot waits, still computed, until every slot's turn has ended;
     new episodes only once every slot is free), kept to measure against. `force(episode, turn tokens)`
@@ -398,7 +401,7 @@ class SlotKV:
     def __init__(self, slots: int, capacity: int, static: bool = False):
         self.slots, self.capacity, self.static = slots, capacity, static
         self.k, self.v = {}, {}
-        self.rows, self.at, self.T = None, None, 0
+        self.rows, self.index, self.at, self.T = None, None, None, 0
 
     def ensure(self, length: int) -> None:
         """Room for `length` real tokens a slot."""
@@ -415,6 +418,7 @@ class SlotKV:
         the scratch position (rows None: slots [0, b))."""
         steps = torch.arange(n, device=start.device)
         self.rows, self.T = rows, T
+        self.index = rows if rows is not None else torch.arange(len(start), device=start.device)   # [b]: once a forward
         at = start[:, None] + steps[None, :]                                                  # [b, n]
         self.at = torch.where(steps[None, :] < counts[:, None], at, self.capacity)
 
@@ -425,8 +429,7 @@ class SlotKV:
             self.k[layer_idx] = key.new_zeros(shape)
             self.v[layer_idx] = value.new_zeros(shape)
         K, V = self.k[layer_idx], self.v[layer_idx]
-        b = key.shape[0]
-        rows = self.rows if self.rows is not None else torch.arange(b, device=key.device)
+        b, rows = key.shape[0], self.index
         K[rows[:, None], :, self.at] = key.permute(0, 2, 1, 3).to(K.dtype)                 # [b, n, heads, dim]
         V[rows[:, None], :, self.at] = value.permute(0, 2, 1, 3).to(V.dtype)
         if self.rows is None:
@@ -628,7 +631,6 @@ class Work:
     slot_steps: int = 0        # slots x decode steps: what the decode could have sampled
     useful_tokens: int = 0     # sampled tokens the episodes kept
     host_syncs: int = 0        # device -> host transfers of sampled tokens
-    tool_waits: int = 0        # times the turn loop waited for a crop with no slot left to decode (lfpc.rollout)
     context_tokens: int = 0    # the distinct context: each task's prompt once + every episode's own tokens after it
 
     def metrics(self) -> dict[str, float]:

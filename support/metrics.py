@@ -24,8 +24,7 @@ Training only (train.py): reward/mean and reward/<part> (means of the reward's u
 adv/frac_zero_std (fraction of GRPO groups whose rewards are all equal: advantage 0), loss/* (see
 train.py), work/* (what the rollout engine did, `engine.Work`: image encodes, vision patches, prefill and
 decode positions with padding_tokens among them, decode_steps, slot_steps, useful_tokens, slot_utilisation
-= useful_tokens / slot_steps, host_syncs, tool_waits (the turn loop waited for a crop being cut: no slot left to
-decode meanwhile); and the training forward's train_image_encodes, 0 when LoRA
+= useful_tokens / slot_steps, host_syncs; and the training forward's train_image_encodes, 0 when LoRA
 reuses the rollout's image features, train_padding_frac (positions of the forward holding no token) and
 train_shared_frac (the episodes' tokens not computed because their group's prompt ran once: --pack shared)),
 time/step_s, and with --judge llm judge/calls,

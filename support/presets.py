@@ -26,7 +26,7 @@ from support import policy
 
 # ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
 # GiB usable of 80, measured by `support/bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
-# training peak (every layer: 42.6 at the rollout's; 1/4: 82.0).
+# training peak (every layer: 40.9 at the rollout's; 1/4: 82.0).
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
     model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
@@ -40,8 +40,8 @@ PAPER = dict(
 
 # From `python -m support.bench --config 7b --estimate-memory` (README): 64 slots of 8,512-token episodes (1K global,
 # 2,048 response tokens, 4 crops of 1,280), prefill forwards of at most 16K tokens, and the merged bf16 copy that
-# samples peak at 65.7 GiB, under the 71 GiB usable of 80 (--rollout-batch 32 --rollout-tokens 272384: 51.2 GiB,
-# at ~1.8x the decode steps); at the 16K global budget the same token budget holds 22 slots (67.6 GiB).
+# samples peak at 64.1 GiB, under the 71 GiB usable of 80 (--rollout-batch 32 --rollout-tokens 272384: 49.5 GiB,
+# at ~1.8x the decode steps); at the 16K global budget the same token budget holds 22 slots (65.8 GiB).
 # Micro-batches of 32K tokens, 3/4 of the decoder layers checkpointed (2.75 forwards a training token instead of 3):
 # `support/bench.py --estimate-memory --ckpt-sweep` (README) measured 59.2 GiB at the training peak, under the
 # rollout's; half of them, 93.3 GiB, overflows.

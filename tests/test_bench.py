@@ -112,12 +112,17 @@ def test_config_mode_with_lora_rolls_out_with_the_plain_models_ops():
 def test_the_schedule_simulation_by_hand():
     # two episodes: one turn of 3 tokens; two turns of 1 token each
     plan = [[3], [1, 1]]
-    # 2 slots, continuous: step 1 both (ep1's first turn ends), step 2 both (ep1 ends), step 3 ep0 alone
+    # 2 slots, continuous: step 1 both (ep1's first turn ends), step 2 ep0 (ep1 idle: its crop is cut),
+    # step 3 both (both end)
     assert bench.simulate_schedule(plan, 2, barrier=False) == (3, 5)
     # 2 slots, barrier: turn 1 waits for the longest (3 steps, 4 tokens), turn 2 is ep1 alone (1 step)
     assert bench.simulate_schedule(plan, 2, barrier=True) == (4, 5)
-    # 1 slot: the same either way, one episode after the other
-    assert bench.simulate_schedule(plan, 1, barrier=False) == bench.simulate_schedule(plan, 1, barrier=True) == (5, 5)
+    # 1 slot: one episode after the other, either way; continuous, ep1's second turn starts a step late
+    # (the pass in which its crop is cut): 3 + 1 + 1 + 1 steps
+    assert bench.simulate_schedule(plan, 1, barrier=True) == bench.simulate_schedule(plan, 1, False, crop_lag=0) == (5, 5)
+    assert bench.simulate_schedule(plan, 1, barrier=False) == (6, 5)
+    # 2 slots: ep1's idle step hides under ep0's second: still 3 steps
+    assert bench.simulate_schedule(plan, 2, barrier=False, crop_lag=0) == (3, 5)
 
 
 def test_estimate_mode_prints_every_term_and_assumption(capsys):

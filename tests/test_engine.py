@@ -387,10 +387,10 @@ def test_real_shape_model_one_task_16_rollouts_4_turns_encodes_each_image_once(t
 
 
 def test_crops_are_cut_off_the_main_thread_while_the_other_slots_go_on(tiny, monkeypatch):
-    """lfpc.rollout hands a tool call to its threads and keeps decoding: episode 0's crop cannot finish until
-    the engine has run two more passes (episode 1's next two turns); cut on the main thread, as before, it
-    would wait for them forever (here: 10 s, then the test fails). The episodes equal the reference
-    engine's, where each crop is cut before the next turn; every crop ran off the main thread."""
+    """lfpc.rollout hands a tool call to its threads and runs the engine's next pass meanwhile: episode 0's
+    crop cannot finish until that pass has run (episode 1's next turn); cut on the main thread, as before,
+    it would wait for it forever (here: 10 s, then the test fails). The episodes equal the reference
+    engine's, where each crop is back before the next turn; every crop ran off the main thread."""
     import threading
     from conftest import scripted
     bad = "<tool_call>oops</tool_call>"                                # an invalid call: answered at once
@@ -398,19 +398,17 @@ def test_crops_are_cut_off_the_main_thread_while_the_other_slots_go_on(tiny, mon
              1: [(bad, "stop"), (bad, "stop"), ("<answer>x</answer>", "eos")]}
     tasks = [task(seed=1), task(seed=2)]
     ref, _ = _rollout(tiny, tasks, 1, SMALL, "reference", sample_fn=scripted(tiny, turns))
-    go, passes, threads, waited = threading.Event(), [], [], []
+    go, threads, waited = threading.Event(), [], []
     real_tool, real_pass = lfpc._run_tool, engine.SlotSession.scripted
 
     def tool(*args):
         threads.append(threading.get_ident())
         if len(threads) == 1:
-            passes.clear()
-            waited.append(go.wait(timeout=10))                        # until the engine ran two more passes
+            waited.append(go.wait(timeout=10))                        # until the engine ran its next pass
         return real_tool(*args)
 
     def one_pass(self):
-        passes.append(1)
-        if threads and len(passes) >= 2:
+        if threads:
             go.set()
         return real_pass(self)
     monkeypatch.setattr(lfpc, "_run_tool", tool)
@@ -420,7 +418,41 @@ def test_crops_are_cut_off_the_main_thread_while_the_other_slots_go_on(tiny, mon
     assert len(threads) == 1 and threading.get_ident() not in threads
     assert [len(e.crops) for e in eps] == [1, 0] and [len(e.tool_errors) for e in eps] == [0, 2]
     _same_episodes(eps, ref, atol=0)
-    assert work.tool_waits <= 1                                         # at most once: episode 0 at the end
+
+
+@pytest.mark.parametrize("engine_name", ["cached", "reference"])
+def test_how_long_a_crop_takes_changes_nothing(tiny, monkeypatch, engine_name):
+    """A crop rejoins its episode at a fixed point (after the engine's next pass; the reference engine's:
+    before its next turn), so crops of random durations give the same episodes, log-probs and work,
+    bit for bit, run after run. Cached: the tiny model's sampled turns, steered into tool calls of
+    ragged lengths (bench.plan_policy), 9 episodes in 5 slots; reference: scripted turns."""
+    import random
+    import time
+    from conftest import scripted
+    from support import bench
+    rng = random.Random(0)
+    real_tool = lfpc._run_tool
+
+    def slow(*args):
+        time.sleep(rng.random() * 0.02)
+        return real_tool(*args)
+    cfg = replace(SMALL, max_new_tokens=80, max_response_tokens=240, max_turns=3, temperature=1.0, batch_size=5)
+    tasks = [task(seed=s) for s in range(3)]
+    calls = [crop_tool.format_tool_call(b) for b in ([0, 0, 56, 56], [28, 28, 140, 112])]
+    turns = {0: [(calls[0], "stop"), ("<answer>red</answer>", "eos")], 1: [("<answer>no</answer>", "eos")],
+             2: [(calls[1], "stop"), (calls[0], "stop"), ("<answer>x</answer>", "eos")]}
+    plan = [[4, 6, 3], [2, 8], [5], [7, 1, 2], [3, 3], [9, 2, 5], [1], [6, 4], [2, 2, 2]]
+    runs = []
+    for sleep in (False, True, True):
+        if sleep:
+            monkeypatch.setattr(lfpc, "_run_tool", slow)
+        kw = dict(force=bench.plan_policy(tiny, plan, seed=5)) if engine_name == "cached" else \
+            dict(sample_fn=scripted(tiny, turns))
+        runs.append(_rollout(tiny, tasks, 3, cfg, engine_name, seed=5, **kw))
+    assert sum(len(e.crops) for e in runs[0][0]) >= 6
+    for eps, work in runs[1:]:
+        _same_episodes(eps, runs[0][0], atol=0)
+        assert work == runs[0][1]
 
 
 # ----------------------------------------------------------------------------- token-budget batching
