@@ -120,11 +120,28 @@ def estimate(s: StepShape, vision: bool = True, fake: bool = True) -> dict:
     return out
 
 
-def _training_step(config, s: StepShape, fake: bool = True) -> dict:
+def _training_step(config, s: StepShape, fake: bool = True, device: str = "cpu") -> dict:
     """The tracked forward and backward of one micro-batch (the training phase's activations)."""
     per_mb = max(1, s.train_tokens // s.episode_tokens)
     policy = lambda: (_Policy(*_language_model(config, s.lora), s),)
-    return _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake)
+    return _tracked(policy, lambda p: _forward_backward(p, s, per_mb), fake, device)
+
+
+def measure_training(s: StepShape, device: str = "cuda", with_estimate: bool = True) -> dict:
+    """The training phase's micro-batch on REAL tensors on `device` (a GPU: `.ci/gpu`), beside the estimate:
+    bytes by kind as MemTracker saw them on the device, the allocator's own peak above what was allocated
+    before (the weights included: the language model's, built there), and the fake-tensor estimate of the
+    same step. What the estimate's training activations claim, checked where it matters."""
+    config = model_config(s.config)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    real = _training_step(config, s, fake=False, device=device)
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    return {"device": str(device), "tracked": real, "allocator_peak": peak,
+            "estimate": _training_step(config, s, fake=True) if with_estimate else None}
 
 
 CKPT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)     # 0: no checkpointing
@@ -210,13 +227,13 @@ def _trainable_bytes(config, lora: int) -> int:
 
 # ----------------------------------------------------------------------------- the tracked phases
 
-def _tracked(build, run, fake: bool = True) -> dict:
-    """Build the modules (under FakeTensorMode when `fake`), then `run(*modules)` under MemTracker; the peak
-    snapshot in bytes by kind. The modules are built before tracking starts; their trainable parameters
+def _tracked(build, run, fake: bool = True, device: str = "cpu") -> dict:
+    """Build the modules (under FakeTensorMode when `fake`; on `device`), then `run(*modules)` under MemTracker;
+    the peak snapshot in bytes by kind. The modules are built before tracking starts; their trainable parameters
     are registered with the tracker (their gradients and optimizer state are then attributed), frozen
     weights are not (`estimate` counts all weights from the config)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+    with FakeTensorMode() if fake else contextlib.nullcontext(), torch.device(device):
         modules = build()
         tracker = _tracker()
         trainable = [m for top in modules for m in top.modules()
@@ -318,10 +335,11 @@ def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     if s.grad_ckpt:
         policy_lib.enable_grad_ckpt(policy.lm, s.ckpt_fraction)
     policy.train()
+    dev = next(policy.parameters()).device                     # tensors made below land on the default device
     x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
                     dtype=torch.bfloat16 if s.lora else torch.float32)
     targets = torch.zeros(episodes * s.response_tokens, dtype=torch.long)
-    with torch.autocast("cpu", dtype=torch.bfloat16):    # policy.precision on a GPU
+    with torch.autocast(dev.type, dtype=torch.bfloat16):    # policy.precision on a GPU
         lp = policy(x, targets)
     lp.sum().backward()
 

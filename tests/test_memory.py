@@ -24,6 +24,15 @@ def test_fake_tensor_estimate_agrees_with_real_tensors_within_10_percent(lora):
         assert fake["tracked_training_step"][kind] == pytest.approx(v, rel=0.10, abs=1024), kind
 
 
+def test_measure_training_runs_the_estimates_step_on_real_tensors_of_a_device():
+    """memory.measure_training (what .ci/gpu runs on the GPU for 7B): the training micro-batch on real tensors
+    of the device, beside the fake-tensor estimate; here on the CPU, where there is no allocator peak."""
+    r = memory.measure_training(memory.StepShape(**TINY, lora=4), device="cpu")
+    assert r["allocator_peak"] is None and r["device"] == "cpu"
+    assert r["tracked"]["activations"] == pytest.approx(r["estimate"]["activations"], rel=0.10)
+    assert r["tracked"]["activations"] > 0
+
+
 def test_lora_stand_in_computes_what_peft_computes_and_keeps_its_bytes(tiny):
     """Under bf16 autocast (the GPU path's precision, here on the CPU), with policy.autocast_adapters: the
     same output and gradients as peft's LoRA layer, and autograd keeps the same bytes for the backward."""
