@@ -393,16 +393,6 @@ def shown_image(task: Task, cfg: RolloutConfig) -> Image.Image:
                                       task.max_pixels or cfg.global_max_pixels, cfg.global_resample)
 
 
-def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logprobs: list[float],
-                 finish: str, cfg: RolloutConfig) -> None:
-    """Append one sampled turn, parse it, and either end the episode or append the tool's response (the
-    turn loop's three parts in one call: `take_turn`, `_run_tool`, `answer_turn`)."""
-    call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
-    if call is not None:
-        answer_turn(agent, ep, _run_tool(call, task, ep, cfg) if isinstance(call, crop_tool.ToolCall) else call,
-                    finish)
-
-
 def take_turn(agent: Agent, ep: Episode, tokens: list[int], logprobs: list[float], finish: str,
               cfg: RolloutConfig) -> crop_tool.ToolCall | str | None:
     """Append one sampled turn and parse it: None when it ends the episode, else what the environment answers
@@ -432,20 +422,6 @@ def take_turn(agent: Agent, ep: Episode, tokens: list[int], logprobs: list[float
     return parsed.error or parsed.call
 
 
-def answer_turn(agent: Agent, ep: Episode, result: crop_tool.Crop | crop_tool.CropError | str, finish: str) -> None:
-    """Append the environment's answer to a tool call: the crop, or the error (`finish`: how the turn ended)."""
-    if isinstance(result, crop_tool.Crop):
-        grid = agent.image_grid(result.image)
-        ep.crops.append(result)
-        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, grid)),
-                  images=[(result.image, grid)])
-    else:
-        reason = result if isinstance(result, str) else result.reason
-        ep.tool_errors.append(reason)
-        shown = reason if len(reason) <= MAX_ERROR_CHARS else reason[:MAX_ERROR_CHARS] + "..."   # it may quote the call
-        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, shown)))
-
-
 def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutConfig) -> crop_tool.Crop | crop_tool.CropError:
     """Execute a parsed tool call; under a probe, change what a successful call returns (module docstring).
     Runs on the rollout's threads: it reads the task and the episode, changes neither."""
@@ -461,6 +437,30 @@ def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutCon
         noise = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
         result = crop_tool.Crop(Image.fromarray(noise), result.box_shown, result.box_original, result.cut)
     return result
+
+
+def answer_turn(agent: Agent, ep: Episode, result: crop_tool.Crop | crop_tool.CropError | str, finish: str) -> None:
+    """Append the environment's answer to a tool call: the crop, or the error (`finish`: how the turn ended)."""
+    if isinstance(result, crop_tool.Crop):
+        grid = agent.image_grid(result.image)
+        ep.crops.append(result)
+        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, grid)),
+                  images=[(result.image, grid)])
+    else:
+        reason = result if isinstance(result, str) else result.reason
+        ep.tool_errors.append(reason)
+        shown = reason if len(reason) <= MAX_ERROR_CHARS else reason[:MAX_ERROR_CHARS] + "..."   # it may quote the call
+        ep.append(_user_turn(agent, finish == "eos", prompts.observation(agent.style, shown)))
+
+
+def step_episode(agent: Agent, ep: Episode, task: Task, tokens: list[int], logprobs: list[float],
+                 finish: str, cfg: RolloutConfig) -> None:
+    """Append one sampled turn, parse it, and either end the episode or append the tool's response (the
+    turn loop's three parts in one call: `take_turn`, `_run_tool`, `answer_turn`)."""
+    call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
+    if call is not None:
+        answer_turn(agent, ep, _run_tool(call, task, ep, cfg) if isinstance(call, crop_tool.ToolCall) else call,
+                    finish)
 
 
 def _user_turn(agent: Agent, closed: bool, parts: list[str | tuple[int, int, int]]) -> list[int]:
