@@ -267,8 +267,8 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     The turn loop: the engine samples turns; each one that ends is parsed (`take_turn`); a crop is cut by
-    the rollout's threads while the engine runs its next pass over the other episodes, and after that pass
-    (the reference engine: before its next turn) the answer is appended (`answer_turn`; an invalid call's
+    the rollout's threads while the engine runs its next pass over the other episodes (if any decodes), and
+    after that pass (the reference engine: before its next turn) the answer is appended (`answer_turn`; an invalid call's
     at once) and the episode goes back to the engine for its next turn, or leaves it. A crop rejoins at
     that fixed point however long it took, so the batches, and with them the numbers, do not depend on
     the threads' timing. `step_episode` is the same turn in one serial call.
@@ -319,7 +319,9 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
             if every_turn:
                 rejoin()
             ended = session.turns(poll=lambda: bool(cutting))   # crops out: one pass, the crops cut meanwhile
-            rejoin()                         # a crop rejoins one pass after its turn ended, however long it took
+            if not ended and not cutting and session.busy:
+                raise RuntimeError("the engine handed back no turn and none is being answered")   # never spin
+            rejoin()                         # a crop rejoins after that pass, however long it took
             for k, tokens, logprobs, finish in ended:
                 ep = episodes[k]
                 call = take_turn(agent, ep, tokens, logprobs, finish, cfg)

@@ -500,7 +500,7 @@ def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool, crop_lag
     """(decode steps, useful tokens) of the slot engine on `plan` (each episode's turn lengths), counted
     without a model: continuous batching refills a slot as soon as its episode ends and lets each turn
     end on its own, a turn after a crop starting `crop_lag` steps late (lfpc.rollout: the slot sits out
-    the pass in which its crop is cut); the barrier waits for the longest turn of its chunk and starts a
+    the pass in which its crop is cut, unless no slot decodes: then no pass runs); the barrier waits for the longest turn of its chunk and starts a
     chunk when the last one is done. A decode step samples one token for every busy slot."""
     steps = useful = 0
     if barrier:
@@ -517,6 +517,8 @@ def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool, crop_lag
         while queue and len(live) < slots:
             p = queue.pop()
             live.append([0, p[0], p[1:]])
+        wait = min(idle for idle, _, _ in live)           # every slot awaiting its crop: no pass runs, they rejoin
+        live = [[idle - wait, left, rest] for idle, left, rest in live]
         n = min(idle + left for idle, left, _ in live)   # every live slot steps until the next turn ends
         steps += n
         nxt = []
@@ -596,11 +598,13 @@ def estimate_time(a) -> dict:
         t_prefill = (f_prefill + vision) / (peak * a.mfu)
         t_train = train_forwards * f_train / (peak * a.mfu)
         # host: a task's original opened and resized by the rollout's threads, its patches cut in the turn loop;
-        # a crop cut and resized by the threads while the other slots decode (only what the threads cannot hide
-        # in the decode's time counts), its patches cut in the turn loop (serial with the GPU)
+        # a crop cut and resized by a thread during the engine's next pass, waited for where it takes longer
+        # than that pass (or where the threads' total exceeds the decode's), its patches cut in the turn loop
         t_crops = crops * host["crop"] / a.host_threads / 1000
+        step_ms = out["ours (slots)"]["ms_per_step"]
+        t_crop_wait = max(crops * max(0.0, host["crop"] - step_ms) / 1000, t_crops - out["ours (slots)"]["decode_s"])
         t_host_img = (prompts * ((host["open"] + host["resize"]) / a.host_threads + host["patches_global"])
-                      + crops * host["patches_crop"]) / 1000 + max(0.0, t_crops - out["ours (slots)"]["decode_s"])
+                      + crops * host["patches_crop"]) / 1000 + max(0.0, t_crop_wait)
         t_host_before = (prompts * (host["open"] + host["resize"] + host["processor_global"])
                          + crops * (host["crop"] + host["processor_crop"])) / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
@@ -640,8 +644,8 @@ def estimate_time(a) -> dict:
                    "host": (f"measured here (ms an image): a {a.original[0]}x{a.original[1]} JPEG original opened "
                             f"{host['open']:.1f} and resized to the global budget {host['resize']:.1f} (by "
                             f"{a.host_threads} threads), a crop of half its sides cut and resized {host['crop']:.1f} "
-                            f"(by the threads while the other slots decode: hidden, but for any excess over the decode's "
-                            f"time, host_crops_threads_s); patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
+                            f"(by a thread during the engine's next pass: hidden, but for what outlasts a decode step); "
+                            f"patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
                             f"(crop), serial, normalised on the GPU (support/pixels.py; the image processor took "
                             f"{host['processor_global']:.1f} and {host['processor_crop']:.1f}, all serial: "
                             f"host_images_s_before)"),

@@ -190,9 +190,9 @@ class SlotSession:
 
     @torch.no_grad()
     def turns(self, poll: Callable[[], bool] | None = None) -> list[tuple[int, list[int], list[float], str]]:
-        """Passes until a turn ends (or `poll()` says the caller has something to submit): the ended turns,
-        each slot's until its submit or close; none when no slot can go on before one (every live turn
-        ended, awaiting its caller)."""
+        """Passes until a turn ends, or one pass when `poll()` is true after it (lfpc.rollout: crops are being
+        cut, to rejoin after it): the ended turns, each slot's until its submit or close; none when no slot
+        can go on before one (every live turn ended, awaiting its caller)."""
         while True:
             if self.barrier and all(s.mode in ("wait", "done") for s in self.live):   # every turn ended
                 for s in self.live:

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lfpc
-from support import batches, bench, models
+from support import batches, bench, engine, models
 
 
 @pytest.mark.parametrize("visual_tokens", [16, 64])       # 64: 16x16 patches, four 8x8 attention windows
@@ -109,6 +109,28 @@ def test_config_mode_with_lora_rolls_out_with_the_plain_models_ops():
     assert ops["rollout"] == policy.count_ops(plain.model) / layers < ops["trained model"]
 
 
+@pytest.mark.parametrize("plan, slots", [([[4, 6, 3], [2, 8], [5], [7, 1, 2], [3, 3], [9, 2, 5]], 4),
+                                         ([[1, 1]], 1), ([[9, 4], [4, 4], [5, 1], [9, 2], [5], [1, 1, 1]], 3)])
+def test_the_schedule_simulation_counts_the_engines_decode_steps(plan, slots):
+    """simulate_schedule (what --estimate-time counts) against the slot engine itself: the tiny model's
+    episodes steered through `plan` (filler tokens, then a crop call or the answer) in `slots` slots, one
+    task each; the same decode steps and sampled tokens, the pass a cropped slot waits out included."""
+    import crop_tool
+    from conftest import noise_image
+    agent = models.tiny_agent(seed=0)
+    call = len(agent.encode(crop_tool.format_tool_call([0, 0, 56, 56])))
+    answer = len(agent.encode("<answer>red</answer>")) + 1                      # + <|im_end|>
+    cfg = lfpc.RolloutConfig(global_max_pixels=64 * 784, max_new_tokens=80, max_response_tokens=400, max_turns=4,
+                             temperature=1.0, batch_size=slots,
+                             crop=crop_tool.CropConfig(min_pixels=4 * 784, max_pixels=16 * 784))
+    tasks = [lfpc.Task(image=noise_image(300, 200, k), question="What colour?", answer="red") for k in range(len(plan))]
+    work = engine.Work()
+    eps = lfpc.rollout(agent, tasks, 1, cfg, seed=5, work=work, force=bench.plan_policy(agent, plan, seed=5))
+    assert [len(e.crops) for e in eps] == [len(p) - 1 for p in plan]
+    turns = [[n + (call if j + 1 < len(p) else answer) for j, n in enumerate(p)] for p in plan]   # tokens a turn
+    assert bench.simulate_schedule(turns, slots, barrier=False) == (work.decode_steps, work.useful_tokens)
+
+
 def test_the_schedule_simulation_by_hand():
     # two episodes: one turn of 3 tokens; two turns of 1 token each
     plan = [[3], [1, 1]]
@@ -117,10 +139,12 @@ def test_the_schedule_simulation_by_hand():
     assert bench.simulate_schedule(plan, 2, barrier=False) == (3, 5)
     # 2 slots, barrier: turn 1 waits for the longest (3 steps, 4 tokens), turn 2 is ep1 alone (1 step)
     assert bench.simulate_schedule(plan, 2, barrier=True) == (4, 5)
-    # 1 slot: one episode after the other, either way; continuous, ep1's second turn starts a step late
-    # (the pass in which its crop is cut): 3 + 1 + 1 + 1 steps
+    # 1 slot: one episode after the other, either way; ep1's crop costs no step (no other slot decodes,
+    # so no pass runs while it is cut)
     assert bench.simulate_schedule(plan, 1, barrier=True) == bench.simulate_schedule(plan, 1, False, crop_lag=0) == (5, 5)
-    assert bench.simulate_schedule(plan, 1, barrier=False) == (6, 5)
+    assert bench.simulate_schedule(plan, 1, barrier=False) == (5, 5)
+    # 2 slots, ep1 = two turns after ep0's single long one: 3 steps of ep0 (ep1's 1 + idle 1 + 1 beside it)
+    assert bench.simulate_schedule([[3], [1, 2]], 2, barrier=False) == (4, 6)
     # 2 slots: ep1's idle step hides under ep0's second: still 3 steps
     assert bench.simulate_schedule(plan, 2, barrier=False, crop_lag=0) == (3, 5)
 
