@@ -267,11 +267,11 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     The turn loop: the engine samples turns; each one that ends is parsed (`take_turn`); a crop is cut by
-    the rollout's threads while the engine runs its next pass over the other episodes (if any decodes), and
-    after that pass (the reference engine: before its next turn) the answer is appended (`answer_turn`; an invalid call's
-    at once) and the episode goes back to the engine for its next turn, or leaves it. A crop rejoins at
-    that fixed point however long it took, so the batches, and with them the numbers, do not depend on
-    the threads' timing. `step_episode` is the same turn in one serial call.
+    the rollout's threads while the engine runs its next pass over the other episodes (if any decodes),
+    and after that pass (the reference engine: before its next turn) the answer is appended
+    (`answer_turn`; an invalid call's at once) and the episode goes back to the engine for its next turn,
+    or leaves it. A crop rejoins at that fixed point however long it took, so the batches, and with them
+    the numbers, do not depend on the threads' timing. `step_episode` is the same turn in one serial call.
     Episode k samples from its own stream, seeded `seed + k` (`seed` None: drawn from torch's global
     generator; a list: one base seed per task, rollout j of task i seeded seed[i] + j), so its tokens do
     not depend on batching. The engine is `cfg.engine` (`engine.open_session`): "cached", continuous
@@ -306,15 +306,15 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
         every_turn = isinstance(session, engine.ReferenceSession)    # a barrier per turn: each crop back first
         cutting: dict[int, tuple[Future, str]] = {}     # episode -> its crop being cut by the pool, how its turn ended
 
+        def next_turn(k: int) -> None:
+            ep = episodes[k]
+            session.close(k) if ep.done else session.submit(k, turn_budget(ep, cfg))
+
         def rejoin() -> None:                           # the crops back, in episode order, each answered
             for k in sorted(cutting):
                 f, finish = cutting.pop(k)
                 answer_turn(agent, episodes[k], f.result(), finish)     # a tool's exception surfaces here
                 next_turn(k)
-
-        def next_turn(k: int) -> None:
-            ep = episodes[k]
-            session.close(k) if ep.done else session.submit(k, turn_budget(ep, cfg))
         while session.busy or cutting:
             if every_turn:
                 rejoin()

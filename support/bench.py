@@ -37,8 +37,8 @@ one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decod
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
 step (`decode_step_ops`: the slot engine's decode step as it runs, counted), weights and KV bytes read a step, prefill, vision and
 training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
-patches; crops are cut by the rollout's threads while the other slots decode, so they count only where
-the threads could not keep up); every assumption is printed beside
+patches; a crop is cut by the rollout's threads during the engine's next pass, so it counts only for
+what outlasts a decode step); every assumption is printed beside
 the figures, with a vLLM-like and a roofline figure. An estimate, not a measurement.
 
 Schedule mode (--schedule-bench) runs one workload with a realistic spread of lengths (--lengths MIN
@@ -500,8 +500,9 @@ def simulate_schedule(plan: list[list[int]], slots: int, barrier: bool, crop_lag
     """(decode steps, useful tokens) of the slot engine on `plan` (each episode's turn lengths), counted
     without a model: continuous batching refills a slot as soon as its episode ends and lets each turn
     end on its own, a turn after a crop starting `crop_lag` steps late (lfpc.rollout: the slot sits out
-    the pass in which its crop is cut, unless no slot decodes: then no pass runs); the barrier waits for the longest turn of its chunk and starts a
-    chunk when the last one is done. A decode step samples one token for every busy slot."""
+    the pass in which its crop is cut, unless no slot decodes: then no pass runs); the barrier waits for
+    the longest turn of its chunk and starts a chunk when the last one is done. A decode step samples one
+    token for every busy slot."""
     steps = useful = 0
     if barrier:
         for c in range(0, len(plan), slots):
@@ -669,25 +670,20 @@ def format_estimate(report: dict) -> str:
 def decode_step_ops() -> tuple[float, float]:
     """(aten ops a decoder layer, aten ops outside the layers) of one decode step of the slot engine as it
     runs (the model, the cache's writes, the attention mask, top-p sampling; merged LoRA is the plain
-    model), counted with a TorchDispatchMode over the steps of one rollout on the real-shape model with 1
+    model), counted (`policy.counting_ops`) over the steps of one rollout on the real-shape model with 1
     and with 2 layers (the real vocabulary from tests/fixtures/qwen2-tokenizer). On a GPU without CUDA graphs
     each is a launch (or a dispatch) by the host."""
     import os
-    from torch.utils._python_dispatch import TorchDispatchMode
     from PIL import Image
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # support/.. : the repository
     count = [0, 0]
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            count[0] += 1
-            return func(*args, **(kwargs or {}))
     real = engine.SlotSession.decode
 
     def counted(self):
-        count[1] += 1
-        with Count():
-            return real(self)
+        with policy.counting_ops() as seen:
+            ended = real(self)
+        count[0], count[1] = count[0] + sum(seen.values()), count[1] + 1
+        return ended
     per_step = []
     for layers in (1, 2):
         agent = models.real_shape_agent(os.path.join(root, "tests", "fixtures", "qwen2-tokenizer"), layers=layers)

@@ -144,6 +144,21 @@ def measure_training(s: StepShape, device: str = "cuda", with_estimate: bool = T
             "estimate": _training_step(config, s, fake=True) if with_estimate else None}
 
 
+@contextlib.contextmanager
+def kept_for_backward():
+    """The bytes autograd keeps for the backward of the forwards run inside: yields a dict whose "bytes" (the
+    distinct storages saved, each once however many ops save it) is filled as they run."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        kept["bytes"] = sum(storages.values())
+        return t
+    kept = {"bytes": 0}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
 CKPT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)     # 0: no checkpointing
 
 
@@ -335,11 +350,10 @@ def _forward_backward(policy: _Policy, s: StepShape, episodes: int) -> None:
     if s.grad_ckpt:
         policy_lib.enable_grad_ckpt(policy.lm, s.ckpt_fraction)
     policy.train()
-    dev = next(policy.parameters()).device                     # tensors made below land on the default device
-    x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,
+    x = torch.zeros(episodes, s.episode_tokens, policy.lm.config.hidden_size,     # on the default device
                     dtype=torch.bfloat16 if s.lora else torch.float32)
     targets = torch.zeros(episodes * s.response_tokens, dtype=torch.long)
-    with torch.autocast(dev.type, dtype=torch.bfloat16):    # policy.precision on a GPU
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):    # policy.precision on a GPU
         lp = policy(x, targets)
     lp.sum().backward()
 
@@ -348,7 +362,7 @@ def _head_step(head, s: StepShape, hidden: int) -> None:
     """One chunk of the log-prob head, forward and backward: the [chunk, vocabulary] logits' share."""
     import lfpc
     h = torch.zeros(s.logprob_chunk, hidden, dtype=torch.bfloat16 if s.lora else torch.float32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):    # policy.precision on a GPU
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):    # policy.precision on a GPU
         lp = lfpc._target_logprobs(head, h, torch.zeros(s.logprob_chunk, dtype=torch.long), 1.0, [])
     lp.sum().backward()
 

@@ -83,22 +83,30 @@ def _is_lora(model) -> bool:
 
 def count_ops(model, tokens: int = 1, rows: int = 2) -> int:
     """The aten operations (kernel launches on a GPU) of one decode-like forward of the language model:
-    `rows` rows of `tokens` new tokens each, counted with a TorchDispatchMode (device-independent)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+    `rows` rows of `tokens` new tokens each (`counting_ops`)."""
     lm = model.model.language_model if hasattr(model.model, "language_model") else model.base_model.model.model.language_model
     dev = next(model.parameters()).device
     embeds = torch.zeros(rows, tokens, lm.config.hidden_size, device=dev, dtype=next(lm.parameters()).dtype)
     pos = torch.zeros(3, rows, tokens, dtype=torch.long, device=dev)
-    with torch.no_grad(), Count():
+    with torch.no_grad(), counting_ops() as seen:
         lm(inputs_embeds=embeds, position_ids=pos, use_cache=False)
-    return Count.n
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def counting_ops():
+    """Count the aten operations run inside (kernel launches, or dispatches, on a GPU), by name: yields a
+    collections.Counter, filled as they run. A TorchDispatchMode: the same counts on every device."""
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        yield seen
 
 
 def device_problem(device: str) -> str | None:

@@ -564,25 +564,19 @@ def test_decode_steps_read_nothing_back_until_their_one_host_sync(case, monkeypa
     a copy to the device). One call of `decode` (k steps) builds one tensor (the slots' state) and reads
     its tokens once (`tolist`), whatever k: on a real-shape model whose turns end at ragged lengths, and
     on the toy base with crops and error turns while capped prefills leave slots waiting."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from conftest import QWEN_TOKENIZER
     from support import models
     import toy.world
     host = ("aten._local_scalar_dense.default", "aten.lift_fresh.default", "aten.nonzero.default",
             "aten.masked_select.default", "aten.repeat_interleave.Tensor")
     calls = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) in host:
-                calls[-1][str(func)] += 1
-            return func(*args, **(kwargs or {}))
     real = engine.SlotSession.decode
 
     def counted(self):
-        calls.append(dict.fromkeys(host, 0))
-        with Count():
-            return real(self)
+        with policy.counting_ops() as seen:
+            ended = real(self)
+        calls.append({h: seen[h] for h in host})
+        return ended
     monkeypatch.setattr(engine.SlotSession, "decode", counted)
     if case.startswith("toy"):
         agent = policy.load_agent(BASE, "cpu", torch.float32)

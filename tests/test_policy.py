@@ -84,17 +84,13 @@ def test_the_flag_needs_checkpointing_and_a_fraction(toy_base, tmp_path):
 def _saved_bytes_logits_grads(agent, ids):
     """Bytes of the distinct storages autograd saves in a forward under CPU bf16 autocast (the GPU path's
     precision, on this CPU), its logits and the adapters' gradients after a backward."""
-    saved = {}
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
     agent.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with memory.kept_for_backward() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
         logits = agent.model(input_ids=ids).logits                                   # [2, 24, V]
     logits.float().logsumexp(-1).sum().backward()
     grads = {n: p.grad.clone() for n, p in agent.model.named_parameters() if p.grad is not None}
     agent.model.zero_grad(set_to_none=True)
-    return sum(saved.values()), logits.detach(), grads
+    return kept["bytes"], logits.detach(), grads
 
 
 def test_adapters_under_autocast_save_less_and_compute_the_same(monkeypatch):
