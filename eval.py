@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "deepeyes to evaluate a DeepEyes checkpoint as it was trained (default: the model's own, saved "
                    "beside it; else qwen)")
     p.add_argument("--judge", default="rule", choices=["rule", "llm"], help="who decides what is right: the rules "
-                   "of rewards.py, or a model behind an OpenAI-compatible endpoint (support/judge.py)" + d)
+                   "of support/answers.py, or a model behind an OpenAI-compatible endpoint (support/judge.py)" + d)
     p.add_argument("--judge-url", help="--judge llm: the endpoint, e.g. http://127.0.0.1:8000 (a vLLM server)")
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--judge-cache", help="--judge llm: JSONL cache of verdicts (default: OUT/judge_cache.jsonl)")

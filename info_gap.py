@@ -49,7 +49,9 @@ Contract
   item that was in flight when a run was killed is probed again to the same answers and budget. A corrupt LAST line (a kill mid-write) is dropped with a warning; a corrupt line
   elsewhere is an error. A checkpoint folder retrained in place keeps its name: give it another cache.
 - One settings object, `ProberConfig`, is built by train.py from its flags and by this file's command
-  line from its own, with the same defaults (`--preset`, support/presets.py).
+  line from its own, with the same defaults (`--preset`, support/presets.py). The command line also answers
+  as train.py does: the preset's weights dtype and precision, items in flight and token caps; SIGTERM or
+  SIGINT stops it after its batch, the cache kept (run it again to go on).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
@@ -69,7 +72,7 @@ from tqdm import tqdm
 import crop_tool
 import lfpc
 from lfpc import Task
-from support import checkpoint, cli, data, policy, prompts
+from support import checkpoint, cli, data, policy, presets, prompts
 from support.judge import Judge, RuleJudge, make_judge
 
 TOKEN_PIXELS = crop_tool.TOKEN_PIXELS
@@ -83,8 +86,6 @@ AnswerFn = Callable[[list[tuple[Task, int]], int], list[list[str | None]]]   # (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from support import policy
-    from support import presets
     p = argparse.ArgumentParser(description="Per-item global-image budgets for LFPC stage 1 (information gap).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pre = " (default: the preset's, as train.py)"
@@ -107,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-model", help="--judge llm: the served model's name")
     p.add_argument("--judge-timeout", type=float, default=10.0, help="--judge llm: seconds a request may take (an API "
                    "key goes in the environment variable LFPC_JUDGE_API_KEY)")
-    p.add_argument("--batch-size", type=int, default=32, help="items in flight per answer call (k episodes each)")
+    p.add_argument("--batch-size", type=int, help="items in flight per answer call (k episodes each)" + pre)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
     a = p.parse_args(argv)
@@ -116,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.floor_tokens = a.floor_tokens or preset["floor_tokens"]
     a.max_new_tokens = a.max_new_tokens or preset["probe_max_new_tokens"]
     a.resample = a.resample or preset["resample"]
+    a.batch_size = a.batch_size or preset["rollout_batch"]
     cli.refuse(p, cli.at_least(a, ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size")))
     if a.floor_tokens >= a.full_tokens:
         p.error(f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens ({a.full_tokens})")
@@ -365,7 +367,7 @@ class ProberConfig:
 def probe(tasks: list[Task], agent: lfpc.Agent, cfg: ProberConfig, model: str, cache_path: str | None,
           batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
           write_path: str | None = None, batch_tokens: int | None = None,
-          stop: Callable[[], bool] | None = None, prefill_tokens: int = 16384) -> list[dict]:
+          stop: Callable[[], bool] | None = None, prefill_tokens: int = lfpc.RolloutConfig.prefill_tokens) -> list[dict]:
     """`select_budgets` with the model's own direct answers: one record per task, in order. batch_size:
     tasks in flight; batch_tokens: at most this many KV-cache tokens a rollout chunk (None: no limit);
     prefill_tokens: at most this many tokens a prefill forward."""
@@ -388,7 +390,7 @@ def merge_parts(cache_path: str, parts: list[str]) -> None:
 
 def model_answer_fn(agent: lfpc.Agent, temperature: float = 1.0, max_new_tokens: int = 64,
                     batch_size: int = 64, resample: str = "bicubic", batch_tokens: int | None = None,
-                    prefill_tokens: int = 16384) -> AnswerFn:
+                    prefill_tokens: int = lfpc.RolloutConfig.prefill_tokens) -> AnswerFn:
     """The real answer function: k direct answers (no tool, one turn) per (task, budget) pair, the global
     image at max_pixels = budget * 784 (native size when smaller). batch_size: episodes per forward, within
     batch_tokens KV-cache tokens (the first rungs' images are the largest: 16K tokens each at the top)."""
@@ -442,12 +444,20 @@ def main(argv: list[str] | None = None) -> None:
     cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
     judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl",
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    agent = policy.load_agent(a.model, a.device, dtype)
-    try:
-        records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge)
-    except CacheError as e:
-        raise SystemExit(f"--cache: {e}") from None
+    preset = presets.get(a.preset)
+    # as train.py probes: its weights' dtype (policy.base_dtype: a bf16 base under LoRA, else fp32) under its
+    # precision (bf16 autocast on a GPU), within its KV-cache and prefill token caps
+    agent = policy.load_agent(a.model, a.device, torch.bfloat16 if preset["lora"] else torch.float32)
+    with checkpoint.StopSignal() as stop, policy.precision(agent):
+        try:
+            records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge,
+                            batch_tokens=preset["rollout_tokens"], prefill_tokens=preset["prefill_tokens"], stop=stop)
+        except CacheError as e:
+            raise SystemExit(f"--cache: {e}") from None
+        except checkpoint.Preempted as e:
+            print(f"{stop.requested}: {e}. Run the same command again to continue (the cache is kept, its items "
+                  f"not probed again)", file=sys.stderr)
+            raise SystemExit(stop.code) from None
     write_tasks(a.data, a.out, tasks, records)
     s = summarize(records)
     bound = (len(budgets) - 1).bit_length() + 1                  # ceil(log2 L) + 1

@@ -22,7 +22,7 @@ Contract
   call is executed and its crop (or an error text) goes back as a user turn; a turn with neither
   ends the episode ("no_tool_call", never loops); a turn cut by the token limit without an answer
   ends it ("length"); after `max_turns` turns without an answer: "max_turns". Without the tool
-  (`use_tool=False`) one turn, then "answer" or "no_answer".
+  (`use_tool=False`) one turn, then "answer", "no_answer" or "length".
 - Probes (the paper's crop-dependency diagnostic) change only what a successful tool call returns:
   "noise" shows noise of the crop's size instead of the crop; "gt" answers every parsed call with
   the crop of the task's B1. Invalid calls go back as error turns under every probe.

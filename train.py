@@ -107,8 +107,8 @@ def main(argv=None) -> None:
             try:
                 train(a, run, saved, w, stop)
             except checkpoint.Preempted as e:
-                print(f"{stop.requested}: {e}; run the same command again to continue (no --resume: no step was "
-                      f"taken)", file=sys.stderr)
+                print(f"{stop.requested}: {e}. Continue (the cache is kept, its items not probed again) with:\n"
+                      f"  python train.py --resume --out {a.out}", file=sys.stderr)
                 raise SystemExit(stop.code) from None
             except checkpoint.CheckpointError as e:
                 raise SystemExit(str(e)) from None

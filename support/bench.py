@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--estimate-memory", action="store_true",
                    help="config mode, CPU, no weights allocated: peak memory of one stage-1 step by kind (support/memory.py)")
     p.add_argument("--rollout-rows", type=int, default=16, help="estimate: episodes sharing one rollout chunk's KV cache")
-    p.add_argument("--prefill-tokens", type=int, default=16384, help="config and estimate-memory modes: "
+    p.add_argument("--prefill-tokens", type=int, default=lfpc.RolloutConfig.prefill_tokens, help="config and estimate-memory modes: "
                    "tokens one prefill forward of the rollout computes, at most (RolloutConfig.prefill_tokens)")
     p.add_argument("--train-tokens", type=int, default=16384, help="estimate: padded tokens per training micro-batch")
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")

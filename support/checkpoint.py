@@ -70,7 +70,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested is not None:
-            raise SystemExit(f"{name} again: stopping at once (the last complete checkpoint still holds)")
+            print(f"\n{name} again: stopping at once (the last complete checkpoint still holds)", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(128 + signum)
         self.requested, self.code = name, 128 + signum
         print(f"\n{name}: stopping after the current step, with a checkpoint ({name} again stops at once)",
               file=sys.stderr, flush=True)

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+import lfpc
 from support import models
 
 GiB = 2**30
@@ -53,7 +54,9 @@ GiB = 2**30
 
 @dataclass
 class StepShape:
-    """The step whose memory is estimated (defaults: the one-gpu preset at the 1K global budget)."""
+    """The step whose memory is estimated (defaults: 7B, LoRA r64, the 1K global budget, 16 rows a rollout
+    chunk, 16K-token micro-batches, every layer checkpointed; the one-gpu preset: `rollout_rows=64,
+    train_tokens=32768, ckpt_fraction=0.75`, as .ci/gpu and the README's commands pass them)."""
     config: str = "7b"
     lora: int = 64                   # 0: full fine-tuning (fp32 master weights, bf16 autocast)
     visual_tokens: int = 1024        # global image
@@ -62,7 +65,7 @@ class StepShape:
     crops: int = 4                   # crops an episode may hold (max_turns - 1)
     crop_tokens: int = 1280          # visual tokens of a crop (the crop budget)
     rollout_rows: int = 16           # episodes sharing one rollout chunk's KV cache
-    prefill_tokens: int = 16384      # tokens one prefill forward computes, at most (RolloutConfig.prefill_tokens)
+    prefill_tokens: int = lfpc.RolloutConfig.prefill_tokens   # tokens one prefill forward computes, at most
     group: int = 16                  # rollouts per prompt: a chunk prefills rollout_rows / group prompts
     train_tokens: int = 16384        # padded tokens per training micro-batch
     logprob_chunk: int = 1024        # lm_head rows at a time in the log-prob head

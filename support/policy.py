@@ -15,8 +15,8 @@ Contract
 - Gradient checkpointing, non-reentrant, of a fraction of the language model's decoder layers
   (`--ckpt-fraction`, evenly spread; the vision blocks, trained only under full fine-tuning, are all
   checkpointed). A checkpointed layer keeps only its input and runs its forward again in the backward; a
-  layer left out keeps its activations and saves that recompute (`python -m support.bench --ckpt-sweep` measures
-  the trade on the real config).
+  layer left out keeps its activations and saves that recompute (`python -m support.bench --config 7b
+  --estimate-memory --ckpt-sweep` measures the trade on the real config, README).
 - Checkpoints: `load_agent` reads a Qwen2.5-VL checkpoint (a hub name or a folder) as an `lfpc.Agent`, its
   weights straight onto the device; `save_agent` writes the model, tokenizer, image processor and the
   prompts it was trained with (PROMPT_FILE), which `load_agent` reads back; `model_problem` says why a
@@ -57,8 +57,8 @@ def autocasts(agent: lfpc.Agent) -> bool:
 def sampler(agent: lfpc.Agent):
     """The policy that samples (rollouts, the information-gap prober): the agent itself, or under LoRA a
     copy of its model with the adapters merged into the (bf16) weights, built now from the current
-    adapters and freed afterwards. Unmerged, peft adds ~35 kernel-launching ops a layer to every decode
-    step (82 against 47, counted by `count_ops`); merged, a decode step is the plain model's. The
+    adapters and freed afterwards. Unmerged, peft adds ~70 aten ops a layer to every decode step (153
+    against 83 a layer of the tiny model, counted by `count_ops`); merged, a decode step is the plain model's. The
     training forward keeps the unmerged adapters (fp32, trained); the two differ by the rounding of the
     merge, which loss/sampler_gap measures."""
     if not _is_lora(agent.model):

@@ -10,7 +10,7 @@ copy of the prompt (tested against the padded forward: tests/test_shared_prompt.
 
 Contract
 --------
-- `prompt_length(row, sampled)`: the tokens before an episode's first sampled one, the part its group shares.
+- `prompt_length(sampled)`: the tokens before an episode's first sampled one, the part its group shares.
 - `Layout`: the row's spans in order: for each group (start, prompt length, [(suffix start, suffix length)]).
   A group of one is a "prompt" of its whole episode with no suffixes.
 - `attention(module, query, key, value, layout, ...)`: transformers' attention-function signature with a

@@ -92,8 +92,8 @@ class Args:
     grad_ckpt: bool | None = arg(None, 'gradient checkpointing (preset; paper: on)')
     ckpt_fraction: float | None = arg(None, 'with --grad-ckpt: the fraction of decoder layers checkpointed, evenly '
                                             'spread (1: all, the least memory; a layer left out keeps its '
-                                            'activations and saves its recompute). Preset: measured by `support/bench.py '
-                                            '--estimate-memory --ckpt-sweep` (README)')
+                                            'activations and saves its recompute). Preset: measured by `python -m '
+                                            'support.bench --config 7b --estimate-memory --ckpt-sweep` (README)')
     pack: str = arg("auto", 'training micro-batches: "shared" packs each into one padding-free row holding each GRPO '
                             "group's prompt once (support/shared_prompt.py), \"on\" packs without sharing (transformers' "
                             'packed sequences: varlen flash attention; SDPA builds a block mask of the whole row), "off" '
@@ -254,8 +254,8 @@ def resume_args(a: Args, run: checkpoint.RunFolder, given: set[str], w: dist.Wor
     if clash:
         raise SystemExit("--resume continues a run with its own settings; " + "; ".join(
             f"--{k.replace('_', '-')} is {getattr(saved, k)!r} in the run, not {getattr(a, k)!r}" for k in clash)
-            + f". Only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:3])} may change; start another --out "
-            f"for the rest")
+            + f". Only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE if k not in ('out', 'resume'))} may "
+            f"change; start another --out for the rest")
     changes = {k: getattr(a, k) for k in given & set(RESUMABLE)}
     resumed = Args(**{**state["args"], **changes, "out": a.out, "resume": True})
     presets.fill(resumed, resumed.preset)

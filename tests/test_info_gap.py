@@ -293,7 +293,8 @@ def test_the_prober_keeps_the_rollouts_kv_token_budget(agent, monkeypatch):
     assert len(records) == 1 and seen and set(seen) == {500}
 
 
-def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
+def _cli_inputs(agent, tmp_path):
+    """A saved agent and two items on disk, for info_gap.py's command line."""
     data, model, out = tmp_path / "data", str(tmp_path / "agent"), tmp_path / "out" / "stage1.jsonl"
     (data / "images").mkdir(parents=True)
     policy.save_agent(agent, model)
@@ -302,6 +303,31 @@ def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
             Image.new("RGB", (w, h), (40 * i, 90, 200)).save(data / "images" / f"{i}.png")
             f.write(json.dumps({"id": f"x{i}", "image": f"images/{i}.png", "question": "Colour?", "answer": "A",
                                 "choices": ["blue", "red"], "extra": i}) + "\n")
+    return data, model, out
+
+
+def test_cli_probes_as_train_py_does(agent, tmp_path, monkeypatch):
+    """info_gap.py --preset X answers with train.py's settings for X: its weights' dtype (a bf16 base under
+    LoRA), its items in flight, its KV-cache and prefill token caps."""
+    from support import presets
+    data, model, out = _cli_inputs(agent, tmp_path)
+    seen = {}
+
+    def spy(tasks, agent, cfg, model, cache_path, batch_size=32, **kw):
+        seen.update(kw, batch_size=batch_size, dtype=agent.model.dtype)
+        return [{"max_pixels": 4 * 784, "budget_tokens": 4, "status": "gap", "probes": 1, "answers": {}}] * len(tasks)
+    monkeypatch.setattr(info_gap, "probe", spy)
+    for name, dtype in (("one-gpu", torch.bfloat16), ("paper", torch.float32)):
+        info_gap.main(["--data", str(data / "items.jsonl"), "--model", model, "--out", str(out), "--preset", name,
+                       "--device", "cpu"])
+        p = presets.get(name)
+        assert seen["dtype"] == dtype and seen["batch_size"] == p["rollout_batch"]
+        assert (seen["batch_tokens"], seen["prefill_tokens"]) == (p["rollout_tokens"], p["prefill_tokens"])
+        assert callable(seen["stop"])
+
+
+def test_cli_writes_tasks_that_load_tasks_reads_back(agent, tmp_path):
+    data, model, out = _cli_inputs(agent, tmp_path)
     cmd = [sys.executable, "info_gap.py", "--data", str(data / "items.jsonl"), "--model", model, "--out", str(out),
            "--full-tokens", "16", "--floor-tokens", "4", "--k", "2", "--max-new-tokens", "4", "--device", "cpu"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -275,8 +275,10 @@ def test_resume_rules_copied_folder_changed_flags_and_refusals(base, tmp_path):
     state = torch.load(copy / "ckpt" / "trainer.pt", weights_only=False)
     assert state["args"]["lr"] == 5e-4 and state["args"]["out"] == str(copy)
     assert state["optimizer"]["param_groups"][0]["lr"] == 5e-4
-    with pytest.raises(SystemExit, match="--temperature is 1.0 in the run"):
+    with pytest.raises(SystemExit, match="--temperature is 1.0 in the run") as refused:
         train.main(["--resume", "--out", str(copy), "--steps", "4", "--temperature", "0.5"])
+    assert "Only --steps, --lr, --save-every, --device, --judge-timeout, --ckpt-fraction, --prefill-tokens may" \
+        in str(refused.value)                                 # every flag that may change, named
     with pytest.raises(SystemExit, match="already did 3 of 3 steps"):
         train.main(["--resume", "--out", str(copy)])
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -482,7 +484,36 @@ def test_sigterm_mid_run_stops_with_a_checkpoint_and_resume_equals_an_uninterrup
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=0, msg=k)
 
 
-def test_a_second_signal_stops_at_once():
+def test_sigterm_while_probing_says_resume_and_resume_keeps_the_probed_items(base, tmp_path):
+    """SIGTERM during stage 1's information-gap probe (before any step): the run stops after the prober's
+    batch with 143 and says to --resume (a plain rerun is refused: the folder holds run.json); --resume
+    keeps every record the stopped run probed and trains."""
+    import signal
+    import time
+    out = tmp_path / "probing"
+    cache = out / "info_gap_cache.jsonl"
+    p = subprocess.Popen([sys.executable, "train.py", *_run(base, out, "--steps", "1", "--n-train", "48",
+                                                            "--rollout-batch", "2")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(2400):                                    # wait for the prober's first records
+        if cache.exists() and cache.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-2000:]
+    assert "the information-gap probe stopped" in err and f"python train.py --resume --out {out}" in err, err[-2000:]
+    probed = cache.read_text().splitlines()
+    assert 2 <= len(probed) < 48 and not (out / "ckpt").exists() and not (out / "lock").exists()
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train.main(_run(base, out, "--steps", "1", "--n-train", "48", "--rollout-batch", "2"))
+    train.main(["--resume", "--out", str(out)])
+    after = cache.read_text().splitlines()
+    assert after[:len(probed)] == probed and len(after) > len(probed)
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1]
+
+
+def test_a_second_signal_stops_at_once(capsys):
     import os
     import signal
     from support import checkpoint
@@ -490,8 +521,10 @@ def test_a_second_signal_stops_at_once():
         assert not stop()
         os.kill(os.getpid(), signal.SIGINT)
         assert stop() and stop.requested == "SIGINT" and stop.code == 130
-        with pytest.raises(SystemExit, match="again: stopping at once"):
+        with pytest.raises(SystemExit) as stopped:
             os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM                   # 143, as the shell reports a kill
+    assert "SIGTERM again: stopping at once" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 

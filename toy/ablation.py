@@ -17,8 +17,9 @@ The info-gap budgets are probed once for the base and shared by the stage-1 runs
 Every checkpoint, and the base, is evaluated greedily (`eval.evaluate`) on the same held-out toy
 items (item seed 3, as `eval.py`) at three global budgets, each with the noise-crop and ground-truth-crop
 probes: 16 visual tokens (half the canvas side, "low": the pattern cannot be read from the global
-image; the targets are checked here), 32 (1/√2 side, "mid": the global image is partly readable,
-the base answers 0.37 of the items right without the tool, chance 0.25) and 64 (full resolution). OUT/summary.json holds every number; OUT/table.md the table
+image; the targets are checked here), 32 (1/√2 side, "mid": the global image is partly readable; the
+base, crops included, answers 0.39 of the items right, chance 0.25: RESULTS.md) and 64 (full
+resolution). OUT/summary.json holds every number; OUT/table.md the table
 (mean ± sample std over seeds); OUT/curves.png the training curves (mean over seeds; needs
 matplotlib); OUT/gallery/ the same items before (base), after stage 1 and after stage 2 (the first seed).
 

@@ -35,7 +35,7 @@ crops on the 28-px grid, capped at 112x112 px), its item streams (training seed 
 held-out evaluation seed 3), and its checkpoints. `support/presets.py` turns them into `--preset toy`.
 
     python -m toy.world --out data/toy --n 1000 --seed 0      # writes data/toy/items.jsonl + PNGs
-    python -m toy.world --demo                                # the shipped base rolls out 2 items, turn by turn
+    python -m toy.world --demo                                # the shipped base rolls out 4 items twice, turn by turn
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ def main() -> None:
     p.add_argument("--demo", action="store_true", help="roll out --model on --n held-out items and print the turns")
     p.add_argument("--model", default=BASE, help="--demo: checkpoint folder")
     p.add_argument("--budget", type=int, default=16, help="--demo: global-image budget, visual tokens")
-    p.add_argument("--n", type=int, default=1000, help="number of items")
+    p.add_argument("--n", type=int, default=1000, help="number of items (--demo: the first 4 at most)")
     p.add_argument("--seed", type=int, default=0, help="item stream seed (held-out sets use another seed)")
     p.add_argument("--boxes", type=int, default=N_BOXES, help="coloured squares per image (1-4)")
     a = p.parse_args()
