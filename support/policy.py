@@ -235,12 +235,15 @@ def load_agent(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
                attn_implementation: str = "sdpa") -> lfpc.Agent:
     """A Qwen2.5-VL checkpoint (hub name or local folder), e.g. Qwen/Qwen2.5-VL-7B-Instruct, or a folder
     written by `save_agent` (then its prompts come back too). The weights load straight onto `device`
-    (accelerate's device_map): under torchrun no rank holds a host copy of the model (33 GB for 7B in fp32)."""
+    (accelerate's device_map): under torchrun no rank holds a host copy of the model (33 GB for 7B in fp32).
+    Always the model's own PyTorch layers: transformers 5.25 on would otherwise swap some of them for kernels
+    fetched from the Hub by default (and refuse to load without the `kernels` package)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, device_map={"": torch.device(device)})
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation, device_map={"": torch.device(device)},
+        use_kernels=False)
     return lfpc.Agent(model, tokenizer, image_processor, **read_prompts(name_or_path))
 
 

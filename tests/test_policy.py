@@ -1,5 +1,6 @@
 """Tests for support/policy.py's selective gradient checkpointing: which layers, that only they run again in the
-backward, gradients unchanged, the memory it trades (memory.ckpt_sweep on the tiny config), the flag."""
+backward, gradients unchanged, the memory it trades (memory.ckpt_sweep on the tiny config), the flag; LoRA
+adapters under autocast; a checkpoint loaded with the model's own layers."""
 import pytest
 import torch
 
@@ -125,3 +126,18 @@ def test_adapters_under_autocast_save_less_and_compute_the_same(monkeypatch):
     wired = policy.apply_lora(models.tiny_agent(seed=0, layers=2), 4)
     flags = [m.cast_input_dtype_enabled for m in wired.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert len(flags) == 14 and not any(flags)
+
+
+def test_a_checkpoint_loads_with_the_models_own_layers(toy_base, monkeypatch):
+    """load_agent asks for no Hub kernels: transformers 5.25 on swaps layers for downloaded kernels by
+    default (and cannot load at all without the `kernels` package); the parity tests hold for the model's
+    own PyTorch layers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    real, seen = Qwen2_5_VLForConditionalGeneration.from_pretrained, {}
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", spy)
+    agent = policy.load_agent(toy_base, "cpu", torch.float32)
+    assert seen["use_kernels"] is False and not getattr(agent.model, "use_kernels", False)
