@@ -25,8 +25,9 @@ import lfpc
 from support import policy
 
 # ckpt_fraction 0.5: the cheapest that fits one rank of 8 (full fine-tuning, 16K-token micro-batches) in the 71
-# GiB usable of 80, measured by `support/bench.py --estimate-memory --ckpt-sweep --world 8` (README): 68.3 GiB at the
-# training peak (every layer: 40.9 at the rollout's; 1/4: 82.0).
+# GiB usable of 80, measured by `python -m support.bench --config 7b --estimate-memory --ckpt-sweep --world 8
+# --rollout-rows 64 --train-tokens 16384` (README): 68.3 GiB at the training peak (1/4: 82.0); the rollout's, in
+# its 64 slots, 62.7 whatever the fraction.
 PAPER = dict(
     tasks=None, eval_tasks=None, checkpoints=(), system_prompt=None,
     model="Qwen/Qwen2.5-VL-7B-Instruct", steps=80, prompts=256, group=16, lr=1e-6, micro_batch=4, n_train=None,
@@ -43,8 +44,8 @@ PAPER = dict(
 # samples peak at 64.1 GiB, under the 71 GiB usable of 80 (--rollout-batch 32 --rollout-tokens 272384: 49.5 GiB,
 # at ~1.8x the decode steps); at the 16K global budget the same token budget holds 22 slots (65.8 GiB).
 # Micro-batches of 32K tokens, 3/4 of the decoder layers checkpointed (2.75 forwards a training token instead of 3):
-# `support/bench.py --estimate-memory --ckpt-sweep` (README) measured 59.2 GiB at the training peak, under the
-# rollout's; half of them, 93.3 GiB, overflows.
+# `python -m support.bench --config 7b --estimate-memory --ckpt-sweep --lora 64 --rollout-rows 64 --train-tokens
+# 32768` (README) measured 59.2 GiB at the training peak, under the rollout's; half of them, 93.3 GiB, overflows.
 ONE_GPU = {**PAPER, "lora": 64, "ckpt_fraction": 0.75, "prompts": 32, "rollout_batch": 64, "rollout_tokens": 64 * 8512,
            "train_tokens": 32768, "micro_batch": 8}
 
