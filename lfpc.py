@@ -267,7 +267,8 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     """`len(tasks) * group_size` episodes; the rollouts of task i are rows i*G .. i*G+G-1.
 
     The turn loop: the engine samples turns; each one that ends is parsed (`take_turn`); a crop is cut by
-    the rollout's threads while the engine runs its next pass over the other episodes (if any decodes),
+    the rollout's threads (as the originals are opened and shown, with the engine's own host work on the
+    image: `engine.prepare_image`) while the engine runs its next pass over the other episodes (if any decodes),
     and after that pass (the reference engine: before its next turn) the answer is appended
     (`answer_turn`; an invalid call's at once) and the episode goes back to the engine for its next turn,
     or leaves it. A crop rejoins at that fixed point however long it took, so the batches, and with them
@@ -288,7 +289,15 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
     base = seed if isinstance(seed, list) else [seed + i * group_size for i in range(len(tasks))]
     def opened(t: Task) -> tuple[Task, Image.Image]:        # each original opened once a rollout, then shown
         t = replace(t, image=t.load_image())
-        return t, shown_image(t, cfg)
+        shown = shown_image(t, cfg)
+        engine.prepare_image(agent, shown)                  # the engine's host work on it, here too
+        return t, shown
+
+    def cut(call: crop_tool.ToolCall, task: Task, ep: Episode):   # a crop, and the engine's host work on it
+        result = _run_tool(call, task, ep, cfg)
+        if isinstance(result, crop_tool.Crop):
+            engine.prepare_image(agent, result.image)
+        return result
     with ThreadPoolExecutor(IMAGE_THREADS) as pool:        # image work releases the GIL: opening, resizing, cropping
         tasks, shown = zip(*pool.map(opened, tasks)) if tasks else ((), ())
         episodes, prompt_len = [], []
@@ -326,7 +335,7 @@ def rollout(agent: Agent, tasks: list[Task], group_size: int, cfg: RolloutConfig
                 ep = episodes[k]
                 call = take_turn(agent, ep, tokens, logprobs, finish, cfg)
                 if isinstance(call, crop_tool.ToolCall):
-                    cutting[k] = (pool.submit(_run_tool, call, tasks[ep.task_index], ep, cfg), finish)
+                    cutting[k] = (pool.submit(cut, call, tasks[ep.task_index], ep), finish)
                     continue
                 if call is not None:
                     answer_turn(agent, ep, call, finish)

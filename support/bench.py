@@ -598,16 +598,18 @@ def estimate_time(a) -> dict:
         f_train = f_unshared - (len(episode) - runs) * (prompt * linear + attend(prompt))
         t_prefill = (f_prefill + vision) / (peak * a.mfu)
         t_train = train_forwards * f_train / (peak * a.mfu)
-        # host: a task's original opened and resized by the rollout's threads, its patches cut in the turn loop;
-        # a crop cut and resized by a thread during the engine's next pass, waited for where it takes longer
-        # than that pass (or where the threads' total exceeds the decode's), its patches cut in the turn loop
-        t_crops = crops * host["crop"] / a.host_threads / 1000
+        # host: a task's original opened, resized, its patches cut and its content hashed by the rollout's
+        # threads before the engine starts; a crop cut, resized, its patches cut and hashed by a thread during
+        # the engine's next pass, waited for where it takes longer than that pass (or where the threads' total
+        # exceeds the decode's). The main thread, which runs the engine, does none of it (engine.prepare_image)
+        crop_ms = host["crop"] + host["patches_crop"] + host["key_crop"]            # a crop's thread work
+        t_crops = crops * crop_ms / a.host_threads / 1000
         step_ms = out["ours (slots)"]["ms_per_step"]
-        t_crop_wait = max(crops * max(0.0, host["crop"] - step_ms) / 1000, t_crops - out["ours (slots)"]["decode_s"])
-        t_host_img = (prompts * ((host["open"] + host["resize"]) / a.host_threads + host["patches_global"])
-                      + crops * host["patches_crop"]) / 1000 + max(0.0, t_crop_wait)
-        t_host_before = (prompts * (host["open"] + host["resize"] + host["processor_global"])
-                         + crops * (host["crop"] + host["processor_crop"])) / 1000
+        t_crop_wait = max(crops * max(0.0, crop_ms - step_ms) / 1000, t_crops - out["ours (slots)"]["decode_s"])
+        t_host_img = prompts * (host["open"] + host["resize"] + host["patches_global"] + host["key_global"]) / (
+            a.host_threads * 1000) + max(0.0, t_crop_wait)
+        t_host_before = (prompts * (host["open"] + host["resize"] + host["processor_global"] + host["key_global"])
+                         + crops * (host["crop"] + host["processor_crop"] + host["key_crop"])) / 1000
         ours = out["ours (slots)"]["decode_s"] + t_prefill + t_train + t_host_img
         barrier = out["per-turn barrier"]["decode_s"] + t_prefill + t_train + t_host_img
         roofline = (tokens / slots) * (2 * read_params + slots * context * kv_token) / hbm + (
@@ -643,13 +645,14 @@ def estimate_time(a) -> dict:
                                                 f"at most {chunk_rows} episodes and {chunk_tokens} tokens each, "
                                                 f"the one-gpu preset's)",
                    "host": (f"measured here (ms an image): a {a.original[0]}x{a.original[1]} JPEG original opened "
-                            f"{host['open']:.1f} and resized to the global budget {host['resize']:.1f} (by "
-                            f"{a.host_threads} threads), a crop of half its sides cut and resized {host['crop']:.1f} "
-                            f"(by a thread during the engine's next pass: hidden, but for what outlasts a decode step); "
-                            f"patches cut {host['patches_global']:.1f} (global) and {host['patches_crop']:.1f} "
-                            f"(crop), serial, normalised on the GPU (support/pixels.py; the image processor took "
-                            f"{host['processor_global']:.1f} and {host['processor_crop']:.1f}, all serial: "
-                            f"host_images_s_before)"),
+                            f"{host['open']:.1f}, resized to the global budget {host['resize']:.1f}, its patches "
+                            f"cut {host['patches_global']:.1f} and its pixels hashed {host['key_global']:.1f} (by "
+                            f"{a.host_threads} threads, before the engine starts); a crop of half its sides cut and "
+                            f"resized {host['crop']:.1f}, its patches cut {host['patches_crop']:.1f} and hashed "
+                            f"{host['key_crop']:.1f} (by a thread during the engine's next pass: hidden, but for what "
+                            f"outlasts a decode step); patches normalised on the GPU (support/pixels.py; the image "
+                            f"processor took {host['processor_global']:.1f} and {host['processor_crop']:.1f}, all "
+                            f"serial: host_images_s_before)"),
                    "vLLM-like": "utilisation 0.95, decode at 0.7 of HBM bandwidth, no host overhead",
                    "roofline": "every byte and FLOP at the GPU's peak"}
     return {"mode": "estimate-time", "assumptions": assumptions, "settings": rows, **_versions("cpu")}
@@ -702,10 +705,10 @@ def decode_step_ops() -> tuple[float, float]:
 
 
 def host_ms(agent, original: tuple[int, int], visual_tokens: int, crop_tokens: int) -> dict[str, float]:
-    """Milliseconds of the host's image work, measured here (the median of 5): opening an `original` (a
+    """Milliseconds of the host's image work, measured here (the median of 9: this shared CPU's runs vary): opening an `original` (a
     JPEG of a smooth random image, w x h) and resizing it to `visual_tokens`; cutting a crop of half its
-    sides and resizing it to `crop_tokens`; cutting the shown images into patches (support/pixels.py);
-    and the image processor that did the last before it."""
+    sides and resizing it to `crop_tokens`; cutting the shown images into patches (support/pixels.py) and
+    hashing their pixels (the engine's content key); and the image processor that did the patches before."""
     import io
     import numpy as np
     from PIL import Image
@@ -725,17 +728,19 @@ def host_ms(agent, original: tuple[int, int], visual_tokens: int, crop_tokens: i
             "crop": lambda: crop_tool.crop(image, box, shown.size, cfg),
             "patches_global": lambda: pixels.patches(shown, ip.patch_size, ip.merge_size),
             "patches_crop": lambda: pixels.patches(crop, ip.patch_size, ip.merge_size),
+            "key_global": lambda: engine._digest(shown),
+            "key_crop": lambda: engine._digest(crop),
             "processor_global": lambda: agent.encode_image(shown),
             "processor_crop": lambda: agent.encode_image(crop)}
     out = {}
     for name, fn in work.items():
         fn()
         times = []
-        for _ in range(5):
+        for _ in range(9):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        out[name] = sorted(times)[2] * 1000
+        out[name] = sorted(times)[4] * 1000
     return out
 
 

@@ -688,14 +688,27 @@ class FeatureStore:
         return torch.cat([self.features[k] for k in keys]).to(device)
 
 
+def prepare_image(agent: Policy, image) -> None:
+    """The engine's host work on an image, done ahead on any thread (lfpc.rollout's pool, while the engine
+    runs): its content key and its patches' bytes (support/pixels.py), kept on the image until the vision
+    tower takes them. Without it the engine does the same work itself, on the main thread."""
+    _content_key(image)
+    pixels.cut_ahead(image, agent.image_processor.patch_size, agent.image_processor.merge_size)
+
+
 def _content_key(image) -> tuple:
     """(size, mode, sha1 of the pixels), computed once per image object (kept in its `info`)."""
     key = image.info.get("lfpc_content_key") if hasattr(image, "info") else None
     if key is None:
-        key = (image.size, image.mode, hashlib.sha1(image.tobytes()).hexdigest())
+        key = (image.size, image.mode, _digest(image))
         if hasattr(image, "info"):
             image.info["lfpc_content_key"] = key
     return key
+
+
+def _digest(image) -> str:
+    """sha1 of an image's pixel bytes."""
+    return hashlib.sha1(image.tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -14,6 +14,8 @@ Contract
   in every channel, and checks that it IS such a map (the same input value always gives the same output).
 - An image that is not RGB (the processor composites transparency onto white first) takes the reference
   path; every shown image is RGB (`crop_tool.resize_to_budget`).
+- `cut_ahead(image, patch, merge)` cuts an image's patches on any thread (lfpc.rollout's pool, while the
+  engine runs) and keeps them on the image (`image.info`) until `pixel_values` takes them, once.
 - Patch layout (the processor's): patches in merge-window order (rows of windows, windows row-major, the
   merge x merge patches of a window row-major); each patch flattened as (channel, temporal frame, y, x).
 """
@@ -32,8 +34,25 @@ def pixel_values(agent, images: list[Image.Image], device=None) -> torch.Tensor:
         return torch.zeros(0, 3 * ip.temporal_patch_size * ip.patch_size ** 2, device=device)
     if any(im.mode != "RGB" for im in images):                       # the processor's own conversion
         return torch.cat([agent.encode_image(im)[0] for im in images]).to(device)
-    cut = torch.cat([patches(im, ip.patch_size, ip.merge_size) for im in images])      # [n, C, p*p] uint8
+    cut = torch.cat([_taken(im, ip.patch_size, ip.merge_size) for im in images])      # [n, C, p*p] uint8
     return normalise(cut.to(device), table(ip, device), ip.temporal_patch_size)
+
+
+CUT_KEY = "lfpc_patches"          # image.info: (patch, merge, [n, C, p*p] uint8) cut ahead by `cut_ahead`
+
+
+def cut_ahead(image: Image.Image, patch: int, merge: int) -> None:
+    """Cut an RGB image's patches now (on any thread) and keep them on it until `pixel_values` takes them."""
+    if image.mode == "RGB":
+        image.info[CUT_KEY] = (patch, merge, patches(image, patch, merge))
+
+
+def _taken(image: Image.Image, patch: int, merge: int) -> torch.Tensor:
+    """The patches `cut_ahead` kept (removed from the image: they are the image's size again), else cut now."""
+    kept = image.info.pop(CUT_KEY, None)
+    if kept is not None and kept[:2] == (patch, merge):
+        return kept[2]
+    return patches(image, patch, merge)
 
 
 def patches(image: Image.Image, patch: int, merge: int) -> torch.Tensor:

@@ -421,6 +421,43 @@ def test_crops_are_cut_off_the_main_thread_while_the_other_slots_go_on(tiny, mon
 
 
 @pytest.mark.parametrize("engine_name", ["cached", "reference"])
+def test_the_main_thread_cuts_no_patches_and_hashes_no_image(tiny, monkeypatch, engine_name):
+    """The engine's host work on each image (its patches' bytes, its content key's sha1) is done by the
+    rollout's threads, the global images' while they are opened and each crop's while it is cut, once an
+    image: the slot engine's main thread does none of it (the reference engine encodes every image again
+    each turn, on the main thread). The episodes are those of a rollout whose main thread does it all
+    (prepare_image a no-op)."""
+    import threading
+    from conftest import scripted
+    turns = {0: [(crop_tool.format_tool_call([0, 0, 100, 80]), "stop"), ("<answer>red</answer>", "eos")],
+             1: [(crop_tool.format_tool_call([10, 20, 60, 60]), "stop"),
+                 (crop_tool.format_tool_call([50, 0, 110, 80]), "stop"), ("<answer>x</answer>", "eos")]}
+    tasks = [task(seed=1), task(seed=2)]
+    monkeypatch.setattr(engine, "prepare_image", lambda agent, image: None)
+    plain, plain_work = _rollout(tiny, tasks, 2, SMALL, engine_name, sample_fn=scripted(tiny, turns))
+    monkeypatch.undo()
+    on_main = {"patches": 0, "digest": 0}
+    counted = {"patches": 0, "digest": 0}
+    real_patches, real_digest = pixels.patches, engine._digest
+
+    def seen(name, real):
+        def wrapped(*args):
+            counted[name] += 1
+            on_main[name] += threading.current_thread() is threading.main_thread()
+            return real(*args)
+        return wrapped
+    monkeypatch.setattr(pixels, "patches", seen("patches", real_patches))
+    monkeypatch.setattr(engine, "_digest", seen("digest", real_digest))
+    eps, work = _rollout(tiny, tasks, 2, SMALL, engine_name, sample_fn=scripted(tiny, turns))
+    images = 2 + 2 * 3                                  # a global image a task; 1 + 2 crops in each of its 2 rollouts
+    assert sum(len(e.crops) for e in eps) == 6 and counted["digest"] == images and on_main["digest"] == 0
+    if engine_name == "cached":
+        assert counted["patches"] == images and on_main["patches"] == 0
+    _same_episodes(eps, plain, atol=0)
+    assert work == plain_work
+
+
+@pytest.mark.parametrize("engine_name", ["cached", "reference"])
 def test_how_long_a_crop_takes_changes_nothing(tiny, monkeypatch, engine_name):
     """A crop rejoins its episode at a fixed point (after the engine's next pass; the reference engine's:
     before its next turn), so crops of random durations give the same episodes, log-probs and work,
