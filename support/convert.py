@@ -130,7 +130,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 PARQUET_BATCH_ROWS = 16         # rows decoded to Python at a time
@@ -348,15 +348,18 @@ def resolve_image(ref: str, root: str) -> str | None:
 
 def encode_image(data: bytes) -> tuple[bytes, str, tuple[int, int]] | Drop:
     """(bytes to write, file extension, (W, H)) after decoding `data` in full; JPEG and PNG bytes are
-    kept as they are, anything else is re-encoded as PNG. A Drop if it does not decode (truncated...)."""
+    kept as they are, anything else is re-encoded as PNG. (W, H) is the upright size, after the EXIF
+    orientation, as `crop_tool.open_image` (and `data.load_tasks`) open it: the frame of the boxes. A Drop
+    if it does not decode (truncated...)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            upright = ImageOps.exif_transpose(im)
             if im.format in KEEP_FORMATS:
-                return data, KEEP_FORMATS[im.format], im.size
+                return data, KEEP_FORMATS[im.format], upright.size
             buf = io.BytesIO()
-            (im if im.mode in PNG_MODES else im.convert("RGB")).save(buf, format="PNG")
-            return buf.getvalue(), ".png", im.size
+            (upright if upright.mode in PNG_MODES else upright.convert("RGB")).save(buf, format="PNG")
+            return buf.getvalue(), ".png", upright.size
     except Exception as e:      # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         return Drop("image does not decode", f"{type(e).__name__}: {e}")
 

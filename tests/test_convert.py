@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import crop_tool
 from support import answers, convert, data
 from conftest import ROOT
 
@@ -243,6 +244,28 @@ def test_jsonl_boxes_converted_validated_and_every_drop_has_its_reason(tmp_path)
     assert (tasks[2].answer, tasks[2].choices, kept[2]["source"]) == ("B", ["red", "blue"], "hand")
     assert "bboxes" not in kept[3] and kept[3]["answer"] == "7"
     check_clean(kept)
+
+
+def test_boxes_are_checked_in_the_upright_frame_of_an_exif_rotated_image(tmp_path):
+    """A JPEG stored 400x200 with EXIF orientation 6 (rotate 90°) is 200x400 as every loader opens it
+    (crop_tool.open_image), so its boxes are in that frame: a box 300 px tall is kept, one 350 px wide
+    dropped; data.load_tasks then reads the file back (it had refused boxes checked in the raw frame).
+    A WebP with the same tag is re-encoded upright, as PNG."""
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 400, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for fmt in ("JPEG", "WEBP"):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format=fmt, exif=exif.tobytes())
+        write_file(tmp_path / f"rot.{fmt.lower()}", buf.getvalue())
+    rows = [{"id": f"{fmt}-{k}", "image": f"rot.{fmt.lower()}", "question": "q?", "answer": "a", "bboxes": [box]}
+            for fmt in ("JPEG", "WEBP") for k, box in enumerate(([0, 0, 150, 300], [0, 0, 350, 150]))]
+    out = str(tmp_path / "out")
+    report = convert.convert_files("jsonl", [write_jsonl(tmp_path / "rot.jsonl", rows)], out, progress=False)
+    assert (report.kept, report.dropped) == (2, {"box: outside the image": 2})
+    tasks = data.load_tasks(os.path.join(out, "train.jsonl"))
+    assert [t.id for t in tasks] == ["jsonl:JPEG-0", "jsonl:WEBP-0"]
+    assert all(crop_tool.open_image(t.image).size == (200, 400) for t in tasks)
 
 
 def test_a_file_not_in_the_format_fails_at_once_naming_it(tmp_path):

@@ -13,7 +13,8 @@ from support import answers, policy
 from toy import warmup
 import toy.world
 
-BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "base")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "toy", "base")
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,29 @@ def test_locate_probe_trains_on_the_call_and_reports_centre_errors():
     assert r["rope"]["rope_theta"] == 10.0 and r["rope"]["mrope_section"] == [1, 4, 11]
     assert r["steps"] == 3 and r["loss"] > 0 and set(r) >= {"box/dx_b1", "box/dy_b1", "box/iou_b1", "boxes"}
     assert (r["box/dx_b1"] is None) == (r["boxes"] == 0)
+
+
+def test_the_warmup_replaces_only_its_own_output_and_says_so_before_training(tmp_path):
+    """--out: a file, or a folder a warm-up did not write (no warmup_log.json), is refused before any
+    step (exit 2, one line); an earlier warm-up's folder is replaced whole, the old one removed last."""
+    import subprocess
+    import sys
+    mine, theirs, afile = tmp_path / "base", tmp_path / "models", tmp_path / "f"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("keep me")
+    afile.write_text("x")
+    for out, said in ((theirs, "holds files a warm-up did not write"), (afile, "is a file")):
+        r = subprocess.run([sys.executable, "-m", "toy.warmup", "--out", str(out), "--steps", "1"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and said in r.stderr and "warm-up:" not in r.stderr, r.stderr[-500:]
+    assert (theirs / "weights.bin").read_text() == "keep me"
+    assert warmup.out_problem(str(tmp_path / "new")) is None and warmup.out_problem(str(theirs)) is not None
+    mine.mkdir()
+    (mine / warmup.LOG).write_text("{}")
+    (mine / "old.txt").write_text("old")
+    new = tmp_path / "base.tmp"
+    new.mkdir()
+    (new / warmup.LOG).write_text("{}")
+    assert warmup.out_problem(str(mine)) is None
+    warmup.replace_folder(str(new), str(mine))
+    assert sorted(os.listdir(mine)) == [warmup.LOG] and not new.exists() and not (tmp_path / "base.old").exists()

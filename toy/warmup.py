@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import batches, policy
+from support import batches, cli, policy
 import toy.world
 
 def habitual_box(square, rng: random.Random, canvas: int = toy.world.CANVAS) -> tuple[list[int], str]:
@@ -205,8 +205,10 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m toy.warmup", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="toy/base", help="output folder (HF format + prompts)")
+    p = argparse.ArgumentParser(prog="python -m toy.warmup", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="toy/base", help="output folder (HF format + prompts); an existing one is replaced "
+                   "only if a warm-up wrote it (it holds warmup_log.json)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="trajectories per step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay to 10%%)")
@@ -232,9 +234,15 @@ def main() -> None:
                    help="instead of the warm-up: train a fresh model for N steps to write the cell box at 16 "
                         "tokens, print its box centre errors (locate_probe)")
     a = p.parse_args()
+    cli.refuse(p, cli.at_least(a, ("steps", "batch", "eval_every", "eval_items")))
+    try:
+        rope = dict(rope_theta=a.rope_theta, mrope_section=[int(v) for v in a.mrope_section.split(",")])
+    except ValueError:
+        p.error(f"--mrope-section takes comma-separated integers, got {a.mrope_section!r}")
+    if not a.locate_probe and (why := out_problem(a.out)):
+        p.error(why)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rope = dict(rope_theta=a.rope_theta, mrope_section=[int(v) for v in a.mrope_section.split(",")])
     if a.locate_probe:
         print(json.dumps(locate_probe(a.locate_probe, seed=a.seed, lr=a.lr, hidden=a.hidden, layers=a.layers,
                                       vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, **rope)))
@@ -268,13 +276,38 @@ def main() -> None:
     model.eval()
     tmp = a.out.rstrip("/") + ".tmp"
     policy.save_agent(agent, tmp)
-    with open(os.path.join(tmp, "warmup_log.json"), "w") as f:
+    with open(os.path.join(tmp, LOG), "w") as f:
         json.dump({"args": vars(a), "log": log}, f, indent=1)
-    if os.path.isdir(a.out):
-        import shutil
-        shutil.rmtree(a.out)
-    os.replace(tmp, a.out)
+    replace_folder(tmp, a.out)
     print(f"saved {a.out}")
+
+
+LOG = "warmup_log.json"
+
+
+def out_problem(out: str) -> str | None:
+    """Why the warm-up must not write `out` (checked before training), or None: a file, or a folder that
+    is not empty and not an earlier warm-up's output (which holds LOG)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file; pass a folder"
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, LOG)):
+        return (f"--out {out} holds files a warm-up did not write (no {LOG}); it would be replaced: pass an "
+                f"empty or new folder")
+    return None
+
+
+def replace_folder(new: str, out: str) -> None:
+    """`new` becomes `out`; the old `out` is moved aside first and removed last, so a kill at any point leaves
+    one complete folder (`out`, or `out`.old beside `new`)."""
+    import shutil
+    old = out.rstrip("/") + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(out):
+        os.replace(out, old)
+    os.replace(new, out)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
 
 
 if __name__ == "__main__":
