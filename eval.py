@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime
@@ -109,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, help="sampled tokens per turn" + pre)
     p.add_argument("--max-response-tokens", type=int, help="sampled tokens per episode, all turns" + pre)
     p.add_argument("--max-turns", type=int, help="assistant turns per episode" + pre)
-    p.add_argument("--limit", type=int, help="evaluate only the first N tasks, in load order (toy preset: 500)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N tasks, in load order (default: all of "
+                   "--data, --vstar or --hrbench; the toy preset's held-out items: 500)")
     p.add_argument("--gallery", type=int, default=16, help="items drawn in the gallery, 0: none" + d)
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<date-time>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device" + d)
@@ -127,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--model: no checkpoint of the preset found (" + ", ".join(world["checkpoints"]) + "); train one "
                     "or pass --model")
         a.model = found[0]
+    limit_given = a.limit is not None
     presets.fill(a, a.preset)
+    if (a.data or a.vstar or a.hrbench) and not limit_given:
+        a.limit = None                      # the preset's count is of its own held-out items: given data, all of it
     cli.refuse(p, cli.at_least(a, ("budget", "min_tokens", "crop_max_tokens", "crop_min_tokens", "batch_size",
                                     "max_new_tokens", "max_response_tokens", "max_turns", "limit")))
     if a.crop_snap < 0 or a.gallery < 0:
@@ -347,6 +352,9 @@ def write_gallery(episodes: list[lfpc.Episode], tasks: list[lfpc.Task], out_dir:
     `judge` (the one that gave `acc`; default the rules); returns its path."""
     judge = judge or RuleJudge()
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):                   # an earlier gallery's pictures: not this one's
+        if name.startswith("item_") and name.endswith(".png"):
+            os.remove(os.path.join(out_dir, name))
     esc = html.escape
     pick = sorted(random.Random(seed).sample(range(len(episodes)), min(n, len(episodes))))
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>LFPC eval gallery</title><style>"
@@ -389,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
         else:
             tasks, source = presets.get(a.preset)["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
-    except (data.DataError, OSError) as e:
+    except (data.DataError, OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -413,8 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     episodes = results.pop("episodes")
     record = {"model": a.model, "data": source, "args": vars(a), **run_info(agent), **results,
               "items": {run: item_records(eps, tasks, judge) for run, eps in episodes.items()}}
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(out, "results.json")
+    if os.path.exists(path):
+        print(f"replacing the results of an earlier evaluation in {out}", file=sys.stderr)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:                     # a kill leaves the old one whole
         json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(format_table(results))
     print(f"results: {os.path.join(out, 'results.json')}")
     print(f"chart:   {plot_probes(results, os.path.join(out, 'probes.png'), a.model)}")

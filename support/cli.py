@@ -18,7 +18,7 @@ def at_least(a, names, low: int = 1) -> list[str]:
 
 def judge_problems(a) -> list[str]:
     """--judge, --judge-url, --judge-model, --judge-timeout (support/judge.py) as every script takes them."""
-    from support.judge import url_problem
+    from support.judge import cache_problem, url_problem
     out = []
     if a.judge not in ("rule", "llm"):
         out.append(f"--judge is rule or llm, got {a.judge!r}")
@@ -28,6 +28,8 @@ def judge_problems(a) -> list[str]:
         out.append(why)
     if not 0 < a.judge_timeout <= 600:
         out.append(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
+    if a.judge == "llm" and getattr(a, "judge_cache", None) and (why := cache_problem(a.judge_cache)):
+        out.append(why)
     return out
 
 

@@ -216,7 +216,7 @@ class LLMJudge(Judge):
         if timeout <= 0 or retries < 0 or backoff < 0 or breaker < 1 or cooldown < 0:
             raise ValueError(f"need timeout > 0, retries >= 0, backoff >= 0, breaker >= 1, cooldown >= 0; got "
                              f"{timeout}, {retries}, {backoff}, {breaker}, {cooldown}")
-        if (why := url_problem(url)):
+        if (why := url_problem(url)) or (cache_path and (why := cache_problem(cache_path))):
             raise ValueError(why)
         self.url, self.model, self.cache_path = chat_url(url), model, cache_path
         self.timeout, self.retries, self.backoff, self.rule_first = timeout, retries, backoff, rule_first
@@ -225,6 +225,11 @@ class LLMJudge(Judge):
         self._failed_in_a_row, self._open_until = 0, 0.0
         self.rules = RuleJudge()
         self._cache: dict[str, bool] = self._read_cache(cache_path) if cache_path else {}
+        if cache_path and os.path.exists(cache_path) and os.path.getsize(cache_path):
+            with open(cache_path, "rb+") as f:             # a line torn by a kill: the next verdict on its own line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         self.stats["skipped"] = 0
 
     def __repr__(self):                  # never the key
@@ -355,6 +360,18 @@ class LLMJudge(Judge):
 
 
 KINDS = ("rule", "llm")
+
+
+def cache_problem(path: str) -> str | None:
+    """Why the verdict cache cannot be `path` (checked before any work), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--judge-cache {path} is a folder; pass a JSONL file"
+    if not os.path.isdir(folder):
+        return f"--judge-cache {path}: its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"--judge-cache {path} cannot be written"
+    return None
 
 
 def make_judge(kind: str = "rule", url: str | None = None, model: str | None = None, cache: str | None = None,

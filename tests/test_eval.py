@@ -217,6 +217,8 @@ def test_gallery_writes_pngs_and_an_html_page_that_references_them(agent, tmp_pa
     panel = Image.open(tmp_path / "g" / pngs[0])
     zoom = max(1, ev.GALLERY_HEIGHT // eps[0].images[0].height)               # small panels upscaled
     assert panel.height == zoom * eps[0].images[0].height and panel.width > zoom * eps[0].images[0].width   # crop beside
+    ev.write_gallery(eps, tasks, str(tmp_path / "g"), n=1)                  # again, smaller: no stale picture
+    assert sorted(f for f in os.listdir(tmp_path / "g") if f.endswith(".png")) == ["item_000.png"]
 
 
 def test_cli_runs_on_a_saved_tiny_agent_and_writes_the_json(agent, tmp_path):
@@ -260,6 +262,15 @@ def test_cli_refuses_contradictory_presets(argv, message, capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_toy_presets_500_items_are_its_own_not_a_cap_on_given_data():
+    """Without a data flag the toy preset evaluates 500 of its held-out items; a --data file is evaluated
+    whole (it had been cut to its first 500 without a word), unless --limit says otherwise."""
+    base = ["--model", os.path.join(ROOT, "toy", "base")]
+    assert ev.parse_args(base).limit == 500
+    assert ev.parse_args(base + ["--data", "items.jsonl"]).limit is None
+    assert ev.parse_args(base + ["--data", "items.jsonl", "--limit", "7"]).limit == 7
 
 
 def test_toy_preset_refuses_a_model_not_built_for_the_toy(agent, tmp_path, capsys):

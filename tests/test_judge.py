@@ -207,6 +207,22 @@ def test_corrupt_cache_line_is_skipped(server, tmp_path, caplog):
         j = llm(server, cache_path=str(cache))
     assert "corrupt" in caplog.text
     assert j.correct("teal", "blue", None, "Color?") == 1.0 and len(server.requests) == 1
+    server.script = [("reply", "no")]                     # the next verdict goes on a line of its own
+    assert j.correct("cyan", "blue", None, "Color?") == 0.0
+    assert llm(server, cache_path=str(cache)).correct("cyan", "blue", None, "Color?") == 0.0
+    assert len(server.requests) == 2
+
+
+def test_a_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """A folder, a file in a missing folder: one line, from the judge and from the scripts' checks."""
+    import argparse
+    from support import cli
+    for path, said in ((tmp_path, "is a folder"), (tmp_path / "absent" / "c.jsonl", "does not exist")):
+        with pytest.raises(ValueError, match=said):
+            LLMJudge("http://127.0.0.1:9", "m", cache_path=str(path))
+        a = argparse.Namespace(judge="llm", judge_url="http://127.0.0.1:9", judge_model="m", judge_timeout=10,
+                               judge_cache=str(path))
+        assert [p for p in cli.judge_problems(a) if said in p]
 
 
 FAILURES = {
