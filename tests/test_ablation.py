@@ -41,9 +41,21 @@ def test_runs_every_arm_evaluates_and_resumes_without_retraining(base, tmp_path,
     assert "| stage2 |" in open(os.path.join(out, "table.md")).read()
 
     # a second call with --resume finds every run finished and every evaluation cached
+    real_train, real_eval = train.main, ablation.evaluate_model
     monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("retrained a finished run"))
     monkeypatch.setattr(ablation, "evaluate_model", _cached_only(ablation.evaluate_model))
     ablation.main(argv + ["--resume"])
+    # --resume with more steps carries every run on to them (and evaluates the new checkpoints); a run that
+    # died before its first checkpoint (run.json only) starts over with its own settings
+    monkeypatch.setattr(train, "main", real_train)
+    monkeypatch.setattr(ablation, "evaluate_model", real_eval)
+    import shutil
+    shutil.rmtree(os.path.join(out, "stage2-s0", "ckpt"))
+    os.remove(os.path.join(out, "stage2-s0", "metrics.jsonl"))
+    ablation.main([*argv[:argv.index("--steps")], "--steps", "2", *argv[argv.index("--steps") + 2:], "--resume"])
+    for arm in ablation.ARMS:
+        assert [json.loads(l)["step"] for l in open(os.path.join(out, f"{arm}-s0", "metrics.jsonl"))] == [1, 2]
+        assert json.load(open(os.path.join(out, "eval", f"{arm}-s0.json")))["settings"]["step"] == 2
 
 
 def _saved_args(out, arm):

@@ -3,7 +3,7 @@ does the grounding reward make it precise?
 
     python -m toy.ablation             # 3 training seeds; writes runs/ablation/ (RESULTS.md's numbers)
     python -m toy.ablation --quick     # 1 seed, 100 eval items: the directions only (~5 min on 2 cores)
-    python -m toy.ablation --resume    # keep finished runs and evaluations, redo the rest
+    python -m toy.ablation --resume    # keep finished runs and evaluations, carry the rest on (train.py --resume)
     python -m toy.ablation --box-payoff runs/ablation/stage1-s0/ckpt   # what stage 2 can select among
 
 Arms, each from the shipped toy base (`toy/base`) with `train.py`'s toy preset:
@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import time
 
 import torch
 
 import crop_tool
-from support import metrics, policy
+from support import checkpoint, metrics, policy, train_args
 import toy.world
 
 ARMS = ("baseline", "stage1", "stage2")
@@ -60,9 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="training seeds, comma-separated (default 0,1,2; --quick: 0)")
     p.add_argument("--steps", type=int, default=0, help="steps of each training run (0: train.py's toy preset)")
     p.add_argument("--stage2-steps", type=int, default=0, help="steps of each stage-2 run (0: --steps)")
-    p.add_argument("--eval-items", type=int, default=300, help="held-out items per evaluation")
+    p.add_argument("--eval-items", type=int, default=None, help="held-out items per evaluation (default 300; "
+                   "--quick: 100)")
     p.add_argument("--quick", action="store_true", help="1 seed, 100 eval items (the preset's steps)")
-    p.add_argument("--resume", action="store_true", help="keep what an earlier call finished in --out")
+    p.add_argument("--resume", action="store_true", help="keep what an earlier call finished in --out: its runs "
+                   "carried on to --steps (train.py --resume), its evaluations kept where their settings and "
+                   "checkpoint step are this call's")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. \"--lr 3e-5\"")
     p.add_argument("--engine", default="cached", choices=["cached", "reference"],
                    help="rollout engine of every training run and evaluation (the same tokens either way)")
@@ -77,8 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not os.path.isdir(a.box_payoff):
             p.error(f"--box-payoff: checkpoint {a.box_payoff!r} not found")
         return a
-    if a.quick:
-        a.eval_items = min(a.eval_items, 100)
+    a.eval_items = a.eval_items if a.eval_items is not None else 100 if a.quick else 300
     try:
         a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     except ValueError:
@@ -86,6 +89,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.steps < 0 or a.stage2_steps < 0 or a.eval_items < 1:
         p.error("--steps and --stage2-steps must be >= 0 (0: the preset's), --eval-items >= 1")
     a.stage2_steps = a.stage2_steps or a.steps
+    if a.train_args:                                     # a bad flag now, not after the base's evaluation
+        import train
+        extra = shlex.split(a.train_args)
+        try:
+            train.parse_args(["--out", os.path.join(a.out, "check")] + extra)
+        except SystemExit:
+            p.error(f"--train-args {a.train_args!r}: train.py refuses it (above)")
+        own = sorted(train_args.given_flags(extra, train.__doc__) & {"out", "seed", "model", "stage", "resume",
+                                                                     "global_image", "gap_cache", "engine", "steps"})
+        if own:
+            p.error("--train-args sets what the ablation sets for each run: "
+                    + ", ".join("--" + k.replace("_", "-") for k in own))
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; pass a folder")
     if not os.path.isdir(a.base):
         p.error(f"base checkpoint {a.base!r} not found (python -m toy.warmup writes it)")
     if os.path.isdir(a.out) and os.listdir(a.out) and not a.resume:
@@ -116,17 +133,15 @@ def train_arm(a, arm: str, seed: int) -> str:
         argv += ["--stage", "1", "--model", a.base]
     else:
         argv += ["--stage", "2", "--model", os.path.join(run_dir(a, "stage1", seed), "ckpt")]
-    argv += ["--engine", a.engine] + a.train_args.split()
+    argv += ["--engine", a.engine] + shlex.split(a.train_args)
     steps = a.stage2_steps if arm == "stage2" else a.steps
     if steps:
         argv += ["--steps", str(steps)]
     steps = steps or train.parse_args(argv).steps
     if finished(out, steps):
         return out
-    if os.path.isdir(os.path.join(out, "ckpt")):
-        argv = ["--out", out, "--resume"]                    # the run's own arguments come from its checkpoint
-    elif os.path.exists(os.path.join(out, "metrics.jsonl")):
-        os.remove(os.path.join(out, "metrics.jsonl"))      # died before its first checkpoint: start over
+    if checkpoint.RunFolder(out).used():                    # stopped or killed, with or without a checkpoint:
+        argv = ["--out", out, "--resume", "--steps", str(steps)]    # its own settings, to this call's steps
     print(f"== train {arm} seed {seed}: python train.py {' '.join(argv)}", flush=True)
     train.main(argv)
     return out
@@ -138,8 +153,14 @@ def evaluate_model(a, model: str, name: str) -> dict:
     """Every budget in BUDGETS with both probes; cached as OUT/eval/<name>.json (written atomically)."""
     import eval as ev
     path = os.path.join(a.out, "eval", f"{name}.json")
+    trainer = os.path.join(model, "trainer.pt")              # a run's checkpoint: which step was evaluated
+    step = torch.load(trainer, weights_only=False)["step"] if os.path.exists(trainer) else None
+    settings = {"eval_items": a.eval_items, "engine": a.engine, "budgets": BUDGETS, "step": step}
     if os.path.exists(path):
-        return json.load(open(path))
+        kept = json.load(open(path))
+        if kept.get("settings") == settings:
+            return kept
+        print(f"   eval {name}: the kept one had other settings ({kept.get('settings')}): evaluated again", flush=True)
     agent = policy.load_agent(model, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(a.eval_items)
     res, galleries = {}, {}
@@ -163,6 +184,7 @@ def evaluate_model(a, model: str, name: str) -> dict:
                                                               len(e.crops))
         ev.write_gallery(galleries["low"], tasks, os.path.join(a.out, "gallery", name), 8, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    res["settings"] = settings
     with open(path + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
     os.replace(path + ".tmp", path)
