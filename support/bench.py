@@ -107,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sync-every", type=int, default=1, help="config mode: decode steps between host syncs")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM datasheet: 989)")
-    p.add_argument("--device", default="", help='"" = cuda if available else cpu')
+    p.add_argument("--device", default="", help='config mode: "" = cuda if available else cpu (the toy and schedule '
+                   'modes run on the CPU)')
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--schedule-bench", action="store_true", help="schedule mode: continuous batching vs the per-turn "
                    "barrier vs model.generate on the real-shape two-layer model (--prompts x --group episodes in "
@@ -136,7 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     cli.refuse(p, cli.at_least(a, ("prompts", "group", "budget", "repeat", "batch", "prompt_tokens", "visual_tokens",
                                     "response_tokens", "rollout_rows", "train_tokens", "crop_tokens", "logprob_chunk",
-                                    "world")) + cli.at_least(a, ("micro_batch", "lora", "crops", "threads"), low=0))
+                                    "world", "sync_every", "prefill_tokens", "host_threads"))
+               + cli.at_least(a, ("micro_batch", "lora", "crops", "threads"), low=0))
+    modes = [m for m in ("estimate_memory", "estimate_time", "schedule_bench") if getattr(a, m)]
+    if len(modes) > 1:
+        p.error("one mode a call: " + " and ".join("--" + m.replace("_", "-") for m in modes) + " were both given")
+    if a.schedule_bench and (a.config or a.lora):
+        p.error("--schedule-bench runs the tiny model of its own; --config and --lora are config mode's")
+    if not (a.hbm_gbs > 0 and min(a.original) >= 1):
+        p.error(f"--hbm-gbs must be > 0 and --original W H at least 1 each, got {a.hbm_gbs} and {a.original}")
     if not (1 <= a.lengths[0] <= a.lengths[1] and 1 <= a.turns[0] <= a.turns[1]):
         p.error(f"--lengths and --turns are MIN MAX with 1 <= MIN <= MAX, got {a.lengths} and {a.turns}")
     if a.ckpt_fraction is None:             # the preset's: one-gpu's with --lora, the paper's for one rank of several
@@ -149,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not a.peak_tflops > 0:
         p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
+    if a.device not in ("", "cpu") and not a.config:
+        p.error(f"--device {a.device}: the toy and schedule modes run on the CPU; --device is config mode's")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not a.estimate_memory and (why := policy.device_problem(a.device)):
         p.error(why)

@@ -81,6 +81,20 @@ def test_config_mode_rejects_a_non_square_image_and_real_sizes_on_cpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--estimate-memory", "--estimate-time", "--config", "7b"], "one mode a call"),
+    (["--schedule-bench", "--config", "tiny"], "--schedule-bench runs the tiny model"),
+    (["--device", "cuda"], "run on the CPU"),
+    (["--hbm-gbs", "0", "--config", "tiny"], "--hbm-gbs must be > 0"),
+    (["--sync-every", "0"], "--sync-every must be at least 1"),
+    (["--config", "7b", "--estimate-time", "--host-threads", "0"], "--host-threads must be at least 1"),
+])
+def test_flags_a_mode_would_ignore_or_fail_on_late_are_refused_at_once(argv, said, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert said in capsys.readouterr().err
+
+
 def test_toy_mode_times_the_two_calls_and_counts_the_work(toy_base):
     r = bench.main(["--model", toy_base, "--prompts", "2", "--group", "2", "--repeat", "1"])
     assert r["mode"] == "toy" and r["step_s"] > 0 and sum(r["share"].values()) == pytest.approx(1.0, abs=0.01)
