@@ -12,7 +12,10 @@ writes
     DIR/images/        one file a kept row: the source's bytes unchanged when they are a JPEG or a PNG,
                        otherwise re-encoded as PNG. Every image is decoded in full (PIL `load()`) first.
     DIR/dropped.jsonl  one line a dropped row: {"file", "row", "id", "reason", "detail"}
-and prints the rows kept, the rows dropped by reason (counts) and the output path.
+and prints the rows kept, the rows dropped by reason (counts) and the output path (it exits non-zero
+when it kept none). A row that `data.load_tasks` would refuse is dropped here instead (too much text,
+over 26 choices, an image over 200:1): the file it writes always loads. Boxes are checked in the image's
+upright frame (its EXIF orientation applied, as every loader opens it).
 
 Box schema (the project's, as everywhere in lfpc): a box is [x1, y1, x2, y2] in pixels of the ORIGINAL
 image, top-left then bottom-right, continuous edges. "bboxes" is a list of NESTED boxes B1 ⊂ B2 ⊂ ...,
@@ -132,6 +135,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from support.data import MAX_ASPECT, MAX_CHOICES, MAX_TEXT_CHARS     # load_tasks' limits, applied a row at a time
 
 PARQUET_BATCH_ROWS = 16         # rows decoded to Python at a time
 JSON_CHUNK_CHARS = 1 << 16      # characters read at a time from a JSON array
@@ -671,6 +676,10 @@ def _finish(item: Item, root: str, out: str, taken: set[str], claimed: dict[str,
         return answer
     if not answer:
         return Drop("empty answer", repr(item.answer)[:200])
+    if choices and len(choices) > MAX_CHOICES:                      # data.load_tasks' limits, row by row here
+        return Drop("too many choices", f"{len(choices)}; at most {MAX_CHOICES} (lettered A-Z)")
+    if (n := len(question) + len(answer) + sum(map(len, choices or []))) > MAX_TEXT_CHARS:
+        return Drop("text too long", f"{n:,} characters of question, answer and choices; at most {MAX_TEXT_CHARS:,}")
     if choices:
         letter = answer_letter(answer, choices)
         if letter is None:
@@ -696,6 +705,8 @@ def _finish(item: Item, root: str, out: str, taken: set[str], claimed: dict[str,
     if isinstance(encoded, Drop):
         return encoded
     data, ext, size = encoded
+    if max(size) > MAX_ASPECT * min(size):
+        return Drop("image too elongated", f"{size[0]}x{size[1]}: aspect ratio over {MAX_ASPECT}")
     if boxes:
         scale = BOX_UNITS[box_units]
         if scale is None and max(size) > 2 and all(0 <= v <= 1 for b in boxes for v in b):
@@ -770,7 +781,11 @@ def convert_files(source: str, inputs: list[str], out: str, image_root: str | No
     spec = SOURCES[source]
     for path in inputs:
         if not os.path.isfile(path):
-            raise ConvertError(f"{path}: no such file")
+            raise ConvertError(f"{path}: " + ("a folder; pass the files in it" if os.path.isdir(path) else "no such file"))
+    if image_root is not None and not os.path.isdir(image_root):
+        raise ConvertError(f"--image-root {image_root}: no such folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"--out {out} is a file; pass a folder")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
     if len(set(stems)) < len(stems):
         raise ConvertError(f"two inputs share a file name ({stems}); ids are made from it, rename one")
@@ -825,6 +840,9 @@ def main(argv: list[str] | None = None) -> Report:
     except ConvertError as e:
         raise SystemExit(f"support/convert.py: {e}") from None
     print(report.summary())
+    if report.read and not report.kept:
+        raise SystemExit(f"support/convert.py: no row was kept (the reasons above, one a row in "
+                         f"{os.path.join(args.out, 'dropped.jsonl')})")
     return report
 
 

@@ -268,6 +268,31 @@ def test_boxes_are_checked_in_the_upright_frame_of_an_exif_rotated_image(tmp_pat
     assert all(crop_tool.open_image(t.image).size == (200, 400) for t in tasks)
 
 
+def test_rows_load_tasks_would_refuse_are_dropped_and_a_bad_folder_refused_at_once(tmp_path):
+    """data.load_tasks' limits (text, choices, aspect ratio) drop the row here, with its reason, instead of
+    failing the whole file there; an --image-root or --out that cannot be one stops before any row; a
+    conversion that keeps nothing exits non-zero."""
+    write_file(tmp_path / "img.png", img_bytes(64, 48))
+    write_file(tmp_path / "strip.png", img_bytes(402, 2))
+    rows = [{"id": "ok", "image": "img.png", "question": "q?", "answer": "a"},
+            {"id": "long", "image": "img.png", "question": "q" * 25_000, "answer": "a"},
+            {"id": "many", "image": "img.png", "question": "q?", "answer": "A", "choices": [str(i) for i in range(27)]},
+            {"id": "strip", "image": "strip.png", "question": "q?", "answer": "a"}]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    report = convert.convert_files("jsonl", [src], str(tmp_path / "out"), progress=False)
+    assert report.kept == 1 and report.dropped == {"text too long": 1, "too many choices": 1, "image too elongated": 1}
+    assert [t.id for t in data.load_tasks(str(tmp_path / "out" / "train.jsonl"))] == ["jsonl:ok"]
+    for kw, said in (({"image_root": str(tmp_path / "absent")}, "no such folder"),
+                     ({"out": str(tmp_path / "img.png")}, "is a file")):
+        with pytest.raises(convert.ConvertError, match=said):
+            convert.convert_files("jsonl", [src], **{"out": str(tmp_path / "o2"), **kw}, progress=False)
+    with pytest.raises(convert.ConvertError, match="a folder; pass the files"):
+        convert.convert_files("jsonl", [str(tmp_path)], str(tmp_path / "o3"), progress=False)
+    none = write_jsonl(tmp_path / "none.jsonl", rows[1:])
+    with pytest.raises(SystemExit, match="no row was kept"):
+        convert.main(["--from", "jsonl", none, "--out", str(tmp_path / "o4")])
+
+
 def test_a_file_not_in_the_format_fails_at_once_naming_it(tmp_path):
     out = str(tmp_path / "out")
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a", "image": "x.png"}])
