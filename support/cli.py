@@ -30,6 +30,8 @@ def judge_problems(a) -> list[str]:
         out.append(f"--judge-timeout lies in (0, 600] seconds, got {a.judge_timeout}")
     if a.judge == "llm" and getattr(a, "judge_cache", None) and (why := cache_problem(a.judge_cache)):
         out.append(why)
+    if a.judge == "rule" and (given := [f for f in ("judge_url", "judge_model") if getattr(a, f, None)]):
+        out.append(", ".join("--" + f.replace("_", "-") for f in given) + " would go unused: they are --judge llm's")
     return out
 
 

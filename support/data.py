@@ -398,6 +398,21 @@ def load_hrbench(tsv_path: str, image_dir: str | None = None, warn=None) -> list
     """HR-Bench questions in file order (format in the module docstring); images decoded to `image_dir`.
     `warn(message)` (default: printed) hears of rows kept with a warning (control-token strings)."""
     image_dir = image_dir or os.path.splitext(os.path.abspath(tsv_path))[0] + "_images"
+    if not os.path.isfile(tsv_path):                # before the image folder is made beside it
+        raise DataError(f"{tsv_path}: " + ("a folder; pass the .tsv file" if os.path.isdir(tsv_path) else "no such file"))
+    made = not os.path.isdir(image_dir)
+    try:
+        return _read_hrbench(tsv_path, image_dir, warn)
+    except (DataError, UnicodeDecodeError) as e:
+        if made and os.path.isdir(image_dir) and not os.listdir(image_dir):
+            os.rmdir(image_dir)                         # no empty folder left behind by a file that failed
+        if isinstance(e, UnicodeDecodeError):
+            raise DataError(f"{tsv_path}: not UTF-8 text ({e.reason} at byte {e.start}); is it the HR-Bench TSV?") \
+                from None
+        raise
+
+
+def _read_hrbench(tsv_path: str, image_dir: str, warn) -> list[Task]:
     os.makedirs(image_dir, exist_ok=True)
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))   # one cell holds a whole base64 8K image
     tasks, seen = [], {}

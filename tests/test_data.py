@@ -326,6 +326,14 @@ def test_hrbench_errors_name_the_file_and_row(tmp_path, kw, message):
     assert str(e.value).startswith(tsv)
 
 
+def test_hrbench_file_problems_are_data_errors_and_leave_no_image_folder(tmp_path):
+    (tmp_path / "latin1.tsv").write_bytes("index\tquestion\ncaf\xe9\n".encode("latin-1"))
+    for name, message in (("latin1.tsv", "not UTF-8 text"), ("absent.tsv", "no such file"), ("", "a folder")):
+        with pytest.raises(data.DataError, match=message):
+            data.load_hrbench(str(tmp_path / name) if name else str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["latin1.tsv"]
+
+
 
 
 # ----------------------------------------------------------------------------- control-token strings

@@ -5,6 +5,7 @@ import pytest
 import crop_tool
 from support import data
 import toy.world
+from conftest import ROOT
 
 
 def test_items_are_deterministic_per_seed_and_differ_across_seeds():
@@ -99,3 +100,13 @@ def test_halving_turns_every_pattern_into_the_same_colour(pattern):
     colour = it["question"].split()[-2]
     x1, y1, x2, y2 = (v // 2 for v in it["bboxes"][0])
     assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.world.COLOURS[colour]]).all()
+
+
+@pytest.mark.parametrize("argv, said", [(["--boxes", "5"], "--boxes 1-4"), (["--n", "0"], "must be at least 1"),
+                                        (["--demo", "--model", "/nonexistent"], "not found")])
+def test_the_world_cli_refuses_bad_flags_before_any_work(argv, said, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "toy.world", "--out", str(tmp_path / "d"), *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and said in r.stderr and not (tmp_path / "d").exists(), r.stderr[-500:]

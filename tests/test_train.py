@@ -674,6 +674,7 @@ def test_a_learning_rate_that_destroys_the_policy_stops_the_run_unsaved(tmp_path
     (["--temperature", "1e6"], "--temperature must be at most"),
     (["--beta", "inf"], "--beta must lie in"),
     (["--judge-url", "not a url"], "not an http"),
+    (["--judge-model", "m"], "--judge-model would go unused: they are --judge llm's"),
     (["--seed", str(2**40)], "--seed must lie in"),
     (["--device", "tpu:0"], "is not a torch device|only cpu and cuda"),
     (["--device", "cuda:3"], "no CUDA device|CUDA device\\(s\\)"),

@@ -256,18 +256,26 @@ def demo(model: str, n: int, tokens: int, seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m toy.world", description="Write toy-world items as JSONL + PNGs (the project's data schema), "
-                                "or (--demo) roll out the shipped base on a few of them.")
+                                "or (--demo) roll out the shipped base on a few of them.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="data/toy", help="output folder")
     p.add_argument("--demo", action="store_true", help="roll out --model on --n held-out items and print the turns")
     p.add_argument("--model", default=BASE, help="--demo: checkpoint folder")
     p.add_argument("--budget", type=int, default=16, help="--demo: global-image budget, visual tokens")
     p.add_argument("--n", type=int, default=1000, help="number of items (--demo: the first 4 at most)")
-    p.add_argument("--seed", type=int, default=0, help="item stream seed (held-out sets use another seed)")
+    p.add_argument("--seed", type=int, default=0, help="item stream seed (held-out sets use another seed); --demo: "
+                   "the sampling seed (its items are the held-out ones)")
     p.add_argument("--boxes", type=int, default=N_BOXES, help="coloured squares per image (1-4)")
     a = p.parse_args()
+    if a.n < 1 or a.budget < 1 or not 1 <= a.boxes <= 4:
+        p.error(f"--n and --budget must be at least 1 and --boxes 1-4, got {a.n}, {a.budget} and {a.boxes}")
     if a.demo:
+        if (why := policy.model_problem(a.model)):
+            p.error(why)
         demo(a.model, min(a.n, 4), a.budget, a.seed)
         return
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; pass a folder")
     print(write_items(a.out, a.n, a.seed, a.boxes))
 
 
