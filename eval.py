@@ -121,13 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     world = presets.get(a.preset)
     if not (a.data or a.vstar or a.hrbench) and world["eval_tasks"] is None:
         p.error(f"--preset {a.preset}: pass the tasks (--data, --vstar or --hrbench)")
+    if a.image_cache and not a.hrbench:
+        p.error("--image-cache is where --hrbench's images are decoded: it goes with --hrbench")
     if (a.vstar or a.hrbench) and world["system_prompt"] is not None:
         p.error(f"V* and HR-Bench need a real model and its settings: pass --preset paper, not --preset {a.preset}")
     if not a.model:
         found = [m for m in world["checkpoints"] if os.path.isdir(m)]
         if not found:
             p.error("--model: no checkpoint of the preset found (" + ", ".join(world["checkpoints"]) + "); train one "
-                    "or pass --model")
+                    "or pass --model" if world["checkpoints"] else f"--preset {a.preset} needs --model (a checkpoint "
+                    "folder or a hub name)")
         a.model = found[0]
     limit_given = a.limit is not None
     presets.fill(a, a.preset)

@@ -158,6 +158,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not a.peak_tflops > 0:
         p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
     a.micro_batch = a.micro_batch or (4 if a.config else 16)
+    if a.model and (a.config or a.schedule_bench):
+        p.error("--model is the toy mode's checkpoint; --config and --schedule-bench build their own model")
+    if a.model and (why := policy.model_problem(a.model)):
+        p.error(f"--model: {why}")
+    if a.model and presets.check_model("toy", a.model):
+        p.error(f"--model {a.model} is not a toy checkpoint (toy mode runs toy/base or a train.py --preset toy "
+                f"run's ckpt; a real config's step: --config 7b or 3b)")
     if a.device not in ("", "cpu") and not a.config:
         p.error(f"--device {a.device}: the toy and schedule modes run on the CPU; --device is config mode's")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

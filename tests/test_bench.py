@@ -88,6 +88,8 @@ def test_config_mode_rejects_a_non_square_image_and_real_sizes_on_cpu(capsys):
     (["--hbm-gbs", "0", "--config", "tiny"], "--hbm-gbs must be > 0"),
     (["--sync-every", "0"], "--sync-every must be at least 1"),
     (["--config", "7b", "--estimate-time", "--host-threads", "0"], "--host-threads must be at least 1"),
+    (["--model", "/nonexistent"], "not found"),
+    (["--model", "toy/base", "--config", "tiny"], "--model is the toy mode's checkpoint"),
 ])
 def test_flags_a_mode_would_ignore_or_fail_on_late_are_refused_at_once(argv, said, capsys):
     with pytest.raises(SystemExit):
