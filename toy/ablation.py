@@ -287,12 +287,13 @@ def main(argv=None) -> None:
               "minutes_this_call": round((time.time() - t_start) / 60, 1),   # after --resume: only this call's part
               "table": table, "targets": [{"target": n, "met": ok, "measured": m} for n, ok, m in targets],
               "evals": evals}
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(report, f, indent=1)
     text = format_table(table, a) + "\n\nTargets:\n" + "\n".join(
         f"- [{'met' if ok else 'MISSED'}] {n}: {m}" for n, ok, m in targets)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(text + "\n")
+    for name, content in (("summary.json", json.dumps(report, indent=1)), ("table.md", text + "\n")):
+        path = os.path.join(a.out, name)
+        with open(path + ".tmp", "w") as f:                  # a kill leaves the last call's whole
+            f.write(content)
+        os.replace(path + ".tmp", path)
     print(text)
     curves = metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
                                  ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))
