@@ -142,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--crop-snap and --gallery must be >= 0")
     if a.crop_min_tokens > a.crop_max_tokens:
         p.error(f"--crop-min-tokens ({a.crop_min_tokens}) must not exceed --crop-max-tokens ({a.crop_max_tokens})")
+    if a.min_tokens > a.budget:
+        p.error(f"--min-tokens ({a.min_tokens}) must not exceed --budget ({a.budget}): the global image would be "
+                f"shown at the budget anyway")
     if (why := policy.device_problem(a.device)):
         p.error(why)
     cli.refuse(p, cli.judge_problems(a))

@@ -271,6 +271,8 @@ def test_the_toy_presets_500_items_are_its_own_not_a_cap_on_given_data():
     assert ev.parse_args(base).limit == 500
     assert ev.parse_args(base + ["--data", "items.jsonl"]).limit is None
     assert ev.parse_args(base + ["--data", "items.jsonl", "--limit", "7"]).limit == 7
+    with pytest.raises(SystemExit):                                     # a floor above the budget: never met
+        ev.parse_args(base + ["--min-tokens", "64", "--budget", "16"])
 
 
 def test_toy_preset_refuses_a_model_not_built_for_the_toy(agent, tmp_path, capsys):

@@ -167,9 +167,11 @@ def test_the_warmup_replaces_only_its_own_output_and_says_so_before_training(tmp
     theirs.mkdir()
     (theirs / "weights.bin").write_text("keep me")
     afile.write_text("x")
-    for out, said in ((theirs, "holds files a warm-up did not write"), (afile, "is a file")):
-        r = subprocess.run([sys.executable, "-m", "toy.warmup", "--out", str(out), "--steps", "1"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+    for argv, said in ((["--out", str(theirs), "--steps", "1"], "holds files a warm-up did not write"),
+                       (["--out", str(afile), "--steps", "1"], "is a file"),
+                       (["--locate-probe", "1", "--out", str(theirs)], "--out would go unused")):
+        r = subprocess.run([sys.executable, "-m", "toy.warmup", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
         assert r.returncode == 2 and said in r.stderr and "warm-up:" not in r.stderr, r.stderr[-500:]
     assert (theirs / "weights.bin").read_text() == "keep me"
     assert warmup.out_problem(str(tmp_path / "new")) is None and warmup.out_problem(str(theirs)) is not None

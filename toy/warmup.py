@@ -241,10 +241,15 @@ def main() -> None:
         p.error(f"--mrope-section takes comma-separated integers, got {a.mrope_section!r}")
     if not a.locate_probe and (why := out_problem(a.out)):
         p.error(why)
+    if a.locate_probe and (unused := [f for f in ("out", "steps", "direct", "low_res", "unclear", "plan", "eval_every")
+                                      if getattr(a, f) != p.get_default(f)]):
+        p.error("--locate-probe trains its own probe and saves nothing: " + ", ".join(
+            "--" + f.replace("_", "-") for f in unused) + " would go unused")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.locate_probe:
-        print(json.dumps(locate_probe(a.locate_probe, seed=a.seed, lr=a.lr, hidden=a.hidden, layers=a.layers,
+        print(json.dumps(locate_probe(a.locate_probe, seed=a.seed, batch=a.batch, lr=a.lr, eval_items=a.eval_items,
+                                      hidden=a.hidden, layers=a.layers,
                                       vision_hidden=a.vision_hidden, vision_depth=a.vision_depth, **rope)))
         return
     agent = toy.world.agent(a.seed, hidden=a.hidden, layers=a.layers, vision_hidden=a.vision_hidden,
