@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import cli, data, metrics, policy, presets, prompts
+from support import checkpoint, cli, data, metrics, policy, presets, prompts
 from support.judge import RuleJudge, make_judge
 
 PROBES = ("noise", "gt", "no-tool")
@@ -430,9 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.join(out, "results.json")
     if os.path.exists(path):
         print(f"replacing the results of an earlier evaluation in {out}", file=sys.stderr)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:                     # a kill leaves the old one whole
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_whole(path, json.dumps(record, indent=1))                # a kill leaves the old one whole
     print(format_table(results))
     print(f"results: {os.path.join(out, 'results.json')}")
     print(f"chart:   {plot_probes(results, os.path.join(out, 'probes.png'), a.model)}")

@@ -118,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.max_new_tokens = a.max_new_tokens or preset["probe_max_new_tokens"]
     a.resample = a.resample or preset["resample"]
     a.batch_size = a.batch_size or preset["rollout_batch"]
+    a.lora, a.rollout_tokens, a.prefill_tokens = preset["lora"], preset["rollout_tokens"], preset["prefill_tokens"]
     cli.refuse(p, cli.at_least(a, ("full_tokens", "floor_tokens", "k", "max_new_tokens", "batch_size")))
     if a.floor_tokens >= a.full_tokens:
         p.error(f"--floor-tokens ({a.floor_tokens}) must be below --full-tokens ({a.full_tokens})")
@@ -444,14 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = a.cache or os.path.splitext(a.out)[0] + ".cache.jsonl"
     judge = make_judge(a.judge, a.judge_url, a.judge_model, os.path.splitext(a.out)[0] + ".judge.jsonl",
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
-    preset = presets.get(a.preset)
-    # as train.py probes: its weights' dtype (policy.base_dtype: a bf16 base under LoRA, else fp32) under its
-    # precision (bf16 autocast on a GPU), within its KV-cache and prefill token caps
-    agent = policy.load_agent(a.model, a.device, torch.bfloat16 if preset["lora"] else torch.float32)
+    # as train.py probes: its weights' dtype (a bf16 base under LoRA, else fp32) under its precision (bf16
+    # autocast on a GPU), within its KV-cache and prefill token caps (the preset's, parse_args)
+    agent = policy.load_agent(a.model, a.device, policy.base_dtype(a))
     with checkpoint.StopSignal() as stop, policy.precision(agent):
         try:
             records = probe(tasks, agent, prober, a.model, cache, a.batch_size, judge=judge,
-                            batch_tokens=preset["rollout_tokens"], prefill_tokens=preset["prefill_tokens"], stop=stop)
+                            batch_tokens=a.rollout_tokens, prefill_tokens=a.prefill_tokens, stop=stop)
         except CacheError as e:
             raise SystemExit(f"--cache: {e}") from None
         except checkpoint.Preempted as e:

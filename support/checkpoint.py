@@ -134,10 +134,7 @@ class RunFolder:
     def write_run(self, state: dict) -> None:
         """OUT/run.json, written when a run starts (atomically): its settings, so --resume can start it over
         from step 0 when it was killed before its first complete checkpoint."""
-        path = os.path.join(self.out, RUN_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_whole(os.path.join(self.out, RUN_FILE), json.dumps(state, indent=1))
 
     def read_run(self) -> dict | None:
         path = os.path.join(self.out, RUN_FILE)
@@ -211,7 +208,7 @@ class RunFolder:
         A write that fails (disk full: OSError, or torch's RuntimeError "enforce fail ... failed writing")
         leaves the previous checkpoint the newest complete one, removes the partial ckpt.tmp and raises
         CheckpointError with the reason."""
-        final, tmp, old = (os.path.join(self.out, n) for n in NAMES)
+        final, tmp, _ = (os.path.join(self.out, n) for n in NAMES)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             save_model(tmp)
@@ -224,12 +221,7 @@ class RunFolder:
                                   f"free in {self.out}); " + (f"the checkpoint of step {kept[1]['step']} is kept: "
                                   f"free space, then --resume" if kept else "no earlier checkpoint exists")) from None
         os.replace(os.path.join(tmp, "trainer.pt.part"), os.path.join(tmp, "trainer.pt"))
-        if os.path.isdir(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        _swap_window()
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, final)
         return final
 
     # ------------------------------------------------------------------------- metrics
@@ -247,9 +239,7 @@ class RunFolder:
                     continue
                 if row.get("step", 0) <= step:
                     rows.append(line if line.endswith("\n") else line + "\n")
-        with open(self.metrics + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(rows)
-        os.replace(self.metrics + ".tmp", self.metrics)
+        write_whole(self.metrics, "".join(rows))
 
     def log(self, row: dict) -> None:
         """Append one step's metrics as strict JSON: a non-finite number (a skipped step's NaN gradient
@@ -344,6 +334,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:      # someone else's process: alive
         return True
     return True
+
+
+def write_whole(path: str, text: str) -> None:
+    """`path` holds `text` whole, or still what it held before: written beside it, then renamed over it."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def swap_in(new: str, final: str) -> None:
+    """Folder `new` becomes `final`: the old `final` is moved to `final`.old first and removed last, so a kill
+    at any instant leaves a complete folder (`final`, or `final`.old beside `new`)."""
+    old = final + ".old"
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    _swap_window()
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _swap_window() -> None:

@@ -9,7 +9,7 @@ import torch
 import crop_tool
 import lfpc
 import rewards
-from support import answers, policy
+from support import answers, checkpoint, policy
 from toy import warmup
 import toy.world
 
@@ -182,5 +182,5 @@ def test_the_warmup_replaces_only_its_own_output_and_says_so_before_training(tmp
     new.mkdir()
     (new / warmup.LOG).write_text("{}")
     assert warmup.out_problem(str(mine)) is None
-    warmup.replace_folder(str(new), str(mine))
+    checkpoint.swap_in(str(new), str(mine))                  # how the warm-up puts its new base in place
     assert sorted(os.listdir(mine)) == [warmup.LOG] and not new.exists() and not (tmp_path / "base.old").exists()

@@ -185,9 +185,7 @@ def evaluate_model(a, model: str, name: str) -> dict:
         ev.write_gallery(galleries["low"], tasks, os.path.join(a.out, "gallery", name), 8, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     res["settings"] = settings
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_whole(path, json.dumps(res, indent=1))
     return res
 
 
@@ -289,11 +287,8 @@ def main(argv=None) -> None:
               "evals": evals}
     text = format_table(table, a) + "\n\nTargets:\n" + "\n".join(
         f"- [{'met' if ok else 'MISSED'}] {n}: {m}" for n, ok, m in targets)
-    for name, content in (("summary.json", json.dumps(report, indent=1)), ("table.md", text + "\n")):
-        path = os.path.join(a.out, name)
-        with open(path + ".tmp", "w") as f:                  # a kill leaves the last call's whole
-            f.write(content)
-        os.replace(path + ".tmp", path)
+    checkpoint.write_whole(os.path.join(a.out, "summary.json"), json.dumps(report, indent=1))
+    checkpoint.write_whole(os.path.join(a.out, "table.md"), text + "\n")
     print(text)
     curves = metrics.plot_curves({arm: [os.path.join(run_dir(a, arm, s), "metrics.jsonl") for s in a.seeds] for arm in ARMS},
                                  ["acc", "tool/crop_rate", "box/iou_b1", "box/area_frac"], os.path.join(a.out, "curves.png"))

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import crop_tool
 import lfpc
-from support import batches, cli, policy
+from support import batches, checkpoint, cli, policy
 import toy.world
 
 def habitual_box(square, rng: random.Random, canvas: int = toy.world.CANVAS) -> tuple[list[int], str]:
@@ -283,7 +283,7 @@ def main() -> None:
     policy.save_agent(agent, tmp)
     with open(os.path.join(tmp, LOG), "w") as f:
         json.dump({"args": vars(a), "log": log}, f, indent=1)
-    replace_folder(tmp, a.out)
+    checkpoint.swap_in(tmp, a.out.rstrip("/"))
     print(f"saved {a.out}")
 
 
@@ -300,19 +300,6 @@ def out_problem(out: str) -> str | None:
                 f"empty or new folder")
     return None
 
-
-def replace_folder(new: str, out: str) -> None:
-    """`new` becomes `out`; the old `out` is moved aside first and removed last, so a kill at any point leaves
-    one complete folder (`out`, or `out`.old beside `new`)."""
-    import shutil
-    old = out.rstrip("/") + ".old"
-    if os.path.isdir(old):
-        shutil.rmtree(old)
-    if os.path.isdir(out):
-        os.replace(out, old)
-    os.replace(new, out)
-    if os.path.isdir(old):
-        shutil.rmtree(old)
 
 
 if __name__ == "__main__":
