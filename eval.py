@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             tasks, source = data.load_hrbench(a.hrbench, a.image_cache), os.path.abspath(a.hrbench)
         else:
             tasks, source = presets.get(a.preset)["eval_tasks"](a.limit), f"--preset {a.preset} held-out items"
-    except (data.DataError, OSError, UnicodeDecodeError) as e:
+    except (data.DataError, OSError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     tasks = [replace(t, max_pixels=None) for t in tasks[:a.limit]]   # --budget holds for every task
     out = a.out or os.path.join("runs", "eval", datetime.now().strftime("%Y%m%d-%H%M%S"))
