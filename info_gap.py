@@ -425,11 +425,10 @@ def write_tasks(data_path: str, out_path: str, tasks: list[Task], records: list[
         rows = [json.loads(line) for line in f if line.strip()]   # the lines data.load_tasks read
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
-    with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+    with checkpoint.writing_whole(out_path) as f:
         for row, task, rec in zip(rows, tasks, records, strict=True):
             row = {**row, "image": os.path.relpath(task.image, out_dir), "max_pixels": rec["max_pixels"]}
             f.write(json.dumps(row) + "\n")
-    os.replace(out_path + ".tmp", out_path)
 
 
 def main(argv: list[str] | None = None) -> None:

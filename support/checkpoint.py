@@ -15,7 +15,8 @@ metrics log that resumes without duplicates.
 The swap: write ckpt.tmp (trainer.pt last), rename ckpt -> ckpt.old, rename ckpt.tmp -> ckpt, delete
 ckpt.old. A kill at any point leaves at least one complete checkpoint; `RunFolder.latest` finds the newest
 (highest step) and `recover` makes it OUT/ckpt again. A fresh run refuses a folder that holds any of
-these files (`RunFolder.used`), so a good checkpoint is never deleted by starting over. A write that
+these files (`RunFolder.used`), so a good checkpoint is never deleted by starting over. Any other file
+the project writes is written whole the same way (`write_whole`, or `writing_whole` to stream it). A write that
 fails (disk full) removes its partial ckpt.tmp, keeps the previous checkpoint the newest and raises
 CheckpointError; `check_writable` and `check_space` refuse an --out that cannot hold a run before any
 work. `StopSignal`: SIGTERM / SIGINT ask the run to stop at its next safe point (train.py: after the
@@ -338,9 +339,24 @@ def _alive(pid: int) -> bool:
 
 def write_whole(path: str, text: str) -> None:
     """`path` holds `text` whole, or still what it held before: written beside it, then renamed over it."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with writing_whole(path) as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def writing_whole(path: str, binary: bool = False):
+    """A file to stream `path`'s new content into (text as UTF-8, or `binary`): written beside it as
+    `path`.tmp, renamed over `path` when the block ends, removed if the block raises. So `path` holds
+    the whole new content or what it held before, never a part."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 def swap_in(new: str, final: str) -> None:

@@ -136,6 +136,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from support import checkpoint
 from support.data import MAX_ASPECT, MAX_CHOICES, MAX_TEXT_CHARS     # load_tasks' limits, applied a row at a time
 
 PARQUET_BATCH_ROWS = 16         # rows decoded to Python at a time
@@ -798,17 +799,9 @@ def convert_files(source: str, inputs: list[str], out: str, image_root: str | No
         total = min(total, limit)
     report = Report(out)
     train, dropped = os.path.join(out, "train.jsonl"), os.path.join(out, "dropped.jsonl")
-    try:
-        with open(train + ".tmp", "w", encoding="utf-8") as ft, open(dropped + ".tmp", "w", encoding="utf-8") as fd, \
-                tqdm(total=total, unit="row", desc=f"convert {source}", disable=not progress) as bar:
-            _convert_rows(opened, spec, out, image_root, limit, bar, report, ft, fd, box_units)
-    except BaseException:                           # leave no half-written train.jsonl behind
-        for tmp in (train + ".tmp", dropped + ".tmp"):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    os.replace(train + ".tmp", train)
-    os.replace(dropped + ".tmp", dropped)
+    with checkpoint.writing_whole(train) as ft, checkpoint.writing_whole(dropped) as fd, \
+            tqdm(total=total, unit="row", desc=f"convert {source}", disable=not progress) as bar:
+        _convert_rows(opened, spec, out, image_root, limit, bar, report, ft, fd, box_units)   # no half-written file left
     return report
 
 

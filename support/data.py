@@ -71,7 +71,7 @@ from PIL import Image
 
 import crop_tool
 from lfpc import Task
-from support import answers
+from support import answers, checkpoint
 
 MAX_ERRORS = 20
 MAX_ASPECT = 200                   # smart_resize refuses more
@@ -89,7 +89,10 @@ def load_tasks(path: str, progress: bool = True, warn=None) -> list[Task]:
     """The tasks of a JSONL file, every row and image checked (module docstring); DataError otherwise.
     `warn(message)` (default: printed) hears of rows kept with a warning (control-token strings)."""
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder; pass the JSONL file of tasks (e.g. {os.path.join(path, 'train.jsonl')})")
+        found = sorted(n for n in os.listdir(path) if n.endswith(".jsonl"))
+        hint = (" or ".join(os.path.join(path, n) for n in found[:3]) if found
+                else "none is in it; toy.world writes items.jsonl, support.convert train.jsonl")
+        raise DataError(f"{path}: is a folder; pass the JSONL file of tasks ({hint})")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     base, rows, errors = os.path.dirname(os.path.abspath(path)), [], []
@@ -388,9 +391,8 @@ def _decode_image(b64: str, index: str, folder: str, where: str) -> str:
     name = re.sub(r"[^\w.-]", "_", index) + "-" + hashlib.sha1(index.encode()).hexdigest()[:10]   # a/b vs a_b
     path = os.path.join(folder, name + "." + {"JPEG": "jpg"}.get(fmt, fmt.lower()))
     if not (os.path.isfile(path) and os.path.getsize(path) == len(raw)):
-        with open(path + ".tmp", "wb") as f:
+        with checkpoint.writing_whole(path, binary=True) as f:
             f.write(raw)
-        os.replace(path + ".tmp", path)
     return path
 
 

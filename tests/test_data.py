@@ -85,8 +85,12 @@ def test_non_utf8_is_reported_with_its_line_and_a_folder_with_what_to_pass(tmp_p
         f.write(b'{"image": "a.png", "question": "caf\xe9", "answer": "a"}\n')
     with pytest.raises(data.DataError, match=r"data.jsonl:2: not UTF-8 text"):
         data.load_tasks(p, progress=False)
-    with pytest.raises(data.DataError, match="is a folder; pass the JSONL file"):
-        data.load_tasks(str(tmp_path))
+    with pytest.raises(data.DataError, match=r"is a folder; pass the JSONL file of tasks \(.*data\.jsonl\)"):
+        data.load_tasks(str(tmp_path))             # names the JSONL the folder holds
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="none is in it"):
+        data.load_tasks(str(empty))
 
 
 # ----------------------------------------------------------------------------- the one image opener

@@ -1,4 +1,7 @@
 """Tests for toy/world.py: determinism, boxes, and the information gap itself (pixel statistics)."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -102,11 +105,41 @@ def test_halving_turns_every_pattern_into_the_same_colour(pattern):
     assert (half[y1:y2, x1:x2] == [c // 2 for c in toy.world.COLOURS[colour]]).all()
 
 
-@pytest.mark.parametrize("argv, said", [(["--boxes", "5"], "--boxes 1-4"), (["--n", "0"], "must be at least 1"),
-                                        (["--demo", "--model", "/nonexistent"], "not found")])
-def test_the_world_cli_refuses_bad_flags_before_any_work(argv, said, tmp_path):
+def test_rewriting_items_replaces_the_file_and_removes_only_the_pngs_it_named(tmp_path):
+    first = toy.world.write_items(str(tmp_path), 4, seed=4)
+    (tmp_path / "images" / "mine.png").write_bytes(b"the user's own file")
+    old = {json.loads(line)["image"] for line in open(first)}
+    path = toy.world.write_items(str(tmp_path), 2, seed=5)
+    new = {json.loads(line)["image"] for line in open(path)}
+    assert path == first and len(new) == 2 and not new & old
+    assert sorted(os.listdir(tmp_path / "images")) == sorted([os.path.basename(r) for r in new] + ["mine.png"])
+    assert [t.answer for t in data.load_tasks(path, progress=False)] == [t.answer for t in toy.world.make_tasks(2, seed=5)]
+
+
+def test_the_world_cli_refuses_to_replace_earlier_items_without_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    toy.world.main(["--out", out, "--n", "2"])
+    before = (tmp_path / "d" / "items.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        toy.world.main(["--out", out, "--n", "2", "--seed", "1"])
+    assert e.value.code == 2 and "already holds items.jsonl: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "d" / "items.jsonl").read_bytes() == before
+    toy.world.main(["--out", out, "--n", "2", "--seed", "1", "--overwrite"])
+    assert (tmp_path / "d" / "items.jsonl").read_bytes() != before
+
+
+def test_the_world_cli_runs_as_a_module_and_refuses_bad_flags_before_any_work(tmp_path):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "toy.world", "--out", str(tmp_path / "d"), *argv], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "toy.world", "--out", str(tmp_path / "d"), "--boxes", "5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and said in r.stderr and not (tmp_path / "d").exists(), r.stderr[-500:]
+    assert r.returncode == 2 and "--boxes 1-4" in r.stderr and not (tmp_path / "d").exists(), r.stderr[-500:]
+
+
+@pytest.mark.parametrize("argv, said", [(["--n", "0"], "must be at least 1"),
+                                        (["--demo", "--model", "/nonexistent"], "not found"),
+                                        (["--demo", "--overwrite"], "--demo writes nothing")])
+def test_the_world_cli_refuses_bad_flags_before_any_work(argv, said, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy.world.main(["--out", str(tmp_path / "d"), *argv])
+    assert e.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -544,6 +544,20 @@ def test_an_out_that_cannot_be_written_stops_before_any_work(base, tmp_path, mon
     assert os.listdir(tmp_path / "full") == [], "not even a probe file is left"
 
 
+def test_a_file_written_whole_holds_all_of_the_new_text_or_all_of_the_old(tmp_path):
+    from support import checkpoint
+    path = str(tmp_path / "f.jsonl")
+    checkpoint.write_whole(path, "old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.writing_whole(path) as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt                  # a stop in the middle of streaming
+    assert open(path).read() == "old\n" and os.listdir(tmp_path) == ["f.jsonl"]
+    with checkpoint.writing_whole(path, binary=True) as f:
+        f.write(b"new\n")
+    assert open(path).read() == "new\n" and os.listdir(tmp_path) == ["f.jsonl"]
+
+
 def test_too_little_free_space_for_a_checkpoint_stops_after_the_model_loads(base, tmp_path, monkeypatch):
     import collections
     from support import checkpoint
@@ -599,7 +613,6 @@ def test_a_lock_whose_pid_was_reused_or_of_another_host(base, tmp_path):
     container's PID 1 after a restart) is stale and taken over; an old bare-PID lock written before its
     PID's process started too; another host's lock is refused, saying how to remove it."""
     import socket
-    import time
     out = tmp_path / "r"
     out.mkdir()
     (out / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "start": "1"}))

@@ -35,6 +35,7 @@ crops on the 28-px grid, capped at 112x112 px), its item streams (training seed 
 held-out evaluation seed 3), and its checkpoints. `support/presets.py` turns them into `--preset toy`.
 
     python -m toy.world --out data/toy --n 1000 --seed 0      # writes data/toy/items.jsonl + PNGs
+                                                              # (an earlier items.jsonl there: --overwrite)
     python -m toy.world --demo                                # the shipped base rolls out 4 items twice, turn by turn
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ from PIL import Image
 
 import crop_tool
 import lfpc
-from support import models, policy, prompts
+from support import checkpoint, models, policy, prompts
 
 CANVAS = 224
 CELL = 56    # squares sit one per cell of a 4x4 grid, so a box is 4 coordinates out of 0, 28, ..., 224
@@ -134,17 +135,39 @@ def eval_tasks(n: int) -> list[lfpc.Task]:
 
 
 def write_items(out_dir: str, n: int, seed: int = 0, n_boxes: int = N_BOXES) -> str:
-    """Write n items as out_dir/items.jsonl + out_dir/images/*.png; returns the JSONL path."""
+    """Write n items as out_dir/items.jsonl + out_dir/images/*.png; returns the JSONL path. An earlier
+    items.jsonl there is replaced whole (written beside, renamed over), and the PNGs it named that the
+    new one does not name are removed after it (no other file is touched)."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     path = os.path.join(out_dir, "items.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    before, written = _images_named(path), set()
+    with checkpoint.writing_whole(path) as f:
         for t in make_tasks(n, seed, n_boxes):
             rel = os.path.join("images", f"{t.id}.png")
             t.image.save(os.path.join(out_dir, rel))
+            written.add(rel)
             f.write(json.dumps({"id": t.id, "image": rel, "question": t.question, "answer": t.answer,
                                 "bboxes": t.boxes}) + "\n")
-    os.replace(path + ".tmp", path)
+    for rel in before - written:
+        if os.path.isfile(os.path.join(out_dir, rel)):
+            os.remove(os.path.join(out_dir, rel))
     return path
+
+
+def _images_named(path: str) -> set[str]:
+    """The images/*.png an items.jsonl this module wrote names (empty if there is none)."""
+    if not os.path.isfile(path):
+        return set()
+    names = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                image = json.loads(line).get("image")
+            except (ValueError, AttributeError):
+                continue                                   # not a row this module wrote: nothing to remove
+            if isinstance(image, str) and os.path.dirname(image) == "images" and image.endswith(".png"):
+                names.add(image)
+    return names
 
 
 # ----------------------------------------------------------------------------- the toy model and its rollouts
@@ -254,7 +277,7 @@ def demo(model: str, n: int, tokens: int, seed: int) -> None:
             print(f"   turn {k}: {t}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m toy.world", description="Write toy-world items as JSONL + PNGs (the project's data schema), "
                                 "or (--demo) roll out the shipped base on a few of them.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -266,16 +289,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="item stream seed (held-out sets use another seed); --demo: "
                    "the sampling seed (its items are the held-out ones)")
     p.add_argument("--boxes", type=int, default=N_BOXES, help="coloured squares per image (1-4)")
-    a = p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds items.jsonl "
+                   "(and the PNGs it names)")
+    a = p.parse_args(argv)
     if a.n < 1 or a.budget < 1 or not 1 <= a.boxes <= 4:
         p.error(f"--n and --budget must be at least 1 and --boxes 1-4, got {a.n}, {a.budget} and {a.boxes}")
     if a.demo:
+        if a.overwrite:
+            p.error("--overwrite is for writing items; --demo writes nothing")
         if (why := policy.model_problem(a.model)):
             p.error(why)
         demo(a.model, min(a.n, 4), a.budget, a.seed)
         return
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"--out {a.out} is a file; pass a folder")
+    if os.path.exists(os.path.join(a.out, "items.jsonl")) and not a.overwrite:
+        p.error(f"--out {a.out} already holds items.jsonl: pass --overwrite to replace it (and the PNGs it names), "
+                "or choose another --out")
     print(write_items(a.out, a.n, a.seed, a.boxes))
 
 
