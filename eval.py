@@ -27,7 +27,8 @@ box/*, stop/*, len/*: one vocabulary with training) plus "n" (episodes) and time
 Crop-dependency diagnostic (the paper's answer-before-crop test): the same run again with
 `RolloutConfig(probe=...)`:
     noise    every successful crop is replaced by noise of the same size
-    gt       every tool call is answered with the crop of the task's B1, whatever box was asked for;
+    gt       every parsed tool call is answered with the crop of the task's B1, whatever box was asked for
+             (one the tool would refuse included: its episode gets a crop where it would get an error);
              needs boxes on EVERY task, otherwise skipped with a note (HR-Bench has none)
     no-tool  no tool offered (one turn, the global image alone): the model's own accuracy, so the gain
              of the tool is acc - no-tool acc (a peer practice)

@@ -28,9 +28,10 @@ num_seqs of the whole step, the sum of the micro-batch losses (and gradients) eq
 (and gradient) of one big batch, up to float rounding. None means "this batch is the whole step".
 
 WARNING, reading the loss. With one update per batch, logp == old, so ratio = 1, nothing is
-clipped and the loss is -sum(A * m) / count: about 0, since advantages are zero-mean in each
-group (0 up to rounding for seq-mean). Its gradient is the REINFORCE gradient and is not 0.
-Watch the reward, not the loss.
+clipped and the loss is -sum(A * m) / count. Under seq-mean that is 0 up to rounding (advantages
+are zero-mean in each group); under token-mean it is -sum_i A_i n_i / N (n_i episode i's tokens),
+so it follows how length goes with reward (rewards [1, 0], lengths [100, 300]: +0.35), not
+progress. Its gradient is the REINFORCE gradient and is not 0. Watch the reward, not the loss.
 
 Masked positions (prompt, tool responses, padding) get EXACTLY zero gradient whatever their
 values (-inf, nan): they are replaced by 0 with torch.where BEFORE any arithmetic, since a where

@@ -202,8 +202,9 @@ def item_key(task: Task) -> str:
 
 @dataclass
 class Search:
-    """One item's binary search. Levels are budgets in tokens, levels[0] = full. Invariant: every level
-    below `lo` agrees with full; the first disagreeing level lies in [lo, hi], hi = L meaning none."""
+    """One item's binary search. Levels are budgets in tokens, levels[0] = full. Invariant: every PROBED
+    level below `lo` agrees with full and `hi` (unless L, meaning none) disagrees; under monotone agreement
+    that makes [lo, hi] hold the first disagreeing level (module docstring: otherwise, a disagreeing one)."""
     task: Task
     levels: list[int]
     k: int

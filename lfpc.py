@@ -8,8 +8,8 @@ Contract
 - The turns' text around the model's own (system prompt, question, tool responses) is support/prompts.py's,
   in the agent's style (`Agent.style`: "qwen" or "deepeyes").
 - Frames: the global image is resized to a pixel budget (`crop_tool.resize_to_budget`); that
-  resized image is what the model is SHOWN, its size is stated in the question, and every box the
-  model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
+  resized image is what the model is SHOWN (the "qwen" style states its size in the question; DeepEyes'
+  prompt does not), and every box the model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
   task i are rows i*G .. i*G+G-1). Its turn loop is the method's: an engine (`support/engine.py`, which runs
   the model) hands back each turn as it ends; `take_turn` parses it, the rollout's threads run the tool
@@ -23,9 +23,11 @@ Contract
   ends the episode ("no_tool_call", never loops); a turn cut by the token limit without an answer
   ends it ("length"); after `max_turns` turns without an answer: "max_turns". Without the tool
   (`use_tool=False`) one turn, then "answer", "no_answer" or "length".
-- Probes (the paper's crop-dependency diagnostic) change only what a successful tool call returns:
-  "noise" shows noise of the crop's size instead of the crop; "gt" answers every parsed call with
-  the crop of the task's B1. Invalid calls go back as error turns under every probe.
+- Probes (the paper's crop-dependency diagnostic) change what a tool call returns: "noise" shows noise
+  of the crop's size instead of a successful crop (a box the tool refuses still gets its error turn);
+  "gt" answers every parsed call with the crop of the task's B1, a box the tool would refuse included
+  (the paper's predicted box replaced by the ground-truth one). A call that does not parse goes back
+  as an error turn under every probe.
 - `token_logprobs(model, batch)` recomputes, in one forward over whole episodes (all images),
   log pi(token) for every loss-mask token; at temperature T both the sampler and this function use
   log_softmax(logits / T) over the policy's vocabulary (the tokens only the environment writes, such as
@@ -434,7 +436,7 @@ def take_turn(agent: Agent, ep: Episode, tokens: list[int], logprobs: list[float
 
 
 def _run_tool(call: crop_tool.ToolCall, task: Task, ep: Episode, cfg: RolloutConfig) -> crop_tool.Crop | crop_tool.CropError:
-    """Execute a parsed tool call; under a probe, change what a successful call returns (module docstring).
+    """Execute a parsed tool call; under a probe, change what it returns (module docstring).
     Runs on the rollout's threads: it reads the task and the episode, changes neither."""
     original = task.load_image()
     if cfg.probe == "gt":

@@ -22,7 +22,9 @@ Stage 2 (LFPC grounding reward) on the predicted crop Bp and nested annotations 
 No crop (Bp = None) gives every grounding part 0. The project rewards the box of the FIRST
 successful crop of the episode (where the model looked first); choosing it is the caller's job.
 How stage 2 combines r_geo with the stage-1 terms is unpublished, hence `mode`:
-    "add"      (default): r = stage-1 r + w.geo * r_geo   (keep answering right, learn to box tightly)
+    "add"      (default): r = stage-1 r + w.geo * r_geo   (keep answering right, learn to box tightly;
+               with w.geo = 1 a WRONG answer boxed perfectly (1.0) outranks a right one never cropped
+               (0.8): within a group, box quality can outweigh the answer. Lower --w-geo if that bites)
     "geo_only":           r = w.geo * r_geo
 Every reward returns (total, parts): a dict of unweighted parts plus "total", for logging.
 

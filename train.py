@@ -19,7 +19,8 @@ boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stag
 
 Metrics (one line a step in <out>/metrics.jsonl; names and populations in support/metrics.py): the
 episode metrics (acc, tool/*, box/*, format/*, stop/*, len/*), reward/mean and reward/<part>,
-adv/frac_zero_std, loss/policy (the summed clipped loss: ~0 by construction, watch the reward),
+adv/frac_zero_std, loss/policy (the summed clipped loss: at ratio 1, -sum A_i n_i / N, how length goes with reward;
+watch the reward, grpo.py),
 loss/clip_frac, loss/ratio_mean, loss/approx_kl, loss/grad_norm, loss/trained_episodes, loss/sampler_gap; work/* (the
 rollout engine's image encodes, vision patches, prefill and decode tokens, distinct context tokens,
 prefill ratio) and time/* (rollout, log-prob forwards, update, step, in seconds).
@@ -32,13 +33,20 @@ Departures from the paper, on purpose:
   |log p_train - log p_sample| over sampled tokens), a check that sampler and trainer see one policy.
 - Token-mean aggregation over the whole step (DeepEyes); no KL (beta 0, no reference model
   loaded) and no entropy term, as the paper. Advantages (r - mean) / (sample std + 1e-6) (verl).
-- Episodes whose advantage is 0 (all-equal groups) are not forwarded: their gradient is exactly 0,
-  but their tokens still count in the step's token total, so the gradient is unchanged.
+- Episodes whose advantage is exactly 0 (every episode of an all-equal group; rarely one at its
+  group's mean) are not forwarded: their gradient is exactly 0, but their tokens still count in the
+  step's token total, so the gradient is unchanged.
 - Binary search over a resolution ladder instead of the paper's level-by-level scan.
+- Unpublished, so chosen here: AdamW betas (0.9, 0.999) without weight decay; gradients clipped to norm
+  1.0, and a step whose norm is not finite or above 1e3 skipped (loss/skipped); stage 2's global image
+  keeps stage 1's rule: its tasks are probed for their information gap with the model stage 2 starts
+  from (the stage-1 checkpoint), cached in its own --out (`--global-image full` shows them whole).
 - Toy preset: lr 1e-4 (2e-5 left the toy flat over 60 steps), 8 prompts x 8 rollouts, 60 steps,
   fp32 on CPU. Paper preset: lr 1e-6, 256 x 16 (paper), gradient checkpointing, bf16 autocast over
   fp32 master weights. One-gpu preset: LoRA r64 (alpha 128) on the language model's projections, the
-  frozen base in bf16, the adapters and their AdamW state in fp32.
+  frozen base in bf16, the adapters and their AdamW state in fp32; 32 prompts x 16 rollouts a step
+  (an eighth of the paper's prompts over the same 80 steps) and the paper's lr 1e-6 kept, untuned for
+  LoRA (adapters often want a higher one: unmeasured at this scale).
 - Precision: rollouts, the info-gap prober and the training forward all run under the same
   `precision` (bf16 autocast on a GPU), so the policy that samples is the policy that is trained.
 - Speed, not method: the training forward computes a group's prompt (system text, question, global

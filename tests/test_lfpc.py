@@ -152,9 +152,10 @@ def test_episode_append_keeps_ids_mask_and_logprobs_aligned():
 
 @pytest.mark.parametrize("probe", ["none", "noise", "gt"])
 @pytest.mark.parametrize("box", [[50, 50, 10, 10], [0, 0, 5, 5], [900, 900, 990, 990], [0, 0, 100, 1]])
-def test_invalid_boxes_go_back_as_error_turns_under_every_probe(agent, probe, box):
-    """Inverted, too small, outside, too thin: the model gets an error turn and the episode goes on,
-    whatever the probe (the noise probe used to raise here and lose the whole evaluation)."""
+def test_invalid_boxes_go_back_as_error_turns_but_the_gt_probe_answers_them_with_b1(agent, probe, box):
+    """Inverted, too small, outside, too thin: the model gets an error turn and the episode goes on, with
+    or without the noise probe (which used to raise here and lose the whole evaluation); the gt probe
+    replaces the predicted box, whatever it is, by B1 (module docstring)."""
     t = task(w=600, h=400, boxes=[[300, 200, 400, 300]])
     cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "probe": probe})
     call = crop_tool.format_tool_call(box)
