@@ -322,17 +322,23 @@ def test_crop_pixels_come_from_the_original_and_size_follows_the_budget():
     out = crop(orig, [28, 56, 140, 140], (448, 336))        # 112x84, multiples of 28: cut, not resized
     assert out.image.size == (112, 84)
     assert np.array_equal(np.asarray(out.image), np.asarray(orig)[56:140, 28:140])
-    rng = random.Random(0)
+    big = checker(896, 672)                                  # shown at half size: boxes map x2, pixels still exact
+    out = crop(big, [14, 28, 70, 70], (448, 336))
+    assert out.box_original == (28, 56, 140, 140) and out.image.size == (112, 84)
+    assert np.array_equal(np.asarray(out.image), np.asarray(big)[56:140, 28:140])
+    rng, crops = random.Random(0), 0
     for cfg in [CropConfig(), CropConfig(min_pixels=16 * 784, max_pixels=64 * 784), CropConfig(min_side=1)]:
         for _ in range(50):
             x1, y1 = rng.uniform(-50, 400), rng.uniform(-50, 300)
             box = [x1, y1, x1 + rng.uniform(1, 300), y1 + rng.uniform(1, 300)]
             out = crop(ORIG_2X, box, SHOWN_2X, cfg)
             if isinstance(out, Crop):
+                crops += 1
                 X1, Y1, X2, Y2 = out.box_original
                 assert 0 <= X1 < X2 <= 896 and 0 <= Y1 < Y2 <= 672
                 h, w = crop_tool.smart_resize(Y2 - Y1, X2 - X1, 28, cfg.min_pixels, cfg.max_pixels)
                 assert out.image.size == (w, h) and out.image.mode == "RGB"
+    assert crops > 120, crops                                # 140 of the 150 boxes crop: the loop checks something
 
 
 def test_execute_is_crop_of_the_call():

@@ -292,13 +292,14 @@ def test_box_centre_errors_are_per_axis_and_in_the_original_frame():
 
 def test_a_model_writing_invalid_boxes_is_evaluated_under_every_probe(agent, tmp_path):
     """Inverted, too small, outside: every probe runs (the noise probe used to crash here) and the
-    results are written."""
+    results are written; noise leaves the errors, gt answers every call with B1 (lfpc.py's contract)."""
     bad = [crop_tool.format_tool_call(b) for b in ([50, 50, 10, 10], [0, 0, 3, 3], [900, 900, 990, 990])]
     turns = {i: [(bad[i], "stop"), ("<answer>red</answer>", "eos")] for i in range(3)}
     r = ev.evaluate(agent, _tasks(), SMALL, probes=("noise", "gt"), progress=False, sample_fn=scripted(agent, turns))
     assert r["metrics"]["tool/crop_success_rate"] == 0.0 and r["metrics"]["tool/call_rate"] == 1.0
     assert "acc" in r["probes"]["noise"] and "acc" in r["probes"]["gt"]
-    assert all(e.tool_errors for e in r["episodes"]["noise"])
+    assert all(e.tool_errors and not e.crops for e in r["episodes"]["noise"])
+    assert all(not e.tool_errors and e.crops[0].box_original == (20, 20, 120, 120) for e in r["episodes"]["gt"])
     json.dumps({k: v for k, v in r.items() if k != "episodes"})
 
 

@@ -105,7 +105,7 @@ def test_rollout_crop_turn_then_answer_builds_the_mask_while_generating(agent):
 def test_rollout_stop_reasons(agent, turns, reason, malformed, n_errors):
     e = lfpc.rollout(agent, [task()], 1, SMALL, sample_fn=scripted(agent, {0: turns}))[0]
     assert (e.stop_reason, e.malformed_turns, len(e.tool_errors)) == (reason, malformed, n_errors)
-    assert len(e.turns) <= SMALL.max_turns
+    assert len(e.turns) == len(turns) <= SMALL.max_turns                  # every scripted turn, no other
     if n_errors:
         assert "Error: " in agent.tokenizer.decode(e.token_ids)
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import lfpc
 import train
-from support import policy
+import grpo
+from support import batches, policy
 import toy.world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,14 +125,18 @@ def _one_step(base, monkeypatch, lr, **patch):
 
 
 def test_one_step_at_lr_1e6_changes_the_fp32_master_weights(base, monkeypatch):
-    """Pure-bf16 AdamW at lr 1e-6 drops most updates (w + 1e-6 rounds back to w); fp32 masters keep them."""
+    """Pure-bf16 AdamW at lr 1e-6 drops most updates (w + 1e-6 rounds back to w); fp32 masters keep them.
+    Side by side: the same step with the weights loaded in bf16 (the trap) changes far fewer of them."""
     m, before, after = _one_step(base, monkeypatch, 1e-6)
     assert m["loss/trained_episodes"] > 0
     assert m["loss/sampler_gap"] < 1e-5                                   # fp32: sampler and trainer agree
     changed = [(after[k] != before[k]).float().mean().item() for k in before if after[k].requires_grad]
     assert changed and sum(changed) / len(changed) > 0.5
-    w = torch.ones(1000, dtype=torch.bfloat16)
-    assert (w + 1e-6 == w).all()          # the trap this guards against: in bf16 the update vanishes
+    monkeypatch.setattr(policy, "base_dtype", lambda a: torch.bfloat16)    # the trap: bf16 weights, bf16 AdamW
+    _, before16, after16 = _one_step(base, monkeypatch, 1e-6)
+    assert all(after16[k].dtype == torch.bfloat16 for k in before16)
+    changed16 = [(after16[k] != before16[k]).float().mean().item() for k in before16 if after16[k].requires_grad]
+    assert sum(changed16) / len(changed16) < 0.5 * sum(changed) / len(changed)    # 0.32 vs 0.98 measured
 
 
 def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, monkeypatch):
@@ -152,7 +157,24 @@ def test_one_lora_step_at_lr_1e6_changes_the_adapters_and_nothing_else(base, mon
             assert after[k].dtype == torch.float32, k                      # the adapters in fp32
     # sampled with the bf16 base and trained with it: the update's old log-probs are its own (ratio 1)
     assert m["loss/ratio_mean"] == 1.0 and m["loss/clip_frac"] == 0.0
-    assert 0.0 <= m["loss/sampler_gap"] < 0.05
+    assert 0.0 <= m["loss/sampler_gap"] < 1e-3                          # 3.5e-4 measured (the bf16 base both ways)
+
+
+def test_sampler_and_trainer_run_in_the_precision_the_gpu_uses_and_agree_there(base, monkeypatch):
+    """The GPU presets' precision, bf16 autocast over fp32 weights, here on the CPU (policy.precision made
+    CPU autocast): the rollout's forwards and the training forward both run under it (a side left out
+    would sample one policy and train another), and their log-probs differ by bf16 rounding only."""
+    monkeypatch.setattr(policy, "precision", lambda agent: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = {"rollout": [], "train": []}
+    rollout, logprobs = lfpc.rollout, lfpc.token_logprobs
+    monkeypatch.setattr(lfpc, "rollout", lambda *x, **k: seen["rollout"].append(torch.is_autocast_enabled("cpu"))
+                        or rollout(*x, **k))
+    monkeypatch.setattr(lfpc, "token_logprobs", lambda *x, **k: seen["train"].append(torch.is_autocast_enabled("cpu"))
+                        or logprobs(*x, **k))
+    m, _, _ = _one_step(base, monkeypatch, 1e-6)
+    assert seen["rollout"] == [True] and seen["train"] and all(seen["train"])
+    assert m["loss/trained_episodes"] > 0 and m["loss/ratio_mean"] == 1.0
+    assert 1e-5 < m["loss/sampler_gap"] < 2e-3, m["loss/sampler_gap"]    # 3.5e-4 measured; fp32 agrees to < 1e-5
 
 
 def test_stage2_continues_the_adapters_of_a_lora_stage1_or_merges_them(base, tmp_path):
@@ -218,6 +240,38 @@ def test_micro_batches_by_token_budget_give_the_one_batch_gradient(base):
     assert m1["loss/grad_norm"] == pytest.approx(m2["loss/grad_norm"], rel=1e-5)
     for k in p1:
         torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_zero_variance_group_is_not_forwarded_but_its_tokens_still_count(base):
+    """Group 0 all right (advantage exactly 0: skipped), group 1 mixed: the update equals one plain padded
+    forward over EVERY episode with the loss divided by all of their tokens, by hand (a token total over
+    the trained episodes alone would scale the loss and the gradient's norm)."""
+    import copy
+    a = train.parse_args(["--model", base, "--global-image", "full", *FAST])
+    agent = policy.load_model(a)
+    cfg = toy.world.rollout_config(max_new_tokens=8, max_response_tokens=16, max_turns=2)
+    tasks = train.load_data(a, agent)[:2]
+    episodes, _ = train.collect_episodes(a, agent, tasks, cfg, step=0)
+    for e, r in zip(episodes, (1.0, 1.0, 0.0, 1.0)):                          # group = 2
+        e.reward = r
+    assert all(e.num_generated > 0 for e in episodes[:2])
+    clone = copy.deepcopy(agent)
+    m = train.update_policy(a, clone, torch.optim.SGD(clone.model.parameters(), lr=1.0), episodes, tasks)
+    assert m["loss/trained_episodes"] == 2
+    ref = copy.deepcopy(agent)                                          # the plain path, written out here
+    batch = batches.collate(ref, episodes)                              # padded, every episode
+    lp = lfpc.token_logprobs(ref.model.train(), batch, a.temperature)   # [4, T]
+    adv, _ = grpo.group_advantages(torch.tensor([e.reward for e in episodes]), 2)
+    assert adv[:2].eq(0).all() and adv[2:].ne(0).all()
+    loss, _ = grpo.policy_loss(lp, lp.detach(), adv, batch.loss_mask, clip_low=a.clip, clip_high=a.clip,
+                               num_tokens=sum(e.num_generated for e in episodes))
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(ref.model.parameters()), 1.0))
+    torch.optim.SGD(ref.model.parameters(), lr=1.0).step()
+    assert m["loss/policy"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-8)
+    assert m["loss/grad_norm"] == pytest.approx(norm, rel=1e-5)
+    for (k, p1), p2 in zip(clone.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6, msg=k)
 
 
 # ----------------------------------------------------------------------------- bad input, crashes, resume
@@ -517,7 +571,9 @@ def test_a_second_signal_stops_at_once(capsys):
     import os
     import signal
     from support import checkpoint
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with checkpoint.StopSignal() as stop:
+        assert all(signal.getsignal(s) != h for s, h in before.items())   # its own handlers, while it lives
         assert not stop()
         os.kill(os.getpid(), signal.SIGINT)
         assert stop() and stop.requested == "SIGINT" and stop.code == 130
@@ -525,7 +581,7 @@ def test_a_second_signal_stops_at_once(capsys):
             os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.code == 128 + signal.SIGTERM                   # 143, as the shell reports a kill
     assert "SIGTERM again: stopping at once" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert {s: signal.getsignal(s) for s in before} == before                # the handlers it found, given back
 
 
 def test_an_out_that_cannot_be_written_stops_before_any_work(base, tmp_path, monkeypatch):
