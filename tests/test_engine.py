@@ -113,8 +113,7 @@ def test_sampling_logprobs_equal_training_forward_two_turns_two_images_padded(ti
     for ep, (toks, lps, finish) in zip(eps, turn2):
         ep.append(toks, lps)
     batch = batches.collate(tiny, eps)
-    with torch.no_grad():
-        lp = lfpc.token_logprobs(tiny.model, batch, temperature=0.7)
+    lp = lfpc.token_logprobs(tiny.model, batch, temperature=0.7).detach()    # with gradients: training's path
     for b, ep in enumerate(eps):
         n = len(ep.token_ids)
         torch.testing.assert_close(lp[b, start[b]:n], batch.sampling_logprobs[b, start[b]:n], rtol=0, atol=1e-4)
@@ -129,8 +128,7 @@ def test_full_rollout_logprobs_parity_and_seeded_reproducibility(tiny):
     assert [e.task_index for e in a] == [0, 0, 0, 1, 1, 1]
     assert all(e.done for e in a)
     batch = batches.collate(tiny, a)
-    with torch.no_grad():
-        lp = lfpc.token_logprobs(tiny.model, batch)
+    lp = lfpc.token_logprobs(tiny.model, batch).detach()    # with gradients: training's path, not the sampler's
     m = batch.loss_mask.bool()
     assert m.sum() > 0
     torch.testing.assert_close(lp[m], batch.sampling_logprobs[m], rtol=0, atol=1e-4)
@@ -352,6 +350,8 @@ def _count_model_work(agent):
 
     def embedding(_, args):
         seen["real"] = seen.get("real", 0) + int((args[0] != agent.pad_id).sum())   # of them, episode tokens
+        if args[0].shape[1] > 1:                                                      # a prefill's
+            seen["real_prefill"] = seen.get("real_prefill", 0) + int((args[0] != agent.pad_id).sum())
     hooks = [agent.model.model.visual.register_forward_pre_hook(vision, with_kwargs=True),
              agent.model.model.language_model.register_forward_pre_hook(language, with_kwargs=True),
              agent.model.model.get_input_embeddings().register_forward_pre_hook(embedding)]
@@ -545,12 +545,14 @@ def test_fp32_masters_under_autocast_cache_keys_and_values_in_the_compute_dtype(
     assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("engine_name", ["cached", "reference"])
-def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, engine_name):
+@pytest.mark.parametrize("engine_name, sync_every", [("cached", 1), ("cached", 4), ("reference", 1)],
+                         ids=["cached", "cached, sync every 4", "reference"])
+def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, engine_name, sync_every):
     """Ragged turns (scripted: tasks with different turn counts and lengths, so prefills are padded) and
     ragged decoding (a tenth of the vocabulary stops a turn, so rows stop at different steps and are
-    still computed): prefill + decode positions = what a hook on the language model saw, and
-    padding_tokens = those positions that held no episode token."""
+    still computed; with decode steps between host syncs, also after their end inside a block): prefill +
+    decode positions = what a hook on the language model saw, padding_tokens = those positions that held
+    no episode token, useful_tokens = the sampled tokens the episodes kept."""
     from conftest import scripted
     from dataclasses import replace
     agent = replace(tiny)
@@ -558,7 +560,9 @@ def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, e
     tasks = [task(seed=k) for k in range(3)]
     seen, hooks = _count_model_work(agent)
     try:
-        eps, work = _rollout(agent, tasks, 4, replace(SMALL, max_new_tokens=16), engine_name)
+        eps, work = _rollout(agent, tasks, 4, replace(SMALL, max_new_tokens=16, sync_every=sync_every), engine_name)
+        sampled = sum(e.num_generated for e in eps)
+        assert work.useful_tokens == sampled > 0
         calls = [crop_tool.format_tool_call(b) for b in ([0, 0, 56, 56], [28, 28, 140, 112])]
         turns = {0: [(calls[0], "stop"), ("<answer>red</answer>", "eos")], 1: [("<answer>no idea at all</answer>", "eos")],
                  2: [(calls[1], "stop"), (calls[0], "stop"), ("<answer>x</answer>", "eos")]}
@@ -569,7 +573,16 @@ def test_work_counts_every_position_the_model_computed_on_ragged_batches(tiny, e
             h.remove()
     assert len({len(e.token_ids) for e in eps}) > 1 and len({len(e.turns) for e in eps2}) > 1, "ragged"
     assert work.prefill_tokens + work.decode_tokens == seen["tokens"]
-    assert work.padding_tokens == seen["tokens"] - seen["real"] > 0
+    if sync_every == 1:                                  # every token fed was kept or is the pad id
+        assert work.padding_tokens == seen["tokens"] - seen["real"] > 0
+    if engine_name == "cached":
+        # the slot engine's decode feeds a turn's pending token first: a turn of n sampled tokens holds n
+        # decode positions (the prompt's last, then all but its own last); every other position computed
+        # is padding, the steps a row runs past its end inside a block of decode steps included (they feed
+        # tokens it did not keep, which a pad-id count cannot see)
+        assert work.padding_tokens == seen["tokens"] - seen["real_prefill"] - sampled > 0
+        if sync_every > 1:
+            assert work.padding_tokens > seen["tokens"] - seen["real"], "rows ran past their end in a block"
 
 
 # ----------------------------------------------------------------------------- continuous batching
