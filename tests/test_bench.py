@@ -177,6 +177,35 @@ def test_estimate_mode_prints_every_term_and_assumption(capsys):
     assert "| paper scale (256 x 16) |" in out and "- decode:" in out and "- roofline:" in out
 
 
+def test_estimate_counts_decode_and_prefill_by_hand():
+    """Two turns of 100 tokens an episode, a 1,280-token crop between them, decode steps replayed as CUDA
+    graphs (no host term: the bytes decide). A decode step reads the bf16 decoder and lm_head (7B: 28
+    layers of q, k, v, o with biases, the MLP, two norms; the final norm; the lm_head) and the KV cache of
+    every busy slot at the mean context (the 1,224-token prompt, half the sampled tokens, half the crop's)
+    at 0.8 x 3.35 TB/s. Prefill: each task's prompt once, each crop's 1,310-token turn after the 1,324
+    tokens before it, and the vision tower on every image, at 0.4 x 989 TFLOP/s."""
+    from support import models
+    r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100",
+                    "--turns", "2", "2", "--batch", "32", "--cuda-graphs"])
+    h, f, L, kv, V, P, obs = 3584, 18944, 28, 512, 152064, 1224, 1280 + 30
+    read = L * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * f + 2 * h) + h + h * V       # 7.07e9 parameters
+    kv_token = L * 2 * kv * 2                                        # keys and values of 4 heads x 128, bf16
+    linear = L * 2 * (h * (h + 2 * kv) + h * h + 3 * h * f)
+    attend = lambda n, before=0: 2 * L * h * ((before + n) ** 2 - before ** 2)
+    vc = models.real_config("7b", models.build_tiny_tokenizer()).vision_config
+    for s, prompts in zip(r["settings"], (256, 32)):
+        episodes = prompts * 16
+        ours = s["schedules"]["ours (slots)"]
+        busy = 200 * episodes / ours["decode_steps"]                 # useful tokens a step
+        step_s = (2 * read + busy * (P + 100 + 1280 / 2) * kv_token) / (0.8 * 3.35e12)
+        assert ours["ms_per_step"] == pytest.approx(1000 * step_s, abs=0.006)
+        assert ours["decode_s"] == pytest.approx(ours["decode_steps"] * step_s, rel=1e-9)
+        flops = prompts * (P * linear + attend(P)) + episodes * (obs * linear + attend(obs, P + 100))
+        flops += prompts * bench.vision_flops(vc, (1, 64, 64)) + episodes * bench.vision_flops(vc, (1, 70, 70))
+        assert s["crops_per_gpu"] == episodes
+        assert s["prefill_s"] == pytest.approx(flops / (0.4 * 989e12), abs=0.06)
+
+
 def test_estimate_counts_training_flops_by_hand():
     """One turn of 100 tokens an episode, no crops: an episode is n = 1,024 + 200 + 100 tokens; training
     FLOPs (7B: 28 layers of matmuls, causal attention, the lm_head on the 100 sampled tokens) x 2.75
