@@ -61,8 +61,10 @@ def check_clean(rows):
         assert "option's letter" not in q and q == q.strip() and q
         if "choices" in r:
             k = ord(r["answer"]) - 65
-            assert answers.accuracy(r["answer"], r["answer"], r["choices"]) == 1.0
+            assert 0 <= k < len(r["choices"])                  # a letter naming one of its options
             assert answers.accuracy(f"({r['answer']}) {r['choices'][k]}", r["answer"], r["choices"]) == 1.0
+            other = (k + 1) % len(r["choices"])                # and only that option is right
+            assert answers.accuracy(f"({chr(65 + other)}) {r['choices'][other]}", r["answer"], r["choices"]) == 0.0
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -38,6 +38,7 @@ def test_two_ranks_each_with_half_the_episodes_give_the_one_process_update(tmp_p
     # rewards 0 1 2 0 | 1 2 0 1: the two 1s of the second group sit at its mean (advantage 0): 6 trained
     assert sum(a["tokens"], []) and a["metrics"]["loss/trained_episodes"] == b["metrics"]["loss/trained_episodes"] == 6
     assert a["metrics"]["loss/grad_norm"] == pytest.approx(b["metrics"]["loss/grad_norm"], rel=1e-5)
+    assert a["metrics"]["loss/grad_norm"] > 1e-6                       # a real update, not two zero ones
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
         x, y = a["weights"][k], b["weights"][k]

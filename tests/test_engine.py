@@ -594,7 +594,7 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
     """Fewer slots than a group (4 rollouts in 3 slots: a group split over slots, its prompt copied),
     slots refilled mid-turn as episodes end, decode steps between host syncs, attention over the whole
     capacity, the per-turn barrier: greedy and seeded sampling give the reference engine's episodes
-    (tokens, masks, stop reasons, crops; log-probs within 1e-5), on ragged episodes with error turns."""
+    (tokens, masks, stop reasons, crops; log-probs within 1e-5); seeded, ragged episodes with error turns."""
     import toy.world
     agent = policy.load_agent(BASE, "cpu", torch.float32)
     tasks = toy.world.eval_tasks(6)
@@ -606,6 +606,9 @@ def test_slots_give_the_reference_engines_episodes_whatever_the_slots(slots, ext
         assert work.useful_tokens == sum(e.num_generated for e in cached)
         assert work.host_syncs * extra.get("sync_every", 1) == work.decode_steps
         assert work.slot_steps == slots * work.decode_steps
+        assert any(e.crops for e in cached)
+        if temperature > 0:                              # greedy, all 24 episodes are alike (200 tokens)
+            assert len({len(e.token_ids) for e in cached}) > 1 and any(e.tool_errors for e in cached), "ragged"
 
 
 @pytest.mark.parametrize("case", ["real shape, 1 step a sync", "real shape, 4 steps a sync",

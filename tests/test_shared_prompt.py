@@ -130,13 +130,16 @@ def test_group_chunks_by_hand():
 @pytest.mark.parametrize("seed", range(6))
 def test_pack_groups_keeps_groups_together_within_both_budgets(tiny, seed):
     rng = random.Random(seed)
-    rows = []
+    tagged = []
     for g in range(rng.randint(1, 8)):
         prompt = [5, 6, g + 10] + [7] * rng.randint(0, 40)
         for _ in range(rng.randint(1, 5)):
             own = rng.randint(1, 60)
-            rows.append(Row(prompt + [8] * own, [0] * len(prompt) + [1] * own))
-    rng.shuffle(rows)
+            tagged.append((g, Row(prompt + [8] * own, [0] * len(prompt) + [1] * own)))
+    rng.shuffle(tagged)
+    rows = [r for _, r in tagged]
+    groups = [[i for i, (g, _) in enumerate(tagged) if g == k] for k in sorted({g for g, _ in tagged})]
+    assert sorted(map(sorted, batches.prompt_groups(tiny, rows))) == sorted(groups)     # built here, not by it
     max_rows, max_tokens = rng.randint(2, 8), rng.randint(60, 300)
     packed = batches.pack_groups(tiny, rows, max_rows, max_tokens)
     assert sorted(i for b in packed for i in b) == list(range(len(rows)))
@@ -144,7 +147,7 @@ def test_pack_groups_keeps_groups_together_within_both_budgets(tiny, seed):
         row = batches.collate(tiny, [rows[i] for i in b], packed=True, share_prompt=True).input_ids.shape[1]
         assert len(b) == 1 or (len(b) <= max_rows and row <= max_tokens)
     where = {i: k for k, b in enumerate(packed) for i in b}
-    for g in batches.prompt_groups(tiny, rows):                   # a group is split only where it must be
+    for g in groups:                                              # a group is split only where it must be
         chunks = {where[i] for i in g}
         prompt = shared_prompt.prompt_length(rows[g[0]].loss_mask)
         need = sum(len(rows[i].token_ids) - prompt for i in g) + prompt
