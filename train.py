@@ -14,7 +14,9 @@ loss, in micro-batches whose losses are divided by the token count of the whole 
 Stage 1 shows each task's global image at its information-gap budget (`info_gap.py`: the highest
 budget at which the model's direct answer stops agreeing with its full-resolution answer; probed
 once and cached); crops always come from the original. `--global-image full` shows the full image
-instead: the DeepEyes-style baseline. Stage 2 adds LFPC's grounding reward on tasks with nested
+instead: the DeepEyes-style baseline (the paper's "global and crop source at the same resolution",
+exactly so for images within --full-tokens; a larger original is shown at --full-tokens while its
+crops are still cut from it). Stage 2 adds LFPC's grounding reward on tasks with nested
 boxes, paid on the FIRST successful crop's box (`rewards.stage2_reward`, `--stage2-mode`).
 
 Metrics (one line a step in <out>/metrics.jsonl; names and populations in support/metrics.py): the
