@@ -172,7 +172,6 @@ def ckpt_sweep(s: StepShape, device_gib: float = 80.0) -> dict:
     step fits `device_gib` less the CUDA context (1 GiB) and 10 % for fragmentation."""
     full = estimate(replace(s, ckpt_fraction=1.0, grad_ckpt=True))
     config = model_config(s.config)
-    usable = (0.9 * device_gib - 1) * GiB
     rows = []
     for f in CKPT_FRACTIONS:
         if f == 1.0:
@@ -183,13 +182,20 @@ def ckpt_sweep(s: StepShape, device_gib: float = 80.0) -> dict:
             train["total"] = sum(v for k, v in train.items() if k != "total")
         peak = max(full["rollout"]["total"], train["total"])
         rows.append({"ckpt_fraction": f, "activations_bytes": train["activations"],
-                     "training_gib": round(train["total"] / GiB, 2),
-                     "activations_gib": round(train["activations"] / GiB, 2), "step_peak_gib": round(peak / GiB, 2),
-                     "forwards_per_token": 1 + f + (1 if s.lora else 2), "fits": peak <= usable})
-    fitting = [r for r in rows if r["fits"]]
-    best = min(fitting, key=lambda r: r["forwards_per_token"]) if fitting else None
-    return {"mode": "ckpt-sweep", "shape": full["shape"], "rollout_gib": round(full["rollout"]["total"] / GiB, 2),
-            "device_gib": device_gib, "usable_gib": round(usable / GiB, 2), "rows": rows,
+                     "training_gib": round(train["total"] / GiB, 2), "activations_gib": round(train["activations"] / GiB, 2),
+                     "step_peak_bytes": peak, "step_peak_gib": round(peak / GiB, 2),
+                     "forwards_per_token": 1 + f + (1 if s.lora else 2)})
+    return fit_sweep({"mode": "ckpt-sweep", "shape": full["shape"],
+                      "rollout_gib": round(full["rollout"]["total"] / GiB, 2), "rows": rows}, device_gib)
+
+
+def fit_sweep(r: dict, device_gib: float) -> dict:
+    """The sweep `r` against a device of `device_gib`: which rows fit, and the cheapest that does."""
+    usable = (0.9 * device_gib - 1) * GiB
+    rows = [{**x, "fits": x["step_peak_bytes"] <= usable} for x in r["rows"]]
+    fitting = [x for x in rows if x["fits"]]
+    best = min(fitting, key=lambda x: x["forwards_per_token"]) if fitting else None
+    return {**r, "device_gib": device_gib, "usable_gib": round(usable / GiB, 2), "rows": rows,
             "choice": best and best["ckpt_fraction"]}
 
 

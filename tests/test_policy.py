@@ -63,7 +63,7 @@ def test_the_sweep_trades_activations_for_recompute_on_the_tiny_config():
     assert act[0.0] > act[0.5] > act[1.0] > 0
     assert [x["forwards_per_token"] for x in r["rows"]] == [3, 2.75, 2.5, 2.25, 2]       # LoRA: backward = 1
     assert r["choice"] == 0.0                                       # everything fits 80 GiB: no recompute at all
-    none = memory.ckpt_sweep(s, device_gib=1.0)                     # 1 GiB less the CUDA context: nothing fits
+    none = memory.fit_sweep(r, device_gib=1.0)                      # 1 GiB less the CUDA context: nothing fits
     assert none["choice"] is None and not any(x["fits"] for x in none["rows"])
     assert "lower --train-tokens" in memory.format_sweep(none)
 
