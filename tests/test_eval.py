@@ -192,6 +192,36 @@ def test_evaluate_scripted_probes_swap_the_crop_and_skip_without_boxes(agent):
     assert "probe gt: skipped" in ev.format_table(r2)
 
 
+def test_probe_deltas_and_table_from_a_model_that_needs_its_crop(agent):
+    """A scripted model that answers right only when the tool gives back the crop it asked for (normal),
+    wrong under the noise probe and the gt probe: acc 1, 0, 0 and delta/acc -1, -1 exactly; half right
+    under gt instead (task 0 only): 0.5 and -0.5; the no-tool probe is the model without the tool."""
+    call = crop_tool.format_tool_call([0, 0, 100, 100], "box")
+    tasks = _tasks(2)
+
+    def needs_crop(right_under_gt):
+        def sample_fn(a, episodes, budget, cfg):
+            out = []
+            for ep in episodes:
+                if cfg.use_tool and not ep.crops and not ep.tool_errors:
+                    text, finish = call, "stop"
+                else:
+                    right = cfg.use_tool and (cfg.probe == "none" or (cfg.probe == "gt" and ep.task_index in right_under_gt))
+                    text, finish = f"<answer>{'red' if right else 'blue'}</answer>", "eos"
+                toks = agent.encode(text) + ([agent.im_end] if finish == "eos" else [])
+                out.append((toks, [-0.5] * len(toks), finish))
+            return out
+        return sample_fn
+    r = ev.evaluate(agent, tasks, SMALL, progress=False, sample_fn=needs_crop(()))
+    assert r["metrics"]["acc"] == 1.0
+    assert {p: (r["probes"][p]["acc"], r["probes"][p]["delta/acc"]) for p in ev.PROBES} == \
+        {"noise": (0.0, -1.0), "gt": (0.0, -1.0), "no-tool": (0.0, -1.0)}
+    r = ev.evaluate(agent, tasks, SMALL, probes=("gt",), progress=False, sample_fn=needs_crop((0,)))
+    assert (r["probes"]["gt"]["acc"], r["probes"]["gt"]["delta/acc"]) == (0.5, -0.5)
+    row = next(line.split() for line in ev.format_table(r).splitlines() if line.split()[:1] == ["acc"])
+    assert row[1:] == ["1.000", "0.500"]
+
+
 def test_no_tool_mode_reports_accuracy_only(agent):
     turns = {i: [("<answer>red</answer>", "eos")] for i in range(2)}
     cfg = lfpc.RolloutConfig(**{**SMALL.__dict__, "use_tool": False})
