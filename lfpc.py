@@ -9,7 +9,8 @@ Contract
   in the agent's style (`Agent.style`: "qwen" or "deepeyes").
 - Frames: the global image is resized to a pixel budget (`crop_tool.resize_to_budget`); that
   resized image is what the model is SHOWN (the "qwen" style states its size in the question; DeepEyes'
-  prompt does not), and every box the model writes is in its frame. `crop_tool.crop` maps boxes to the ORIGINAL and cuts from there.
+  prompt does not), and every box the model writes is in its frame. `crop_tool.crop` maps boxes to the
+  ORIGINAL and cuts from there.
 - `rollout(agent, tasks, group_size, cfg)` samples `len(tasks) * group_size` episodes (rollouts of
   task i are rows i*G .. i*G+G-1). Its turn loop is the method's: an engine (`support/engine.py`, which runs
   the model) hands back each turn as it ends; `take_turn` parses it, the rollout's threads run the tool

@@ -204,6 +204,9 @@ def locate_probe(steps: int, tokens: int = 16, seed: int = 0, batch: int = 16, l
             "rope": model.config.get_text_config().rope_parameters}
 
 
+LOG = "warmup_log.json"         # in every folder a warm-up wrote: the only --out it may replace
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m toy.warmup", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -287,9 +290,6 @@ def main() -> None:
     print(f"saved {a.out}")
 
 
-LOG = "warmup_log.json"
-
-
 def out_problem(out: str) -> str | None:
     """Why the warm-up must not write `out` (checked before training), or None: a file, or a folder that
     is not empty and not an earlier warm-up's output (which holds LOG)."""
@@ -299,7 +299,6 @@ def out_problem(out: str) -> str | None:
         return (f"--out {out} holds files a warm-up did not write (no {LOG}); it would be replaced: pass an "
                 f"empty or new folder")
     return None
-
 
 
 if __name__ == "__main__":
