@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=8, help="toy mode: tasks per step")
     p.add_argument("--group", type=int, default=8, help="toy mode: rollouts per task")
     p.add_argument("--budget", type=int, default=16, help="toy mode: global-image budget, visual tokens")
-    p.add_argument("--micro-batch", type=int, default=0, help="episodes per forward/backward (0: toy 16, config 4)")
+    p.add_argument("--micro-batch", type=int, default=0, help="episodes per forward/backward (0: toy 16; config: the preset's, 8 with --lora, else 4)")
     p.add_argument("--repeat", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--batch", type=int, default=64, help="config mode: episodes per step")
     p.add_argument("--prompt-tokens", type=int, default=1127, help="config mode: prompt length, visual tokens included")
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rollout-rows", type=int, default=16, help="estimate: episodes sharing one rollout chunk's KV cache")
     p.add_argument("--prefill-tokens", type=int, default=lfpc.RolloutConfig.prefill_tokens, help="config and estimate-memory modes: "
                    "tokens one prefill forward of the rollout computes, at most (RolloutConfig.prefill_tokens)")
-    p.add_argument("--train-tokens", type=int, default=16384, help="estimate: padded tokens per training micro-batch")
+    p.add_argument("--train-tokens", type=int, default=16384, help="estimate and config modes: tokens per training micro-batch, at most")
     p.add_argument("--crops", type=int, default=4, help="estimate: crops an episode may hold (max_turns - 1)")
     p.add_argument("--crop-tokens", type=int, default=1280, help="estimate: visual tokens of a crop")
     p.add_argument("--logprob-chunk", type=int, default=1024, help="estimate: lm_head rows at a time")
@@ -117,12 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "of a paper-scale and a one-gpu step on --gpu from counted work (decode steps simulated over "
                    "--lengths/--turns in --batch slots, ops a decode step, bytes read, FLOPs, host ms an image)")
     p.add_argument("--gpu", default="h100-sxm", choices=sorted(GPUS), help="estimate mode: the GPU (published peaks)")
-    p.add_argument("--mfu", type=float, default=0.4, help="estimate mode: the fraction of peak FLOP/s that prefill, "
-                   "vision and training reach")
+    p.add_argument("--mfu", type=float, default=0.31, help="estimate mode: the fraction of peak FLOP/s that prefill, "
+                   "vision and training reach (measured: train.py's training phase on an H200, README)")
     p.add_argument("--bandwidth-eff", type=float, default=0.8, help="estimate mode: the fraction of HBM bandwidth a "
                    "decode step reaches")
-    p.add_argument("--op-us", type=float, default=10.0, help="estimate mode: host microseconds to launch one aten op "
-                   "eagerly")
+    p.add_argument("--op-us", type=float, default=21.5, help="estimate mode: host microseconds a counted aten op of "
+                   "the decode step costs eagerly, Python included (measured on an H200's host, README)")
+    p.add_argument("--kernel-us", type=float, default=3.9, help="estimate mode: GPU microseconds a counted aten op "
+                   "of the decode step takes on average, the floor under CUDA graphs (measured on an H200, README)")
     p.add_argument("--cuda-graphs", action="store_true", help="estimate mode: decode steps replayed as CUDA graphs "
                    "(no host launch cost)")
     p.add_argument("--original", type=int, nargs=2, default=[2250, 1500], metavar=("W", "H"),
@@ -157,7 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--ckpt-sweep is a mode of --estimate-memory: add --estimate-memory --config 7b")
     if not a.peak_tflops > 0:
         p.error(f"--peak-tflops must be > 0, got {a.peak_tflops}")
-    a.micro_batch = a.micro_batch or (4 if a.config else 16)
+    # the preset train.py would run: one-gpu (8 episodes, LoRA) or paper (4, full fine-tuning); the toy's 16
+    a.micro_batch = a.micro_batch or (16 if not a.config else presets.ONE_GPU["micro_batch"] if a.lora
+                                      else presets.PAPER["micro_batch"])
     if a.model and (a.config or a.schedule_bench):
         p.error("--model is the toy mode's checkpoint; --config and --schedule-bench build their own model")
     if a.model and (why := policy.model_problem(a.model)):
@@ -172,8 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(why)
     if a.estimate_time and a.config not in ("3b", "7b"):
         p.error("--estimate-time needs --config 7b or 3b")
-    if not (0 < a.mfu <= 1 and 0 < a.bandwidth_eff <= 1 and a.op_us >= 0):
-        p.error("--mfu and --bandwidth-eff lie in (0, 1], --op-us >= 0")
+    if not (0 < a.mfu <= 1 and 0 < a.bandwidth_eff <= 1 and a.op_us >= 0 and a.kernel_us >= 0):
+        p.error("--mfu and --bandwidth-eff lie in (0, 1], --op-us and --kernel-us >= 0")
     if a.estimate_memory and not a.config:
         p.error("--estimate-memory needs --config 7b, 3b or tiny")
     if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not (a.estimate_memory or a.estimate_time):
@@ -297,17 +301,20 @@ def config_step(a) -> dict:
             with policy.sampler(agent) as sampler:                 # under LoRA: merged (built in the timing)
                 lfpc.rollout(sampler, tasks, a.batch, cfg(1), seed=i)
             _sync(dev); t1 = time.perf_counter()
-            with policy.sampler(agent) as sampler:
-                eps = lfpc.rollout(sampler, tasks, a.batch, cfg(N), seed=i, work=work)
+            store = engine.FeatureStore() if policy.vision_frozen(agent) else None   # train.py's: LoRA reuses
+            with policy.sampler(agent) as sampler:                                      # the rollout's features
+                eps = lfpc.rollout(sampler, tasks, a.batch, cfg(N), seed=i, work=work, store=store)
             _sync(dev); t2 = time.perf_counter()
         agent.model.train()
         opt.zero_grad(set_to_none=True)
         n_tok = sum(e.num_generated for e in eps)
-        t_fwd, spans = 0.0, []
-        micro = batches.training_batches(agent, eps, mode, a.micro_batch)
+        t_fwd, spans, encodes = 0.0, [], 0
+        micro = batches.training_batches(agent, eps, mode, a.micro_batch, a.train_tokens)
         _sync(dev); t3 = time.perf_counter()
         for idx in micro:                                  # train.py's micro-batches (--pack, as train.py's)
-            batch = batches.collate(agent, [eps[j] for j in idx], packed=mode != "off", share_prompt=mode == "shared")
+            batch = batches.collate(agent, [eps[j] for j in idx], store=store, packed=mode != "off",
+                                    share_prompt=mode == "shared")
+            encodes += batch.image_encodes
             spans += [len(eps[j].token_ids) for j in idx] if batch.layout is None else batch.layout.attention_spans()
             _sync(dev); tf = time.perf_counter()
             with autocast:
@@ -322,13 +329,14 @@ def config_step(a) -> dict:
         if i == 0:
             continue                                             # warm-up: allocator, kernels, caches
         grids = list({id(im): g for e in eps for im, g in zip(e.images, e.grids)}.values())   # distinct images
-        flops = model_flops(agent.model.config, spans, n_tok, grids)          # the work done: a shared prompt once
+        flops = model_flops(agent.model.config, spans, n_tok, grids if store is None else [])  # the work done: a shared
+        #                                                           prompt once, no vision tower where features are reused
         total = (t2 - t1) + (t4 - t3)                       # the 1-token run only times the prefill
         steps.append({"total_s": total, "rollout_s": t2 - t1, "logprob_forward_s": t_fwd,
                       "backward_and_optimizer_s": (t4 - t3) - t_fwd,
                       "decode_ms_per_step": 1000 * ((t2 - t1) - (t1 - t0)) / max(1, N - 1),
                       "rollout_tokens_per_s": len(eps) * N / (t2 - t1), "train_tflops": flops / (t4 - t3) / 1e12,
-                      "slot_utilisation": work.metrics()["work/slot_utilisation"],
+                      "slot_utilisation": work.metrics()["work/slot_utilisation"], "train_image_encodes": encodes,
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None})
     mean = {k: (sum(s[k] for s in steps) / len(steps) if steps[0][k] is not None else None) for k in steps[0]}
     n_params = sum(q.numel() for q in agent.model.parameters())
@@ -343,6 +351,7 @@ def config_step(a) -> dict:
             "decode_ms_per_step": round(mean["decode_ms_per_step"], 3),
             "decode_ms_bandwidth_bound": round(bound_ms, 3),
             "slot_utilisation": round(mean["slot_utilisation"], 4),
+            "train_image_encodes": steps[-1]["train_image_encodes"],
             "rollout_tokens_per_s": round(mean["rollout_tokens_per_s"], 1),
             "train_tflops": round(mean["train_tflops"], 4),
             "mfu": round(mean["train_tflops"] / a.peak_tflops, 4),
@@ -593,10 +602,11 @@ def estimate_time(a) -> dict:
             busy = useful / steps                                       # live rows a step, on average
             read = 2 * read_params + busy * context * kv_token          # bytes a step: bf16 weights + KV
             t_bw = read / (hbm * a.bandwidth_eff)
-            t_host = 0.0 if a.cuda_graphs else (ops_layer * c.num_hidden_layers + ops_step) * a.op_us * 1e-6
+            ops = ops_layer * c.num_hidden_layers + ops_step
+            t_host = 0.0 if a.cuda_graphs else ops * a.op_us * 1e-6             # launching them, eagerly
+            t_step = max(t_bw, t_host, ops * a.kernel_us * 1e-6)                # or running them, small ones too
             out[sched] = {"decode_steps": steps, "slot_utilisation": round(useful / (steps * slots), 3),
-                          "ms_per_step": round(1000 * max(t_bw, t_host), 2),
-                          "decode_s": steps * max(t_bw, t_host)}
+                          "ms_per_step": round(1000 * t_step, 2), "decode_s": steps * t_step}
         # prefill: a task's prompt once; each crop's turn after the context before it
         f_prefill = prompts * (prompt * linear + attend(prompt))
         for p in plan:
@@ -654,7 +664,8 @@ def estimate_time(a) -> dict:
                    "global image": f"{a.visual_tokens} tokens + 200 of text, prefilled once a task",
                    "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch of the slot engine's decode step, "
                              f"counted: {ops_layer:.0f} aten ops a layer x {c.num_hidden_layers} + {ops_step:.0f} outside "
-                             f"the layers, x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}); {a.batch} slots",
+                             f"the layers, x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}, their GPU "
+                             f"time x {a.kernel_us:g} us); {a.batch} slots",
                    "prefill, vision, training": f"counted FLOPs (the decoder's matmuls, causal attention, the lm_head "
                                                 f"on sampled tokens) at {a.mfu:g} MFU; training {train_forwards:g} "
                                                 f"forwards a token (1, checkpoint recompute {a.ckpt_fraction:g}, "

@@ -71,6 +71,15 @@ def test_config_mode_reports_a_consistent_step_on_cpu():
     assert math.isfinite(r["decode_ms_per_step"])                   # a difference of two timings: may be noisy
     assert r["rollout_tokens_per_s"] > 0 and r["train_tflops"] > 0 and r["step_s"] > 0
     assert r["peak_memory_gb"] is None                               # CPU: no CUDA allocator stats
+    assert r["train_image_encodes"] == 2 and r["args"]["micro_batch"] == 2  # vision trained: the image in each of 2
+
+
+def test_config_mode_trains_as_train_py_does_under_lora():
+    """The micro-batch of the preset train.py runs (one-gpu: 8 episodes under LoRA) and no image encode in
+    training: the rollout's features are taken (engine.FeatureStore), as train.py takes them."""
+    r = bench.main(["--config", "tiny", "--batch", "2", "--visual-tokens", "16", "--lora", "4",
+                    "--prompt-tokens", "40", "--response-tokens", "4", "--repeat", "1", "--device", "cpu"])
+    assert r["args"]["micro_batch"] == 8 and r["train_image_encodes"] == 0
 
 
 def test_config_mode_rejects_a_non_square_image_and_real_sizes_on_cpu(capsys):
@@ -179,14 +188,14 @@ def test_estimate_mode_prints_every_term_and_assumption(capsys):
 
 def test_estimate_counts_decode_and_prefill_by_hand():
     """Two turns of 100 tokens an episode, a 1,280-token crop between them, decode steps replayed as CUDA
-    graphs (no host term: the bytes decide). A decode step reads the bf16 decoder and lm_head (7B: 28
+    graphs (no host term) of kernels that take no time (--kernel-us 0: the bytes decide). A decode step reads the bf16 decoder and lm_head (7B: 28
     layers of q, k, v, o with biases, the MLP, two norms; the final norm; the lm_head) and the KV cache of
     every busy slot at the mean context (the 1,224-token prompt, half the sampled tokens, half the crop's)
     at 0.8 x 3.35 TB/s. Prefill: each task's prompt once, each crop's 1,310-token turn after the 1,324
     tokens before it, and the vision tower on every image, at 0.4 x 989 TFLOP/s."""
     from support import models
     r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100",
-                    "--turns", "2", "2", "--batch", "32", "--cuda-graphs"])
+                    "--turns", "2", "2", "--batch", "32", "--cuda-graphs", "--kernel-us", "0", "--mfu", "0.4"])
     h, f, L, kv, V, P, obs = 3584, 18944, 28, 512, 152064, 1224, 1280 + 30
     read = L * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * f + 2 * h) + h + h * V       # 7.07e9 parameters
     kv_token = L * 2 * kv * 2                                        # keys and values of 4 heads x 128, bf16
@@ -213,7 +222,7 @@ def test_estimate_counts_training_flops_by_hand():
     0.4 x 989 TFLOP/s; shared, a group's 16 episodes train in 2
     micro-batches of 8 (the one-gpu preset's bound), each running the 1,224-token prompt once."""
     r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100",
-                    "--turns", "1", "1", "--batch", "32"])
+                    "--turns", "1", "1", "--batch", "32", "--mfu", "0.4"])
     h, f, L, kv, V = 3584, 18944, 28, 512, 152064
     linear = L * 2 * (h * (h + 2 * kv) + h * h + 3 * h * f)          # a token's decoder matmuls
     attend = lambda n, before=0: 2 * L * h * ((before + n) ** 2 - before ** 2)
@@ -226,3 +235,40 @@ def test_estimate_counts_training_flops_by_hand():
         assert s["crops_per_gpu"] == 0 and s["sampled_tokens_per_gpu"] == 100 * episodes
         assert s["train_s_prompt_per_episode"] == pytest.approx(2.75 * unshared / (0.4 * 989e12), abs=0.06)
         assert s["train_s"] == pytest.approx(2.75 * shared / (0.4 * 989e12), abs=0.06)
+
+
+def test_estimate_decode_step_is_the_slowest_of_bytes_launches_and_kernels():
+    """A decode step takes the longest of: its bytes at the bandwidth, launching its counted ops eagerly
+    (--op-us each; none under --cuda-graphs), and running them (--kernel-us each, graphs or not)."""
+    base = ["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100", "--turns", "1", "1",
+            "--batch", "32"]
+    ops_layer, ops_step = bench.decode_step_ops()
+    ops = ops_layer * 28 + ops_step
+    ms = lambda extra: bench.main(base + extra)["settings"][0]["schedules"]["ours (slots)"]["ms_per_step"]
+    bytes_only = ms(["--cuda-graphs", "--kernel-us", "0"])
+    assert 4 < bytes_only < 7                                      # ~15 GB of weights and cache at 0.8 x 3.35 TB/s
+    assert ms(["--op-us", "50", "--kernel-us", "0"]) == pytest.approx(ops * 50e-3, abs=0.006)
+    assert ms(["--cuda-graphs", "--op-us", "50", "--kernel-us", "0"]) == bytes_only
+    assert ms(["--cuda-graphs", "--kernel-us", "20"]) == pytest.approx(ops * 20e-3, abs=0.006)
+    assert ms(["--op-us", "30", "--kernel-us", "20"]) == pytest.approx(ops * 30e-3, abs=0.006)
+
+
+def test_profile_step_reports_where_the_time_goes_on_cpu(capsys):
+    """support/profile_step.py (.ci/gpu_profile's) on the tiny model: a decode figure for each row count, the
+    profiled kernels ranked, a shared micro-batch computing its prompt once, a sweep entry per size."""
+    from support import profile_step
+    r = profile_step.main(["--config", "tiny", "--lora", "4", "--rows", "4", "--visual-tokens", "16",
+                           "--prompt-tokens", "40", "--response-tokens", "6", "--decode-tokens", "4",
+                           "--decode-rows", "2", "4", "--sweep", "2", "4", "--top", "3", "--device", "cpu"])
+    d = r["decode"]
+    assert {"wall_ms_per_step_2_rows", "wall_ms_per_step_4_rows"} <= set(d) and d["kernel_launches_per_step"] > 0
+    ms = [t[1] for t in d["top_kernels"]]
+    assert len(ms) == 3 and ms == sorted(ms, reverse=True)
+    t = r["training_micro_batch"]
+    assert t["mode"] == "shared" and t["episodes"] == 2 and t["computed_tokens"] < t["episode_tokens"]
+    assert set(r["micro_batch_sweep"]) == {2, 4} and r["launch_us_per_op"] > 0
+    with pytest.raises(SystemExit):
+        profile_step.parse_args(["--config", "7b", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        profile_step.parse_args(["--rows", "4", "--sweep", "8"])
+    assert "needs a GPU" in capsys.readouterr().err
