@@ -14,7 +14,8 @@ of .ci/gpu_profile (never CI: CI has no GPU):
   and the kernels that take most of it (which attention kernel runs, how much is elementwise work);
 - micro-batch sweep: training tokens/s of forward + backward for episodes per micro-batch in --sweep
   (bench.py's 4 by default; the one-gpu preset's 8).
-The model, adapters, checkpointing, precision and micro-batch layout are bench.py's config mode (train.py's).
+The model, adapters, checkpointing, precision, micro-batch layout and (under LoRA) the rollout's image
+features taken by the training forward are bench.py's config mode, which are train.py's.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 import grpo
 import lfpc
-from support import batches, bench, models, policy
+from support import batches, bench, engine, models, policy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +95,9 @@ def main(argv=None) -> dict:
         decode["top_kernels"] = k["top"]
         report["decode"] = decode
         print(json.dumps({"decode": {x: y for x, y in decode.items() if x != "top_kernels"}}), file=sys.stderr, flush=True)
-        _, eps = timed(lambda: run(a.response_tokens, a.rows, seed=1))
+        store = engine.FeatureStore() if policy.vision_frozen(agent) else None      # train.py's: LoRA reuses
+        _, eps = timed(lambda: lfpc.rollout(sampler, tasks, a.rows, cfg(a.response_tokens, a.rows), seed=1,
+                                            store=store))                             # the rollout's features
 
     report["launch_us_per_op"] = _launch_us(dev)
 
@@ -105,29 +108,31 @@ def main(argv=None) -> dict:
     n_tok = sum(e.num_generated for e in eps)
 
     def fwd_bwd(idx):
-        batch = batches.collate(agent, [eps[j] for j in idx], packed=mode != "off", share_prompt=mode == "shared")
+        batch = batches.collate(agent, [eps[j] for j in idx], store=store, packed=mode != "off",
+                                share_prompt=mode == "shared")
         with autocast:
             lp = batch.unpacked(lfpc.token_logprobs(agent.model, batch))              # [b, T]
         adv = torch.randn(lp.shape[0], device=lp.device)                               # [b]
         loss, _ = grpo.policy_loss(lp, batch.unpacked(batch.sampling_logprobs), adv, batch.unpacked(batch.loss_mask),
                                    num_tokens=n_tok, num_seqs=len(eps))
         loss.backward()
-        return sum(len(eps[j].token_ids) for j in idx), batch.input_ids.numel()
+        return sum(len(eps[j].token_ids) for j in idx), batch.input_ids.numel(), batch.image_encodes
 
     first = list(range(min(a.sweep)))
     fwd_bwd(first)                                                  # warm-up
     with _profiler(cuda) as prof:
-        wall, (tokens, computed) = timed(lambda: fwd_bwd(first))
+        wall, (tokens, computed, encodes) = timed(lambda: fwd_bwd(first))
     k = _kernels(prof, cuda, a.top)
     report["training_micro_batch"] = {"episodes": len(first), "mode": mode, "episode_tokens": tokens,
-                                      "computed_tokens": computed, "profiled_wall_s": round(wall, 3),
+                                      "computed_tokens": computed, "image_encodes": encodes,
+                                      "profiled_wall_s": round(wall, 3),
                                       "device_s": round(k["device_ms"] / 1000, 3), "kernel_launches": k["launches"],
                                       "top_kernels": k["top"]}
     print(json.dumps({"training_micro_batch": {x: y for x, y in report["training_micro_batch"].items()
                                                 if x != "top_kernels"}}), file=sys.stderr, flush=True)
     sweep = {}
     for m in a.sweep:
-        wall, (tokens, computed) = timed(lambda: fwd_bwd(list(range(m))))
+        wall, (tokens, computed, _) = timed(lambda: fwd_bwd(list(range(m))))
         sweep[m] = {"wall_s": round(wall, 3), "episode_tokens_per_s": round(tokens / wall), "computed_tokens": computed}
         print(json.dumps({"sweep": {m: sweep[m]}}), file=sys.stderr, flush=True)
     report["micro_batch_sweep"] = sweep

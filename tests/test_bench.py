@@ -266,6 +266,7 @@ def test_profile_step_reports_where_the_time_goes_on_cpu(capsys):
     assert len(ms) == 3 and ms == sorted(ms, reverse=True)
     t = r["training_micro_batch"]
     assert t["mode"] == "shared" and t["episodes"] == 2 and t["computed_tokens"] < t["episode_tokens"]
+    assert t["image_encodes"] == 0                                  # LoRA: the rollout's features, as train.py
     assert set(r["micro_batch_sweep"]) == {2, 4} and r["launch_us_per_op"] > 0
     with pytest.raises(SystemExit):
         profile_step.parse_args(["--config", "7b", "--device", "cpu"])
