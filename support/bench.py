@@ -31,11 +31,13 @@ layers, --ckpt-fraction; fused AdamW on GPU). Reported:
   checkpointing not counted) over the measured time, against --peak-tflops;
 - aten_ops_per_decode_step_per_layer of the trained model and of the rollout's (policy.sampler: under
   LoRA the adapters merged, so the rollout's equals the plain model's);
-- peak_memory_gb (GPU: torch.cuda.max_memory_allocated), the phase shares, the versions.
+- peak_memory_gb (GPU: torch.cuda.max_memory_allocated, in GiB), train_image_encodes (0 under LoRA: the
+  rollout's features, as train.py takes them), the phase shares, the versions.
 Estimate mode (--estimate-time --config 7b|3b) prints the wall time of one paper-scale (256 x 16) and
 one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decode steps and slot
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
-step (`decode_step_ops`: the slot engine's decode step as it runs, counted), weights and KV bytes read a step, prefill, vision and
+step (`decode_step_ops`: the slot engine's decode step as it runs, counted; each costing --op-us of host
+time and --kernel-us of GPU time, both measured on an H200), weights and KV bytes read a step, prefill, vision and
 training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
 patches; a crop is cut by the rollout's threads during the engine's next pass, so it counts only for
 what outlasts a decode step); every assumption is printed beside
