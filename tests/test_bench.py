@@ -1,5 +1,8 @@
-"""Tests for support/bench.py: the FLOP count against torch's counter, a config-mode run."""
+"""Tests for support/bench.py (the FLOP count against torch's counter, the modes) and the GPU sessions' tools
+(support/profile_step.py, .ci/gpu_train), on the CPU."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -273,3 +276,19 @@ def test_profile_step_reports_where_the_time_goes_on_cpu(capsys):
     with pytest.raises(SystemExit):
         profile_step.parse_args(["--rows", "4", "--sweep", "8"])
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_the_gpu_sessions_end_to_end_script_runs_on_the_real_shape_model(tmp_path):
+    """.ci/gpu_train (train.py and eval.py end to end on a 7B checkpoint, for a session lent a GPU) on the
+    two-layer real-shape model on this CPU, so that the script still works when a GPU comes: its steps
+    assert that training took the rollout's features and that a step with varying rewards moved every
+    LoRA B matrix."""
+    import subprocess
+    env = {**os.environ, "CONFIG": "shape", "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "PY": sys.executable}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(root, ".ci", "gpu_train")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "train.py: 3 steps, no image encoded in training" in r.stdout
+    assert "trained tensors moved" in r.stdout and "delta/acc" in r.stdout
