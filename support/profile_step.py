@@ -28,7 +28,7 @@ import torch
 
 import grpo
 import lfpc
-from support import batches, bench, engine, models, policy
+from support import batches, bench, cli, engine, models, policy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="kernels listed")
     p.add_argument("--device", default="", help='"" = cuda if available else cpu')
     a = p.parse_args(argv)
+    cli.refuse(p, cli.at_least(a, ("rows", "prompt_tokens", "visual_tokens", "response_tokens", "top"))
+               + cli.at_least(a, ("decode_tokens",), low=2) + cli.at_least(a, ("lora",), low=0)
+               + [f"--decode-rows and --sweep take counts of at least 1, got {a.decode_rows} and {a.sweep}"]
+               * (min(a.decode_rows + a.sweep) < 1))
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.config != "tiny" and not a.device.startswith("cuda"):
         p.error(f"--config {a.config} needs a GPU; --config tiny runs the same path on a CPU")

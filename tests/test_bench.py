@@ -276,6 +276,9 @@ def test_profile_step_reports_where_the_time_goes_on_cpu(capsys):
     with pytest.raises(SystemExit):
         profile_step.parse_args(["--rows", "4", "--sweep", "8"])
     assert "needs a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile_step.parse_args(["--decode-tokens", "1"])                # a step is the difference of two runs
+    assert "--decode-tokens must be >= 2" in capsys.readouterr().err
 
 
 def test_the_gpu_sessions_end_to_end_script_runs_on_the_real_shape_model(tmp_path):
