@@ -37,7 +37,7 @@ Estimate mode (--estimate-time --config 7b|3b) prints the wall time of one paper
 one one-gpu preset (32 x 16) stage-1 step on ONE --gpu, from COUNTED work: decode steps and slot
 utilisation simulated over a length plan (--lengths, --turns) for both schedules, aten ops a decode
 step (`decode_step_ops`: the slot engine's decode step as it runs, counted; each costing --op-us of host
-time and --kernel-us of GPU time, both measured on an H200), weights and KV bytes read a step, prefill, vision and
+time, a step at least --gpu-step-ms of GPU time, both measured on an H200), weights and KV bytes read a step, prefill, vision and
 training FLOPs, the host's ms an image measured here (`host_ms`: opening, resizing, cropping, cutting
 patches; a crop is cut by the rollout's threads during the engine's next pass, so it counts only for
 what outlasts a decode step); every assumption is printed beside
@@ -125,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "decode step reaches")
     p.add_argument("--op-us", type=float, default=21.5, help="estimate mode: host microseconds a counted aten op of "
                    "the decode step costs eagerly, Python included (measured on an H200's host, README)")
-    p.add_argument("--kernel-us", type=float, default=3.9, help="estimate mode: GPU microseconds a counted aten op "
-                   "of the decode step takes on average, the floor under CUDA graphs (measured on an H200, README)")
+    p.add_argument("--gpu-step-ms", type=float, default=9.4, help="estimate mode: the GPU time of a decode step, "
+                   "its small kernels included: the floor under CUDA graphs (measured on an H200 at 16 rows, README)")
     p.add_argument("--cuda-graphs", action="store_true", help="estimate mode: decode steps replayed as CUDA graphs "
                    "(no host launch cost)")
     p.add_argument("--original", type=int, nargs=2, default=[2250, 1500], metavar=("W", "H"),
@@ -178,8 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(why)
     if a.estimate_time and a.config not in ("3b", "7b"):
         p.error("--estimate-time needs --config 7b or 3b")
-    if not (0 < a.mfu <= 1 and 0 < a.bandwidth_eff <= 1 and a.op_us >= 0 and a.kernel_us >= 0):
-        p.error("--mfu and --bandwidth-eff lie in (0, 1], --op-us and --kernel-us >= 0")
+    if not (0 < a.mfu <= 1 and 0 < a.bandwidth_eff <= 1 and a.op_us >= 0 and a.gpu_step_ms >= 0):
+        p.error("--mfu and --bandwidth-eff lie in (0, 1], --op-us and --gpu-step-ms >= 0")
     if a.estimate_memory and not a.config:
         p.error("--estimate-memory needs --config 7b, 3b or tiny")
     if a.config in ("3b", "7b") and not a.device.startswith("cuda") and not (a.estimate_memory or a.estimate_time):
@@ -606,7 +606,7 @@ def estimate_time(a) -> dict:
             t_bw = read / (hbm * a.bandwidth_eff)
             ops = ops_layer * c.num_hidden_layers + ops_step
             t_host = 0.0 if a.cuda_graphs else ops * a.op_us * 1e-6             # launching them, eagerly
-            t_step = max(t_bw, t_host, ops * a.kernel_us * 1e-6)                # or running them, small ones too
+            t_step = max(t_bw, t_host, a.gpu_step_ms * 1e-3)                   # or running them, small ones too
             out[sched] = {"decode_steps": steps, "slot_utilisation": round(useful / (steps * slots), 3),
                           "ms_per_step": round(1000 * t_step, 2), "decode_s": steps * t_step}
         # prefill: a task's prompt once; each crop's turn after the context before it
@@ -667,7 +667,7 @@ def estimate_time(a) -> dict:
                    "decode": f"max(bytes read / ({a.bandwidth_eff:g} x HBM), host dispatch of the slot engine's decode step, "
                              f"counted: {ops_layer:.0f} aten ops a layer x {c.num_hidden_layers} + {ops_step:.0f} outside "
                              f"the layers, x {a.op_us:g} us{' (CUDA graphs: 0)' if a.cuda_graphs else ''}, their GPU "
-                             f"time x {a.kernel_us:g} us); {a.batch} slots",
+                             f"time {a.gpu_step_ms:g} ms); {a.batch} slots",
                    "prefill, vision, training": f"counted FLOPs (the decoder's matmuls, causal attention, the lm_head "
                                                 f"on sampled tokens) at {a.mfu:g} MFU; training {train_forwards:g} "
                                                 f"forwards a token (1, checkpoint recompute {a.ckpt_fraction:g}, "

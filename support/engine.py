@@ -418,7 +418,8 @@ class SlotKV:
         the scratch position (rows None: slots [0, b))."""
         steps = torch.arange(n, device=start.device)
         self.rows, self.T = rows, T
-        self.index = rows if rows is not None else torch.arange(len(start), device=start.device)   # [b]: once a forward
+        index = rows if rows is not None else torch.arange(len(start), device=start.device)   # [b]
+        self.index = index[:, None]                              # [b, 1]: made once a forward, not in every layer
         at = start[:, None] + steps[None, :]                                                  # [b, n]
         self.at = torch.where(steps[None, :] < counts[:, None], at, self.capacity)
 
@@ -429,12 +430,12 @@ class SlotKV:
             self.k[layer_idx] = key.new_zeros(shape)
             self.v[layer_idx] = value.new_zeros(shape)
         K, V = self.k[layer_idx], self.v[layer_idx]
-        b, rows = key.shape[0], self.index
-        K[rows[:, None], :, self.at] = key.permute(0, 2, 1, 3).to(K.dtype)                 # [b, n, heads, dim]
-        V[rows[:, None], :, self.at] = value.permute(0, 2, 1, 3).to(V.dtype)
+        b = key.shape[0]
+        K[self.index, :, self.at] = key.permute(0, 2, 1, 3).to(K.dtype)                    # [b, n, heads, dim]
+        V[self.index, :, self.at] = value.permute(0, 2, 1, 3).to(V.dtype)
         if self.rows is None:
             return K[:b, :, :self.T], V[:b, :, :self.T]
-        return K[:, :, :self.T].index_select(0, rows), V[:, :, :self.T].index_select(0, rows)
+        return K[:, :, :self.T].index_select(0, self.rows), V[:, :, :self.T].index_select(0, self.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.T

@@ -191,14 +191,14 @@ def test_estimate_mode_prints_every_term_and_assumption(capsys):
 
 def test_estimate_counts_decode_and_prefill_by_hand():
     """Two turns of 100 tokens an episode, a 1,280-token crop between them, decode steps replayed as CUDA
-    graphs (no host term) of kernels that take no time (--kernel-us 0: the bytes decide). A decode step reads the bf16 decoder and lm_head (7B: 28
+    graphs (no host term) with no floor of small kernels' time (--gpu-step-ms 0: the bytes decide). A decode step reads the bf16 decoder and lm_head (7B: 28
     layers of q, k, v, o with biases, the MLP, two norms; the final norm; the lm_head) and the KV cache of
     every busy slot at the mean context (the 1,224-token prompt, half the sampled tokens, half the crop's)
     at 0.8 x 3.35 TB/s. Prefill: each task's prompt once, each crop's 1,310-token turn after the 1,324
     tokens before it, and the vision tower on every image, at 0.4 x 989 TFLOP/s."""
     from support import models
     r = bench.main(["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100",
-                    "--turns", "2", "2", "--batch", "32", "--cuda-graphs", "--kernel-us", "0", "--mfu", "0.4"])
+                    "--turns", "2", "2", "--batch", "32", "--cuda-graphs", "--gpu-step-ms", "0", "--mfu", "0.4"])
     h, f, L, kv, V, P, obs = 3584, 18944, 28, 512, 152064, 1224, 1280 + 30
     read = L * (2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * f + 2 * h) + h + h * V       # 7.07e9 parameters
     kv_token = L * 2 * kv * 2                                        # keys and values of 4 heads x 128, bf16
@@ -242,18 +242,18 @@ def test_estimate_counts_training_flops_by_hand():
 
 def test_estimate_decode_step_is_the_slowest_of_bytes_launches_and_kernels():
     """A decode step takes the longest of: its bytes at the bandwidth, launching its counted ops eagerly
-    (--op-us each; none under --cuda-graphs), and running them (--kernel-us each, graphs or not)."""
+    (--op-us each; none under --cuda-graphs), and its kernels' GPU time (--gpu-step-ms, graphs or not)."""
     base = ["--config", "7b", "--lora", "64", "--estimate-time", "--lengths", "100", "100", "--turns", "1", "1",
             "--batch", "32"]
     ops_layer, ops_step = bench.decode_step_ops()
     ops = ops_layer * 28 + ops_step
     ms = lambda extra: bench.main(base + extra)["settings"][0]["schedules"]["ours (slots)"]["ms_per_step"]
-    bytes_only = ms(["--cuda-graphs", "--kernel-us", "0"])
+    bytes_only = ms(["--cuda-graphs", "--gpu-step-ms", "0"])
     assert 4 < bytes_only < 7                                      # ~15 GB of weights and cache at 0.8 x 3.35 TB/s
-    assert ms(["--op-us", "50", "--kernel-us", "0"]) == pytest.approx(ops * 50e-3, abs=0.006)
-    assert ms(["--cuda-graphs", "--op-us", "50", "--kernel-us", "0"]) == bytes_only
-    assert ms(["--cuda-graphs", "--kernel-us", "20"]) == pytest.approx(ops * 20e-3, abs=0.006)
-    assert ms(["--op-us", "30", "--kernel-us", "20"]) == pytest.approx(ops * 30e-3, abs=0.006)
+    assert ms(["--op-us", "50", "--gpu-step-ms", "0"]) == pytest.approx(ops * 50e-3, abs=0.006)
+    assert ms(["--cuda-graphs", "--op-us", "50", "--gpu-step-ms", "0"]) == bytes_only
+    assert ms(["--cuda-graphs", "--gpu-step-ms", "20"]) == 20
+    assert ms(["--op-us", "30", "--gpu-step-ms", "20"]) == pytest.approx(ops * 30e-3, abs=0.006)
 
 
 def test_profile_step_reports_where_the_time_goes_on_cpu(capsys):
