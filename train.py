@@ -158,10 +158,7 @@ def train(a: Args, run: checkpoint.RunFolder, saved: dict | None, w: dist.World 
     a.judge_cache = a.judge_cache or os.path.join(a.out, "judge_cache.jsonl")
     judge = make_judge(a.judge, a.judge_url, a.judge_model, a.judge_cache,
                        **({"timeout": a.judge_timeout} if a.judge == "llm" else {}))
-    cfg = presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
-                                 batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every,
-                                 prefill_tokens=a.prefill_tokens,
-                                 top_p=a.top_p, decode=a.decode)
+    cfg = rollout_config(a)
     if (why := lfpc.prompt_problem(agent, tasks, cfg)):             # before hours of probing
         raise SystemExit(f"--data: {why}")
     set_budgets(a, agent, tasks, judge, w, stop)
@@ -468,6 +465,13 @@ def load_data(a: Args, agent: lfpc.Agent) -> list[lfpc.Task]:
     tasks = read_tasks(a)
     set_budgets(a, agent, tasks)
     return tasks
+
+
+def rollout_config(a: Args) -> lfpc.RolloutConfig:
+    """The rollouts' settings from the run's flags (support/bench.py's toy step and .ci/gpu_train take the same)."""
+    return presets.rollout_config(a, a.full_tokens, temperature=a.temperature, batch_size=a.rollout_batch,
+                                  batch_tokens=a.rollout_tokens, engine=a.engine, sync_every=a.sync_every,
+                                  prefill_tokens=a.prefill_tokens, top_p=a.top_p, decode=a.decode)
 
 
 def prober_config(a: Args) -> info_gap.ProberConfig:

@@ -273,14 +273,22 @@ def synthetic_tasks(agent: lfpc.Agent, a) -> list[lfpc.Task]:
     return [lfpc.Task(img, "Zoom" + " in" * words, "x")]
 
 
-def config_step(a) -> dict:
-    dev = a.device
-    agent = models.random_agent(a.config, dev, policy.base_dtype(a))   # train.py's: a bf16 base under LoRA
+def config_agent(a) -> lfpc.Agent:
+    """Config mode's policy, held as train.py holds it: random weights of `a.config` (a bf16 base under
+    LoRA, with `a.lora` adapters), `a.ckpt_fraction` of the layers checkpointed; no stop token, so every
+    turn runs to its length (support/profile_step.py takes the same)."""
+    agent = models.random_agent(a.config, a.device, policy.base_dtype(a))
     if a.lora:
         agent = policy.apply_lora(agent, a.lora)
     if a.config != "tiny":
         policy.enable_grad_ckpt(agent.model, a.ckpt_fraction)
     agent.stop_ids, agent.stop_strings = set(), ()               # fixed-length turns
+    return agent
+
+
+def config_step(a) -> dict:
+    dev = a.device
+    agent = config_agent(a)
     params = [q for q in agent.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, fused=dev.startswith("cuda"))
     N = a.response_tokens
@@ -392,11 +400,10 @@ def toy_step(a) -> dict:
     from support.judge import RuleJudge
     args = train.parse_args(["--preset", "toy", "--model", a.model or presets.get("toy")["model"], "--prompts", str(a.prompts), "--group", str(a.group),
                              "--micro-batch", str(a.micro_batch), "--global-image", "full",
-                             "--full-tokens", str(a.budget), "--device", "cpu", "--pack", a.pack])
+                             "--full-tokens", str(a.budget), "--device", "cpu", "--pack", a.pack,
+                             "--decode", a.decode, "--engine", a.engine])
     agent = policy.load_model(args)
-    cfg = presets.rollout_config(args, a.budget, decode=a.decode, batch_size=args.rollout_batch,
-                                 prefill_tokens=args.prefill_tokens,
-                                 batch_tokens=args.rollout_tokens, engine=a.engine)
+    cfg = train.rollout_config(args)
     tasks = train.load_data(args, agent)
     opt = torch.optim.AdamW([q for q in agent.model.parameters() if q.requires_grad], lr=args.lr)
     steps = []

@@ -9,11 +9,12 @@ of .ci/gpu_profile (never CI: CI has no GPU):
 - decode: wall ms a decode step (one rollout of N tokens minus one of 1 token) for each of --decode-rows,
   and for `--rows` rows under torch.profiler, with from that run the kernels' (device) time a step and the kernel
   launches a step. Kernel time far under wall time: the step is bound by the host's dispatch, not the GPU.
-- launch: the host's microseconds to launch one small kernel eagerly (bench.py's --op-us assumes 10);
+- launch: the host's microseconds to launch one small kernel eagerly (a lower bound of bench.py's --op-us,
+  which is a decode step's host time over its counted ops);
 - training: one micro-batch's forward + backward under torch.profiler: device time against wall time
   and the kernels that take most of it (which attention kernel runs, how much is elementwise work);
 - micro-batch sweep: training tokens/s of forward + backward for episodes per micro-batch in --sweep
-  (bench.py's 4 by default; the one-gpu preset's 8).
+  (the one-gpu preset's 8, bench.py's under --lora, among them by default).
 The model, adapters, checkpointing, precision, micro-batch layout and (under LoRA) the rollout's image
 features taken by the training forward are bench.py's config mode, which are train.py's.
 """
@@ -26,9 +27,10 @@ import time
 
 import torch
 
+import crop_tool
 import grpo
 import lfpc
-from support import batches, bench, cli, engine, models, policy
+from support import batches, bench, cli, engine, policy, presets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,22 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sweep {max(a.sweep)} is more episodes than --rows {a.rows} rolls out")
     # bench.py's config-mode settings this path reads
     a.batch, a.decode, a.sync_every, a.prefill_tokens, a.pack = a.rows, "dynamic", 1, lfpc.RolloutConfig.prefill_tokens, "auto"
-    a.ckpt_fraction = 0.75 if a.lora else 1.0
+    a.ckpt_fraction = presets.ONE_GPU["ckpt_fraction"] if a.lora else 1.0         # bench.py's default, one rank
     return a
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     dev, cuda = a.device, a.device.startswith("cuda")
-    agent = models.random_agent(a.config, dev, policy.base_dtype(a))
-    if a.lora:
-        agent = policy.apply_lora(agent, a.lora)
-    if a.config != "tiny":
-        policy.enable_grad_ckpt(agent.model, a.ckpt_fraction)
-    agent.stop_ids, agent.stop_strings = set(), ()                  # fixed-length turns
+    agent = bench.config_agent(a)
     tasks = bench.synthetic_tasks(agent, a)
     autocast = policy.precision(agent)
-    cfg = lambda n, rows: lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * 784, use_tool=False, temperature=1.0,
+    cfg = lambda n, rows: lfpc.RolloutConfig(global_max_pixels=a.visual_tokens * crop_tool.TOKEN_PIXELS,
+                                             use_tool=False, temperature=1.0,
                                              batch_size=rows, max_turns=1, max_new_tokens=n, max_response_tokens=n)
     report = {"args": vars(a), **bench._versions(dev)}
 
